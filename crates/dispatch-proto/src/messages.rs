@@ -1,0 +1,200 @@
+//! Messages. Every request carries an id chosen by the front; the response to it carries the same
+//! id, so one connection can have several requests in flight (the front multiplexes its tool
+//! calls over one connection).
+//!
+//! The wire carries only plain strings for names: the helper re-validates every one of them with
+//! the policy crate against its own allowlist and never trusts a value the front computed.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    pub id: u64,
+    pub body: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub id: u64,
+    pub body: Response,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must be the first request on a connection.
+    Hello {
+        version: u16,
+        /// The MCP client's name as the front claims it. Recorded as a claim, never trusted.
+        client_name: Option<String>,
+    },
+    Dispatch(DispatchRequest),
+    Status {
+        handle: String,
+    },
+    /// `wait_ms` > 0 waits (up to the helper's own cap) for the job to reach a terminal state.
+    Result {
+        handle: String,
+        wait_ms: u32,
+    },
+    List {
+        /// Glob over the job's description (falling back to its task preview).
+        filter: Option<String>,
+        detail: bool,
+        limit: u32,
+    },
+    Cancel {
+        handle: String,
+    },
+    Delete {
+        handle: String,
+    },
+    /// The targets this peer may dispatch to.
+    Lanes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchRequest {
+    pub orguser: String,
+    pub repo: String,
+    pub task: String,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Hello(HelloReply),
+    Job(Box<JobView>),
+    List { total: u64, jobs: Vec<JobView> },
+    Lanes { lanes: Vec<Lane> },
+    Deleted { handle: String },
+    Error(ErrorReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub version: u16,
+    pub helper_version: String,
+    /// The uid the helper read from SO_PEERCRED: what it will record, whatever the front claims.
+    pub peer_uid: u32,
+    /// True when the helper runs without root and every lane runs as the helper's own user.
+    pub unprivileged: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// A field failed validation (the message names the field, the value and the rule).
+    Invalid,
+    /// The org-user or repo is not in the helper's allowlist.
+    NotAllowlisted,
+    /// The repo exists but belongs to another org-user.
+    OwnerMismatch,
+    /// This client may not dispatch to that org, or the lane's unix user cannot be used.
+    NotPermitted,
+    /// No such handle (or it belongs to another client: the two are indistinguishable).
+    UnknownHandle,
+    /// `delete` of a job that has not finished.
+    NotTerminal,
+    /// The audit log could not be written, so nothing ran.
+    AuditUnavailable,
+    /// The lane could not be started; the message names the failed step.
+    SpawnFailed,
+    /// A limit was reached (in-flight requests, running jobs).
+    Busy,
+    /// The request was not valid at this point of the protocol (e.g. before the handshake).
+    Protocol,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Running,
+    /// Exit status 0.
+    Succeeded,
+    /// Non-zero exit, death by signal, or a spawn failure (the detail names the reason).
+    Failed,
+    /// Killed at the timeout: SIGTERM to the process group, SIGKILL after the grace period.
+    TimedOut,
+    Cancelled,
+    /// The helper restarted while the job ran; its outcome is unknown.
+    Lost,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::TimedOut => "timed_out",
+            JobState::Cancelled => "cancelled",
+            JobState::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputTail {
+    /// The last bytes of the stream (lossy UTF-8), prefixed with a truncation marker if cut.
+    pub text: String,
+    pub total_bytes: u64,
+    pub truncated: bool,
+}
+
+/// What the sandbox enforced on the lane, as observed by the helper when it spawned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub landlock_abi: u32,
+    /// e.g. "fully enforced", "partially enforced".
+    pub landlock: String,
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    /// True when the helper ran without root and so could not change the uid.
+    pub same_uid: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub handle: String,
+    pub orguser: String,
+    pub repo: String,
+    pub github: String,
+    pub unix_user: String,
+    pub description: Option<String>,
+    pub task_preview: String,
+    pub task_sha256: String,
+    pub state: JobState,
+    /// RFC 3339 UTC.
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Human-readable summary of the outcome (or the reason for a failure).
+    pub detail: String,
+    /// Present in detailed views only.
+    pub argv: Option<Vec<String>>,
+    pub stdout: Option<OutputTail>,
+    pub stderr: Option<OutputTail>,
+    pub sandbox: Option<SandboxReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lane {
+    pub orguser: String,
+    pub repo: String,
+    pub github: String,
+    pub unix_user: String,
+}
