@@ -8,6 +8,7 @@
 //! so a hostile prefix (say 4 GiB) costs the reader four bytes and a typed error.
 
 use serde::{Serialize, de::DeserializeOwned};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest request frame. A dispatch carries at most an 8,000-character task, which in UTF-8 is
@@ -68,11 +69,23 @@ pub fn encode_frame<T: Serialize>(message: &T, limit: FrameLimit) -> Result<Vec<
     Ok(frame)
 }
 
+/// A top-level frame: an id followed by an enum body with a known number of variants, so an
+/// unknown message type can be told apart from a malformed one.
+pub trait Envelope: DeserializeOwned {
+    const BODY_VARIANTS: u32;
+}
+
 /// Decode one frame body (without its prefix). Never panics; trailing bytes are an error so a
 /// frame has exactly one meaning.
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+pub fn decode<T: Envelope>(body: &[u8]) -> Result<T, CodecError> {
     if body.is_empty() {
         return Err(CodecError::Empty);
+    }
+    // Postcard writes the id and then the variant index, both as varints.
+    if let Ok(((_id, variant), _)) = postcard::take_from_bytes::<(u64, u32)>(body) {
+        if variant >= T::BODY_VARIANTS {
+            return Err(CodecError::UnknownMessage);
+        }
     }
     match postcard::take_from_bytes::<T>(body) {
         Ok((value, [])) => Ok(value),
@@ -138,7 +151,7 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
 }
 
 /// Read and decode one frame. `Ok(None)` is a clean end of stream between frames.
-pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+pub async fn read_frame<T: Envelope, R: AsyncRead + Unpin>(
     reader: &mut R,
     limit: FrameLimit,
 ) -> Result<Option<T>, CodecError> {

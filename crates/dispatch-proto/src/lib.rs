@@ -10,7 +10,7 @@ pub mod codec;
 pub mod messages;
 
 pub use codec::{
-    CodecError, FrameLimit, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME, decode, encode_frame,
+    CodecError, Envelope, FrameLimit, MAX_REQUEST_FRAME, MAX_RESPONSE_FRAME, decode, encode_frame,
     read_frame, write_frame,
 };
 pub use messages::*;

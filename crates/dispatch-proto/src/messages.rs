@@ -19,6 +19,14 @@ pub struct ResponseEnvelope {
     pub body: Response,
 }
 
+impl crate::codec::Envelope for RequestEnvelope {
+    const BODY_VARIANTS: u32 = 8;
+}
+
+impl crate::codec::Envelope for ResponseEnvelope {
+    const BODY_VARIANTS: u32 = 6;
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// Must be the first request on a connection.

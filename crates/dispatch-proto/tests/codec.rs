@@ -139,6 +139,21 @@ fn unknown_message_variant_is_typed() {
 }
 
 #[test]
+fn variant_counts_match_the_enums() {
+    // The last variant of each enum decodes; one past it is an unknown message.
+    let last = RequestEnvelope { id: 1, body: Request::Lanes };
+    let frame = encode_frame(&last, FrameLimit::REQUEST).unwrap();
+    assert_eq!(frame[5] as u32, <RequestEnvelope as Envelope>::BODY_VARIANTS - 1);
+    let last = ResponseEnvelope {
+        id: 1,
+        body: Response::Error(ErrorReply { kind: ErrorKind::Internal, message: String::new() }),
+    };
+    let frame = encode_frame(&last, FrameLimit::RESPONSE).unwrap();
+    assert_eq!(frame[5] as u32, <ResponseEnvelope as Envelope>::BODY_VARIANTS - 1);
+    assert!(matches!(decode::<ResponseEnvelope>(&[1, 6]), Err(CodecError::UnknownMessage)));
+}
+
+#[test]
 fn truncated_body_is_typed() {
     let frame = encode_frame(
         &RequestEnvelope { id: 7, body: Request::Status { handle: "abcdef".into() } },

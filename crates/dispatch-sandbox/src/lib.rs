@@ -1,1 +1,225 @@
-#![forbid(unsafe_code)]
+//! The sandboxed spawn of a lane.
+//!
+//! Everything that reads files, asks NSS or allocates happens in the helper, before the fork
+//! ([`prepare`]): resolving the unix user, opening the Landlock ruleset, compiling the seccomp
+//! programs. The forked child then runs one fixed sequence of plain system calls on that prepared
+//! data ([`child`]), in this order:
+//!
+//! 1. new session and process group
+//! 2. rlimits
+//! 3. `setgroups` → `setresgid` → `setresuid`, verified with `getres*`, and `setresuid(0,0,0)` must fail
+//! 4. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check
+//! 5. every fd above 2 marked close-on-exec
+//! 6. `no_new_privs`
+//! 7. Landlock
+//! 8. seccomp, last
+//! 9. the lane guard fork (see [`child`]): the guard stays behind as the group leader so that the
+//!    whole process group dies with the helper; its child execs the fixed argv.
+//!
+//! Any failing step aborts the spawn, and the error names the step.
+//!
+//! Spawns go through [`LaneSpawner`], one long-lived thread: `PR_SET_PDEATHSIG` fires when the
+//! *thread* that forked the child exits, not the process, so the forking thread must outlive
+//! every lane.
+
+mod child;
+mod identity;
+mod landlock_rules;
+pub use landlock_rules::kernel_landlock_abi;
+mod seccomp_filter;
+mod spawner;
+
+pub use child::ChildStep;
+pub use identity::{LaneIdentity, current_identity, resolve_identity};
+pub use spawner::{LaneSpawner, SpawnedLane};
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+/// What the administrator configures for every lane.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxPolicy {
+    /// Refuse to run lanes if the kernel's Landlock ABI is below this (0 disables Landlock:
+    /// only for kernels without it, and the job record then says so).
+    pub landlock_min_abi: u32,
+    /// Read and execute (system paths).
+    pub read_exec_paths: Vec<PathBuf>,
+    /// Read only, in addition to the org-user's home.
+    pub read_paths: Vec<PathBuf>,
+    /// Read and write, in addition to the lane work directory and /dev/null.
+    pub read_write_paths: Vec<PathBuf>,
+    /// TCP ports lanes may connect to (where the kernel has Landlock ABI ≥ 4). TCP bind is never allowed.
+    pub tcp_connect_ports: Vec<u16>,
+    /// Allow `socket(AF_UNIX, …)`. Off by default: a lane must not reach the helper's socket even
+    /// in unprivileged mode where it runs as the helper's own user.
+    pub allow_unix_sockets: bool,
+    pub limits: Limits,
+    /// Extra environment variables, `NAME=value`, set by the administrator (never inherited).
+    pub extra_env: Vec<String>,
+}
+
+impl Default for SandboxPolicy {
+    fn default() -> Self {
+        SandboxPolicy {
+            landlock_min_abi: 1,
+            read_exec_paths: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"]
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| p.exists())
+                .collect(),
+            read_paths: vec![PathBuf::from("/proc"), PathBuf::from("/dev/urandom")],
+            read_write_paths: Vec::new(),
+            tcp_connect_ports: vec![22, 443],
+            allow_unix_sockets: false,
+            limits: Limits::default(),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub nofile: u64,
+    /// Largest file a lane may write, in bytes.
+    pub fsize: u64,
+    /// CPU seconds, if set.
+    pub cpu_seconds: Option<u64>,
+    /// Address space in bytes, if set.
+    pub address_space: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { nofile: 1024, fsize: 1 << 30, cpu_seconds: None, address_space: None }
+    }
+}
+
+/// One lane to start: all values already validated by the policy crate.
+#[derive(Debug, Clone)]
+pub struct LanePlan {
+    pub identity: LaneIdentity,
+    /// argv[0] is absolute (the template resolved it at load time).
+    pub argv: Vec<String>,
+    pub work_dir: PathBuf,
+    /// Change uid/gid/groups to the identity's. False in unprivileged mode, where the identity
+    /// must be the helper's own user.
+    pub change_uid: bool,
+}
+
+/// What was enforced, for the job record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Enforcement {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub landlock_abi: u32,
+    pub landlock: String,
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    pub same_uid: bool,
+}
+
+/// A lane ready to fork: everything the child needs, computed in the helper.
+pub struct PreparedLane {
+    plan: LanePlan,
+    env: Vec<(String, String)>,
+    landlock: Option<OwnedFd>,
+    seccomp: Vec<seccompiler::BpfProgram>,
+    limits: Limits,
+    enforcement: Enforcement,
+}
+
+impl PreparedLane {
+    pub fn enforcement(&self) -> &Enforcement {
+        &self.enforcement
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("resolve unix user {user:?}: {reason}")]
+    Identity { user: String, reason: String },
+    #[error("landlock: {0}")]
+    Landlock(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    #[error("lane work directory {path}: {reason}")]
+    WorkDir { path: String, reason: String },
+    #[error("environment: {0}")]
+    Environment(String),
+    #[error("spawn failed at step '{step}': {error}")]
+    ChildStep { step: ChildStep, error: std::io::Error },
+    #[error("spawn failed: {0}")]
+    Spawn(std::io::Error),
+    #[error("the lane spawner thread is gone")]
+    SpawnerGone,
+}
+
+/// Fixed PATH for lanes: never the helper's own.
+pub const LANE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Prepare a lane in the helper: Landlock ruleset, seccomp programs, environment.
+pub fn prepare(plan: LanePlan, policy: &SandboxPolicy) -> Result<PreparedLane, SandboxError> {
+    let meta = std::fs::metadata(&plan.work_dir).map_err(|e| SandboxError::WorkDir {
+        path: plan.work_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    if !meta.is_dir() {
+        return Err(SandboxError::WorkDir {
+            path: plan.work_dir.display().to_string(),
+            reason: "not a directory".into(),
+        });
+    }
+    let env = build_env(&plan, policy)?;
+    let landlock = landlock_rules::build(&plan, policy)?;
+    let seccomp = seccomp_filter::compile(policy)?;
+    let identity = &plan.identity;
+    let enforcement = Enforcement {
+        uid: identity.uid,
+        gid: identity.gid,
+        groups: identity.groups.clone(),
+        landlock_abi: landlock.abi,
+        landlock: landlock.description,
+        seccomp: true,
+        no_new_privs: true,
+        same_uid: !plan.change_uid,
+    };
+    Ok(PreparedLane {
+        plan,
+        env,
+        landlock: landlock.ruleset,
+        seccomp,
+        limits: policy.limits,
+        enforcement,
+    })
+}
+
+fn build_env(plan: &LanePlan, policy: &SandboxPolicy) -> Result<Vec<(String, String)>, SandboxError> {
+    let identity = &plan.identity;
+    let mut env = vec![
+        ("HOME".to_owned(), identity.home.display().to_string()),
+        ("USER".to_owned(), identity.name.clone()),
+        ("LOGNAME".to_owned(), identity.name.clone()),
+        ("PATH".to_owned(), LANE_PATH.to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ("TMPDIR".to_owned(), plan.work_dir.display().to_string()),
+    ];
+    for entry in &policy.extra_env {
+        let (name, value) = entry.split_once('=').ok_or_else(|| {
+            SandboxError::Environment(format!("extra_env entry {entry:?} is not NAME=value"))
+        })?;
+        let valid_name = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_name || name.starts_with("LD_") || value.contains('\0') {
+            return Err(SandboxError::Environment(format!(
+                "extra_env entry {entry:?}: the name must be [A-Za-z_][A-Za-z0-9_]* and not LD_*"
+            )));
+        }
+        env.retain(|(existing, _)| existing != name);
+        env.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(env)
+}

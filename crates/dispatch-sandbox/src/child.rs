@@ -1,0 +1,317 @@
+//! The child side of the spawn: the only `unsafe` code in the workspace outside tests.
+//!
+//! This runs between `fork` and `exec` in a copy of the multi-threaded helper, where only
+//! async-signal-safe operations are allowed: every step below is one plain system call on data
+//! prepared before the fork. Nothing allocates, locks or reads a file.
+//!
+//! std's `Command` only carries an errno from the child to the parent, so a failing step is
+//! encoded as `step * STEP_SCALE + errno` and decoded by [`decode_spawn_error`].
+#![allow(unsafe_code)]
+
+use seccompiler::BpfProgram;
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildStep {
+    NewSession = 1,
+    Rlimits,
+    SetGroups,
+    SetGid,
+    SetUid,
+    VerifyIds,
+    RootNotRegainable,
+    ParentDeathSignal,
+    ParentAlive,
+    CloseFds,
+    NoNewPrivs,
+    Landlock,
+    Seccomp,
+    LaneGuard,
+    Exec,
+}
+
+impl ChildStep {
+    const ALL: [ChildStep; 15] = [
+        ChildStep::NewSession,
+        ChildStep::Rlimits,
+        ChildStep::SetGroups,
+        ChildStep::SetGid,
+        ChildStep::SetUid,
+        ChildStep::VerifyIds,
+        ChildStep::RootNotRegainable,
+        ChildStep::ParentDeathSignal,
+        ChildStep::ParentAlive,
+        ChildStep::CloseFds,
+        ChildStep::NoNewPrivs,
+        ChildStep::Landlock,
+        ChildStep::Seccomp,
+        ChildStep::LaneGuard,
+        ChildStep::Exec,
+    ];
+}
+
+impl fmt::Display for ChildStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChildStep::NewSession => "new session (setsid)",
+            ChildStep::Rlimits => "resource limits (setrlimit)",
+            ChildStep::SetGroups => "supplementary groups (setgroups)",
+            ChildStep::SetGid => "group id (setresgid)",
+            ChildStep::SetUid => "user id (setresuid)",
+            ChildStep::VerifyIds => "verify uid/gid (getresuid/getresgid)",
+            ChildStep::RootNotRegainable => "verify root cannot be regained",
+            ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
+            ChildStep::ParentAlive => "parent still alive (getppid)",
+            ChildStep::CloseFds => "close inherited fds (close_range CLOEXEC)",
+            ChildStep::NoNewPrivs => "no_new_privs (PR_SET_NO_NEW_PRIVS)",
+            ChildStep::Landlock => "landlock (landlock_restrict_self)",
+            ChildStep::Seccomp => "seccomp filter",
+            ChildStep::LaneGuard => "lane guard fork",
+            ChildStep::Exec => "exec of the dispatch program",
+        })
+    }
+}
+
+const STEP_SCALE: i32 = 10_000;
+
+fn step_error(step: ChildStep, errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(step as i32 * STEP_SCALE + errno)
+}
+
+fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
+}
+
+/// Split an error from `Command::spawn` into the step that failed and the OS error.
+pub(crate) fn decode_spawn_error(error: io::Error) -> (ChildStep, io::Error) {
+    match error.raw_os_error() {
+        Some(code) if code >= STEP_SCALE => {
+            let step = ChildStep::ALL
+                .into_iter()
+                .find(|s| *s as i32 == code / STEP_SCALE)
+                .unwrap_or(ChildStep::Exec);
+            (step, io::Error::from_raw_os_error(code % STEP_SCALE))
+        }
+        _ => (ChildStep::Exec, error),
+    }
+}
+
+/// Everything the child needs, as plain data.
+pub(crate) struct ChildPlan {
+    pub change_uid: bool,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+    pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    pub helper_pid: libc::pid_t,
+    pub landlock_fd: Option<RawFd>,
+    pub seccomp: Vec<BpfProgram>,
+}
+
+pub(crate) fn install(command: &mut Command, plan: ChildPlan) {
+    // SAFETY: the closure runs in the forked child before exec. `child_sequence` only makes
+    // async-signal-safe system calls on data owned by `plan`, which was fully built before the
+    // fork; it does not allocate, lock, or touch the parent's other threads' state.
+    unsafe {
+        command.pre_exec(move || child_sequence(&plan));
+    }
+}
+
+fn check(step: ChildStep, rc: libc::c_long) -> io::Result<()> {
+    if rc == -1 { Err(step_error(step, last_errno())) } else { Ok(()) }
+}
+
+fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
+    // 1. Own session and process group, so the helper can signal the whole lane at once.
+    // SAFETY: setsid takes no arguments.
+    check(ChildStep::NewSession, unsafe { libc::setsid() } as libc::c_long)?;
+
+    // 2. Resource limits, while still privileged (lowering needs no privilege, but a raise
+    //    after the drop could be refused).
+    for (resource, limit) in &plan.rlimits {
+        // SAFETY: `limit` points to a valid rlimit for the duration of the call.
+        check(ChildStep::Rlimits, unsafe { libc::setrlimit(*resource, limit) } as libc::c_long)?;
+    }
+
+    // 3. Identity: groups, then gid, then uid (after setresuid we could no longer change the
+    //    others).
+    if plan.change_uid {
+        // SAFETY: pointer and length describe `plan.groups`, alive for the call.
+        check(ChildStep::SetGroups, unsafe {
+            libc::setgroups(plan.groups.len(), plan.groups.as_ptr())
+        } as libc::c_long)?;
+        // SAFETY: plain integer arguments.
+        check(ChildStep::SetGid, unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } as libc::c_long)?;
+        // SAFETY: plain integer arguments.
+        check(ChildStep::SetUid, unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } as libc::c_long)?;
+    }
+    verify_ids(plan)?;
+
+    // 4. Death signal after the drop (changing credentials clears it). SIGTERM, not SIGKILL:
+    //    the lane guard catches it and kills the whole process group (see `lane_guard`).
+    // SAFETY: plain integer arguments.
+    check(ChildStep::ParentDeathSignal, unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0)
+    } as libc::c_long)?;
+    // The helper may have died before the signal was armed.
+    // SAFETY: getppid takes no arguments.
+    if unsafe { libc::getppid() } != plan.helper_pid {
+        return Err(step_error(ChildStep::ParentAlive, libc::ESRCH));
+    }
+
+    // 5. Nothing inherited survives exec. close_range(CLOSE_RANGE_CLOEXEC) rather than a plain
+    //    close: std still needs its own error pipe until exec.
+    // SAFETY: plain integer arguments.
+    check(ChildStep::CloseFds, unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC)
+    })?;
+
+    // 6. no_new_privs: exec can no longer grant privileges (setuid bits, file capabilities).
+    // SAFETY: plain integer arguments.
+    check(ChildStep::NoNewPrivs, unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
+    } as libc::c_long)?;
+
+    // 7. Landlock, on the ruleset the helper built.
+    if let Some(fd) = plan.landlock_fd {
+        // SAFETY: `fd` is a Landlock ruleset fd owned by the prepared lane, open across the fork.
+        check(ChildStep::Landlock, unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) })?;
+    }
+
+    // 8. seccomp last, so that none of the steps above needed a syscall it denies.
+    for program in &plan.seccomp {
+        let fprog = libc::sock_fprog {
+            len: program.len() as libc::c_ushort,
+            // seccompiler's sock_filter has the kernel's layout (u16, u8, u8, u32).
+            filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+        };
+        // SAFETY: `fprog` points into `program`, alive for the call; the kernel copies it.
+        check(ChildStep::Seccomp, unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0 as libc::c_ulong,
+                &fprog as *const libc::sock_fprog,
+            )
+        })?;
+    }
+
+    // 9. Split into the guard (this process, group leader) and the lane (its child, which
+    //    returns to std and execs).
+    lane_guard(plan.helper_pid)
+}
+
+fn verify_ids(plan: &ChildPlan) -> io::Result<()> {
+    let (mut ruid, mut euid, mut suid) = (0, 0, 0);
+    let (mut rgid, mut egid, mut sgid) = (0, 0, 0);
+    // SAFETY: the pointers are to live locals.
+    check(ChildStep::VerifyIds, unsafe { libc::getresuid(&mut ruid, &mut euid, &mut suid) } as libc::c_long)?;
+    // SAFETY: the pointers are to live locals.
+    check(ChildStep::VerifyIds, unsafe { libc::getresgid(&mut rgid, &mut egid, &mut sgid) } as libc::c_long)?;
+    if [ruid, euid, suid] != [plan.uid; 3] || [rgid, egid, sgid] != [plan.gid; 3] {
+        return Err(step_error(ChildStep::VerifyIds, libc::EPERM));
+    }
+    if plan.uid != 0 {
+        // SAFETY: plain integer arguments; success here is the failure we test for.
+        if unsafe { libc::setresuid(0, 0, 0) } == 0 || unsafe { libc::setresgid(0, 0, 0) } == 0 {
+            return Err(step_error(ChildStep::RootNotRegainable, libc::EPERM));
+        }
+    }
+    Ok(())
+}
+
+/// Fork the lane off a guard. The guard stays behind as the process-group leader, with the
+/// death signal armed: when the helper dies (even by SIGKILL) the guard receives SIGTERM, sees
+/// that its parent changed, and SIGKILLs the whole group, so no lane process outlives the
+/// helper unless it deliberately left the group. A SIGTERM from the helper itself (cancel,
+/// timeout) is left to the lane; the guard exits with the lane's status when it ends.
+fn lane_guard(helper_pid: libc::pid_t) -> io::Result<()> {
+    // SAFETY: sigset operations on a local; signal numbers are valid.
+    let guarded = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGCHLD, libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    };
+    // Block before forking so no signal is lost between fork and sigwaitinfo.
+    // SAFETY: `guarded` is initialised; the old mask is not needed.
+    check(ChildStep::LaneGuard, unsafe {
+        libc::sigprocmask(libc::SIG_BLOCK, &guarded, std::ptr::null_mut())
+    } as libc::c_long)?;
+    // SAFETY: getpid takes no arguments.
+    let guard_pid = unsafe { libc::getpid() };
+    // SAFETY: fork in a single-threaded process (this child has only the forking thread).
+    let lane_pid = unsafe { libc::fork() };
+    if lane_pid == -1 {
+        return Err(step_error(ChildStep::LaneGuard, last_errno()));
+    }
+    if lane_pid == 0 {
+        // The lane: unblock signals, die with the guard, then return to std, which execs.
+        // SAFETY: a local empty set; plain integer arguments.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) == -1
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1
+            {
+                return Err(step_error(ChildStep::LaneGuard, last_errno()));
+            }
+            if libc::getppid() != guard_pid {
+                return Err(step_error(ChildStep::LaneGuard, libc::ESRCH));
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: the guard never returns to std: it drops every fd std gave it (its error pipe, so
+    // the helper's spawn() completes once the lane has exec'd), waits, and exits.
+    unsafe { guard_loop(lane_pid, helper_pid, &guarded) }
+}
+
+/// # Safety
+/// Must only be called in the forked guard process, with `guarded` blocked.
+unsafe fn guard_loop(lane_pid: libc::pid_t, helper_pid: libc::pid_t, guarded: &libc::sigset_t) -> ! {
+    // SAFETY (whole block): only async-signal-safe calls on locals and integers.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        loop {
+            let signal = libc::sigwaitinfo(guarded, std::ptr::null_mut());
+            if signal == libc::SIGCHLD {
+                let mut status = 0;
+                if libc::waitpid(lane_pid, &mut status, libc::WNOHANG) == lane_pid {
+                    exit_like(status);
+                }
+            } else if signal != -1 && libc::getppid() != helper_pid {
+                // The helper is gone: take the whole group down with us.
+                libc::kill(0, libc::SIGKILL);
+                libc::_exit(128 + libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Exit the way the lane did, so the helper sees the lane's own exit code or signal.
+///
+/// # Safety
+/// Only async-signal-safe calls; must run in the guard.
+unsafe fn exit_like(status: libc::c_int) -> ! {
+    // SAFETY: plain integer arguments and a local sigset.
+    unsafe {
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            libc::signal(signal, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, signal);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), signal);
+            libc::_exit(128 + signal);
+        }
+        libc::_exit(libc::WEXITSTATUS(status));
+    }
+}

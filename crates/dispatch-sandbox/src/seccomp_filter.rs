@@ -1,0 +1,195 @@
+//! The seccomp programs, compiled in the helper before the fork.
+//!
+//! A deny list returning EPERM (lanes run ssh, git and tmux, so an allow list would be a guess
+//! that breaks them), plus:
+//! - `clone3` returns ENOSYS, not EPERM: its flags live in memory seccomp cannot read, and
+//!   ENOSYS makes libc fall back to `clone`, whose flags the deny list does inspect;
+//! - a foreign architecture is killed (seccompiler's own arch check);
+//! - x32 syscall numbers (bit 30 set on x86_64) are refused wholesale, since a deny list keyed
+//!   on x86_64 numbers would not match their x32 aliases.
+
+use crate::{SandboxError, SandboxPolicy};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch, sock_filter,
+};
+use std::collections::BTreeMap;
+
+/// Syscalls no lane has a reason to make: debugging other processes, kernel attack surface,
+/// namespaces and mounts (sandbox escapes), keys, and host-wide settings.
+const DENIED: &[(&str, i64)] = &[
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("unshare", libc::SYS_unshare),
+    ("setns", libc::SYS_setns),
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("acct", libc::SYS_acct),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("reboot", libc::SYS_reboot),
+    ("settimeofday", libc::SYS_settimeofday),
+    ("clock_settime", libc::SYS_clock_settime),
+    ("clock_adjtime", libc::SYS_clock_adjtime),
+    ("adjtimex", libc::SYS_adjtimex),
+    ("sethostname", libc::SYS_sethostname),
+    ("setdomainname", libc::SYS_setdomainname),
+    ("iopl", libc::SYS_iopl),
+    ("ioperm", libc::SYS_ioperm),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("quotactl", libc::SYS_quotactl),
+    ("vhangup", libc::SYS_vhangup),
+    ("uselib", libc::SYS_uselib),
+];
+
+/// Namespace-creating clone flags.
+const NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, SandboxError> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| SandboxError::Seccomp(format!("unsupported architecture: {e:?}")))?;
+    let cond = |arg: u8, len: Len, op: Op, value: u64| {
+        SeccompCondition::new(arg, len, op, value)
+            .map_err(|e| SandboxError::Seccomp(format!("condition on arg {arg}: {e}")))
+    };
+    let rule = |conditions: Vec<SeccompCondition>| {
+        SeccompRule::new(conditions).map_err(|e| SandboxError::Seccomp(format!("rule: {e}")))
+    };
+
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+
+    // Injecting keystrokes into a terminal. The command is compared as 32 bits: the kernel
+    // truncates it to unsigned int, and a 64-bit compare could be dodged by setting the upper
+    // half (CVE-2019-10063).
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![
+            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI as u64)?])?,
+            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX as u64)?])?,
+        ],
+    );
+    // Changing the execution domain (personality(0xffffffff) only queries it).
+    rules.insert(
+        libc::SYS_personality,
+        vec![rule(vec![
+            cond(0, Len::Dword, Op::Ne, 0)?,
+            cond(0, Len::Dword, Op::Ne, 0xffff_ffff)?,
+        ])?],
+    );
+    // clone with any namespace flag.
+    rules.insert(
+        libc::SYS_clone,
+        NAMESPACE_FLAGS
+            .iter()
+            .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
+            .collect::<Result<_, _>>()?,
+    );
+    if !policy.allow_unix_sockets {
+        let unix = libc::AF_UNIX as u64;
+        rules.insert(libc::SYS_socket, vec![rule(vec![cond(0, Len::Dword, Op::Eq, unix)?])?]);
+    }
+
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| SandboxError::Seccomp(format!("build deny list: {e}")))?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| SandboxError::Seccomp(format!("build clone3 filter: {e}")))?;
+
+    let mut programs = Vec::new();
+    if cfg!(target_arch = "x86_64") {
+        programs.push(x32_filter());
+    }
+    for (what, filter) in [("deny list", deny), ("clone3", clone3)] {
+        programs.push(
+            BpfProgram::try_from(filter)
+                .map_err(|e| SandboxError::Seccomp(format!("compile {what}: {e}")))?,
+        );
+    }
+    Ok(programs)
+}
+
+/// Refuse every syscall number with the x32 bit set. Too small a program for a library: load
+/// the number, compare, return.
+fn x32_filter() -> BpfProgram {
+    const SECCOMP_DATA_NR: u32 = 0;
+    const SECCOMP_DATA_ARCH: u32 = 4;
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    let stmt = |code: u32, k: u32| sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter { code: code as u16, jt, jf, k };
+    vec![
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_ARCH),
+        jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_NR),
+        jump(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K, X32_SYSCALL_BIT, 0, 1),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_compile_and_fit_the_kernel_limit() {
+        let programs = compile(&SandboxPolicy::default()).unwrap();
+        assert_eq!(programs.len(), if cfg!(target_arch = "x86_64") { 3 } else { 2 });
+        for program in programs {
+            assert!(!program.is_empty() && program.len() < 4096, "{} instructions", program.len());
+        }
+    }
+
+    #[test]
+    fn deny_list_has_no_duplicates() {
+        let mut numbers: Vec<i64> = DENIED.iter().map(|(_, nr)| *nr).collect();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers.len(), DENIED.len());
+    }
+}
