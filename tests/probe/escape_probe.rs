@@ -1,1 +1,225 @@
-fn main() {}
+//! Test-only lane program. Run by the real helper as a sandboxed lane, it does what the task
+//! says (exit, sleep, spam output, echo its argv) or, for `escape {json}`, tries every
+//! forbidden thing and prints one JSON line per attempt. The tests decide what counts as a
+//! breach; this program only reports what happened.
+//!
+//! Also used outside the sandbox (`connect SOCKET`) as a plain client running as another user.
+#![allow(unsafe_code)]
+
+use serde_json::{Value, json};
+use std::ffi::CString;
+use std::io::{Read, Write};
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Result of a raw syscall: Ok(value) or Err(errno).
+fn sys(rc: i64) -> Result<i64, i32> {
+    if rc < 0 { Err(errno()) } else { Ok(rc) }
+}
+
+fn report(name: &str, result: Result<i64, i32>) -> Value {
+    match result {
+        Ok(value) => json!({"check": name, "succeeded": true, "value": value}),
+        Err(errno) => json!({"check": name, "succeeded": false, "errno": errno}),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Template in the tests: [probe, "lane", {orguser}, {repo}, {task}]; outside: [probe, mode, ...].
+    let task = if args.get(1).map(String::as_str) == Some("lane") {
+        args.get(4).cloned().unwrap_or_default()
+    } else {
+        args[1..].join(" ")
+    };
+    let (mode, rest) = task.split_once(' ').map_or((task.as_str(), ""), |(m, r)| (m, r));
+    match mode {
+        _ if mode.starts_with("exit:") => {
+            println!("lane ran; exiting with {}", &mode[5..]);
+            eprintln!("to stderr");
+            std::process::exit(mode[5..].parse().unwrap_or(1));
+        }
+        _ if mode.starts_with("sleep:") => {
+            println!("sleeping");
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(mode[6..].parse().unwrap_or(60)));
+        }
+        _ if mode.starts_with("sleep-group:") => {
+            let seconds: u64 = mode[12..].parse().unwrap_or(60);
+            // SAFETY: fork in a single-threaded test program; the child only sleeps and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                std::thread::sleep(std::time::Duration::from_secs(seconds));
+                std::process::exit(0);
+            }
+            println!("{}", json!({"lane_pid": std::process::id(), "child_pid": pid}));
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(seconds));
+        }
+        _ if mode.starts_with("spam:") => {
+            let bytes: usize = mode[5..].parse().unwrap_or(0);
+            let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+            let mut out = std::io::stdout().lock();
+            for _ in 0..bytes / line.len() {
+                out.write_all(line).unwrap();
+            }
+            out.write_all(b"END\n").unwrap();
+        }
+        "escape" => escape(serde_json::from_str(rest).expect("escape takes a JSON object")),
+        "connect" => connect(rest),
+        _ => println!("{}", json!({"argv": args})),
+    }
+}
+
+/// Connect to the helper socket as whoever runs this, handshake, optionally ask for the status
+/// of a handle, and print what happened (as JSON).
+fn connect(rest: &str) {
+    use dispatch_proto::{FrameLimit, Request, RequestEnvelope, ResponseEnvelope, decode, encode_frame};
+    let mut words = rest.split_whitespace();
+    let socket = words.next().unwrap_or_default();
+    let handle = words.next();
+    let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(stream) => stream,
+        Err(error) => {
+            println!("{}", json!({"connected": false, "error": error.to_string()}));
+            return;
+        }
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let mut exchange = |id: u64, body: Request| -> Value {
+        let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST).unwrap();
+        if stream.write_all(&frame).is_err() {
+            return json!("write failed");
+        }
+        let mut prefix = [0u8; 4];
+        if stream.read_exact(&mut prefix).is_err() {
+            return json!("closed");
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        if stream.read_exact(&mut body).is_err() {
+            return json!("truncated");
+        }
+        match decode::<ResponseEnvelope>(&body) {
+            Ok(response) => json!(format!("{:?}", response.body)),
+            Err(error) => json!(format!("undecodable: {error}")),
+        }
+    };
+    let hello = exchange(1, Request::Hello { version: dispatch_proto::PROTOCOL_VERSION, client_name: Some("probe".into()) });
+    let status = handle.map(|h| exchange(2, Request::Status { handle: h.to_owned() }));
+    println!("{}", json!({"connected": true, "hello": hello, "status": status}));
+}
+
+fn escape(config: Value) {
+    let str_of = |key: &str| config[key].as_str().unwrap_or_default().to_owned();
+    let mut checks = Vec::new();
+
+    // Identity and status.
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    let (mut rg, mut eg, mut sg) = (0, 0, 0);
+    // SAFETY: pointers to live locals.
+    unsafe {
+        libc::getresuid(&mut r, &mut e, &mut s);
+        libc::getresgid(&mut rg, &mut eg, &mut sg);
+    }
+    let mut groups = vec![0 as libc::gid_t; 256];
+    // SAFETY: the buffer holds 256 gids.
+    let count = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
+    groups.truncate(count.max(0) as usize);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_owned()))
+    };
+    checks.push(json!({"check": "identity", "uid": [r, e, s], "gid": [rg, eg, sg], "groups": groups,
+        "CapEff": field("CapEff"), "CapPrm": field("CapPrm"), "NoNewPrivs": field("NoNewPrivs"), "Seccomp": field("Seccomp")}));
+
+    // Filesystem.
+    let outside = str_of("outside_file");
+    checks.push(report("write_outside_work_dir", std::fs::OpenOptions::new().append(true).open(&outside)
+        .and_then(|mut f| f.write_all(b"BREACH")).map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    let other_home = str_of("other_home_file");
+    checks.push(report("read_other_home", std::fs::read(&other_home).map(|b| b.len() as i64).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    let work_file = format!("{}/probe-write-ok", str_of("work_dir"));
+    checks.push(report("write_inside_work_dir", std::fs::write(&work_file, "ok").map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+
+    // Privilege.
+    // SAFETY: plain integer arguments.
+    checks.push(report("setresuid_root", sys(unsafe { libc::setresuid(0, 0, 0) } as i64)));
+    let suid = str_of("setuid_binary");
+    let output = std::process::Command::new(&suid).arg("-u").output();
+    checks.push(json!({"check": "setuid_binary", "output": output.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_else(|e| format!("error: {e}"))}));
+
+    // Seccomp-denied syscalls (each would succeed or fail differently without the filter).
+    // SAFETY (all below): raw syscalls with arguments that cannot corrupt this process's memory:
+    // null or valid pointers to locals, and the kernel rejects or performs the operation.
+    unsafe {
+        checks.push(report("ptrace_traceme", sys(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0))));
+        let mut local = [0u8; 8];
+        let source = [7u8; 8];
+        let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: 8 };
+        let riov = libc::iovec { iov_base: source.as_ptr() as *mut _, iov_len: 8 };
+        checks.push(report("process_vm_readv", sys(libc::process_vm_readv(libc::getpid(), &liov, 1, &riov, 1, 0) as i64)));
+        let mut params = [0u8; 120];
+        checks.push(report("io_uring_setup", sys(libc::syscall(libc::SYS_io_uring_setup, 1, params.as_mut_ptr()))));
+        let mut attr = [0u8; 128];
+        checks.push(report("bpf", sys(libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_mut_ptr(), 128))));
+        checks.push(report("unshare_newuser", sys(libc::unshare(libc::CLONE_NEWUSER) as i64)));
+        let tmp = CString::new("/tmp").unwrap();
+        let fstype = CString::new("tmpfs").unwrap();
+        checks.push(report("mount", sys(libc::mount(fstype.as_ptr(), tmp.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) as i64)));
+        checks.push(report("keyctl", sys(libc::syscall(libc::SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3 /* session */, 0))));
+        let c = b'x';
+        checks.push(report("tiocsti", sys(libc::ioctl(0, libc::TIOCSTI, &c) as i64)));
+        // The same command with garbage in the upper 32 bits (CVE-2019-10063).
+        checks.push(report("tiocsti_high_bits", sys(libc::syscall(libc::SYS_ioctl, 0, 0xdead_beef_0000_0000u64 | libc::TIOCSTI as u64, &c))));
+        // x32 alias of getpid (39 | X32 bit).
+        checks.push(report("x32_syscall", sys(libc::syscall(0x4000_0000 | 39))));
+        checks.push(report("kill_helper", sys(libc::kill(config["helper_pid"].as_i64().unwrap_or(1) as i32, 0) as i64)));
+        checks.push(report("unix_socket", sys(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64)));
+    }
+    let helper_socket = std::os::unix::net::UnixStream::connect(str_of("helper_socket"));
+    checks.push(report("connect_helper_socket", helper_socket.map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+
+    // Network.
+    checks.push(report("tcp_bind", std::net::TcpListener::bind("127.0.0.1:0").map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    for (name, key) in [("tcp_connect_denied_port", "denied_port"), ("tcp_connect_allowed_port", "allowed_port")] {
+        let port = config[key].as_u64().unwrap_or(0);
+        checks.push(report(name, std::net::TcpStream::connect(("127.0.0.1", port as u16)).map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    }
+
+    // File descriptors: everything open above 2 (the listing's own fd excluded).
+    let fds: Vec<i64> = std::fs::read_dir("/proc/self/fd").map(|dir| {
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    }).unwrap_or_default();
+    checks.push(json!({"check": "fds", "open": fds}));
+
+    // Environment.
+    let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+    checks.push(json!({"check": "env", "names": env}));
+
+    // Limits.
+    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: pointer to a live local.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
+    let mut opened = Vec::new();
+    for _ in 0..(nofile.rlim_cur as usize + 10) {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => opened.push(f),
+            Err(_) => break,
+        }
+    }
+    checks.push(json!({"check": "nofile", "limit": nofile.rlim_cur, "opened": opened.len()}));
+    drop(opened);
+    // SAFETY: ignoring SIGXFSZ so an over-limit write returns EFBIG instead of killing us.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let big = format!("{}/probe-big", str_of("work_dir"));
+    let fsize = config["fsize"].as_u64().unwrap_or(0) as usize;
+    let written = std::fs::write(&big, vec![b'x'; fsize + 4096]);
+    let size = std::fs::metadata(&big).map(|m| m.len()).unwrap_or(0);
+    checks.push(json!({"check": "fsize", "write_ok": written.is_ok(), "size": size}));
+
+    for check in checks {
+        println!("{check}");
+    }
+}

@@ -1,1 +1,287 @@
+//! `dispatch-helper`: the privileged side of dispatch-mcp. It trusts nothing the front says:
+//! every request is re-validated against its own root-owned configuration, which alone
+//! chooses the argv, the host, the limits and the sandbox.
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod jobs;
+pub mod output;
+pub mod server;
+pub mod store;
+
+use clap::{Parser, Subcommand};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispatch-helper",
+    version,
+    about = "Privileged helper for dispatch-mcp: validates dispatch requests against its own \
+             allowlist, runs each lane sandboxed as its org-user, and audits everything.",
+    long_about = None
+)]
+struct Cli {
+    /// Helper configuration (TOML). Must be owned by root and not group/world-writable when
+    /// the helper runs as root.
+    #[arg(long, short, global = true, default_value = config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: bind the socket (or take it from systemd), serve until SIGTERM.
+    /// SIGHUP reloads the configuration and allowlist (a bad new config keeps the old one).
+    Serve,
+    /// Load and validate the configuration and allowlist; print targets and warnings.
+    /// Exits non-zero if the configuration cannot be used.
+    Check,
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Show the job store (state dir from the config, or --state-dir).
+    Jobs {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of an audit log; names the first edited, removed or reordered line.
+    Verify { file: PathBuf },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve => {
+            init_tracing();
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(format!("cannot start the runtime: {error}")),
+            };
+            match runtime.block_on(serve(&cli.config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => fail(message),
+            }
+        }
+        Command::Check => check(&cli.config),
+        Command::Audit { command: AuditCommand::Verify { file } } => match audit::verify(&file) {
+            Ok(count) => {
+                println!("{}: {count} records, hash chain intact", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(format!("audit verify FAILED: {error}")),
+        },
+        Command::Jobs { state_dir } => jobs_command(&cli.config, state_dir),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("dispatch-helper: {message}");
+    ExitCode::FAILURE
+}
+
+fn init_tracing() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    // Under systemd, log to the journal with structured fields.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            registry.with(journald).init();
+            return;
+        }
+    }
+    registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load(path, &config::EnvOverrides::from_process()) {
+        Ok(settings) => {
+            println!("config: {}", path.display());
+            println!("mode: {}", if settings.unprivileged { "unprivileged (lanes run as the helper's own user)" } else { "root (lanes run as their org-users)" });
+            println!("allowlist: {}", settings.file.allowlist.display());
+            println!("argv: {:?}", std::iter::once(settings.template.program().display().to_string()).chain(settings.file.argv[1..].iter().cloned()).collect::<Vec<_>>());
+            println!("host: {}  max_iterations: {}  timeout: {} s", settings.file.host, settings.file.max_iterations, settings.file.timeout_seconds);
+            println!("landlock: kernel ABI {}, floor {}", dispatch_sandbox::kernel_landlock_abi(), settings.file.sandbox.landlock_min_abi);
+            println!("targets:");
+            for target in settings.allowlist.targets() {
+                let org = settings.allowlist.org(&target.orguser);
+                println!(
+                    "  {}/{} -> github {} (runs as {})",
+                    target.orguser,
+                    target.repo,
+                    target.github,
+                    org.map(|o| o.unix_user.to_string()).unwrap_or_default()
+                );
+            }
+            for warning in &settings.warnings {
+                println!("warning: {warning}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(format!("configuration unusable: {error}")),
+    }
+}
+
+fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => match config::load(config_path, &config::EnvOverrides::from_process()) {
+            Ok(settings) => settings.file.state_dir,
+            Err(error) => return fail(format!("{error} (or pass --state-dir)")),
+        },
+    };
+    let store = match store::JobStore::open(&state_dir) {
+        Ok(store) => store,
+        Err(error) => return fail(format!("cannot open the job store in {}: {error}", state_dir.display())),
+    };
+    match store.load_all() {
+        Ok((mut records, warnings)) => {
+            records.sort_by(|a, b| a.requested_at.cmp(&b.requested_at));
+            for r in records {
+                println!(
+                    "{}  {:<10} uid {:<6} {}/{}  {}  {}",
+                    r.handle,
+                    r.state.as_str(),
+                    r.owner_uid,
+                    r.orguser,
+                    r.repo,
+                    r.requested_at,
+                    r.detail
+                );
+            }
+            for warning in warnings {
+                eprintln!("warning: {warning}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(format!("cannot read the job store: {error}")),
+    }
+}
+
+/// The daemon, step by step; each failure says which step.
+async fn serve(config_path: &Path) -> Result<(), String> {
+    let settings = config::load(config_path, &config::EnvOverrides::from_process())
+        .map_err(|e| format!("load configuration: {e}"))?;
+    for warning in &settings.warnings {
+        tracing::warn!(%warning, "configuration");
+    }
+    if settings.unprivileged {
+        tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
+    }
+    create_private_dir(&settings.file.state_dir).map_err(|e| format!("create state dir {}: {e}", settings.file.state_dir.display()))?;
+    if let Some(parent) = settings.file.audit_log.parent() {
+        create_private_dir(parent).map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
+    }
+    let audit = audit::AuditLog::open(&settings.file.audit_log).map_err(|e| format!("open audit log: {e}"))?;
+    let store = store::JobStore::open(&settings.file.state_dir).map_err(|e| format!("open job store: {e}"))?;
+    let spawner = dispatch_sandbox::LaneSpawner::start().map_err(|e| format!("start the lane spawner thread: {e}"))?;
+    let listener = take_or_bind_socket(&settings).map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
+    let socket_path = settings.file.socket.clone();
+    let helper = jobs::Helper::new(settings, audit, store, spawner);
+    let warnings = helper.recover().await.map_err(|e| format!("recover jobs: {e}"))?;
+    for warning in warnings {
+        tracing::warn!(%warning, "job store");
+    }
+    helper
+        .audit
+        .append(audit::AuditEvent { event: "helper_started", outcome: "serving".into(), detail: Some(format!("socket {}", socket_path.display())), ..Default::default() })
+        .await
+        .map_err(|e| format!("write the first audit record: {e}"))?;
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(socket = %socket_path.display(), "serving");
+
+    let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&helper, config_path).await,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    server.abort();
+    helper.shutdown().await;
+    let _ = helper
+        .audit
+        .append(audit::AuditEvent { event: "helper_stopped", outcome: "stopped".into(), ..Default::default() })
+        .await;
+    Ok(())
+}
+
+async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    let outcome = match config::load(config_path, &config::EnvOverrides::from_process()) {
+        Ok(settings) => {
+            let detail = format!("{} targets, {} warnings", settings.allowlist.targets().count(), settings.warnings.len());
+            tracing::info!(%detail, "configuration reloaded (socket and state paths keep their old values until restart)");
+            helper.replace_settings(settings);
+            audit::AuditEvent { event: "config_reloaded", outcome: "reloaded".into(), detail: Some(detail), ..Default::default() }
+        }
+        Err(error) => {
+            tracing::error!(%error, "reload failed; keeping the previous configuration");
+            audit::AuditEvent { event: "config_reload_failed", outcome: "kept previous".into(), detail: Some(error.to_string()), ..Default::default() }
+        }
+    };
+    let _ = helper.audit.append(outcome).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+fn take_or_bind_socket(settings: &config::Settings) -> std::io::Result<tokio::net::UnixListener> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Some(listener) = fds.take_unix_listener(0)? {
+        tracing::info!("using the socket passed by systemd");
+        listener.set_nonblocking(true)?;
+        return tokio::net::UnixListener::from_std(listener);
+    }
+    let path = &settings.file.socket;
+    if let Some(parent) = path.parent() {
+        if !parent.is_dir() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+    }
+    // A stale socket from a previous run; anything else at the path is left alone.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::other("the path exists and is not a socket"));
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.file.socket_mode))?;
+    if let Some(group) = &settings.file.socket_group {
+        let group = nix::unistd::Group::from_name(group)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| std::io::Error::other(format!("socket_group {group:?} does not exist")))?;
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(std::io::Error::other)?;
+    }
+    Ok(listener)
+}

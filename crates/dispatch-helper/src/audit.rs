@@ -1,0 +1,307 @@
+//! The audit log: JSON Lines, append-only, one record per event, each fsync'd before the
+//! helper acts on it, each carrying the hash of the previous record.
+//!
+//! A line is a JSON object whose last member is `"hash"`: the SHA-256 (hex) of the line's bytes
+//! without that member, i.e. of `{…,"prev":"<previous hash>"}`. Because `prev` is inside what
+//! is hashed, editing, removing or reordering any line breaks the chain at that line, which
+//! `verify` names.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// One event. Fields that do not apply are omitted.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditEvent {
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerIdentity>,
+    /// The client name the front claims; never verified, recorded as a claim.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claimed_client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orguser: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub github: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_preview: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    time: String,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claimed_client_note: Option<&'static str>,
+    prev: &'a str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("audit log {path}: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+struct Writer {
+    path: PathBuf,
+    seq: u64,
+    prev: String,
+}
+
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Mutex<Writer>>,
+}
+
+impl AuditLog {
+    /// Open (creating, mode 0600) and find the chain's head from the last line.
+    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+        let io = |source| AuditError::Io { path: path.display().to_string(), source };
+        let mut file = open_for_append(path).map_err(io)?;
+        let (seq, prev) = last_link(&mut file).map_err(io)?;
+        Ok(AuditLog { inner: Arc::new(Mutex::new(Writer { path: path.to_owned(), seq, prev })) })
+    }
+
+    /// Append and fsync one record. Blocking: call from a blocking context.
+    pub fn append_blocking(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let mut writer = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let seq = writer.seq + 1;
+        let body = serde_json::to_string(&Line {
+            seq,
+            time: crate::now_rfc3339(),
+            event,
+            claimed_client_note: event.claimed_client.as_ref().map(|_| "claimed by the front, not verified"),
+            prev: &writer.prev,
+        })
+        .expect("audit records serialize");
+        let hash = hex(&Sha256::digest(body.as_bytes()));
+        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+        let path = writer.path.display().to_string();
+        let io = |source| AuditError::Io { path: path.clone(), source };
+        // Opened per record, so a log that was removed, replaced or made unwritable is noticed
+        // at once (and the dispatch refused) rather than written to an unlinked inode.
+        let mut file = open_for_append(&writer.path).map_err(io)?;
+        file.write_all(line.as_bytes()).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        writer.seq = seq;
+        writer.prev = hash;
+        Ok(())
+    }
+
+    /// Append from async code without blocking a runtime worker on fsync.
+    pub async fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let log = self.clone();
+        tokio::task::spawn_blocking(move || log.append_blocking(&event))
+            .await
+            .unwrap_or_else(|join| {
+                Err(AuditError::Corrupt { path: String::new(), message: format!("audit writer panicked: {join}") })
+            })
+    }
+}
+
+fn open_for_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)
+}
+
+/// Sequence number and hash of the last complete line.
+fn last_link(file: &mut File) -> std::io::Result<(u64, String)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((0, GENESIS.to_owned()));
+    }
+    let start = len.saturating_sub(256 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = String::new();
+    file.take(len - start).read_to_string(&mut tail)?;
+    for line in tail.lines().rev() {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
+            if let (Some(seq), Some(hash)) = (value["seq"].as_u64(), value["hash"].as_str()) {
+                return Ok((seq, hash.to_owned()));
+            }
+        }
+    }
+    Err(std::io::Error::other("no complete record in the last 256 KiB; refusing to start a new chain"))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Check the chain. Returns the number of records, or the first broken line and why.
+pub fn verify(path: &Path) -> Result<u64, AuditError> {
+    let file = File::open(path)
+        .map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+    let corrupt = |line_no: usize, message: String| AuditError::Corrupt {
+        path: path.display().to_string(),
+        message: format!("line {line_no}: {message}"),
+    };
+    let mut prev = GENESIS.to_owned();
+    let mut expected_seq = 1u64;
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line_no = index + 1;
+        let line = line.map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+        const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+        if line.len() < SUFFIX_LEN || !line.ends_with("\"}") {
+            return Err(corrupt(line_no, "not a complete audit record".into()));
+        }
+        let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+        let Some(stated) = suffix.strip_prefix(",\"hash\":\"").and_then(|s| s.strip_suffix("\"}")) else {
+            return Err(corrupt(line_no, "the record does not end with its hash".into()));
+        };
+        let body = format!("{body_open}}}");
+        let actual = sha256_hex(&body);
+        if actual != stated {
+            return Err(corrupt(line_no, "the record was edited (its hash does not match its content)".into()));
+        }
+        let value: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| corrupt(line_no, format!("not JSON: {e}")))?;
+        if value["prev"].as_str() != Some(prev.as_str()) {
+            return Err(corrupt(
+                line_no,
+                "the chain is broken here: a record before it was removed, reordered or edited".into(),
+            ));
+        }
+        if value["seq"].as_u64() != Some(expected_seq) {
+            return Err(corrupt(
+                line_no,
+                format!("sequence number {} where {expected_seq} was expected", value["seq"]),
+            ));
+        }
+        prev = stated.to_owned();
+        expected_seq += 1;
+    }
+    Ok(expected_seq - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(dir: &Path, n: usize) -> PathBuf {
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..n {
+            log.append_blocking(&AuditEvent {
+                event: "dispatch_accepted",
+                handle: Some(format!("d-{i}")),
+                outcome: "accepted".into(),
+                claimed_client: Some("claude".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        path
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    }
+
+    fn rewrite(path: &Path, lines: &[String]) {
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn a_real_log_verifies_and_reopening_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        assert_eq!(verify(&path).unwrap(), 3);
+        let log = AuditLog::open(&path).unwrap();
+        log.append_blocking(&AuditEvent { event: "lost", outcome: "lost".into(), ..Default::default() }).unwrap();
+        assert_eq!(verify(&path).unwrap(), 4);
+        assert!(lines(&path)[0].contains("\"claimed_client_note\":\"claimed by the front, not verified\""));
+    }
+
+    #[test]
+    fn an_edited_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let mut all = lines(&path);
+        all[1] = all[1].replace("d-1", "d-9");
+        rewrite(&path, &all);
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2: the record was edited"), "{err}");
+    }
+
+    #[test]
+    fn a_removed_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let mut all = lines(&path);
+        all.remove(1);
+        rewrite(&path, &all);
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2: the chain is broken"), "{err}");
+    }
+
+    #[test]
+    fn reordered_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let mut all = lines(&path);
+        all.swap(1, 2);
+        rewrite(&path, &all);
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2: the chain is broken"), "{err}");
+    }
+
+    #[test]
+    fn a_rehashed_edit_still_breaks_the_next_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let mut all = lines(&path);
+        // Edit line 1 and recompute its own hash: line 2's "prev" no longer matches.
+        let body_end = all[0].len() - (",\"hash\":\"\"}".len() + 64);
+        let body = format!("{}}}", &all[0][..body_end]).replace("d-0", "d-X");
+        all[0] = format!("{},\"hash\":\"{}\"}}", &body[..body.len() - 1], sha256_hex(&body));
+        rewrite(&path, &all);
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2: the chain is broken"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_tail_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2);
+        let mut all = lines(&path);
+        let cut = all[1].len() / 2;
+        all[1].truncate(cut);
+        rewrite(&path, &all);
+        let err = verify(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2: not a complete audit record"), "{err}");
+    }
+}

@@ -1,0 +1,410 @@
+//! The helper's own configuration: one root-owned TOML file. It alone chooses the argv, the
+//! host, the limits and the sandbox; nothing the front sends can change them.
+
+use dispatch_policy::{Allowlist, ArgvTemplate, DEFAULT_TEMPLATE};
+use dispatch_sandbox::SandboxPolicy;
+use nix::unistd::{Group, User};
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG: &str = "/etc/dispatch-mcp/helper.toml";
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// The `.repos.json` allowlist. Overridden by DISPATCH_REPOS_JSON.
+    pub allowlist: PathBuf,
+    /// The dispatch argv template. Default: the Python server's.
+    #[serde(default = "default_argv")]
+    pub argv: Vec<String>,
+    /// PATH used once, at load, to resolve a bare argv[0].
+    #[serde(default = "default_search_path")]
+    pub search_path: String,
+    /// Overridden by DISPATCH_SSH_HOST.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Overridden by DISPATCH_MAX_ITERATIONS.
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u32,
+    /// Seconds a lane may run before it is stopped. Overridden by DISPATCH_TIMEOUT.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+    /// Seconds between SIGTERM and SIGKILL when a lane is stopped.
+    #[serde(default = "default_grace")]
+    pub kill_grace_seconds: u64,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub socket: PathBuf,
+    /// Group owning the socket (mode `socket_mode`) when the helper binds it itself.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    /// Lane working directory; `{home}`, `{unix_user}` and `{orguser}` are substituted. It
+    /// must exist.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: String,
+    #[serde(default)]
+    pub clients: ClientsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub sandbox: SandboxPolicy,
+}
+
+/// Who may talk to the helper at all (per-org rules in the allowlist narrow it further). The
+/// helper's own uid is always admitted.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsConfig {
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_in_flight_per_connection: usize,
+    pub idle_timeout_seconds: u64,
+    pub max_running_jobs: usize,
+    pub output_tail_bytes: usize,
+    pub max_result_wait_seconds: u64,
+    pub max_list: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 64,
+            max_in_flight_per_connection: 8,
+            idle_timeout_seconds: 300,
+            max_running_jobs: 32,
+            output_tail_bytes: 16 * 1024,
+            max_result_wait_seconds: 600,
+            max_list: 500,
+        }
+    }
+}
+
+fn default_argv() -> Vec<String> {
+    DEFAULT_TEMPLATE.iter().map(|s| s.to_string()).collect()
+}
+fn default_search_path() -> String {
+    "/usr/local/bin:/usr/bin:/bin".into()
+}
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_max_iterations() -> u32 {
+    20
+}
+fn default_timeout() -> u64 {
+    600
+}
+fn default_grace() -> u64 {
+    5
+}
+fn default_socket_mode() -> u32 {
+    0o660
+}
+fn default_work_dir() -> String {
+    "{home}".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{0}")]
+    Unsafe(String),
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env { name: &'static str, value: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Everything the helper decides with, loaded and checked.
+#[derive(Debug)]
+pub struct Settings {
+    pub file: ConfigFile,
+    pub template: ArgvTemplate,
+    pub allowlist: Allowlist,
+    pub warnings: Vec<String>,
+    pub admitted_uids: BTreeSet<u32>,
+    pub admitted_gids: BTreeSet<u32>,
+    pub unprivileged: bool,
+    /// The helper's own account name (the lane user in unprivileged mode).
+    pub own_user: String,
+}
+
+impl Settings {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.file.timeout_seconds)
+    }
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.file.kill_grace_seconds)
+    }
+}
+
+/// Environment overrides, read once by the caller (so tests can pass their own).
+#[derive(Debug, Default, Clone)]
+pub struct EnvOverrides {
+    pub repos_json: Option<String>,
+    pub ssh_host: Option<String>,
+    pub max_iterations: Option<String>,
+    pub timeout: Option<String>,
+}
+
+impl EnvOverrides {
+    pub fn from_process() -> Self {
+        let get = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        EnvOverrides {
+            repos_json: get("DISPATCH_REPOS_JSON"),
+            ssh_host: get("DISPATCH_SSH_HOST"),
+            max_iterations: get("DISPATCH_MAX_ITERATIONS"),
+            timeout: get("DISPATCH_TIMEOUT"),
+        }
+    }
+}
+
+pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
+    let running_as_root = nix::unistd::geteuid().is_root();
+    if running_as_root {
+        check_strict_modes(path)?;
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let mut file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+    apply_env(&mut file, env)?;
+    validate_host(&file.host)?;
+    if file.timeout_seconds == 0 {
+        return Err(ConfigError::Invalid("timeout_seconds must be at least 1".into()));
+    }
+    if running_as_root {
+        check_strict_modes(&file.allowlist)?;
+    }
+    let loaded = Allowlist::load(&file.allowlist).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let template = ArgvTemplate::parse(&file.argv, Some(file.search_path.as_ref()))
+        .map_err(|e| ConfigError::Invalid(format!("config {}: {e}", path.display())))?;
+    let mut warnings = loaded.warnings;
+
+    let own_uid = nix::unistd::geteuid();
+    let own_user = User::from_uid(own_uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .ok_or_else(|| ConfigError::Invalid(format!("the helper's uid {own_uid} has no passwd entry")))?;
+    let mut admitted_uids = BTreeSet::from([own_uid.as_raw()]);
+    let mut admitted_gids = BTreeSet::new();
+    for name in &file.clients.users {
+        match User::from_name(name) {
+            Ok(Some(user)) => {
+                admitted_uids.insert(user.uid.as_raw());
+            }
+            _ => warnings.push(format!("clients.users: no such user {name:?}; ignored")),
+        }
+    }
+    for name in &file.clients.groups {
+        match Group::from_name(name) {
+            Ok(Some(group)) => {
+                admitted_gids.insert(group.gid.as_raw());
+            }
+            _ => warnings.push(format!("clients.groups: no such group {name:?}; ignored")),
+        }
+    }
+    for org in loaded.allowlist.orgs() {
+        if let Some(clients) = &org.allowed_clients {
+            for user in &clients.users {
+                if User::from_name(user.as_str()).ok().flatten().is_none() {
+                    warnings.push(format!("org {}: allowed client user {user} does not exist", org.orguser));
+                }
+            }
+            for group in &clients.groups {
+                if Group::from_name(group.as_str()).ok().flatten().is_none() {
+                    warnings.push(format!("org {}: allowed client group {group} does not exist", org.orguser));
+                }
+            }
+        }
+        if running_as_root && User::from_name(org.unix_user.as_str()).ok().flatten().is_none() {
+            warnings.push(format!(
+                "org {}: unix user {} does not exist; dispatches to it will fail",
+                org.orguser, org.unix_user
+            ));
+        }
+    }
+    Ok(Settings {
+        file,
+        template,
+        allowlist: loaded.allowlist,
+        warnings,
+        admitted_uids,
+        admitted_gids,
+        unprivileged: !running_as_root,
+        own_user,
+    })
+}
+
+fn apply_env(file: &mut ConfigFile, env: &EnvOverrides) -> Result<(), ConfigError> {
+    if let Some(path) = &env.repos_json {
+        file.allowlist = PathBuf::from(path);
+    }
+    if let Some(host) = &env.ssh_host {
+        file.host = host.clone();
+    }
+    if let Some(value) = &env.max_iterations {
+        file.max_iterations = value.trim().parse().map_err(|_| ConfigError::Env {
+            name: "DISPATCH_MAX_ITERATIONS",
+            value: value.clone(),
+            message: "must be a whole number".into(),
+        })?;
+    }
+    if let Some(value) = &env.timeout {
+        let seconds: f64 = value.trim().parse().map_err(|_| ConfigError::Env {
+            name: "DISPATCH_TIMEOUT",
+            value: value.clone(),
+            message: "must be a number of seconds".into(),
+        })?;
+        if !(seconds.is_finite() && seconds >= 1.0) {
+            return Err(ConfigError::Env {
+                name: "DISPATCH_TIMEOUT",
+                value: value.clone(),
+                message: "must be at least 1 second".into(),
+            });
+        }
+        file.timeout_seconds = seconds.ceil() as u64;
+    }
+    Ok(())
+}
+
+/// The host lands in argv after `--host`: refuse anything an ssh-like program could read as
+/// an option or that is not a plain host name.
+pub fn validate_host(host: &str) -> Result<(), ConfigError> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('-')
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '@' | '[' | ']'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "host {host:?} must be a host name ([A-Za-z0-9.-_:@[]], not starting with '-')"
+        )))
+    }
+}
+
+/// Like sshd's StrictModes: a file the helper trusts must be owned by root and writable by no
+/// one else, and so must every directory above it (a sticky, root-owned directory such as
+/// /tmp is acceptable: others cannot replace what root put there).
+pub fn check_strict_modes(path: &Path) -> Result<(), ConfigError> {
+    let absolute = std::path::absolute(path)
+        .map_err(|e| ConfigError::Unsafe(format!("{}: {e}", path.display())))?;
+    let meta = std::fs::metadata(&absolute).map_err(|source| ConfigError::Read {
+        path: absolute.display().to_string(),
+        source,
+    })?;
+    check_owner_and_mode(&absolute, &meta, false)?;
+    let mut dir = absolute.parent();
+    while let Some(current) = dir {
+        let meta = std::fs::metadata(current)
+            .map_err(|source| ConfigError::Read { path: current.display().to_string(), source })?;
+        check_owner_and_mode(current, &meta, true)?;
+        dir = current.parent();
+    }
+    Ok(())
+}
+
+fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata, is_dir: bool) -> Result<(), ConfigError> {
+    let mode = meta.permissions().mode() & 0o7777;
+    let sticky = mode & 0o1000 != 0;
+    if meta.uid() != 0 {
+        return Err(ConfigError::Unsafe(format!(
+            "refusing to start: {} is owned by uid {}, not root (mode {:04o})",
+            path.display(),
+            meta.uid(),
+            mode
+        )));
+    }
+    if mode & 0o022 != 0 && !(is_dir && sticky) {
+        return Err(ConfigError::Unsafe(format!(
+            "refusing to start: {} is writable by group or others (mode {:04o}); run chmod go-w on it",
+            path.display(),
+            mode
+        )));
+    }
+    Ok(())
+}
+
+/// Resolve the work dir template for a lane.
+pub fn work_dir(template: &str, home: &Path, unix_user: &str, orguser: &str) -> PathBuf {
+    PathBuf::from(
+        template
+            .replace("{home}", &home.display().to_string())
+            .replace("{unix_user}", unix_user)
+            .replace("{orguser}", orguser),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_rules() {
+        for ok in ["localhost", "build-1.example.com", "user@host", "[::1]"] {
+            validate_host(ok).unwrap();
+        }
+        for bad in ["", "-oProxyCommand=sh", "a b", "host;id", "h\n"] {
+            assert!(validate_host(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_name_the_variable() {
+        let mut file: ConfigFile = toml::from_str(
+            "allowlist='/a'\nstate_dir='/s'\naudit_log='/l'\nsocket='/x'\n",
+        )
+        .unwrap();
+        let env = EnvOverrides {
+            repos_json: Some("/r.json".into()),
+            ssh_host: Some("h2".into()),
+            max_iterations: Some("7".into()),
+            timeout: Some("2.5".into()),
+        };
+        apply_env(&mut file, &env).unwrap();
+        assert_eq!(file.allowlist, PathBuf::from("/r.json"));
+        assert_eq!((file.host.as_str(), file.max_iterations, file.timeout_seconds), ("h2", 7, 3));
+        let bad = EnvOverrides { timeout: Some("soon".into()), ..Default::default() };
+        let err = apply_env(&mut file, &bad).unwrap_err().to_string();
+        assert!(err.contains("DISPATCH_TIMEOUT=\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn strict_modes_name_the_file_and_mode() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: strict modes are only enforced as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("helper.toml");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        check_strict_modes(&file).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = check_strict_modes(&file).unwrap_err().to_string();
+        assert!(err.contains("helper.toml is writable by group or others (mode 0666)"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        nix::unistd::chown(&file, Some(65534.into()), None).unwrap();
+        let err = check_strict_modes(&file).unwrap_err().to_string();
+        assert!(err.contains("is owned by uid 65534, not root"), "{err}");
+    }
+}

@@ -1,0 +1,686 @@
+//! The helper's decisions: every request is re-validated here against the helper's own
+//! settings, then run, tracked, persisted and audited.
+
+use crate::audit::{AuditEvent, AuditLog, PeerIdentity, sha256_hex};
+use crate::config::{Settings, work_dir};
+use crate::now_rfc3339;
+use crate::output::capture_tail;
+use crate::store::{Detail, JobRecord, JobStore};
+use dispatch_policy::{Handle, OrgPolicy, PolicyError, Task, TemplateValues};
+use dispatch_proto::{
+    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, SandboxReport,
+};
+use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, prepare, resolve_identity};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Group, Pid, User};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// A connected client, as the kernel reported it, plus what the front claims.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub identity: PeerIdentity,
+    pub user_name: Option<String>,
+    /// Primary and supplementary groups of the peer's account.
+    pub groups: Vec<u32>,
+    pub claimed_client: Option<String>,
+}
+
+impl Peer {
+    pub fn from_cred(uid: u32, gid: u32, pid: Option<i32>) -> Peer {
+        let user = User::from_uid(uid.into()).ok().flatten();
+        let mut groups = vec![gid];
+        if let Some(user) = &user {
+            if let Ok(name) = std::ffi::CString::new(user.name.clone()) {
+                if let Ok(list) = nix::unistd::getgrouplist(&name, user.gid) {
+                    groups.extend(list.into_iter().map(|g| g.as_raw()));
+                }
+            }
+        }
+        groups.sort_unstable();
+        groups.dedup();
+        Peer {
+            identity: PeerIdentity { uid, gid, pid },
+            user_name: user.map(|u| u.name),
+            groups,
+            claimed_client: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Cancel,
+    Timeout,
+    Shutdown,
+}
+
+struct Decision {
+    argv: Vec<String>,
+    github: String,
+    task: Task,
+    unix_user: String,
+    identity: dispatch_sandbox::LaneIdentity,
+    work_dir: std::path::PathBuf,
+}
+
+struct JobEntry {
+    /// Terminal records drop their output tails here; `result` reads them from disk.
+    record: JobRecord,
+    finished: watch::Sender<bool>,
+    stop: Option<mpsc::UnboundedSender<StopReason>>,
+}
+
+pub struct Helper {
+    settings: RwLock<Arc<Settings>>,
+    pub audit: AuditLog,
+    store: JobStore,
+    jobs: Mutex<HashMap<String, JobEntry>>,
+    spawner: Arc<LaneSpawner>,
+    running: AtomicUsize,
+}
+
+fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
+    ErrorReply { kind, message: message.into() }
+}
+
+fn policy_reply(error: &PolicyError) -> ErrorReply {
+    let kind = match error {
+        PolicyError::InvalidName { .. } | PolicyError::InvalidTask { .. } => ErrorKind::Invalid,
+        PolicyError::UnknownRepo { .. } | PolicyError::UnknownOrgUser { .. } => ErrorKind::NotAllowlisted,
+        PolicyError::OwnerMismatch { .. } => ErrorKind::OwnerMismatch,
+    };
+    reply(kind, error.to_string())
+}
+
+fn unknown_handle(handle: &str) -> ErrorReply {
+    reply(ErrorKind::UnknownHandle, format!("unknown handle {}", dispatch_policy::escape_value(handle)))
+}
+
+impl Helper {
+    pub fn new(settings: Settings, audit: AuditLog, store: JobStore, spawner: LaneSpawner) -> Arc<Helper> {
+        Arc::new(Helper {
+            settings: RwLock::new(Arc::new(settings)),
+            audit,
+            store,
+            jobs: Mutex::new(HashMap::new()),
+            spawner: Arc::new(spawner),
+            running: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace_settings(&self, settings: Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
+    /// Load the job store; every record left `running` by a previous helper becomes `lost`.
+    pub async fn recover(&self) -> Result<Vec<String>, String> {
+        let (records, warnings) =
+            self.store.load_all().map_err(|e| format!("cannot read the job store: {e}"))?;
+        let mut jobs = HashMap::new();
+        for mut record in records {
+            if record.state == JobState::Running {
+                kill_stale_group(&record);
+                record.state = JobState::Lost;
+                record.finished_at = Some(now_rfc3339());
+                record.detail = "lost: the helper restarted while the lane was running; its outcome is unknown".into();
+                record.pgid = None;
+                self.store
+                    .save(&record)
+                    .map_err(|e| format!("cannot record lost job {}: {e}", record.handle))?;
+                self.audit
+                    .append(AuditEvent {
+                        event: "lost",
+                        handle: Some(record.handle.clone()),
+                        orguser: Some(record.orguser.clone()),
+                        repo: Some(record.repo.clone()),
+                        outcome: "lost".into(),
+                        detail: Some(record.detail.clone()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("cannot audit lost job {}: {e}", record.handle))?;
+            }
+            record.stdout = None;
+            record.stderr = None;
+            let (finished, _) = watch::channel(true);
+            jobs.insert(record.handle.clone(), JobEntry { record, finished, stop: None });
+        }
+        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;
+        Ok(warnings)
+    }
+
+    pub fn lanes(&self, peer: &Peer) -> Vec<Lane> {
+        let settings = self.settings();
+        settings
+            .allowlist
+            .targets()
+            .filter_map(|target| {
+                let org = settings.allowlist.org(&target.orguser)?;
+                client_may_use(org, peer).then_some(())?;
+                let unix_user = lane_unix_user(&settings, org).ok()?;
+                Some(Lane {
+                    orguser: target.orguser.to_string(),
+                    repo: target.repo.to_string(),
+                    github: target.github.clone(),
+                    unix_user,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn dispatch(self: &Arc<Self>, peer: &Peer, request: DispatchRequest) -> Result<JobView, ErrorReply> {
+        let settings = self.settings();
+        let rejected = |reason: &ErrorReply| AuditEvent {
+            event: "dispatch_rejected",
+            peer: Some(peer.identity),
+            claimed_client: peer.claimed_client.clone(),
+            orguser: Some(dispatch_policy::escape_value(&request.orguser)),
+            repo: Some(dispatch_policy::escape_value(&request.repo)),
+            task_sha256: Some(sha256_hex(&request.task)),
+            outcome: "rejected".into(),
+            detail: Some(reason.message.clone()),
+            ..Default::default()
+        };
+        let handle = new_handle();
+        let decision = match self.decide(&settings, peer, &request, &handle) {
+            Ok(decision) => decision,
+            Err(reason) => {
+                if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
+                    tracing::error!(%audit_error, "could not audit a rejected dispatch");
+                }
+                return Err(reason);
+            }
+        };
+        let Decision { argv, github: target_github, task, unix_user, identity, work_dir } = decision;
+        let change_uid = !settings.unprivileged;
+        let plan = LanePlan { identity, argv: argv.clone(), work_dir, change_uid };
+        let prepared = match prepare(plan, &settings.file.sandbox) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let reason = reply(ErrorKind::SpawnFailed, format!("sandbox preparation failed, nothing ran: {error}"));
+                if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
+                    tracing::error!(%audit_error, "could not audit a rejected dispatch");
+                }
+                return Err(reason);
+            }
+        };
+        let enforcement = prepared.enforcement().clone();
+        let mut record = JobRecord {
+            handle: handle.to_string(),
+            owner_uid: peer.identity.uid,
+            claimed_client: peer.claimed_client.clone(),
+            orguser: request.orguser.clone(),
+            repo: request.repo.clone(),
+            github: target_github,
+            unix_user,
+            description: request.description.clone().filter(|d| !d.trim().is_empty()),
+            task_preview: task.preview(),
+            task_sha256: sha256_hex(task.as_str()),
+            argv,
+            state: JobState::Running,
+            requested_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            detail: "running".into(),
+            stdout: None,
+            stderr: None,
+            sandbox: Some(SandboxReport {
+                uid: enforcement.uid,
+                gid: enforcement.gid,
+                groups: enforcement.groups.clone(),
+                landlock_abi: enforcement.landlock_abi,
+                landlock: enforcement.landlock.clone(),
+                seccomp: enforcement.seccomp,
+                no_new_privs: enforcement.no_new_privs,
+                same_uid: enforcement.same_uid,
+            }),
+            pgid: None,
+            pgid_start_ticks: None,
+        };
+
+        // Capacity is claimed before the audit record so a refused dispatch is never "accepted".
+        if self.running.fetch_add(1, Ordering::SeqCst) >= settings.file.limits.max_running_jobs {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            let reason = reply(
+                ErrorKind::Busy,
+                format!("{} lanes are already running (the limit); try again later", settings.file.limits.max_running_jobs),
+            );
+            let _ = self.audit.append(rejected(&reason)).await;
+            return Err(reason);
+        }
+
+        // The accepted record is durable before anything runs: no audit, no lane.
+        let accepted = AuditEvent {
+            event: "dispatch_accepted",
+            peer: Some(peer.identity),
+            claimed_client: peer.claimed_client.clone(),
+            handle: Some(record.handle.clone()),
+            orguser: Some(record.orguser.clone()),
+            repo: Some(record.repo.clone()),
+            github: Some(record.github.clone()),
+            unix_user: Some(record.unix_user.clone()),
+            task_preview: Some(record.task_preview.clone()),
+            task_sha256: Some(record.task_sha256.clone()),
+            argv: Some(record.argv.clone()),
+            outcome: "accepted".into(),
+            detail: Some(format!("sandbox: uid {} gid {}, landlock {}, seccomp on", enforcement.uid, enforcement.gid, enforcement.landlock)),
+        };
+        if let Err(error) = self.audit.append(accepted).await {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(%error, "audit write failed; dispatch refused");
+            return Err(reply(
+                ErrorKind::AuditUnavailable,
+                format!("the audit log could not be written, so nothing ran: {error}"),
+            ));
+        }
+
+        let spawner = self.spawner.clone();
+        let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
+            .await
+            .unwrap_or_else(|_| Err(dispatch_sandbox::SandboxError::SpawnerGone));
+        let lane = match spawned {
+            Ok(lane) => lane,
+            Err(error) => {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                record.state = JobState::Failed;
+                record.finished_at = Some(now_rfc3339());
+                record.detail = format!("the lane did not start: {error}");
+                let message = format!("dispatch {} failed before the lane ran: {error}", record.handle);
+                self.persist_and_audit_finish(&record, "spawn_failed").await;
+                self.insert(record, None);
+                return Err(reply(ErrorKind::SpawnFailed, message));
+            }
+        };
+        record.started_at = Some(now_rfc3339());
+        record.pgid = Some(lane.process_group());
+        record.pgid_start_ticks = process_start_ticks(lane.process_group());
+        if let Err(error) = self.store.save(&record) {
+            tracing::error!(%error, handle = %record.handle, "could not persist a started job");
+        }
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let view = record.view(Detail::Summary);
+        self.insert(record, Some(stop_tx));
+        let helper = self.clone();
+        tokio::spawn(async move { helper.supervise(handle.to_string(), lane, stop_rx).await });
+        tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
+        Ok(view)
+    }
+
+    /// Validate and resolve a request against the helper's own settings.
+    fn decide(&self, settings: &Settings, peer: &Peer, request: &DispatchRequest, handle: &Handle) -> Result<Decision, ErrorReply> {
+        let task = Task::parse(&request.task).map_err(|e| policy_reply(&e))?;
+        if let Some(description) = &request.description {
+            if description.chars().count() > 512 || description.contains('\0') {
+                return Err(reply(ErrorKind::Invalid, "invalid description: at most 512 characters, no NUL"));
+            }
+        }
+        let (org, target) = settings
+            .allowlist
+            .resolve(&request.orguser, &request.repo)
+            .map_err(|e| policy_reply(&e))?;
+        if !client_may_use(org, peer) {
+            return Err(reply(
+                ErrorKind::NotPermitted,
+                format!(
+                    "client uid {} ({}) is not among the allowed clients of orguser {}",
+                    peer.identity.uid,
+                    peer.user_name.as_deref().unwrap_or("no passwd entry"),
+                    org.orguser
+                ),
+            ));
+        }
+        let unix_user = lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
+        let identity = if settings.unprivileged {
+            dispatch_sandbox::current_identity()
+        } else {
+            resolve_identity(&unix_user)
+        }
+        .map_err(|e| reply(ErrorKind::NotPermitted, format!("orguser {}: {e}", org.orguser)))?;
+        let argv = settings.template.render(&TemplateValues {
+            orguser: &target.orguser,
+            repo: &target.repo,
+            github: &target.github,
+            task: &task,
+            host: &settings.file.host,
+            max_iterations: settings.file.max_iterations,
+            handle,
+        });
+        let work_dir = work_dir(&settings.file.work_dir, &identity.home, &unix_user, org.orguser.as_str());
+        Ok(Decision { argv, github: target.github.clone(), task, unix_user, identity, work_dir })
+    }
+
+    fn insert(&self, record: JobRecord, stop: Option<mpsc::UnboundedSender<StopReason>>) {
+        let (finished, _) = watch::channel(record.state.is_terminal());
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.handle.clone(), JobEntry { record, finished, stop });
+    }
+
+    async fn supervise(self: Arc<Self>, handle: String, mut lane: SpawnedLane, mut stop: mpsc::UnboundedReceiver<StopReason>) {
+        let settings = self.settings();
+        let tail_limit = settings.file.limits.output_tail_bytes;
+        let pgid = Pid::from_raw(lane.process_group());
+        let stdout = lane
+            .child
+            .stdout
+            .take()
+            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
+            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
+        let stderr = lane
+            .child
+            .stderr
+            .take()
+            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
+            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
+        let mut child = lane.child;
+        let mut wait = tokio::task::spawn_blocking(move || child.wait());
+        let deadline = tokio::time::sleep(settings.timeout());
+        tokio::pin!(deadline);
+        let mut reason: Option<StopReason> = None;
+        let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let status = loop {
+            tokio::select! {
+                status = &mut wait => break status,
+                _ = &mut deadline, if reason.is_none() => {
+                    reason = Some(StopReason::Timeout);
+                    let _ = killpg(pgid, Signal::SIGTERM);
+                    escalate = Some(Box::pin(tokio::time::sleep(settings.grace())));
+                }
+                Some(why) = stop.recv(), if reason.is_none() => {
+                    reason = Some(why);
+                    let _ = killpg(pgid, Signal::SIGTERM);
+                    escalate = Some(Box::pin(tokio::time::sleep(settings.grace())));
+                }
+                _ = async { escalate.as_mut().unwrap().await }, if escalate.is_some() => {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    escalate = None;
+                }
+            }
+        };
+        if reason.is_some() {
+            // The guard is gone; make sure nothing it left in the group survives a stop.
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
+            let mut task = task?;
+            // A daemonised grandchild can hold the pipe open forever: bounded wait.
+            match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
+                Ok(Ok(tail)) => Some(tail),
+                _ => {
+                    task.abort();
+                    None
+                }
+            }
+        };
+        let stdout = collect(stdout).await;
+        let stderr = collect(stderr).await;
+
+        let Some(mut record) = self.record(&handle) else { return };
+        record.finished_at = Some(now_rfc3339());
+        record.stdout = stdout;
+        record.stderr = stderr;
+        record.pgid = None;
+        match status {
+            Ok(Ok(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                record.exit_code = status.code();
+                record.signal = status.signal();
+                let how = match (status.code(), status.signal()) {
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (None, Some(signal)) => format!("killed by signal {signal}"),
+                    _ => "ended".to_owned(),
+                };
+                (record.state, record.detail) = match reason {
+                    Some(StopReason::Timeout) => (
+                        JobState::TimedOut,
+                        format!("timed out after {} s and was stopped ({how})", settings.file.timeout_seconds),
+                    ),
+                    Some(StopReason::Cancel) => (JobState::Cancelled, format!("cancelled ({how})")),
+                    Some(StopReason::Shutdown) => (JobState::Cancelled, format!("stopped because the helper shut down ({how})")),
+                    None if status.success() => (JobState::Succeeded, how),
+                    None => (JobState::Failed, how),
+                };
+            }
+            other => {
+                record.state = JobState::Failed;
+                record.detail = format!("could not wait for the lane: {other:?}");
+            }
+        }
+        let event = match record.state {
+            JobState::TimedOut => "timed_out",
+            JobState::Cancelled => "cancelled",
+            _ => "finished",
+        };
+        self.persist_and_audit_finish(&record, event).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = jobs.get_mut(&handle) {
+            record.stdout = None;
+            record.stderr = None;
+            entry.record = record;
+            entry.stop = None;
+            let _ = entry.finished.send(true);
+        }
+    }
+
+    async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
+        if let Err(error) = self.store.save(record) {
+            tracing::error!(%error, handle = %record.handle, "could not persist a finished job");
+        }
+        let audit = AuditEvent {
+            event,
+            handle: Some(record.handle.clone()),
+            orguser: Some(record.orguser.clone()),
+            repo: Some(record.repo.clone()),
+            outcome: record.state.as_str().into(),
+            detail: Some(record.detail.clone()),
+            ..Default::default()
+        };
+        if let Err(error) = self.audit.append(audit).await {
+            tracing::error!(%error, handle = %record.handle, "could not audit a job's end");
+        }
+    }
+
+    fn record(&self, handle: &str) -> Option<JobRecord> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(handle).map(|e| e.record.clone())
+    }
+
+    /// The record for `handle` if `peer` owns it. Another uid's handle is indistinguishable
+    /// from one that never existed.
+    fn owned(&self, peer: &Peer, handle: &str) -> Result<JobRecord, ErrorReply> {
+        Handle::parse(handle).map_err(|e| policy_reply(&e))?;
+        match self.record(handle) {
+            Some(record) if record.owner_uid == peer.identity.uid => Ok(record),
+            _ => Err(unknown_handle(handle)),
+        }
+    }
+
+    pub fn status(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
+        Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    }
+
+    pub async fn result(&self, peer: &Peer, handle: &str, wait_ms: u32) -> Result<JobView, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if !record.state.is_terminal() && wait_ms > 0 {
+            let cap = Duration::from_secs(self.settings().file.limits.max_result_wait_seconds);
+            let wait = Duration::from_millis(u64::from(wait_ms)).min(cap);
+            let receiver = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(handle).map(|e| e.finished.subscribe());
+            if let Some(mut receiver) = receiver {
+                let _ = tokio::time::timeout(wait, receiver.wait_for(|done| *done)).await;
+            }
+        }
+        let record = self.owned(peer, handle)?;
+        if record.state.is_terminal() {
+            // Output tails live on disk only.
+            if let Ok(full) = self.store.load(handle) {
+                return Ok(full.view(Detail::Full));
+            }
+        }
+        Ok(record.view(Detail::Full))
+    }
+
+    pub fn list(&self, peer: &Peer, filter: Option<&str>, detail: bool, limit: u32) -> Result<(u64, Vec<JobView>), ErrorReply> {
+        let matcher = match filter.filter(|f| !f.is_empty()) {
+            None => None,
+            Some(pattern) => Some(
+                globset::Glob::new(pattern)
+                    .map_err(|e| reply(ErrorKind::Invalid, format!("invalid filter {}: {e}", dispatch_policy::escape_value(pattern))))?
+                    .compile_matcher(),
+            ),
+        };
+        let max = self.settings().file.limits.max_list;
+        let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut matching: Vec<&JobRecord> = jobs
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| r.owner_uid == peer.identity.uid)
+            .filter(|r| {
+                matcher.as_ref().is_none_or(|m| m.is_match(r.description.as_deref().unwrap_or(&r.task_preview)))
+            })
+            .collect();
+        matching.sort_by(|a, b| b.requested_at.cmp(&a.requested_at).then(b.handle.cmp(&a.handle)));
+        let level = if detail { Detail::Argv } else { Detail::Summary };
+        Ok((matching.len() as u64, matching.into_iter().take(limit).map(|r| r.view(level)).collect()))
+    }
+
+    pub async fn cancel(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if record.state.is_terminal() {
+            return Ok(record.view(Detail::Summary));
+        }
+        let (stop, receiver) = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = jobs.get(handle).ok_or_else(|| unknown_handle(handle))?;
+            (entry.stop.clone(), entry.finished.subscribe())
+        };
+        let _ = self
+            .audit
+            .append(AuditEvent {
+                event: "cancel_requested",
+                peer: Some(peer.identity),
+                claimed_client: peer.claimed_client.clone(),
+                handle: Some(handle.to_owned()),
+                outcome: "requested".into(),
+                ..Default::default()
+            })
+            .await;
+        if let Some(stop) = stop {
+            let _ = stop.send(StopReason::Cancel);
+        }
+        let grace = self.settings().grace() + Duration::from_secs(3);
+        let mut receiver = receiver;
+        let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    }
+
+    pub async fn delete(&self, peer: &Peer, handle: &str) -> Result<String, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if !record.state.is_terminal() {
+            return Err(reply(
+                ErrorKind::NotTerminal,
+                format!("job {handle} is still running; cancel it first, then delete it"),
+            ));
+        }
+        self.store
+            .remove(handle)
+            .map_err(|e| reply(ErrorKind::Internal, format!("could not delete the record of {handle}: {e}")))?;
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(handle);
+        let _ = self
+            .audit
+            .append(AuditEvent {
+                event: "deleted",
+                peer: Some(peer.identity),
+                claimed_client: peer.claimed_client.clone(),
+                handle: Some(handle.to_owned()),
+                outcome: "deleted".into(),
+                ..Default::default()
+            })
+            .await;
+        Ok(handle.to_owned())
+    }
+
+    /// Stop every running lane (SIGTERM, then SIGKILL after the grace period) and wait for
+    /// their records to be written.
+    pub async fn shutdown(&self) {
+        let receivers: Vec<_> = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.values()
+                .filter_map(|e| {
+                    let stop = e.stop.as_ref()?;
+                    let _ = stop.send(StopReason::Shutdown);
+                    Some(e.finished.subscribe())
+                })
+                .collect()
+        };
+        let grace = self.settings().grace() + Duration::from_secs(3);
+        for mut receiver in receivers {
+            let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        }
+    }
+}
+
+/// Whether `peer` is among the org's allowed clients (no list: every admitted client is).
+fn client_may_use(org: &OrgPolicy, peer: &Peer) -> bool {
+    let Some(clients) = &org.allowed_clients else { return true };
+    let by_user = peer
+        .user_name
+        .as_deref()
+        .is_some_and(|name| clients.users.iter().any(|u| u.as_str() == name));
+    let by_group = clients.groups.iter().any(|group| {
+        Group::from_name(group.as_str())
+            .ok()
+            .flatten()
+            .is_some_and(|g| peer.groups.contains(&g.gid.as_raw()))
+    });
+    by_user || by_group
+}
+
+/// The account an org's lanes run as. Without root every lane runs as the helper's own user,
+/// so an org that explicitly names another account cannot be served.
+fn lane_unix_user(settings: &Settings, org: &OrgPolicy) -> Result<String, String> {
+    if !settings.unprivileged {
+        return Ok(org.unix_user.to_string());
+    }
+    if org.unix_user_explicit && org.unix_user.as_str() != settings.own_user {
+        return Err(format!(
+            "orguser {} runs as unix user {}, but the helper is not running as root and can only \
+             run lanes as its own user {}",
+            org.orguser, org.unix_user, settings.own_user
+        ));
+    }
+    Ok(settings.own_user.clone())
+}
+
+fn new_handle() -> Handle {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
+    Handle::parse(&format!("d-{}", crate::audit::hex(&bytes))).expect("hex handles are valid names")
+}
+
+/// Start time of a process, from /proc/<pid>/stat (field 22), to recognise it later.
+fn process_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split(' ').nth(19)?.parse().ok()
+}
+
+/// A lane group left by a crashed helper: kill it only if the leader is the same process.
+fn kill_stale_group(record: &JobRecord) {
+    let (Some(pgid), Some(ticks)) = (record.pgid, record.pgid_start_ticks) else { return };
+    if process_start_ticks(pgid) == Some(ticks) {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}

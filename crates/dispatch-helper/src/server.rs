@@ -1,0 +1,234 @@
+//! The socket side: admission by SO_PEERCRED before any byte is read, the handshake, then
+//! concurrent requests per connection under per-connection and global limits. Any malformed,
+//! oversized or unexpected frame closes that connection only; every such event is audited.
+
+use crate::audit::AuditEvent;
+use crate::jobs::{Helper, Peer};
+use dispatch_proto::{
+    CodecError, ErrorKind, ErrorReply, FrameLimit, HelloReply, PROTOCOL_VERSION, Request,
+    RequestEnvelope, Response, ResponseEnvelope, read_frame, write_frame,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::{Semaphore, mpsc};
+
+pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
+    let settings = helper.settings();
+    let connections = Arc::new(Semaphore::new(settings.file.limits.max_connections));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            let peer = peer_of(&stream);
+            drop(stream);
+            audit_violation(&helper, peer.as_ref(), "connection_refused", "the helper's connection limit was reached").await;
+            continue;
+        };
+        let helper = helper.clone();
+        tokio::spawn(async move {
+            serve_connection(helper, stream).await;
+            drop(permit);
+        });
+    }
+}
+
+fn peer_of(stream: &UnixStream) -> Option<Peer> {
+    let cred = stream.peer_cred().ok()?;
+    Some(Peer::from_cred(cred.uid(), cred.gid(), cred.pid()))
+}
+
+fn admitted(helper: &Helper, peer: &Peer) -> bool {
+    let settings = helper.settings();
+    settings.admitted_uids.contains(&peer.identity.uid)
+        || peer.groups.iter().any(|g| settings.admitted_gids.contains(g))
+}
+
+async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
+    tracing::warn!(event, detail, uid = peer.map(|p| p.identity.uid), "connection closed");
+    let record = AuditEvent {
+        event,
+        peer: peer.map(|p| p.identity),
+        claimed_client: peer.and_then(|p| p.claimed_client.clone()),
+        outcome: "closed".into(),
+        detail: Some(detail.to_owned()),
+        ..Default::default()
+    };
+    if let Err(error) = helper.audit.append(record).await {
+        tracing::error!(%error, "could not audit a protocol violation");
+    }
+}
+
+fn protocol_error(message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply { kind: ErrorKind::Protocol, message: message.into() })
+}
+
+/// The id of a frame that decoded far enough to have one (0 otherwise).
+fn describe(error: &CodecError) -> String {
+    match error {
+        CodecError::Io(e) => format!("i/o error: {e}"),
+        other => other.to_string(),
+    }
+}
+
+async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
+    let Some(mut peer) = peer_of(&stream) else {
+        audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable").await;
+        return;
+    };
+    if !admitted(&helper, &peer) {
+        let detail = format!(
+            "uid {} ({}) is not an admitted client (see [clients] in the helper config)",
+            peer.identity.uid,
+            peer.user_name.as_deref().unwrap_or("no passwd entry")
+        );
+        audit_violation(&helper, Some(&peer), "client_refused", &detail).await;
+        return;
+    }
+    let limits = helper.settings().file.limits.clone();
+    let idle = Duration::from_secs(limits.idle_timeout_seconds);
+    let (mut reader, mut writer) = stream.into_split();
+
+    // Handshake.
+    let first = tokio::time::timeout(idle, read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST)).await;
+    let hello_id = match first {
+        Err(_) => return audit_violation(&helper, Some(&peer), "idle_timeout", "no handshake before the idle timeout").await,
+        Ok(Ok(None)) => return audit_violation(&helper, Some(&peer), "protocol_violation", "closed before the handshake").await,
+        Ok(Err(error)) => {
+            let _ = write_frame(&mut writer, &ResponseEnvelope { id: 0, body: protocol_error(describe(&error)) }, FrameLimit::RESPONSE).await;
+            return audit_violation(&helper, Some(&peer), "protocol_violation", &format!("bad handshake frame: {}", describe(&error))).await;
+        }
+        Ok(Ok(Some(RequestEnvelope { id, body: Request::Hello { version, client_name } }))) => {
+            peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
+            if version != PROTOCOL_VERSION {
+                let message = CodecError::WrongVersion { peer: version, ours: PROTOCOL_VERSION }.to_string();
+                let _ = write_frame(&mut writer, &ResponseEnvelope { id, body: protocol_error(message.clone()) }, FrameLimit::RESPONSE).await;
+                return audit_violation(&helper, Some(&peer), "protocol_violation", &message).await;
+            }
+            id
+        }
+        Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
+            let message = "the first request on a connection must be Hello (the handshake)";
+            let _ = write_frame(&mut writer, &ResponseEnvelope { id, body: protocol_error(message) }, FrameLimit::RESPONSE).await;
+            return audit_violation(&helper, Some(&peer), "protocol_violation", "request before the handshake").await;
+        }
+    };
+    let settings = helper.settings();
+    let hello = Response::Hello(HelloReply {
+        version: PROTOCOL_VERSION,
+        helper_version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer_uid: peer.identity.uid,
+        unprivileged: settings.unprivileged,
+    });
+    if write_frame(&mut writer, &ResponseEnvelope { id: hello_id, body: hello }, FrameLimit::RESPONSE).await.is_err() {
+        return;
+    }
+
+    // Responses from concurrent requests funnel through one writer.
+    let (responses, mut outbox) = mpsc::channel::<ResponseEnvelope>(limits.max_in_flight_per_connection + 1);
+    let writer_task = tokio::spawn(async move {
+        while let Some(response) = outbox.recv().await {
+            let id = response.id;
+            if let Err(error) = write_frame(&mut writer, &response, FrameLimit::RESPONSE).await {
+                if matches!(error, CodecError::Oversized { .. }) {
+                    let fallback = ResponseEnvelope {
+                        id,
+                        body: Response::Error(ErrorReply { kind: ErrorKind::Internal, message: error.to_string() }),
+                    };
+                    if write_frame(&mut writer, &fallback, FrameLimit::RESPONSE).await.is_ok() {
+                        continue;
+                    }
+                }
+                break;
+            }
+        }
+    });
+
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
+    let peer = Arc::new(peer);
+    let reason = read_requests(&helper, &peer, &mut reader, &responses, &in_flight, idle, limits.max_in_flight_per_connection).await;
+    if let Some((event, detail)) = reason {
+        audit_violation(&helper, Some(&peer), event, &detail).await;
+    }
+    drop(responses);
+    // Let in-flight requests finish sending (their own senders keep the writer alive).
+    let _ = writer_task.await;
+}
+
+/// Read requests until the peer closes (None) or misbehaves (Some(event, detail)).
+async fn read_requests(
+    helper: &Arc<Helper>,
+    peer: &Arc<Peer>,
+    reader: &mut OwnedReadHalf,
+    responses: &mpsc::Sender<ResponseEnvelope>,
+    in_flight: &Arc<Semaphore>,
+    idle: Duration,
+    max_in_flight: usize,
+) -> Option<(&'static str, String)> {
+    loop {
+        let busy = in_flight.available_permits() < max_in_flight;
+        let frame = tokio::select! {
+            frame = read_frame::<RequestEnvelope, _>(reader, FrameLimit::REQUEST) => frame,
+            _ = tokio::time::sleep(idle), if !busy => {
+                return Some(("idle_timeout", format!("no request for {} s", idle.as_secs())));
+            }
+        };
+        let envelope = match frame {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => return None,
+            Err(error) => {
+                let _ = responses
+                    .send(ResponseEnvelope { id: 0, body: protocol_error(describe(&error)) })
+                    .await;
+                return Some(("protocol_violation", describe(&error)));
+            }
+        };
+        if let Request::Hello { .. } = envelope.body {
+            let _ = responses
+                .send(ResponseEnvelope { id: envelope.id, body: protocol_error("duplicate handshake") })
+                .await;
+            return Some(("protocol_violation", "duplicate handshake".into()));
+        }
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            let busy = Response::Error(ErrorReply {
+                kind: ErrorKind::Busy,
+                message: format!("at most {max_in_flight} requests may be in flight on one connection"),
+            });
+            let _ = responses.send(ResponseEnvelope { id: envelope.id, body: busy }).await;
+            continue;
+        };
+        let helper = helper.clone();
+        let peer = peer.clone();
+        let responses = responses.clone();
+        tokio::spawn(async move {
+            let body = handle_request(&helper, &peer, envelope.body).await;
+            let _ = responses.send(ResponseEnvelope { id: envelope.id, body }).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle_request(helper: &Arc<Helper>, peer: &Peer, request: Request) -> Response {
+    let result = match request {
+        Request::Hello { .. } => Err(ErrorReply { kind: ErrorKind::Protocol, message: "duplicate handshake".into() }),
+        Request::Dispatch(dispatch) => helper.dispatch(peer, dispatch).await.map(|v| Response::Job(Box::new(v))),
+        Request::Status { handle } => helper.status(peer, &handle).map(|v| Response::Job(Box::new(v))),
+        Request::Result { handle, wait_ms } => helper.result(peer, &handle, wait_ms).await.map(|v| Response::Job(Box::new(v))),
+        Request::List { filter, detail, limit } => helper
+            .list(peer, filter.as_deref(), detail, limit)
+            .map(|(total, jobs)| Response::List { total, jobs }),
+        Request::Cancel { handle } => helper.cancel(peer, &handle).await.map(|v| Response::Job(Box::new(v))),
+        Request::Delete { handle } => helper.delete(peer, &handle).await.map(|handle| Response::Deleted { handle }),
+        Request::Lanes => Ok(Response::Lanes { lanes: helper.lanes(peer) }),
+    };
+    result.unwrap_or_else(Response::Error)
+}

@@ -1,0 +1,145 @@
+//! Durable job state: one JSON record per job under `<state_dir>/jobs/`, each written
+//! atomically (temp file, fsync, rename, fsync of the directory), so a crash at any moment
+//! leaves either the old record or the new one.
+
+use dispatch_proto::{JobState, JobView, OutputTail, SandboxReport};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub handle: String,
+    /// The peer uid (SO_PEERCRED) that created the job: the only uid that can see it.
+    pub owner_uid: u32,
+    pub claimed_client: Option<String>,
+    pub orguser: String,
+    pub repo: String,
+    pub github: String,
+    pub unix_user: String,
+    pub description: Option<String>,
+    pub task_preview: String,
+    pub task_sha256: String,
+    pub argv: Vec<String>,
+    pub state: JobState,
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub detail: String,
+    pub stdout: Option<OutputTail>,
+    pub stderr: Option<OutputTail>,
+    pub sandbox: Option<SandboxReport>,
+    /// Process group of a running lane and its start time (clock ticks since boot, from
+    /// /proc), so a stale group is only ever signalled if it is still the same process.
+    pub pgid: Option<i32>,
+    pub pgid_start_ticks: Option<u64>,
+}
+
+/// How much of a record a view carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Status and list: no argv, no output.
+    Summary,
+    /// Detailed list: argv, no output.
+    Argv,
+    /// Result: everything.
+    Full,
+}
+
+impl JobRecord {
+    pub fn view(&self, detail: Detail) -> JobView {
+        JobView {
+            handle: self.handle.clone(),
+            orguser: self.orguser.clone(),
+            repo: self.repo.clone(),
+            github: self.github.clone(),
+            unix_user: self.unix_user.clone(),
+            description: self.description.clone(),
+            task_preview: self.task_preview.clone(),
+            task_sha256: self.task_sha256.clone(),
+            state: self.state,
+            requested_at: self.requested_at.clone(),
+            started_at: self.started_at.clone(),
+            finished_at: self.finished_at.clone(),
+            exit_code: self.exit_code,
+            signal: self.signal,
+            detail: self.detail.clone(),
+            argv: (detail != Detail::Summary).then(|| self.argv.clone()),
+            stdout: (detail == Detail::Full).then(|| self.stdout.clone()).flatten(),
+            stderr: (detail == Detail::Full).then(|| self.stderr.clone()).flatten(),
+            sandbox: self.sandbox.clone(),
+        }
+    }
+}
+
+pub struct JobStore {
+    dir: PathBuf,
+}
+
+impl JobStore {
+    pub fn open(state_dir: &Path) -> std::io::Result<JobStore> {
+        let dir = state_dir.join("jobs");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        Ok(JobStore { dir })
+    }
+
+    fn path(&self, handle: &str) -> PathBuf {
+        self.dir.join(format!("{handle}.json"))
+    }
+
+    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
+        let final_path = self.path(&record.handle);
+        let temp_path = self.dir.join(format!(".{}.tmp", record.handle));
+        let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp_path)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp_path, &final_path)?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    pub fn load(&self, handle: &str) -> std::io::Result<JobRecord> {
+        let bytes = fs::read(self.path(handle))?;
+        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    }
+
+    pub fn remove(&self, handle: &str) -> std::io::Result<()> {
+        fs::remove_file(self.path(handle))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Every record, plus a warning for each file that could not be read (left in place).
+    pub fn load_all(&self) -> std::io::Result<(Vec<JobRecord>, Vec<String>)> {
+        let mut records = Vec::new();
+        let mut warnings = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                // A write interrupted before its rename: the previous record (if any) stands.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
+                serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
+            }) {
+                Ok(record) => records.push(record),
+                Err(why) => warnings.push(format!("job record {} unreadable: {why}", path.display())),
+            }
+        }
+        Ok((records, warnings))
+    }
+}

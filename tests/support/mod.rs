@@ -1,0 +1,317 @@
+//! Shared set-up for the integration tests: real test users, a real helper process on a real
+//! socket, and a small protocol client.
+#![allow(dead_code)]
+
+use dispatch_proto::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const ALICE: &str = "dispatch-t-alice";
+pub const BOB: &str = "dispatch-t-bob";
+pub const MALLORY: &str = "dispatch-t-mallory";
+
+pub fn helper_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dispatch-helper")
+}
+pub fn front_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dispatch-mcp")
+}
+pub fn probe_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dispatch-escape-probe")
+}
+pub fn demo_lane_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dispatch-demo-lane")
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Say loudly that a test cannot run here, and why.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+}
+
+static USERS: Mutex<()> = Mutex::new(());
+
+/// Create the test users if missing (idempotent; .ci/run creates them too), each with a home,
+/// a lane work directory, and homes readable by others so only Landlock can deny reading them.
+pub fn ensure_users() {
+    let _guard = USERS.lock().unwrap_or_else(|p| p.into_inner());
+    for name in [ALICE, BOB, MALLORY] {
+        if nix::unistd::User::from_name(name).unwrap().is_none() {
+            let status = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/sh", "--user-group", name])
+                .stderr(Stdio::null())
+                .status()
+                .expect("useradd runs");
+            assert!(
+                status.success() || nix::unistd::User::from_name(name).unwrap().is_some(),
+                "could not create test user {name}"
+            );
+        }
+        let user = nix::unistd::User::from_name(name).unwrap().unwrap();
+        std::fs::create_dir_all(&user.dir).unwrap();
+        std::fs::set_permissions(&user.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(&user.dir, Some(user.uid), Some(user.gid)).unwrap();
+        let work = user.dir.join("dispatch-work");
+        std::fs::create_dir_all(&work).unwrap();
+        nix::unistd::chown(&work, Some(user.uid), Some(user.gid)).unwrap();
+    }
+}
+
+pub fn user(name: &str) -> nix::unistd::User {
+    nix::unistd::User::from_name(name).unwrap().expect("test user exists")
+}
+
+pub struct HelperOptions {
+    pub argv: Vec<String>,
+    pub timeout_seconds: u64,
+    pub extra_toml: String,
+    pub sandbox_toml: String,
+    pub env: Vec<(String, String)>,
+    pub socket_mode: u32,
+}
+
+impl Default for HelperOptions {
+    fn default() -> Self {
+        HelperOptions {
+            argv: vec![probe_bin().into(), "lane".into(), "{orguser}".into(), "{repo}".into(), "{task}".into()],
+            timeout_seconds: 30,
+            extra_toml: String::new(),
+            sandbox_toml: String::new(),
+            env: Vec::new(),
+            socket_mode: 0o660,
+        }
+    }
+}
+
+pub const ALLOWLIST: &str = r#"{
+  "orgs": {
+    "alice-org": {"unix_user": "dispatch-t-alice"},
+    "bob-org": {"unix_user": "dispatch-t-bob"},
+    "restricted-org": {"unix_user": "dispatch-t-alice", "allowed_clients": {"users": ["dispatch-t-bob"]}}
+  },
+  "repos": {
+    "alice-repo": {"org": "alice-org", "github": "alice/alice-repo"},
+    "bob-repo": {"org": "bob-org", "github": "bob/bob-repo"},
+    "restricted-repo": {"org": "restricted-org", "github": "alice/restricted"}
+  }
+}"#;
+
+pub struct TestHelper {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub audit: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+    pub stderr_log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl TestHelper {
+    pub fn start(options: HelperOptions) -> TestHelper {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let allowlist = root.join("repos.json");
+        std::fs::write(&allowlist, ALLOWLIST).unwrap();
+        let config = root.join("helper.toml");
+        let socket = root.join("run/helper.sock");
+        let audit = root.join("log/audit.jsonl");
+        let state = root.join("state");
+        let argv = options.argv.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+        let text = format!(
+            "allowlist = {allowlist:?}\nargv = [{argv}]\nstate_dir = {state:?}\naudit_log = {audit:?}\n\
+             socket = {socket:?}\nsocket_mode = {mode}\ntimeout_seconds = {timeout}\nkill_grace_seconds = 1\n\
+             work_dir = \"{{home}}/dispatch-work\"\n{extra}\n[sandbox]\n{sandbox}\n",
+            mode = options.socket_mode,
+            timeout = options.timeout_seconds,
+            extra = options.extra_toml,
+            sandbox = options.sandbox_toml,
+        );
+        std::fs::write(&config, text).unwrap();
+        for file in [&allowlist, &config] {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let mut helper = TestHelper {
+            stderr_log: root.join("helper.stderr"),
+            dir,
+            socket,
+            audit,
+            state,
+            config,
+            child: None,
+            env: options.env,
+        };
+        helper.launch();
+        helper
+    }
+
+    /// Start (or start again) the helper process on the same config and state.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr_log).unwrap();
+        let mut command = Command::new(helper_bin());
+        command
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = Some(command.spawn().expect("start dispatch-helper"));
+        self.wait_ready();
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("helper exited early with {status}: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("helper did not become ready: {}", self.stderr());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
+    }
+
+    /// Audit records of one event kind.
+    pub fn audited(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit_lines().into_iter().filter(|l| l["event"] == event).collect()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await
+    }
+}
+
+impl Drop for TestHelper {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Client {
+    pub stream: tokio::net::UnixStream,
+    next_id: u64,
+    pub hello: HelloReply,
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> Client {
+        let stream = tokio::net::UnixStream::connect(socket).await.expect("connect to helper");
+        let mut client = Client { stream, next_id: 1, hello: HelloReply { version: 0, helper_version: String::new(), peer_uid: 0, unprivileged: false } };
+        match client.request(Request::Hello { version: PROTOCOL_VERSION, client_name: Some("integration-test".into()) }).await {
+            Response::Hello(hello) => client.hello = hello,
+            other => panic!("handshake failed: {other:?}"),
+        }
+        client
+    }
+
+    pub async fn request(&mut self, body: Request) -> Response {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.stream, &RequestEnvelope { id, body }, FrameLimit::REQUEST).await.expect("send");
+        loop {
+            let response: ResponseEnvelope = read_frame(&mut self.stream, FrameLimit::RESPONSE)
+                .await
+                .expect("read response")
+                .expect("helper closed the connection");
+            if response.id == id {
+                return response.body;
+            }
+        }
+    }
+
+    pub async fn dispatch(&mut self, orguser: &str, repo: &str, task: &str) -> Response {
+        self.request(Request::Dispatch(DispatchRequest {
+            orguser: orguser.into(),
+            repo: repo.into(),
+            task: task.into(),
+            description: Some(format!("test {task}").chars().take(100).collect()),
+        }))
+        .await
+    }
+
+    pub async fn dispatch_ok(&mut self, orguser: &str, repo: &str, task: &str) -> JobView {
+        match self.dispatch(orguser, repo, task).await {
+            Response::Job(job) => *job,
+            other => panic!("dispatch of {task:?} failed: {other:?}"),
+        }
+    }
+
+    pub async fn result(&mut self, handle: &str, wait_ms: u32) -> JobView {
+        match self.request(Request::Result { handle: handle.into(), wait_ms }).await {
+            Response::Job(job) => *job,
+            other => panic!("result failed: {other:?}"),
+        }
+    }
+
+    pub async fn error(&mut self, body: Request) -> ErrorReply {
+        match self.request(body).await {
+            Response::Error(error) => error,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}");
+}
