@@ -21,9 +21,9 @@ fn main() {
             .find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_owned()))
             .unwrap_or_else(|| "?".into())
     };
-    let home = std::env::var("HOME").unwrap_or_default();
-    let probe = std::path::Path::new(&home).join(".dispatch-demo-landlock-probe");
-    let home_write = match std::fs::write(&probe, "x") {
+    // /tmp is writable by everyone as far as file modes go: only Landlock can refuse this.
+    let probe = std::path::Path::new("/tmp").join(format!("dispatch-demo-landlock-probe-{}", std::process::id()));
+    let outside_write = match std::fs::write(&probe, "x") {
         Ok(()) => {
             let _ = std::fs::remove_file(&probe);
             "ALLOWED (Landlock is not in force)".to_owned()
@@ -36,5 +36,5 @@ fn main() {
     let _ = writeln!(out, "extra args: {:?}", &args[3..]);
     let _ = writeln!(out, "running as uid {} in {}", field("Uid"), std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default());
     let _ = writeln!(out, "NoNewPrivs {}  Seccomp {}  CapEff {}", field("NoNewPrivs"), field("Seccomp"), field("CapEff"));
-    let _ = writeln!(out, "writing to $HOME: {home_write}");
+    let _ = writeln!(out, "writing outside the work dir (/tmp): {outside_write}");
 }

@@ -41,7 +41,11 @@ struct Cli {
 enum Command {
     /// Run the daemon: bind the socket (or take it from systemd), serve until SIGTERM.
     /// SIGHUP reloads the configuration and allowlist (a bad new config keeps the old one).
-    Serve,
+    Serve {
+        /// Stop when the parent process exits (used by `dispatch-mcp serve --embedded-helper`).
+        #[arg(long, hide = true)]
+        die_with_parent: bool,
+    },
     /// Load and validate the configuration and allowlist; print targets and warnings.
     /// Exits non-zero if the configuration cannot be used.
     Check,
@@ -66,8 +70,17 @@ enum AuditCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve => {
+        Command::Serve { die_with_parent } => {
             init_tracing();
+            if die_with_parent {
+                let parent = nix::unistd::getppid();
+                if let Err(error) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+                    return fail(format!("set the parent death signal: {error}"));
+                }
+                if nix::unistd::getppid() != parent || parent.as_raw() == 1 {
+                    return fail("the parent exited before the helper started".into());
+                }
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(error) => return fail(format!("cannot start the runtime: {error}")),

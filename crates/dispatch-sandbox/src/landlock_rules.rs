@@ -79,7 +79,11 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
     }
     // The program itself must be executable even when it lives outside the system paths.
     grant(Path::new(&plan.argv[0]), read_exec, "program")?;
-    grant(&plan.identity.home, read, "home")?;
+    // The home comes from passwd, not from the configuration: an account without one (such as
+    // nobody's /nonexistent) simply has nothing to read.
+    if plan.identity.home.is_dir() {
+        grant(&plan.identity.home, read, "home")?;
+    }
     for path in &policy.read_paths {
         grant(path, read, "read")?;
     }

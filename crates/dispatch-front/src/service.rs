@@ -1,0 +1,308 @@
+//! The tools' logic as plain Rust: typed arguments in, typed outputs or a `ToolFailure` out.
+//! The MCP layer (`mcp.rs`) only adapts these to rmcp.
+//!
+//! Field names follow the Python server (`handle`, `orguser`, `repo`, `github`, `status`,
+//! `requested_at`, `returncode`, `detail`, `count`, `dispatches`) so existing clients keep
+//! working; everything else is an addition beside them.
+
+use crate::helper_client::{HelperClient, HelperError};
+use dispatch_proto::{DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Request, Response};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct DispatchArgs {
+    /// The org-user that owns the repo (an allowlisted lane owner; see dispatch_lanes).
+    pub orguser: String,
+    /// The repo to dispatch to; must belong to `orguser` in the allowlist.
+    pub repo: String,
+    /// What the lane should do: plain text, passed as a single argument and never interpreted
+    /// by a shell. 1 to 8000 characters.
+    pub task_description: String,
+    /// Optional short label for dispatch_list filtering (defaults to the task's first line).
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct HandleArgs {
+    /// A handle returned by dispatch_unit.
+    pub handle: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ResultArgs {
+    /// A handle returned by dispatch_unit.
+    pub handle: String,
+    /// Wait up to this many seconds for the dispatch to finish (0 or absent: answer at once).
+    #[serde(default)]
+    pub wait_seconds: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+pub struct ListArgs {
+    /// Glob over each dispatch's description, e.g. "build*".
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Include the argv of each dispatch.
+    #[serde(default)]
+    pub detail: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+pub struct NoArgs {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct OutputTail {
+    /// The last bytes of the stream; starts with a "[… N earlier bytes truncated …]" marker if cut.
+    pub text: String,
+    pub total_bytes: u64,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct SandboxOutput {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub landlock: String,
+    pub landlock_abi: u32,
+    pub seccomp: bool,
+    pub no_new_privs: bool,
+    /// True when the helper ran without root, so the lane kept the helper's own uid.
+    pub same_uid: bool,
+}
+
+/// One dispatch, as the Python server reported it plus what it lacked.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct DispatchOutput {
+    pub handle: String,
+    pub orguser: String,
+    pub repo: String,
+    /// `owner/repo` on GitHub.
+    pub github: String,
+    /// running, succeeded, failed, timed_out, cancelled or lost.
+    pub status: String,
+    /// RFC 3339 UTC.
+    pub requested_at: String,
+    /// Exit code of the dispatch command, once it has exited.
+    pub returncode: Option<i32>,
+    /// What happened, in words (or why it failed).
+    pub detail: String,
+    pub description: Option<String>,
+    pub task_preview: String,
+    pub task_sha256: String,
+    pub unix_user: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// Signal that ended the dispatch command, if any.
+    pub signal: Option<i32>,
+    /// True once the dispatch has reached a final state.
+    pub finished: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<OutputTail>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<OutputTail>,
+    /// What the sandbox enforced on the lane.
+    pub sandbox: Option<SandboxOutput>,
+}
+
+impl From<JobView> for DispatchOutput {
+    fn from(job: JobView) -> Self {
+        let tail = |t: dispatch_proto::OutputTail| OutputTail { text: t.text, total_bytes: t.total_bytes, truncated: t.truncated };
+        DispatchOutput {
+            handle: job.handle,
+            orguser: job.orguser,
+            repo: job.repo,
+            github: job.github,
+            status: job.state.as_str().to_owned(),
+            requested_at: job.requested_at,
+            returncode: job.exit_code,
+            detail: job.detail,
+            description: job.description,
+            task_preview: job.task_preview,
+            task_sha256: job.task_sha256,
+            unix_user: job.unix_user,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            signal: job.signal,
+            finished: job.state.is_terminal(),
+            argv: job.argv,
+            stdout: job.stdout.map(tail),
+            stderr: job.stderr.map(tail),
+            sandbox: job.sandbox.map(|s| SandboxOutput {
+                uid: s.uid,
+                gid: s.gid,
+                groups: s.groups,
+                landlock: s.landlock,
+                landlock_abi: s.landlock_abi,
+                seccomp: s.seccomp,
+                no_new_privs: s.no_new_privs,
+                same_uid: s.same_uid,
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct ListOutput {
+    /// Number of dispatches returned.
+    pub count: usize,
+    /// Number of dispatches matching the filter (may exceed `count`).
+    pub total: u64,
+    pub dispatches: Vec<DispatchOutput>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct LaneOutput {
+    pub orguser: String,
+    pub repo: String,
+    pub github: String,
+    /// The local account the lane runs as.
+    pub unix_user: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct LanesOutput {
+    pub count: usize,
+    pub lanes: Vec<LaneOutput>,
+    /// True when the helper runs without root (every lane runs as the helper's own user).
+    pub unprivileged_helper: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct DeleteOutput {
+    pub handle: String,
+    pub deleted: bool,
+}
+
+/// An expected failure, worded for the agent: what went wrong and what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolFailure(pub String);
+
+impl std::fmt::Display for ToolFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub struct DispatchService {
+    pub helper: HelperClient,
+}
+
+impl DispatchService {
+    pub fn new(helper: HelperClient) -> DispatchService {
+        DispatchService { helper }
+    }
+
+    fn helper_failure(&self, error: HelperError) -> ToolFailure {
+        ToolFailure(match error {
+            HelperError::Unreachable { .. } => format!(
+                "{error}. The dispatch helper must be running: start it with `systemctl start \
+                 dispatch-helper.socket` (or run this server as `dispatch-mcp serve \
+                 --embedded-helper` to try it without systemd), then retry. If it runs, check \
+                 DISPATCH_HELPER_SOCKET (now {}).",
+                self.helper.socket().display()
+            ),
+            HelperError::Disconnected => format!(
+                "{error}. If this was dispatch_unit, check dispatch_list before retrying so the \
+                 work is not dispatched twice."
+            ),
+            HelperError::Protocol(_) => error.to_string(),
+        })
+    }
+
+    fn refused(error: ErrorReply) -> ToolFailure {
+        let next = match error.kind {
+            ErrorKind::NotAllowlisted | ErrorKind::OwnerMismatch => " Call dispatch_lanes to see the org-user/repo lanes you may dispatch to.",
+            ErrorKind::UnknownHandle => " Call dispatch_list to see your dispatches and their handles.",
+            ErrorKind::NotTerminal => " Call dispatch_cancel first, or wait with dispatch_result.",
+            ErrorKind::Invalid => " Fix that argument and retry.",
+            ErrorKind::NotPermitted => " Ask the administrator to allow this user for that lane, or use another lane from dispatch_lanes.",
+            ErrorKind::AuditUnavailable => " This is a server-side problem; tell the administrator. Retrying will not help until the audit log is fixed.",
+            ErrorKind::SpawnFailed => " The lane could not be started; tell the administrator (the reason above names the failed step).",
+            ErrorKind::Busy => " Wait for running dispatches to finish (dispatch_result with wait_seconds), then retry.",
+            ErrorKind::Protocol | ErrorKind::Internal => "",
+        };
+        let stop = if error.message.ends_with('.') || next.is_empty() { "" } else { "." };
+        ToolFailure(format!("{}{stop}{next}", error.message))
+    }
+
+    async fn call(&self, request: Request) -> Result<Response, ToolFailure> {
+        match self.helper.request(request).await {
+            Ok(Response::Error(error)) => Err(Self::refused(error)),
+            Ok(response) => Ok(response),
+            Err(error) => Err(self.helper_failure(error)),
+        }
+    }
+
+    async fn job(&self, request: Request) -> Result<JobView, ToolFailure> {
+        match self.call(request).await? {
+            Response::Job(job) => Ok(*job),
+            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+        }
+    }
+
+    pub async fn dispatch(&self, args: DispatchArgs) -> Result<DispatchOutput, ToolFailure> {
+        let request = Request::Dispatch(DispatchRequest {
+            orguser: args.orguser,
+            repo: args.repo,
+            task: args.task_description,
+            description: args.description,
+        });
+        self.job(request).await.map(Into::into)
+    }
+
+    pub async fn status(&self, handle: String) -> Result<DispatchOutput, ToolFailure> {
+        self.job(Request::Status { handle }).await.map(Into::into)
+    }
+
+    /// One result request; `wait_ms` is passed to the helper, which caps it.
+    pub async fn result_once(&self, handle: String, wait_ms: u32) -> Result<JobView, ToolFailure> {
+        self.job(Request::Result { handle, wait_ms }).await
+    }
+
+    pub async fn list(&self, args: ListArgs) -> Result<ListOutput, ToolFailure> {
+        match self.call(Request::List { filter: args.filter, detail: args.detail.unwrap_or(false), limit: 0 }).await? {
+            Response::List { total, jobs } => Ok(ListOutput {
+                count: jobs.len(),
+                total,
+                dispatches: jobs.into_iter().map(Into::into).collect(),
+            }),
+            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+        }
+    }
+
+    pub async fn cancel(&self, handle: String) -> Result<DispatchOutput, ToolFailure> {
+        self.job(Request::Cancel { handle }).await.map(Into::into)
+    }
+
+    pub async fn delete(&self, handle: String) -> Result<DeleteOutput, ToolFailure> {
+        match self.call(Request::Delete { handle }).await? {
+            Response::Deleted { handle } => Ok(DeleteOutput { handle, deleted: true }),
+            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+        }
+    }
+
+    pub async fn lanes(&self) -> Result<LanesOutput, ToolFailure> {
+        let unprivileged = self.helper.hello().await.map_err(|e| self.helper_failure(e))?.unprivileged;
+        match self.call(Request::Lanes).await? {
+            Response::Lanes { lanes } => Ok(LanesOutput {
+                count: lanes.len(),
+                lanes: lanes
+                    .into_iter()
+                    .map(|l| LaneOutput { orguser: l.orguser, repo: l.repo, github: l.github, unix_user: l.unix_user })
+                    .collect(),
+                unprivileged_helper: unprivileged,
+            }),
+            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+        }
+    }
+}
+
+/// True for a state the job will not leave.
+pub fn is_terminal(state: JobState) -> bool {
+    state.is_terminal()
+}
