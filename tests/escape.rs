@@ -23,23 +23,37 @@ fn checks(stdout: &str) -> BTreeMap<String, Value> {
 }
 
 fn assert_denied(checks: &BTreeMap<String, Value>, name: &str, errno: Option<i64>) {
-    let check = checks.get(name).unwrap_or_else(|| panic!("probe did not report {name}"));
-    assert_eq!(check["succeeded"], false, "BREACH: {name} succeeded inside the sandbox: {check}");
+    let check = checks
+        .get(name)
+        .unwrap_or_else(|| panic!("probe did not report {name}"));
+    assert_eq!(
+        check["succeeded"], false,
+        "BREACH: {name} succeeded inside the sandbox: {check}"
+    );
     if let Some(errno) = errno {
-        assert_eq!(check["errno"], errno, "{name} failed, but not by the sandbox's denial: {check}");
+        assert_eq!(
+            check["errno"], errno,
+            "{name} failed, but not by the sandbox's denial: {check}"
+        );
     }
 }
 
 #[tokio::test]
 async fn a_lane_cannot_escape() {
     if !is_root() {
-        return skip("escape suite", "needs root: real uid drops to real test users");
+        return skip(
+            "escape suite",
+            "needs root: real uid drops to real test users",
+        );
     }
     ensure_users();
     let alice = user(ALICE);
 
     // Things to attack.
-    let scratch = tempfile::Builder::new().prefix("dispatch-escape").tempdir().unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("dispatch-escape")
+        .tempdir()
+        .unwrap();
     std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let outside = scratch.path().join("outside.txt");
     std::fs::write(&outside, "original").unwrap();
@@ -59,7 +73,11 @@ async fn a_lane_cannot_escape() {
     let mut held = Vec::new();
     for _ in 0..100 {
         let file = std::fs::File::open("/dev/null").unwrap();
-        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
         held.push(file);
     }
     let helper = TestHelper::start(HelperOptions {
@@ -73,8 +91,13 @@ async fn a_lane_cannot_escape() {
         ..Default::default()
     });
     drop(held);
-    let helper_fds = std::fs::read_dir(format!("/proc/{}/fd", helper.pid())).unwrap().count();
-    assert!(helper_fds >= 100, "the helper should hold the 100 inherited fds, has {helper_fds}");
+    let helper_fds = std::fs::read_dir(format!("/proc/{}/fd", helper.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        helper_fds >= 100,
+        "the helper should hold the 100 inherited fds, has {helper_fds}"
+    );
 
     let work_dir = alice.dir.join("dispatch-work");
     let config = json!({
@@ -89,11 +112,25 @@ async fn a_lane_cannot_escape() {
         "fsize": FSIZE,
     });
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", &format!("escape {config}")).await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", &format!("escape {config}"))
+        .await;
     let done = client.result(&job.handle, 30_000).await;
-    let stdout = done.stdout.as_ref().map(|t| t.text.clone()).unwrap_or_default();
-    let stderr = done.stderr.as_ref().map(|t| t.text.clone()).unwrap_or_default();
-    assert_eq!(done.state, JobState::Succeeded, "probe did not complete: {done:?}\n{stderr}");
+    let stdout = done
+        .stdout
+        .as_ref()
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    let stderr = done
+        .stderr
+        .as_ref()
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        done.state,
+        JobState::Succeeded,
+        "probe did not complete: {done:?}\n{stderr}"
+    );
     eprintln!("probe report:\n{stdout}");
     let checks = checks(&stdout);
 
@@ -103,11 +140,12 @@ async fn a_lane_cannot_escape() {
     let gid = alice.gid.as_raw();
     assert_eq!(identity["uid"], json!([uid, uid, uid]), "{identity}");
     assert_eq!(identity["gid"], json!([gid, gid, gid]), "{identity}");
-    let expected_groups: Vec<u32> = nix::unistd::getgrouplist(&std::ffi::CString::new(ALICE).unwrap(), alice.gid)
-        .unwrap()
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect();
+    let expected_groups: Vec<u32> =
+        nix::unistd::getgrouplist(&std::ffi::CString::new(ALICE).unwrap(), alice.gid)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
     let mut groups: Vec<u32> = serde_json::from_value(identity["groups"].clone()).unwrap();
     groups.sort_unstable();
     let mut expected = expected_groups.clone();
@@ -121,16 +159,39 @@ async fn a_lane_cannot_escape() {
 
     // Filesystem (Landlock).
     assert_denied(&checks, "write_outside_work_dir", None);
-    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "original", "BREACH: the file outside the work dir changed");
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        "original",
+        "BREACH: the file outside the work dir changed"
+    );
     assert_denied(&checks, "read_other_home", None);
-    assert_eq!(checks["write_inside_work_dir"]["succeeded"], true, "the work dir must stay writable");
+    assert_eq!(
+        checks["write_inside_work_dir"]["succeeded"], true,
+        "the work dir must stay writable"
+    );
 
     // Privilege.
     assert_denied(&checks, "setresuid_root", None);
-    assert_eq!(checks["setuid_binary"]["output"], uid.to_string(), "BREACH: a setuid-root binary raised privileges");
+    assert_eq!(
+        checks["setuid_binary"]["output"],
+        uid.to_string(),
+        "BREACH: a setuid-root binary raised privileges"
+    );
 
     // seccomp: each denial is EPERM from the filter, not the kernel's own answer.
-    for name in ["ptrace_traceme", "process_vm_readv", "io_uring_setup", "bpf", "unshare_newuser", "mount", "keyctl", "tiocsti", "tiocsti_high_bits", "x32_syscall", "unix_socket"] {
+    for name in [
+        "ptrace_traceme",
+        "process_vm_readv",
+        "io_uring_setup",
+        "bpf",
+        "unshare_newuser",
+        "mount",
+        "keyctl",
+        "tiocsti",
+        "tiocsti_high_bits",
+        "x32_syscall",
+        "unix_socket",
+    ] {
         assert_denied(&checks, name, Some(EPERM));
     }
 
@@ -141,21 +202,35 @@ async fn a_lane_cannot_escape() {
     // Network (Landlock ABI ≥ 4).
     assert_denied(&checks, "tcp_bind", None);
     assert_denied(&checks, "tcp_connect_denied_port", None);
-    assert_eq!(checks["tcp_connect_allowed_port"]["succeeded"], true, "the configured port must stay reachable");
+    assert_eq!(
+        checks["tcp_connect_allowed_port"]["succeeded"], true,
+        "the configured port must stay reachable"
+    );
 
     // Nothing inherited: fds 0-2 plus the probe's own /proc/self/fd listing.
     let open: Vec<i64> = serde_json::from_value(checks["fds"]["open"].clone()).unwrap();
     let extra: Vec<i64> = open.iter().copied().filter(|fd| *fd > 2).collect();
-    assert!(extra.len() <= 1, "BREACH: inherited fds {extra:?} (the helper held {helper_fds})");
+    assert!(
+        extra.len() <= 1,
+        "BREACH: inherited fds {extra:?} (the helper held {helper_fds})"
+    );
 
     // A clean environment.
     let mut names: Vec<String> = serde_json::from_value(checks["env"]["names"].clone()).unwrap();
     names.sort();
-    assert_eq!(names, ["HOME", "LANG", "LOGNAME", "PATH", "TMPDIR", "USER"], "environment leaked");
+    assert_eq!(
+        names,
+        ["HOME", "LANG", "LOGNAME", "PATH", "TMPDIR", "USER"],
+        "environment leaked"
+    );
 
     // Limits.
     assert_eq!(checks["nofile"]["limit"], NOFILE);
-    assert!(checks["nofile"]["opened"].as_u64().unwrap() < NOFILE, "{}", checks["nofile"]);
+    assert!(
+        checks["nofile"]["opened"].as_u64().unwrap() < NOFILE,
+        "{}",
+        checks["nofile"]
+    );
     assert_eq!(checks["fsize"]["write_ok"], false, "{}", checks["fsize"]);
     assert!(checks["fsize"]["size"].as_u64().unwrap() <= FSIZE);
 
@@ -163,7 +238,8 @@ async fn a_lane_cannot_escape() {
     for task in ["--help", "-c 'id'", "$(touch /tmp/pwned)", "a\nb"] {
         let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
         let done = client.result(&job.handle, 20_000).await;
-        let printed: Value = serde_json::from_str(done.stdout.as_ref().unwrap().text.trim()).unwrap();
+        let printed: Value =
+            serde_json::from_str(done.stdout.as_ref().unwrap().text.trim()).unwrap();
         assert_eq!(printed["argv"].as_array().unwrap().len(), 5, "{printed}");
         assert_eq!(printed["argv"][4], task, "{printed}");
     }

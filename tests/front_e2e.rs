@@ -25,11 +25,19 @@ struct TestClient {
 
 impl ClientHandler for TestClient {
     fn get_info(&self) -> ClientConfig {
-        let caps = if self.tasks { ClientCapabilities::builder().enable_tasks().build() } else { ClientCapabilities::default() };
+        let caps = if self.tasks {
+            ClientCapabilities::builder().enable_tasks().build()
+        } else {
+            ClientCapabilities::default()
+        };
         ClientConfig::new(caps, Implementation::new("e2e-test-client", "1.0.0"))
     }
 
-    async fn on_progress(&self, params: ProgressNotificationParam, _ctx: NotificationContext<RoleClient>) {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _ctx: NotificationContext<RoleClient>,
+    ) {
         self.progress.lock().unwrap().push(params);
     }
 }
@@ -40,7 +48,10 @@ async fn front(socket: &Path, handler: TestClient) -> Client {
     let command = tokio::process::Command::new(front_bin()).configure(|cmd| {
         cmd.arg("serve").arg("--socket").arg(socket);
     });
-    handler.serve(TokioChildProcess::new(command).unwrap()).await.expect("MCP initialize")
+    handler
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .expect("MCP initialize")
 }
 
 fn args(value: Value) -> JsonObject {
@@ -55,7 +66,12 @@ async fn call(client: &Client, tool: &str, arguments: Value) -> CallToolResult {
 }
 
 fn text(result: &CallToolResult) -> String {
-    result.content.first().and_then(|c| c.as_text()).map(|t| t.text.clone()).unwrap_or_default()
+    result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default()
 }
 
 fn ok(result: CallToolResult) -> Value {
@@ -64,7 +80,12 @@ fn ok(result: CallToolResult) -> Value {
 }
 
 fn tool_error(result: CallToolResult) -> String {
-    assert_eq!(result.is_error, Some(true), "expected a tool error, got {:?}", result.structured_content);
+    assert_eq!(
+        result.is_error,
+        Some(true),
+        "expected a tool error, got {:?}",
+        result.structured_content
+    );
     text(&result)
 }
 
@@ -79,30 +100,80 @@ fn start(test: &str) -> Option<TestHelper> {
 
 #[tokio::test]
 async fn every_tool_works_and_describes_itself() {
-    let Some(helper) = start("front tools") else { return };
+    let Some(helper) = start("front tools") else {
+        return;
+    };
     let client = front(&helper.socket, TestClient::default()).await;
 
     let info = client.peer_info().unwrap();
     assert_eq!(info.server_info.as_ref().unwrap().name, "dispatch-mcp");
-    assert!(info.instructions.as_deref().unwrap().contains("cannot run arbitrary commands"));
+    assert!(
+        info.instructions
+            .as_deref()
+            .unwrap()
+            .contains("cannot run arbitrary commands")
+    );
     let tools = client.list_all_tools().await.unwrap();
     let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     names.sort();
-    assert_eq!(names, ["dispatch_cancel", "dispatch_delete", "dispatch_lanes", "dispatch_list", "dispatch_result", "dispatch_status", "dispatch_unit"]);
+    assert_eq!(
+        names,
+        [
+            "dispatch_cancel",
+            "dispatch_delete",
+            "dispatch_lanes",
+            "dispatch_list",
+            "dispatch_result",
+            "dispatch_status",
+            "dispatch_unit"
+        ]
+    );
     for tool in &tools {
-        assert!(tool.output_schema.is_some(), "{} has no output schema", tool.name);
-        let hints = tool.annotations.as_ref().unwrap_or_else(|| panic!("{} has no annotations", tool.name));
-        let read_only = matches!(tool.name.as_ref(), "dispatch_status" | "dispatch_result" | "dispatch_list" | "dispatch_lanes");
+        assert!(
+            tool.output_schema.is_some(),
+            "{} has no output schema",
+            tool.name
+        );
+        let hints = tool
+            .annotations
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no annotations", tool.name));
+        let read_only = matches!(
+            tool.name.as_ref(),
+            "dispatch_status" | "dispatch_result" | "dispatch_list" | "dispatch_lanes"
+        );
         assert_eq!(hints.read_only_hint, Some(read_only), "{}", tool.name);
-        assert!(hints.destructive_hint.is_some() && hints.idempotent_hint.is_some() && hints.open_world_hint.is_some());
+        assert!(
+            hints.destructive_hint.is_some()
+                && hints.idempotent_hint.is_some()
+                && hints.open_world_hint.is_some()
+        );
     }
     let unit = tools.iter().find(|t| t.name == "dispatch_unit").unwrap();
     let hints = unit.annotations.as_ref().unwrap();
-    assert_eq!((hints.idempotent_hint, hints.open_world_hint), (Some(false), Some(true)));
-    let required: Vec<&str> = unit.input_schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert_eq!(required, ["orguser", "repo", "task_description"], "the Python server's argument names");
+    assert_eq!(
+        (hints.idempotent_hint, hints.open_world_hint),
+        (Some(false), Some(true))
+    );
+    let required: Vec<&str> = unit.input_schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        required,
+        ["orguser", "repo", "task_description"],
+        "the Python server's argument names"
+    );
     for tool in ["dispatch_cancel", "dispatch_delete"] {
-        let hints = tools.iter().find(|t| t.name == tool).unwrap().annotations.clone().unwrap();
+        let hints = tools
+            .iter()
+            .find(|t| t.name == tool)
+            .unwrap()
+            .annotations
+            .clone()
+            .unwrap();
         assert_eq!(hints.destructive_hint, Some(true), "{tool}");
     }
 
@@ -111,8 +182,18 @@ async fn every_tool_works_and_describes_itself() {
     assert_eq!(lanes["lanes"][0]["orguser"], "alice-org");
 
     let dispatched = ok(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0", "description": "build widgets"})).await);
-    for field in ["handle", "orguser", "repo", "github", "status", "requested_at"] {
-        assert!(!dispatched[field].is_null(), "dispatch_unit lacks the Python field {field}");
+    for field in [
+        "handle",
+        "orguser",
+        "repo",
+        "github",
+        "status",
+        "requested_at",
+    ] {
+        assert!(
+            !dispatched[field].is_null(),
+            "dispatch_unit lacks the Python field {field}"
+        );
     }
     assert_eq!(dispatched["github"], "alice/alice-repo");
     let handle = dispatched["handle"].as_str().unwrap().to_owned();
@@ -120,28 +201,68 @@ async fn every_tool_works_and_describes_itself() {
     let status = ok(call(&client, "dispatch_status", json!({"handle": handle})).await);
     assert_eq!(status["handle"], handle.as_str());
 
-    let result = ok(call(&client, "dispatch_result", json!({"handle": handle, "wait_seconds": 20})).await);
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 20}),
+    )
+    .await);
     assert_eq!(result["status"], "succeeded");
     assert_eq!(result["returncode"], 0);
     assert_eq!(result["detail"], "exited with status 0");
-    assert!(result["stdout"]["text"].as_str().unwrap().contains("lane ran"));
+    assert!(
+        result["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("lane ran")
+    );
     assert_eq!(result["sandbox"]["seccomp"], true);
     assert_eq!(result["sandbox"]["uid"], user(ALICE).uid.as_raw());
 
-    let list = ok(call(&client, "dispatch_list", json!({"filter": "build*", "detail": true})).await);
+    let list = ok(call(
+        &client,
+        "dispatch_list",
+        json!({"filter": "build*", "detail": true}),
+    )
+    .await);
     assert_eq!(list["count"], 1);
     assert_eq!(list["dispatches"][0]["handle"], handle.as_str());
     assert!(list["dispatches"][0]["argv"].is_array());
     let none = ok(call(&client, "dispatch_list", json!({"filter": "deploy*"})).await);
     assert_eq!(none["count"], 0);
 
-    let running = ok(call(&client, "dispatch_unit", json!({"orguser": "bob-org", "repo": "bob-repo", "task_description": "sleep:60"})).await);
+    let running = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "bob-org", "repo": "bob-repo", "task_description": "sleep:60"}),
+    )
+    .await);
     let running_handle = running["handle"].as_str().unwrap();
-    let error = tool_error(call(&client, "dispatch_delete", json!({"handle": running_handle})).await);
-    assert!(error.contains("still running; cancel it first") && error.contains("dispatch_cancel"), "{error}");
-    let cancelled = ok(call(&client, "dispatch_cancel", json!({"handle": running_handle})).await);
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_delete",
+            json!({"handle": running_handle}),
+        )
+        .await,
+    );
+    assert!(
+        error.contains("still running; cancel it first") && error.contains("dispatch_cancel"),
+        "{error}"
+    );
+    let cancelled = ok(call(
+        &client,
+        "dispatch_cancel",
+        json!({"handle": running_handle}),
+    )
+    .await);
     assert_eq!(cancelled["status"], "cancelled");
-    let deleted = ok(call(&client, "dispatch_delete", json!({"handle": running_handle})).await);
+    let deleted = ok(call(
+        &client,
+        "dispatch_delete",
+        json!({"handle": running_handle}),
+    )
+    .await);
     assert_eq!(deleted["deleted"], true);
 
     // The helper recorded the MCP client's name as a claim, beside the real peer uid.
@@ -153,38 +274,99 @@ async fn every_tool_works_and_describes_itself() {
 
 #[tokio::test]
 async fn expected_failures_are_tool_errors_that_say_what_to_do() {
-    let Some(helper) = start("front failures") else { return };
+    let Some(helper) = start("front failures") else {
+        return;
+    };
     let client = front(&helper.socket, TestClient::default()).await;
 
-    let error = tool_error(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "nope", "task_description": "x"})).await);
-    assert_eq!(error, "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo, restricted-org/restricted-repo. Call dispatch_lanes to see the org-user/repo lanes you may dispatch to.");
-    let error = tool_error(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "bob-repo", "task_description": "x"})).await);
-    assert!(error.starts_with("repo bob-repo belongs to orguser bob-org, not alice-org.") && error.contains("dispatch_lanes"), "{error}");
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_unit",
+            json!({"orguser": "alice-org", "repo": "nope", "task_description": "x"}),
+        )
+        .await,
+    );
+    assert_eq!(
+        error,
+        "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo, restricted-org/restricted-repo. Call dispatch_lanes to see the org-user/repo lanes you may dispatch to."
+    );
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_unit",
+            json!({"orguser": "alice-org", "repo": "bob-repo", "task_description": "x"}),
+        )
+        .await,
+    );
+    assert!(
+        error.starts_with("repo bob-repo belongs to orguser bob-org, not alice-org.")
+            && error.contains("dispatch_lanes"),
+        "{error}"
+    );
     let error = tool_error(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "x".repeat(8001)})).await);
-    assert!(error.contains("8001 characters long") && error.contains("Fix that argument"), "{error}");
-    let error = tool_error(call(&client, "dispatch_status", json!({"handle": "d-00000000000000000000000000000000"})).await);
-    assert!(error.contains("unknown handle") && error.contains("dispatch_list"), "{error}");
-    let error = tool_error(call(&client, "dispatch_result", json!({"handle": "not a handle"})).await);
+    assert!(
+        error.contains("8001 characters long") && error.contains("Fix that argument"),
+        "{error}"
+    );
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_status",
+            json!({"handle": "d-00000000000000000000000000000000"}),
+        )
+        .await,
+    );
+    assert!(
+        error.contains("unknown handle") && error.contains("dispatch_list"),
+        "{error}"
+    );
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_result",
+            json!({"handle": "not a handle"}),
+        )
+        .await,
+    );
     assert!(error.contains("invalid handle"), "{error}");
     // A missing argument is rejected by the MCP layer with the field's name.
-    let error = tool_error(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo"})).await);
+    let error = tool_error(
+        call(
+            &client,
+            "dispatch_unit",
+            json!({"orguser": "alice-org", "repo": "alice-repo"}),
+        )
+        .await,
+    );
     assert!(error.contains("task_description"), "{error}");
     // An unknown tool cannot be routed: a protocol error, not a tool error.
-    let unknown = client.call_tool(CallToolRequestParams::new("run_shell").with_arguments(args(json!({"cmd": "id"})))).await;
+    let unknown = client
+        .call_tool(
+            CallToolRequestParams::new("run_shell").with_arguments(args(json!({"cmd": "id"}))),
+        )
+        .await;
     assert!(unknown.is_err(), "an unknown tool must be a protocol error");
 
     // Helper unreachable.
     let nowhere = helper.dir.path().join("nowhere.sock");
     let orphan = front(&nowhere, TestClient::default()).await;
     let error = tool_error(call(&orphan, "dispatch_lanes", json!({})).await);
-    assert!(error.contains("not reachable at") && error.contains("systemctl start dispatch-helper.socket") && error.contains("--embedded-helper"), "{error}");
+    assert!(
+        error.contains("not reachable at")
+            && error.contains("systemctl start dispatch-helper.socket")
+            && error.contains("--embedded-helper"),
+        "{error}"
+    );
     orphan.cancel().await.unwrap();
     client.cancel().await.unwrap();
 }
 
 #[tokio::test]
 async fn the_front_reconnects_after_the_helper_restarts() {
-    let Some(mut helper) = start("front reconnect") else { return };
+    let Some(mut helper) = start("front reconnect") else {
+        return;
+    };
     let client = front(&helper.socket, TestClient::default()).await;
     ok(call(&client, "dispatch_lanes", json!({})).await);
     helper.kill9();
@@ -192,57 +374,111 @@ async fn the_front_reconnects_after_the_helper_restarts() {
     assert!(error.contains("dispatch helper"), "{error}");
     helper.launch();
     let lanes = ok(call(&client, "dispatch_lanes", json!({})).await);
-    assert_eq!(lanes["count"], 2, "the next call works without restarting the front");
-    let dispatched = ok(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"})).await);
+    assert_eq!(
+        lanes["count"], 2,
+        "the next call works without restarting the front"
+    );
+    let dispatched = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"}),
+    )
+    .await);
     assert_eq!(dispatched["status"], "running");
     client.cancel().await.unwrap();
 }
 
 #[tokio::test]
 async fn result_waits_report_progress_and_stop_when_cancelled() {
-    let Some(helper) = start("front progress") else { return };
+    let Some(helper) = start("front progress") else {
+        return;
+    };
     let handler = TestClient::default();
     let progress = handler.progress.clone();
     let client = front(&helper.socket, handler).await;
 
-    let job = ok(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:3"})).await);
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:3"}),
+    )
+    .await);
     let handle = job["handle"].as_str().unwrap().to_owned();
-    let result = ok(call(&client, "dispatch_result", json!({"handle": handle, "wait_seconds": 30})).await);
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 30}),
+    )
+    .await);
     assert_eq!(result["status"], "succeeded");
     let received = progress.lock().unwrap().clone();
     assert!(received.len() >= 2, "progress notifications: {received:?}");
-    assert!(received[0].message.as_deref().unwrap().contains("is running"), "{:?}", received[0]);
+    assert!(
+        received[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("is running"),
+        "{:?}",
+        received[0]
+    );
     assert_eq!(received[0].total, Some(30.0));
 
     // Cancel a waiting dispatch_result: the wait stops (no more progress), the job keeps running.
-    let job = ok(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:30"})).await);
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:30"}),
+    )
+    .await);
     let handle = job["handle"].as_str().unwrap().to_owned();
     let request = client
         .send_cancellable_request(
             ClientRequest::CallToolRequest(CallToolRequest::new(
-                CallToolRequestParams::new("dispatch_result").with_arguments(args(json!({"handle": handle, "wait_seconds": 60}))),
+                CallToolRequestParams::new("dispatch_result")
+                    .with_arguments(args(json!({"handle": handle, "wait_seconds": 60}))),
             )),
             PeerRequestOptions::no_options(),
         )
         .await
         .unwrap();
     let token = request.progress_token.clone();
-    let for_token = |all: &[ProgressNotificationParam]| all.iter().filter(|p| p.progress_token == token).count();
-    wait_until_async("progress for the waiting call", Duration::from_secs(10), || for_token(&progress.lock().unwrap()) >= 1).await;
-    request.cancel(Some("the user moved on".into())).await.unwrap();
+    let for_token = |all: &[ProgressNotificationParam]| {
+        all.iter().filter(|p| p.progress_token == token).count()
+    };
+    wait_until_async(
+        "progress for the waiting call",
+        Duration::from_secs(10),
+        || for_token(&progress.lock().unwrap()) >= 1,
+    )
+    .await;
+    request
+        .cancel(Some("the user moved on".into()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let settled = for_token(&progress.lock().unwrap());
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(for_token(&progress.lock().unwrap()), settled, "the cancelled wait kept sending progress");
+    assert_eq!(
+        for_token(&progress.lock().unwrap()),
+        settled,
+        "the cancelled wait kept sending progress"
+    );
     let status = ok(call(&client, "dispatch_status", json!({"handle": handle})).await);
-    assert_eq!(status["status"], "running", "cancelling the wait must not cancel the job");
+    assert_eq!(
+        status["status"], "running",
+        "cancelling the wait must not cancel the job"
+    );
     ok(call(&client, "dispatch_cancel", json!({"handle": handle})).await);
     client.cancel().await.unwrap();
 }
 
 async fn poll_task(client: &Client, task_id: &str) -> rmcp::model::DetailedTask {
     for _ in 0..400 {
-        let got = client.get_task(GetTaskParams::new(task_id.to_owned())).await.unwrap();
+        let got = client
+            .get_task(GetTaskParams::new(task_id.to_owned()))
+            .await
+            .unwrap();
         if got.task.status().is_terminal() {
             return got.task;
         }
@@ -253,22 +489,39 @@ async fn poll_task(client: &Client, task_id: &str) -> rmcp::model::DetailedTask 
 
 async fn dispatch_as_task(client: &Client, task: &str) -> String {
     let response = client
-        .call_tool_once(CallToolRequestParams::new("dispatch_unit").with_arguments(args(json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": task}))))
+        .call_tool_once(
+            CallToolRequestParams::new("dispatch_unit").with_arguments(args(
+                json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": task}),
+            )),
+        )
         .await
         .unwrap();
-    let CallToolResponse::Task(created) = response else { panic!("a tasks-aware client must get a task, got {response:?}") };
+    let CallToolResponse::Task(created) = response else {
+        panic!("a tasks-aware client must get a task, got {response:?}")
+    };
     assert_eq!(created.task.status, TaskStatus::Working);
     created.task.task_id
 }
 
 #[tokio::test]
 async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
-    let Some(helper) = start("front tasks") else { return };
-    let client = front(&helper.socket, TestClient { tasks: true, ..Default::default() }).await;
+    let Some(helper) = start("front tasks") else {
+        return;
+    };
+    let client = front(
+        &helper.socket,
+        TestClient {
+            tasks: true,
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(client.peer_info().unwrap().capabilities.supports_tasks());
 
     let done = poll_task(&client, &dispatch_as_task(&client, "exit:0").await).await;
-    let TaskPayload::Completed { result } = done.payload else { panic!("expected completed, got {:?}", done.payload) };
+    let TaskPayload::Completed { result } = done.payload else {
+        panic!("expected completed, got {:?}", done.payload)
+    };
     let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
     let output = result.structured_content.unwrap();
     assert_eq!(output["status"], "succeeded");
@@ -278,17 +531,31 @@ async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
     assert_eq!(failed.status(), TaskStatus::Failed, "{failed:?}");
 
     let long = dispatch_as_task(&client, "sleep:60").await;
-    client.cancel_task(CancelTaskParams::new(long.clone())).await.unwrap();
+    client
+        .cancel_task(CancelTaskParams::new(long.clone()))
+        .await
+        .unwrap();
     let cancelled = poll_task(&client, &long).await;
     assert_eq!(cancelled.status(), TaskStatus::Cancelled);
     // tasks/cancel stopped the lane itself.
     let list = ok(call(&client, "dispatch_list", json!({})).await);
-    let lane = list["dispatches"].as_array().unwrap().iter().find(|d| d["task_preview"] == "sleep:60").unwrap().clone();
+    let lane = list["dispatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["task_preview"] == "sleep:60")
+        .unwrap()
+        .clone();
     assert_eq!(lane["status"], "cancelled", "{lane}");
 
     // Without the extension the same call is an ordinary result.
     let plain = front(&helper.socket, TestClient::default()).await;
-    let output = ok(call(&plain, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"})).await);
+    let output = ok(call(
+        &plain,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"}),
+    )
+    .await);
     assert_eq!(output["status"], "running");
     plain.cancel().await.unwrap();
     client.cancel().await.unwrap();

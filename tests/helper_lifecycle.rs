@@ -39,7 +39,9 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
 }
 
 fn process_group_of(pid: i32) -> i32 {
-    stat_fields(pid).expect("process exists")[2].parse().unwrap()
+    stat_fields(pid).expect("process exists")[2]
+        .parse()
+        .unwrap()
 }
 
 /// Live (non-zombie) processes in a process group.
@@ -56,26 +58,46 @@ fn marker(name: &str) -> String {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
 }
 
 #[tokio::test]
 async fn succeeded_and_failed_record_exit_code_output_and_enforcement() {
-    let Some(helper) = start("succeeded_failed", HelperOptions::default()) else { return };
+    let Some(helper) = start("succeeded_failed", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
-    let ok = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
+    let ok = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
     assert_eq!(ok.state, JobState::Running);
     assert_eq!(ok.github, "alice/alice-repo");
     let done = client.result(&ok.handle, 20_000).await;
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
     assert_eq!(done.exit_code, Some(0));
-    assert!(done.stdout.as_ref().unwrap().text.contains("lane ran; exiting with 0"));
+    assert!(
+        done.stdout
+            .as_ref()
+            .unwrap()
+            .text
+            .contains("lane ran; exiting with 0")
+    );
     assert!(done.finished_at.is_some() && done.started_at.is_some());
     let sandbox = done.sandbox.as_ref().unwrap();
     assert_eq!(sandbox.uid, user(ALICE).uid.as_raw());
     assert!(sandbox.seccomp && sandbox.no_new_privs && !sandbox.same_uid);
-    assert!(sandbox.landlock.starts_with("enforced"), "{}", sandbox.landlock);
-    assert_eq!(done.argv.as_ref().unwrap()[1..], ["lane", "alice-org", "alice-repo", "exit:0"]);
+    assert!(
+        sandbox.landlock.starts_with("enforced"),
+        "{}",
+        sandbox.landlock
+    );
+    assert_eq!(
+        done.argv.as_ref().unwrap()[1..],
+        ["lane", "alice-org", "alice-repo", "exit:0"]
+    );
 
     let bad = client.dispatch_ok("bob-org", "bob-repo", "exit:3").await;
     let done = client.result(&bad.handle, 20_000).await;
@@ -85,49 +107,97 @@ async fn succeeded_and_failed_record_exit_code_output_and_enforcement() {
     assert!(done.stderr.as_ref().unwrap().text.contains("to stderr"));
     assert_eq!(done.sandbox.as_ref().unwrap().uid, user(BOB).uid.as_raw());
 
-    let events: Vec<String> = helper.audit_lines().iter().map(|l| l["event"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(events.iter().filter(|e| *e == "dispatch_accepted").count(), 2);
+    let events: Vec<String> = helper
+        .audit_lines()
+        .iter()
+        .map(|l| l["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events.iter().filter(|e| *e == "dispatch_accepted").count(),
+        2
+    );
     assert_eq!(events.iter().filter(|e| *e == "finished").count(), 2);
     let accepted = &helper.audited("dispatch_accepted")[0];
     assert_eq!(accepted["peer"]["uid"], 0);
     assert_eq!(accepted["claimed_client"], "integration-test");
-    assert_eq!(accepted["claimed_client_note"], "claimed by the front, not verified");
+    assert_eq!(
+        accepted["claimed_client_note"],
+        "claimed by the front, not verified"
+    );
     assert_eq!(accepted["task_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(accepted["argv"][4], "exit:0");
 }
 
 #[tokio::test]
 async fn a_lane_past_its_timeout_is_stopped_as_timed_out() {
-    let Some(helper) = start("timed_out", HelperOptions { timeout_seconds: 1, ..Default::default() }) else { return };
+    let Some(helper) = start(
+        "timed_out",
+        HelperOptions {
+            timeout_seconds: 1,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
     let mut client = helper.client().await;
     let tag = marker("timeout");
-    let job = client.dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}")).await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}"))
+        .await;
     let done = client.result(&job.handle, 20_000).await;
     assert_eq!(done.state, JobState::TimedOut, "{done:?}");
-    assert!(done.detail.starts_with("timed out after 1 s"), "{}", done.detail);
-    wait_until("the lane's processes to be gone", Duration::from_secs(5), || processes_with(&tag).is_empty());
+    assert!(
+        done.detail.starts_with("timed out after 1 s"),
+        "{}",
+        done.detail
+    );
+    wait_until(
+        "the lane's processes to be gone",
+        Duration::from_secs(5),
+        || processes_with(&tag).is_empty(),
+    );
     assert_eq!(helper.audited("timed_out").len(), 1);
 }
 
 #[tokio::test]
 async fn cancel_kills_the_whole_process_group_and_is_idempotent() {
-    let Some(helper) = start("cancel", HelperOptions::default()) else { return };
+    let Some(helper) = start("cancel", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
     let tag = marker("cancel");
-    let job = client.dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}")).await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}"))
+        .await;
     // The lane and its own child carry the task in argv; the guard (a fork of the helper) leads
     // their process group.
-    wait_until("two lane processes", Duration::from_secs(10), || processes_with(&tag).len() >= 2);
+    wait_until("two lane processes", Duration::from_secs(10), || {
+        processes_with(&tag).len() >= 2
+    });
     let group = process_group_of(processes_with(&tag)[0]);
     assert!(group_members(group).len() >= 3, "guard + lane + child");
-    let cancelled = match client.request(Request::Cancel { handle: job.handle.clone() }).await {
+    let cancelled = match client
+        .request(Request::Cancel {
+            handle: job.handle.clone(),
+        })
+        .await
+    {
         Response::Job(job) => job,
         other => panic!("{other:?}"),
     };
     assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
-    wait_until("the lane's whole group to be gone", Duration::from_secs(5), || group_members(group).is_empty());
+    wait_until(
+        "the lane's whole group to be gone",
+        Duration::from_secs(5),
+        || group_members(group).is_empty(),
+    );
     // Cancelling a finished job changes nothing.
-    match client.request(Request::Cancel { handle: job.handle.clone() }).await {
+    match client
+        .request(Request::Cancel {
+            handle: job.handle.clone(),
+        })
+        .await
+    {
         Response::Job(again) => assert_eq!(again.state, JobState::Cancelled),
         other => panic!("{other:?}"),
     }
@@ -137,44 +207,92 @@ async fn cancel_kills_the_whole_process_group_and_is_idempotent() {
 
 #[tokio::test]
 async fn delete_removes_only_finished_jobs() {
-    let Some(helper) = start("delete", HelperOptions::default()) else { return };
+    let Some(helper) = start("delete", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
-    let running = client.dispatch_ok("alice-org", "alice-repo", "sleep:60").await;
-    let error = client.error(Request::Delete { handle: running.handle.clone() }).await;
+    let running = client
+        .dispatch_ok("alice-org", "alice-repo", "sleep:60")
+        .await;
+    let error = client
+        .error(Request::Delete {
+            handle: running.handle.clone(),
+        })
+        .await;
     assert_eq!(error.kind, ErrorKind::NotTerminal);
-    assert!(error.message.contains("still running; cancel it first"), "{}", error.message);
-    client.request(Request::Cancel { handle: running.handle.clone() }).await;
-    match client.request(Request::Delete { handle: running.handle.clone() }).await {
+    assert!(
+        error.message.contains("still running; cancel it first"),
+        "{}",
+        error.message
+    );
+    client
+        .request(Request::Cancel {
+            handle: running.handle.clone(),
+        })
+        .await;
+    match client
+        .request(Request::Delete {
+            handle: running.handle.clone(),
+        })
+        .await
+    {
         Response::Deleted { handle } => assert_eq!(handle, running.handle),
         other => panic!("{other:?}"),
     }
-    let error = client.error(Request::Status { handle: running.handle.clone() }).await;
+    let error = client
+        .error(Request::Status {
+            handle: running.handle.clone(),
+        })
+        .await;
     assert_eq!(error.kind, ErrorKind::UnknownHandle);
-    assert!(!helper.state.join(format!("jobs/{}.json", running.handle)).exists());
+    assert!(
+        !helper
+            .state
+            .join(format!("jobs/{}.json", running.handle))
+            .exists()
+    );
     assert_eq!(helper.audited("deleted").len(), 1);
 }
 
 #[tokio::test]
 async fn output_tails_are_bounded_with_a_visible_marker() {
-    let options = HelperOptions { extra_toml: "[limits]\noutput_tail_bytes = 4096\n".into(), ..Default::default() };
-    let Some(helper) = start("output_tail", options) else { return };
+    let options = HelperOptions {
+        extra_toml: "[limits]\noutput_tail_bytes = 4096\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start("output_tail", options) else {
+        return;
+    };
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", "spam:500000").await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "spam:500000")
+        .await;
     let done = client.result(&job.handle, 20_000).await;
     let tail = done.stdout.unwrap();
     assert!(tail.truncated);
-    assert_eq!(tail.total_bytes, 500_000 / 64 * 64 + 4, "every byte is counted");
+    assert_eq!(
+        tail.total_bytes,
+        500_000 / 64 * 64 + 4,
+        "every byte is counted"
+    );
     assert!(tail.text.starts_with("[… "), "{}", &tail.text[..60]);
-    assert!(tail.text.contains("earlier bytes truncated; showing the last 4096"));
+    assert!(
+        tail.text
+            .contains("earlier bytes truncated; showing the last 4096")
+    );
     assert!(tail.text.ends_with("END\n"));
     assert!(tail.text.len() < 4096 + 200);
 }
 
 #[tokio::test]
 async fn result_waits_for_the_end_and_list_filters_by_glob() {
-    let Some(helper) = start("result_wait", HelperOptions::default()) else { return };
+    let Some(helper) = start("result_wait", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", "sleep:1").await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "sleep:1")
+        .await;
     let now = client.result(&job.handle, 0).await;
     assert_eq!(now.state, JobState::Running);
     let started = std::time::Instant::now();
@@ -183,7 +301,14 @@ async fn result_waits_for_the_end_and_list_filters_by_glob() {
     assert!(started.elapsed() < Duration::from_secs(20));
 
     client.dispatch_ok("bob-org", "bob-repo", "exit:0").await;
-    match client.request(Request::List { filter: Some("test sleep*".into()), detail: true, limit: 0 }).await {
+    match client
+        .request(Request::List {
+            filter: Some("test sleep*".into()),
+            detail: true,
+            limit: 0,
+        })
+        .await
+    {
         Response::List { total, jobs } => {
             assert_eq!(total, 1);
             assert_eq!(jobs[0].handle, job.handle);
@@ -191,34 +316,67 @@ async fn result_waits_for_the_end_and_list_filters_by_glob() {
         }
         other => panic!("{other:?}"),
     }
-    match client.request(Request::List { filter: None, detail: false, limit: 0 }).await {
+    match client
+        .request(Request::List {
+            filter: None,
+            detail: false,
+            limit: 0,
+        })
+        .await
+    {
         Response::List { total, jobs } => {
             assert_eq!(total, 2);
             assert!(jobs.iter().all(|j| j.argv.is_none()));
         }
         other => panic!("{other:?}"),
     }
-    let error = client.error(Request::List { filter: Some("[".into()), detail: false, limit: 0 }).await;
-    assert!(error.message.contains("invalid filter \"[\""), "{}", error.message);
+    let error = client
+        .error(Request::List {
+            filter: Some("[".into()),
+            detail: false,
+            limit: 0,
+        })
+        .await;
+    assert!(
+        error.message.contains("invalid filter \"[\""),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
 async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_restart() {
-    let Some(mut helper) = start("lost", HelperOptions::default()) else { return };
+    let Some(mut helper) = start("lost", HelperOptions::default()) else {
+        return;
+    };
     let tag = marker("lost");
     let handle = {
         let mut client = helper.client().await;
-        client.dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}")).await.handle
+        client
+            .dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}"))
+            .await
+            .handle
     };
-    wait_until("two lane processes", Duration::from_secs(10), || processes_with(&tag).len() >= 2);
+    wait_until("two lane processes", Duration::from_secs(10), || {
+        processes_with(&tag).len() >= 2
+    });
     let group = process_group_of(processes_with(&tag)[0]);
     assert!(group_members(group).len() >= 3, "guard + lane + child");
     helper.kill9();
     // The guard's death signal fires and it kills the whole group, grandchild included.
-    wait_until("the lane's whole group to die with the helper", Duration::from_secs(5), || group_members(group).is_empty());
+    wait_until(
+        "the lane's whole group to die with the helper",
+        Duration::from_secs(5),
+        || group_members(group).is_empty(),
+    );
     helper.launch();
     let mut client = helper.client().await;
-    match client.request(Request::Status { handle: handle.clone() }).await {
+    match client
+        .request(Request::Status {
+            handle: handle.clone(),
+        })
+        .await
+    {
         Response::Job(job) => {
             assert_eq!(job.state, JobState::Lost, "{job:?}");
             assert!(job.detail.contains("helper restarted"), "{}", job.detail);
@@ -230,21 +388,42 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
 
 #[tokio::test]
 async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
-    let Some(helper) = start("audit_fail_closed", HelperOptions::default()) else { return };
+    let Some(helper) = start("audit_fail_closed", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
     // Root ignores file modes, so make the path impossible to append to: a directory.
     std::fs::rename(&helper.audit, helper.audit.with_extension("moved")).unwrap();
     std::fs::create_dir(&helper.audit).unwrap();
     let tag = marker("failclosed");
-    let error = match client.dispatch("alice-org", "alice-repo", &format!("sleep:30 {tag}")).await {
+    let error = match client
+        .dispatch("alice-org", "alice-repo", &format!("sleep:30 {tag}"))
+        .await
+    {
         Response::Error(error) => error,
         other => panic!("dispatch ran without an audit record: {other:?}"),
     };
     assert_eq!(error.kind, ErrorKind::AuditUnavailable);
-    assert!(error.message.contains("the audit log could not be written, so nothing ran"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("the audit log could not be written, so nothing ran"),
+        "{}",
+        error.message
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert!(processes_with(&tag).is_empty(), "a lane ran without an audit record");
-    match client.request(Request::List { filter: None, detail: false, limit: 0 }).await {
+    assert!(
+        processes_with(&tag).is_empty(),
+        "a lane ran without an audit record"
+    );
+    match client
+        .request(Request::List {
+            filter: None,
+            detail: false,
+            limit: 0,
+        })
+        .await
+    {
         Response::List { total, .. } => assert_eq!(total, 0),
         other => panic!("{other:?}"),
     }
@@ -252,29 +431,70 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
 
 #[tokio::test]
 async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
-    let Some(helper) = start("audit_verify", HelperOptions::default()) else { return };
+    let Some(helper) = start("audit_verify", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
     for task in ["exit:0", "exit:1", "exit:2"] {
         let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
         client.result(&job.handle, 20_000).await;
     }
     let verify = |path: &std::path::Path| {
-        let output = Command::new(helper_bin()).args(["audit", "verify"]).arg(path).output().unwrap();
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr))
+        let output = Command::new(helper_bin())
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
     };
     let (ok, text) = verify(&helper.audit);
     assert!(ok, "{text}");
     assert!(text.contains("hash chain intact"), "{text}");
 
-    let original: Vec<String> = std::fs::read_to_string(&helper.audit).unwrap().lines().map(str::to_owned).collect();
+    let original: Vec<String> = std::fs::read_to_string(&helper.audit)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     assert!(original.len() >= 7, "{}", original.len());
     let tampered = helper.dir.path().join("tampered.jsonl");
-    let edited_at = original.iter().position(|l| l.contains("\"exit:1\"")).unwrap();
+    let edited_at = original
+        .iter()
+        .position(|l| l.contains("\"exit:1\""))
+        .unwrap();
     let edited_message = format!("line {}: the record was edited", edited_at + 1);
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
-        ("edited", { let mut l = original.clone(); l[edited_at] = l[edited_at].replace("exit:1", "exit:9"); l }, &edited_message),
-        ("removed", { let mut l = original.clone(); l.remove(2); l }, "line 3: the chain is broken"),
-        ("reordered", { let mut l = original.clone(); l.swap(4, 5); l }, "line 5: the chain is broken"),
+        (
+            "edited",
+            {
+                let mut l = original.clone();
+                l[edited_at] = l[edited_at].replace("exit:1", "exit:9");
+                l
+            },
+            &edited_message,
+        ),
+        (
+            "removed",
+            {
+                let mut l = original.clone();
+                l.remove(2);
+                l
+            },
+            "line 3: the chain is broken",
+        ),
+        (
+            "reordered",
+            {
+                let mut l = original.clone();
+                l.swap(4, 5);
+                l
+            },
+            "line 5: the chain is broken",
+        ),
     ];
     for (what, lines, expected) in cases {
         std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
@@ -286,30 +506,65 @@ async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
 
 #[tokio::test]
 async fn a_bad_reload_keeps_the_old_config() {
-    let Some(helper) = start("reload", HelperOptions::default()) else { return };
+    let Some(helper) = start("reload", HelperOptions::default()) else {
+        return;
+    };
     let good = std::fs::read_to_string(&helper.config).unwrap();
-    std::fs::write(&helper.config, good.replace("argv = [", "argv = [\"relative/prog\", ")).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(helper.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
-    wait_until("the failed reload to be audited", Duration::from_secs(5), || !helper.audited("config_reload_failed").is_empty());
+    std::fs::write(
+        &helper.config,
+        good.replace("argv = [", "argv = [\"relative/prog\", "),
+    )
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until(
+        "the failed reload to be audited",
+        Duration::from_secs(5),
+        || !helper.audited("config_reload_failed").is_empty(),
+    );
     let failure = &helper.audited("config_reload_failed")[0];
-    assert!(failure["detail"].as_str().unwrap().contains("relative path"), "{failure}");
+    assert!(
+        failure["detail"]
+            .as_str()
+            .unwrap()
+            .contains("relative path"),
+        "{failure}"
+    );
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
-    assert_eq!(client.result(&job.handle, 20_000).await.state, JobState::Succeeded);
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    assert_eq!(
+        client.result(&job.handle, 20_000).await.state,
+        JobState::Succeeded
+    );
 }
 
 #[test]
 fn a_group_writable_config_is_refused_at_start_naming_file_and_mode() {
     if !is_root() {
-        return skip("strict_modes", "strict modes apply only when the helper runs as root");
+        return skip(
+            "strict_modes",
+            "strict modes apply only when the helper runs as root",
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("helper.toml");
     std::fs::write(&config, "allowlist = '/nonexistent'\nstate_dir = '/tmp/x'\naudit_log = '/tmp/x/a'\nsocket = '/tmp/x/s'\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o664)).unwrap();
-    let output = Command::new(helper_bin()).args(["check", "--config"]).arg(&config).output().unwrap();
+    let output = Command::new(helper_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("helper.toml is writable by group or others (mode 0664)"), "{stderr}");
+    assert!(
+        stderr.contains("helper.toml is writable by group or others (mode 0664)"),
+        "{stderr}"
+    );
 }

@@ -22,20 +22,31 @@ fn start(test: &str, options: HelperOptions) -> Option<TestHelper> {
 /// Send raw bytes on a fresh connection and collect whatever comes back until the helper closes.
 fn raw_exchange(helper: &TestHelper, bytes: &[u8], shutdown_write: bool) -> Vec<u8> {
     let mut stream = UnixStream::connect(&helper.socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = stream.write_all(bytes);
     if shutdown_write {
         let _ = stream.shutdown(std::net::Shutdown::Write);
     }
     let mut reply = Vec::new();
     let result = stream.read_to_end(&mut reply);
-    assert!(result.is_ok() || !reply.is_empty(), "the helper neither replied nor closed: {result:?}");
+    assert!(
+        result.is_ok() || !reply.is_empty(),
+        "the helper neither replied nor closed: {result:?}"
+    );
     reply
 }
 
 fn hello_frame() -> Vec<u8> {
     encode_frame(
-        &RequestEnvelope { id: 1, body: Request::Hello { version: PROTOCOL_VERSION, client_name: None } },
+        &RequestEnvelope {
+            id: 1,
+            body: Request::Hello {
+                version: PROTOCOL_VERSION,
+                client_name: None,
+            },
+        },
         FrameLimit::REQUEST,
     )
     .unwrap()
@@ -55,7 +66,10 @@ fn responses(mut bytes: &[u8]) -> Vec<Response> {
 
 fn protocol_error_text(reply: &[u8]) -> String {
     match responses(reply).last() {
-        Some(Response::Error(ErrorReply { kind: ErrorKind::Protocol, message })) => message.clone(),
+        Some(Response::Error(ErrorReply {
+            kind: ErrorKind::Protocol,
+            message,
+        })) => message.clone(),
         other => panic!("expected a protocol error, got {other:?}"),
     }
 }
@@ -72,17 +86,25 @@ fn violations_mentioning(helper: &TestHelper, text: &str) -> usize {
     helper
         .audit_lines()
         .iter()
-        .filter(|l| l["event"] == "protocol_violation" && l["detail"].as_str().unwrap_or_default().contains(text))
+        .filter(|l| {
+            l["event"] == "protocol_violation"
+                && l["detail"].as_str().unwrap_or_default().contains(text)
+        })
         .count()
 }
 
 #[tokio::test]
 async fn hostile_frames_close_only_their_connection_and_are_audited() {
-    let Some(helper) = start("hostile_frames", HelperOptions::default()) else { return };
+    let Some(helper) = start("hostile_frames", HelperOptions::default()) else {
+        return;
+    };
 
     // Garbage before the handshake.
     let reply = raw_exchange(&helper, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true);
-    assert!(protocol_error_text(&reply).contains("oversized frame"), "{reply:?}");
+    assert!(
+        protocol_error_text(&reply).contains("oversized frame"),
+        "{reply:?}"
+    );
 
     // Truncated frame: the prefix promises 100 bytes, 10 arrive, then EOF.
     let mut truncated = 100u32.to_be_bytes().to_vec();
@@ -92,7 +114,9 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
 
     // A 4 GiB length prefix.
     let reply = raw_exchange(&helper, &u32::MAX.to_be_bytes(), false);
-    assert!(protocol_error_text(&reply).contains("length prefix 4294967295 exceeds the limit of 65536"));
+    assert!(
+        protocol_error_text(&reply).contains("length prefix 4294967295 exceeds the limit of 65536")
+    );
 
     // A frame one byte over the limit, after a valid handshake.
     let mut over = hello_frame();
@@ -109,22 +133,48 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
     assert!(protocol_error_text(&reply).contains("unknown message"));
 
     // A request before the handshake.
-    let lanes = encode_frame(&RequestEnvelope { id: 9, body: Request::Lanes }, FrameLimit::REQUEST).unwrap();
+    let lanes = encode_frame(
+        &RequestEnvelope {
+            id: 9,
+            body: Request::Lanes,
+        },
+        FrameLimit::REQUEST,
+    )
+    .unwrap();
     let reply = raw_exchange(&helper, &lanes, false);
     assert!(protocol_error_text(&reply).contains("must be Hello"));
 
     // The wrong protocol version.
     let old = encode_frame(
-        &RequestEnvelope { id: 1, body: Request::Hello { version: 99, client_name: None } },
+        &RequestEnvelope {
+            id: 1,
+            body: Request::Hello {
+                version: 99,
+                client_name: None,
+            },
+        },
         FrameLimit::REQUEST,
     )
     .unwrap();
     let reply = raw_exchange(&helper, &old, false);
-    assert!(protocol_error_text(&reply).contains("wrong protocol version: peer speaks 99, this side speaks 1"));
+    assert!(
+        protocol_error_text(&reply)
+            .contains("wrong protocol version: peer speaks 99, this side speaks 1")
+    );
 
     still_serves(&helper).await;
-    for text in ["oversized", "truncated", "4294967295", "unknown message", "before the handshake", "wrong protocol version"] {
-        assert!(violations_mentioning(&helper, text) >= 1, "no audit record mentions {text:?}");
+    for text in [
+        "oversized",
+        "truncated",
+        "4294967295",
+        "unknown message",
+        "before the handshake",
+        "wrong protocol version",
+    ] {
+        assert!(
+            violations_mentioning(&helper, text) >= 1,
+            "no audit record mentions {text:?}"
+        );
     }
     // None of this spawned anything.
     assert!(helper.audited("dispatch_accepted").is_empty());
@@ -132,38 +182,57 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
 
 #[tokio::test]
 async fn a_thousand_dropped_connections_do_not_stop_the_helper() {
-    let Some(helper) = start("thousand_connections", HelperOptions::default()) else { return };
+    let Some(helper) = start("thousand_connections", HelperOptions::default()) else {
+        return;
+    };
     for _ in 0..1000 {
         drop(UnixStream::connect(&helper.socket).unwrap());
     }
     still_serves(&helper).await;
     // Each is audited as closed before the handshake, or refused at the connection limit.
     support::wait_until("1000 audit records", Duration::from_secs(30), || {
-        helper.audited("protocol_violation").len() + helper.audited("connection_refused").len() >= 1000
+        helper.audited("protocol_violation").len() + helper.audited("connection_refused").len()
+            >= 1000
     });
 }
 
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_timeout() {
-    let options = HelperOptions { extra_toml: "[limits]\nidle_timeout_seconds = 1\n".into(), ..Default::default() };
-    let Some(helper) = start("idle_connection", options) else { return };
+    let options = HelperOptions {
+        extra_toml: "[limits]\nidle_timeout_seconds = 1\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start("idle_connection", options) else {
+        return;
+    };
     let mut idle = UnixStream::connect(&helper.socket).unwrap();
     idle.write_all(&hello_frame()).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let started = std::time::Instant::now();
     let mut all = Vec::new();
     idle.read_to_end(&mut all).unwrap();
-    assert!(matches!(responses(&all)[..], [Response::Hello(_)]), "only the hello reply, then EOF");
+    assert!(
+        matches!(responses(&all)[..], [Response::Hello(_)]),
+        "only the hello reply, then EOF"
+    );
     assert!(started.elapsed() < Duration::from_secs(8));
     still_serves(&helper).await;
-    support::wait_until("idle audit record", Duration::from_secs(5), || !helper.audited("idle_timeout").is_empty());
+    support::wait_until("idle audit record", Duration::from_secs(5), || {
+        !helper.audited("idle_timeout").is_empty()
+    });
 }
 
 #[tokio::test]
 async fn a_peer_running_as_a_non_admitted_uid_is_refused_before_any_request() {
     // 0666 so the filesystem lets the connection through: the helper's own check must refuse it.
-    let options = HelperOptions { socket_mode: 0o666, ..Default::default() };
-    let Some(helper) = start("non_admitted_peer", options) else { return };
+    let options = HelperOptions {
+        socket_mode: 0o666,
+        ..Default::default()
+    };
+    let Some(helper) = start("non_admitted_peer", options) else {
+        return;
+    };
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(helper.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mallory = user(MALLORY);
@@ -176,11 +245,19 @@ async fn a_peer_running_as_a_non_admitted_uid_is_refused_before_any_request() {
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["connected"], true, "{report}");
-    assert_eq!(report["hello"], "closed", "a refused peer must get no reply at all: {report}");
+    assert_eq!(
+        report["hello"], "closed",
+        "a refused peer must get no reply at all: {report}"
+    );
     let refused = helper.audited("client_refused");
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["peer"]["uid"], mallory.uid.as_raw());
-    assert!(refused[0]["detail"].as_str().unwrap().contains("not an admitted client"));
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not an admitted client")
+    );
     still_serves(&helper).await;
 }
 
@@ -188,31 +265,98 @@ use std::os::unix::process::CommandExt;
 
 #[tokio::test]
 async fn invalid_dispatches_are_rejected_named_and_audited_and_spawn_nothing() {
-    let Some(helper) = start("invalid_dispatches", HelperOptions::default()) else { return };
+    let Some(helper) = start("invalid_dispatches", HelperOptions::default()) else {
+        return;
+    };
     let mut client = helper.client().await;
     let cases: Vec<(&str, &str, String, ErrorKind, &str)> = vec![
-        ("nobody", "alice-repo", "x".into(), ErrorKind::NotAllowlisted, "unknown orguser \"nobody\"; known org-users: alice-org, bob-org, restricted-org"),
-        ("alice-org", "nope", "x".into(), ErrorKind::NotAllowlisted, "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo, restricted-org/restricted-repo"),
-        ("alice-org", "bob-repo", "x".into(), ErrorKind::OwnerMismatch, "repo bob-repo belongs to orguser bob-org, not alice-org"),
-        ("alice-org", "../bob-repo", "x".into(), ErrorKind::Invalid, "invalid repo \"../bob-repo\""),
-        ("../alice-org", "alice-repo", "x".into(), ErrorKind::Invalid, "invalid orguser"),
-        ("alice-org", "alice-repo", "run\0this".into(), ErrorKind::Invalid, "NUL byte at character 3"),
-        ("alice-org", "alice-repo", "y".repeat(8001), ErrorKind::Invalid, "8001 characters long"),
-        ("alice-org", "alice-repo", "   ".into(), ErrorKind::Invalid, "is empty"),
-        ("restricted-org", "restricted-repo", "x".into(), ErrorKind::NotPermitted, "not among the allowed clients of orguser restricted-org"),
+        (
+            "nobody",
+            "alice-repo",
+            "x".into(),
+            ErrorKind::NotAllowlisted,
+            "unknown orguser \"nobody\"; known org-users: alice-org, bob-org, restricted-org",
+        ),
+        (
+            "alice-org",
+            "nope",
+            "x".into(),
+            ErrorKind::NotAllowlisted,
+            "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo, restricted-org/restricted-repo",
+        ),
+        (
+            "alice-org",
+            "bob-repo",
+            "x".into(),
+            ErrorKind::OwnerMismatch,
+            "repo bob-repo belongs to orguser bob-org, not alice-org",
+        ),
+        (
+            "alice-org",
+            "../bob-repo",
+            "x".into(),
+            ErrorKind::Invalid,
+            "invalid repo \"../bob-repo\"",
+        ),
+        (
+            "../alice-org",
+            "alice-repo",
+            "x".into(),
+            ErrorKind::Invalid,
+            "invalid orguser",
+        ),
+        (
+            "alice-org",
+            "alice-repo",
+            "run\0this".into(),
+            ErrorKind::Invalid,
+            "NUL byte at character 3",
+        ),
+        (
+            "alice-org",
+            "alice-repo",
+            "y".repeat(8001),
+            ErrorKind::Invalid,
+            "8001 characters long",
+        ),
+        (
+            "alice-org",
+            "alice-repo",
+            "   ".into(),
+            ErrorKind::Invalid,
+            "is empty",
+        ),
+        (
+            "restricted-org",
+            "restricted-repo",
+            "x".into(),
+            ErrorKind::NotPermitted,
+            "not among the allowed clients of orguser restricted-org",
+        ),
     ];
     for (orguser, repo, task, kind, text) in &cases {
         match client.dispatch(orguser, repo, task).await {
             Response::Error(error) => {
                 assert_eq!(error.kind, *kind, "{orguser}/{repo}: {}", error.message);
-                assert!(error.message.contains(text), "{orguser}/{repo}: {:?} lacks {text:?}", error.message);
+                assert!(
+                    error.message.contains(text),
+                    "{orguser}/{repo}: {:?} lacks {text:?}",
+                    error.message
+                );
             }
             other => panic!("{orguser}/{repo} was not rejected: {other:?}"),
         }
     }
     assert_eq!(helper.audited("dispatch_rejected").len(), cases.len());
     assert!(helper.audited("dispatch_accepted").is_empty());
-    match client.request(Request::List { filter: None, detail: false, limit: 0 }).await {
+    match client
+        .request(Request::List {
+            filter: None,
+            detail: false,
+            limit: 0,
+        })
+        .await
+    {
         Response::List { total, .. } => assert_eq!(total, 0),
         other => panic!("{other:?}"),
     }
@@ -230,11 +374,15 @@ async fn handles_are_private_to_the_uid_that_created_them() {
         extra_toml: format!("[clients]\nusers = [{MALLORY:?}]\n"),
         ..Default::default()
     };
-    let Some(helper) = start("private_handles", options) else { return };
+    let Some(helper) = start("private_handles", options) else {
+        return;
+    };
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(helper.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
     client.result(&job.handle, 10_000).await;
 
     let mallory = user(MALLORY);
@@ -259,7 +407,15 @@ async fn handles_are_private_to_the_uid_that_created_them() {
         "another uid's handle must look exactly like one that never existed"
     );
     // A malformed handle is a validation error naming the rule.
-    let error = client.error(Request::Status { handle: "../../etc/passwd".into() }).await;
+    let error = client
+        .error(Request::Status {
+            handle: "../../etc/passwd".into(),
+        })
+        .await;
     assert_eq!(error.kind, ErrorKind::Invalid);
-    assert!(error.message.contains("invalid handle"), "{}", error.message);
+    assert!(
+        error.message.contains("invalid handle"),
+        "{}",
+        error.message
+    );
 }

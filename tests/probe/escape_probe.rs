@@ -34,7 +34,9 @@ fn main() {
     } else {
         args[1..].join(" ")
     };
-    let (mode, rest) = task.split_once(' ').map_or((task.as_str(), ""), |(m, r)| (m, r));
+    let (mode, rest) = task
+        .split_once(' ')
+        .map_or((task.as_str(), ""), |(m, r)| (m, r));
     match mode {
         _ if mode.starts_with("exit:") => {
             println!("lane ran; exiting with {}", &mode[5..]);
@@ -44,7 +46,9 @@ fn main() {
         _ if mode.starts_with("sleep:") => {
             println!("sleeping");
             std::io::stdout().flush().unwrap();
-            std::thread::sleep(std::time::Duration::from_secs(mode[6..].parse().unwrap_or(60)));
+            std::thread::sleep(std::time::Duration::from_secs(
+                mode[6..].parse().unwrap_or(60),
+            ));
         }
         _ if mode.starts_with("sleep-group:") => {
             let seconds: u64 = mode[12..].parse().unwrap_or(60);
@@ -54,7 +58,10 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_secs(seconds));
                 std::process::exit(0);
             }
-            println!("{}", json!({"lane_pid": std::process::id(), "child_pid": pid}));
+            println!(
+                "{}",
+                json!({"lane_pid": std::process::id(), "child_pid": pid})
+            );
             std::io::stdout().flush().unwrap();
             std::thread::sleep(std::time::Duration::from_secs(seconds));
         }
@@ -76,14 +83,19 @@ fn main() {
 /// Connect to the helper socket as whoever runs this, handshake, optionally ask for the status
 /// of a handle, and print what happened (as JSON).
 fn connect(rest: &str) {
-    use dispatch_proto::{FrameLimit, Request, RequestEnvelope, ResponseEnvelope, decode, encode_frame};
+    use dispatch_proto::{
+        FrameLimit, Request, RequestEnvelope, ResponseEnvelope, decode, encode_frame,
+    };
     let mut words = rest.split_whitespace();
     let socket = words.next().unwrap_or_default();
     let handle = words.next();
     let mut stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(stream) => stream,
         Err(error) => {
-            println!("{}", json!({"connected": false, "error": error.to_string()}));
+            println!(
+                "{}",
+                json!({"connected": false, "error": error.to_string()})
+            );
             return;
         }
     };
@@ -106,9 +118,25 @@ fn connect(rest: &str) {
             Err(error) => json!(format!("undecodable: {error}")),
         }
     };
-    let hello = exchange(1, Request::Hello { version: dispatch_proto::PROTOCOL_VERSION, client_name: Some("probe".into()) });
-    let status = handle.map(|h| exchange(2, Request::Status { handle: h.to_owned() }));
-    println!("{}", json!({"connected": true, "hello": hello, "status": status}));
+    let hello = exchange(
+        1,
+        Request::Hello {
+            version: dispatch_proto::PROTOCOL_VERSION,
+            client_name: Some("probe".into()),
+        },
+    );
+    let status = handle.map(|h| {
+        exchange(
+            2,
+            Request::Status {
+                handle: h.to_owned(),
+            },
+        )
+    });
+    println!(
+        "{}",
+        json!({"connected": true, "hello": hello, "status": status})
+    );
 }
 
 fn escape(config: Value) {
@@ -129,69 +157,177 @@ fn escape(config: Value) {
     groups.truncate(count.max(0) as usize);
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
-        status.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_owned()))
+        status.lines().find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_owned())
+        })
     };
     checks.push(json!({"check": "identity", "uid": [r, e, s], "gid": [rg, eg, sg], "groups": groups,
         "CapEff": field("CapEff"), "CapPrm": field("CapPrm"), "NoNewPrivs": field("NoNewPrivs"), "Seccomp": field("Seccomp")}));
 
     // Filesystem.
     let outside = str_of("outside_file");
-    checks.push(report("write_outside_work_dir", std::fs::OpenOptions::new().append(true).open(&outside)
-        .and_then(|mut f| f.write_all(b"BREACH")).map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    checks.push(report(
+        "write_outside_work_dir",
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&outside)
+            .and_then(|mut f| f.write_all(b"BREACH"))
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
     let other_home = str_of("other_home_file");
-    checks.push(report("read_other_home", std::fs::read(&other_home).map(|b| b.len() as i64).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    checks.push(report(
+        "read_other_home",
+        std::fs::read(&other_home)
+            .map(|b| b.len() as i64)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
     let work_file = format!("{}/probe-write-ok", str_of("work_dir"));
-    checks.push(report("write_inside_work_dir", std::fs::write(&work_file, "ok").map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    checks.push(report(
+        "write_inside_work_dir",
+        std::fs::write(&work_file, "ok")
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
 
     // Privilege.
     // SAFETY: plain integer arguments.
-    checks.push(report("setresuid_root", sys(unsafe { libc::setresuid(0, 0, 0) } as i64)));
+    checks.push(report(
+        "setresuid_root",
+        sys(unsafe { libc::setresuid(0, 0, 0) } as i64),
+    ));
     let suid = str_of("setuid_binary");
     let output = std::process::Command::new(&suid).arg("-u").output();
     checks.push(json!({"check": "setuid_binary", "output": output.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_else(|e| format!("error: {e}"))}));
 
     // Seccomp-denied syscalls (each would succeed or fail differently without the filter).
-    // SAFETY (all below): raw syscalls with arguments that cannot corrupt this process's memory:
+    // SAFETY: (all below) raw syscalls with arguments that cannot corrupt this process's memory:
     // null or valid pointers to locals, and the kernel rejects or performs the operation.
     unsafe {
-        checks.push(report("ptrace_traceme", sys(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0))));
+        checks.push(report(
+            "ptrace_traceme",
+            sys(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)),
+        ));
         let mut local = [0u8; 8];
         let source = [7u8; 8];
-        let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: 8 };
-        let riov = libc::iovec { iov_base: source.as_ptr() as *mut _, iov_len: 8 };
-        checks.push(report("process_vm_readv", sys(libc::process_vm_readv(libc::getpid(), &liov, 1, &riov, 1, 0) as i64)));
+        let liov = libc::iovec {
+            iov_base: local.as_mut_ptr().cast(),
+            iov_len: 8,
+        };
+        let riov = libc::iovec {
+            iov_base: source.as_ptr() as *mut _,
+            iov_len: 8,
+        };
+        checks.push(report(
+            "process_vm_readv",
+            sys(libc::process_vm_readv(libc::getpid(), &liov, 1, &riov, 1, 0) as i64),
+        ));
         let mut params = [0u8; 120];
-        checks.push(report("io_uring_setup", sys(libc::syscall(libc::SYS_io_uring_setup, 1, params.as_mut_ptr()))));
+        checks.push(report(
+            "io_uring_setup",
+            sys(libc::syscall(
+                libc::SYS_io_uring_setup,
+                1,
+                params.as_mut_ptr(),
+            )),
+        ));
         let mut attr = [0u8; 128];
-        checks.push(report("bpf", sys(libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_mut_ptr(), 128))));
-        checks.push(report("unshare_newuser", sys(libc::unshare(libc::CLONE_NEWUSER) as i64)));
+        checks.push(report(
+            "bpf",
+            sys(libc::syscall(
+                libc::SYS_bpf,
+                0, /* BPF_MAP_CREATE */
+                attr.as_mut_ptr(),
+                128,
+            )),
+        ));
+        checks.push(report(
+            "unshare_newuser",
+            sys(libc::unshare(libc::CLONE_NEWUSER) as i64),
+        ));
         let tmp = CString::new("/tmp").unwrap();
         let fstype = CString::new("tmpfs").unwrap();
-        checks.push(report("mount", sys(libc::mount(fstype.as_ptr(), tmp.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) as i64)));
-        checks.push(report("keyctl", sys(libc::syscall(libc::SYS_keyctl, 0 /* KEYCTL_GET_KEYRING_ID */, -3 /* session */, 0))));
+        checks.push(report(
+            "mount",
+            sys(libc::mount(
+                fstype.as_ptr(),
+                tmp.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            ) as i64),
+        ));
+        checks.push(report(
+            "keyctl",
+            sys(libc::syscall(
+                libc::SYS_keyctl,
+                0,  /* KEYCTL_GET_KEYRING_ID */
+                -3, /* session */
+                0,
+            )),
+        ));
         let c = b'x';
-        checks.push(report("tiocsti", sys(libc::ioctl(0, libc::TIOCSTI, &c) as i64)));
+        checks.push(report(
+            "tiocsti",
+            sys(libc::ioctl(0, libc::TIOCSTI, &c) as i64),
+        ));
         // The same command with garbage in the upper 32 bits (CVE-2019-10063).
-        checks.push(report("tiocsti_high_bits", sys(libc::syscall(libc::SYS_ioctl, 0, 0xdead_beef_0000_0000u64 | libc::TIOCSTI as u64, &c))));
+        checks.push(report(
+            "tiocsti_high_bits",
+            sys(libc::syscall(
+                libc::SYS_ioctl,
+                0,
+                0xdead_beef_0000_0000u64 | libc::TIOCSTI,
+                &c,
+            )),
+        ));
         // x32 alias of getpid (39 | X32 bit).
         checks.push(report("x32_syscall", sys(libc::syscall(0x4000_0000 | 39))));
-        checks.push(report("kill_helper", sys(libc::kill(config["helper_pid"].as_i64().unwrap_or(1) as i32, 0) as i64)));
-        checks.push(report("unix_socket", sys(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64)));
+        checks.push(report(
+            "kill_helper",
+            sys(libc::kill(config["helper_pid"].as_i64().unwrap_or(1) as i32, 0) as i64),
+        ));
+        checks.push(report(
+            "unix_socket",
+            sys(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64),
+        ));
     }
     let helper_socket = std::os::unix::net::UnixStream::connect(str_of("helper_socket"));
-    checks.push(report("connect_helper_socket", helper_socket.map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+    checks.push(report(
+        "connect_helper_socket",
+        helper_socket
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
 
     // Network.
-    checks.push(report("tcp_bind", std::net::TcpListener::bind("127.0.0.1:0").map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
-    for (name, key) in [("tcp_connect_denied_port", "denied_port"), ("tcp_connect_allowed_port", "allowed_port")] {
+    checks.push(report(
+        "tcp_bind",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
+    for (name, key) in [
+        ("tcp_connect_denied_port", "denied_port"),
+        ("tcp_connect_allowed_port", "allowed_port"),
+    ] {
         let port = config[key].as_u64().unwrap_or(0);
-        checks.push(report(name, std::net::TcpStream::connect(("127.0.0.1", port as u16)).map(|_| 0).map_err(|e| e.raw_os_error().unwrap_or(-1))));
+        checks.push(report(
+            name,
+            std::net::TcpStream::connect(("127.0.0.1", port as u16))
+                .map(|_| 0)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ));
     }
 
     // File descriptors: everything open above 2 (the listing's own fd excluded).
-    let fds: Vec<i64> = std::fs::read_dir("/proc/self/fd").map(|dir| {
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
-    }).unwrap_or_default();
+    let fds: Vec<i64> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     checks.push(json!({"check": "fds", "open": fds}));
 
     // Environment.
@@ -199,7 +335,10 @@ fn escape(config: Value) {
     checks.push(json!({"check": "env", "names": env}));
 
     // Limits.
-    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: pointer to a live local.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
     let mut opened = Vec::new();

@@ -64,7 +64,9 @@ pub fn ensure_users() {
 }
 
 pub fn user(name: &str) -> nix::unistd::User {
-    nix::unistd::User::from_name(name).unwrap().expect("test user exists")
+    nix::unistd::User::from_name(name)
+        .unwrap()
+        .expect("test user exists")
 }
 
 pub struct HelperOptions {
@@ -79,7 +81,13 @@ pub struct HelperOptions {
 impl Default for HelperOptions {
     fn default() -> Self {
         HelperOptions {
-            argv: vec![probe_bin().into(), "lane".into(), "{orguser}".into(), "{repo}".into(), "{task}".into()],
+            argv: vec![
+                probe_bin().into(),
+                "lane".into(),
+                "{orguser}".into(),
+                "{repo}".into(),
+                "{task}".into(),
+            ],
             timeout_seconds: 30,
             extra_toml: String::new(),
             sandbox_toml: String::new(),
@@ -123,7 +131,12 @@ impl TestHelper {
         let socket = root.join("run/helper.sock");
         let audit = root.join("log/audit.jsonl");
         let state = root.join("state");
-        let argv = options.argv.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+        let argv = options
+            .argv
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let text = format!(
             "allowlist = {allowlist:?}\nargv = [{argv}]\nstate_dir = {state:?}\naudit_log = {audit:?}\n\
              socket = {socket:?}\nsocket_mode = {mode}\ntimeout_seconds = {timeout}\nkill_grace_seconds = 1\n\
@@ -153,7 +166,11 @@ impl TestHelper {
 
     /// Start (or start again) the helper process on the same config and state.
     pub fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr_log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .unwrap();
         let mut command = Command::new(helper_bin());
         command
             .args(["serve", "--config"])
@@ -208,7 +225,10 @@ impl TestHelper {
 
     /// Audit records of one event kind.
     pub fn audited(&self, event: &str) -> Vec<serde_json::Value> {
-        self.audit_lines().into_iter().filter(|l| l["event"] == event).collect()
+        self.audit_lines()
+            .into_iter()
+            .filter(|l| l["event"] == event)
+            .collect()
     }
 
     pub async fn client(&self) -> Client {
@@ -219,7 +239,10 @@ impl TestHelper {
 impl Drop for TestHelper {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if child.try_wait().unwrap().is_some() {
@@ -241,9 +264,26 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(socket: &Path) -> Client {
-        let stream = tokio::net::UnixStream::connect(socket).await.expect("connect to helper");
-        let mut client = Client { stream, next_id: 1, hello: HelloReply { version: 0, helper_version: String::new(), peer_uid: 0, unprivileged: false } };
-        match client.request(Request::Hello { version: PROTOCOL_VERSION, client_name: Some("integration-test".into()) }).await {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect to helper");
+        let mut client = Client {
+            stream,
+            next_id: 1,
+            hello: HelloReply {
+                version: 0,
+                helper_version: String::new(),
+                peer_uid: 0,
+                unprivileged: false,
+            },
+        };
+        match client
+            .request(Request::Hello {
+                version: PROTOCOL_VERSION,
+                client_name: Some("integration-test".into()),
+            })
+            .await
+        {
             Response::Hello(hello) => client.hello = hello,
             other => panic!("handshake failed: {other:?}"),
         }
@@ -253,7 +293,13 @@ impl Client {
     pub async fn request(&mut self, body: Request) -> Response {
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(&mut self.stream, &RequestEnvelope { id, body }, FrameLimit::REQUEST).await.expect("send");
+        write_frame(
+            &mut self.stream,
+            &RequestEnvelope { id, body },
+            FrameLimit::REQUEST,
+        )
+        .await
+        .expect("send");
         loop {
             let response: ResponseEnvelope = read_frame(&mut self.stream, FrameLimit::RESPONSE)
                 .await
@@ -283,7 +329,13 @@ impl Client {
     }
 
     pub async fn result(&mut self, handle: &str, wait_ms: u32) -> JobView {
-        match self.request(Request::Result { handle: handle.into(), wait_ms }).await {
+        match self
+            .request(Request::Result {
+                handle: handle.into(),
+                wait_ms,
+            })
+            .await
+        {
             Response::Job(job) => *job,
             other => panic!("result failed: {other:?}"),
         }
@@ -300,7 +352,9 @@ impl Client {
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }

@@ -3,17 +3,27 @@
 //! and drives it over stdio as an MCP client, printing each step.
 
 use crate::embedded::{DEMO_ORGUSER, DEMO_REPO, new_private_dir};
-use rmcp::model::{CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, Implementation,
+};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{ServiceExt, transport::ConfigureCommandExt};
 use serde_json::{Value, json};
 
 fn text(result: &CallToolResult) -> String {
-    result.content.first().and_then(|c| c.as_text()).map(|t| t.text.clone()).unwrap_or_default()
+    result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default()
 }
 
 fn section(title: &str) {
-    println!("\n── {title} {}", "─".repeat(60usize.saturating_sub(title.len())));
+    println!(
+        "\n── {title} {}",
+        "─".repeat(60usize.saturating_sub(title.len()))
+    );
 }
 
 pub async fn run() -> Result<(), String> {
@@ -30,36 +40,66 @@ pub async fn run() -> Result<(), String> {
         .stderr(log)
         .spawn()
         .map_err(|e| format!("start the front: {e}"))?;
-    let client = ClientConfig::new(ClientCapabilities::default(), Implementation::new("dispatch-mcp-demo", env!("CARGO_PKG_VERSION")))
-        .serve(transport)
-        .await
-        .map_err(|e| format!("MCP initialize with the front failed: {e} (see {})", front_log.display()))?;
+    let client = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("dispatch-mcp-demo", env!("CARGO_PKG_VERSION")),
+    )
+    .serve(transport)
+    .await
+    .map_err(|e| {
+        format!(
+            "MCP initialize with the front failed: {e} (see {})",
+            front_log.display()
+        )
+    })?;
 
     let call = |name: &'static str, args: Value| {
         let client = &client;
         async move {
             client
-                .call_tool(CallToolRequestParams::new(name).with_arguments(args.as_object().cloned().unwrap_or_default()))
+                .call_tool(
+                    CallToolRequestParams::new(name)
+                        .with_arguments(args.as_object().cloned().unwrap_or_default()),
+                )
                 .await
                 .map_err(|e| format!("{name}: {e}"))
         }
     };
 
-    println!("dispatch-mcp demo: the real front and a real helper (embedded, {}), driven over MCP stdio.",
-        if nix::unistd::geteuid().is_root() { "root mode, demo lane as nobody" } else { "unprivileged mode" });
+    println!(
+        "dispatch-mcp demo: the real front and a real helper (embedded, {}), driven over MCP stdio.",
+        if nix::unistd::geteuid().is_root() {
+            "root mode, demo lane as nobody"
+        } else {
+            "unprivileged mode"
+        }
+    );
     section("server");
     let info = client.peer_info();
     if let Some(info) = info.as_ref().and_then(|i| i.server_info.clone()) {
         println!("{} {}", info.name, info.version);
     }
     let tools = client.list_all_tools().await.map_err(|e| e.to_string())?;
-    println!("tools: {}", tools.iter().map(|t| t.name.to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "tools: {}",
+        tools
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     section("dispatch_lanes");
     let lanes = call("dispatch_lanes", json!({})).await?;
     let lanes_json = lanes.structured_content.clone().unwrap_or_default();
     for lane in lanes_json["lanes"].as_array().into_iter().flatten() {
-        println!("{}/{}  (github {}, runs as {})", lane["orguser"].as_str().unwrap_or(""), lane["repo"].as_str().unwrap_or(""), lane["github"].as_str().unwrap_or(""), lane["unix_user"].as_str().unwrap_or(""));
+        println!(
+            "{}/{}  (github {}, runs as {})",
+            lane["orguser"].as_str().unwrap_or(""),
+            lane["repo"].as_str().unwrap_or(""),
+            lane["github"].as_str().unwrap_or(""),
+            lane["unix_user"].as_str().unwrap_or("")
+        );
     }
 
     section("dispatch_unit");
@@ -70,7 +110,10 @@ pub async fn run() -> Result<(), String> {
     }
     let job = dispatched.structured_content.clone().unwrap_or_default();
     let handle = job["handle"].as_str().unwrap_or_default().to_owned();
-    println!("handle {handle}  status {}  requested_at {}", job["status"], job["requested_at"]);
+    println!(
+        "handle {handle}  status {}  requested_at {}",
+        job["status"], job["requested_at"]
+    );
 
     section("dispatch_status");
     let status = call("dispatch_status", json!({"handle": handle})).await?;
@@ -78,38 +121,71 @@ pub async fn run() -> Result<(), String> {
     println!("status {}  detail {}", status["status"], status["detail"]);
 
     section("dispatch_result (wait_seconds 30)");
-    let result = call("dispatch_result", json!({"handle": handle, "wait_seconds": 30})).await?;
+    let result = call(
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 30}),
+    )
+    .await?;
     let result = result.structured_content.unwrap_or_default();
-    println!("status {}  returncode {}  detail {}", result["status"], result["returncode"], result["detail"]);
+    println!(
+        "status {}  returncode {}  detail {}",
+        result["status"], result["returncode"], result["detail"]
+    );
     println!("stdout:");
     for line in result["stdout"]["text"].as_str().unwrap_or("").lines() {
         println!("  | {line}");
     }
     let sandbox = &result["sandbox"];
-    println!("sandbox: uid {} gid {}, landlock {}, seccomp {}, no_new_privs {}",
-        sandbox["uid"], sandbox["gid"], sandbox["landlock"], sandbox["seccomp"], sandbox["no_new_privs"]);
+    println!(
+        "sandbox: uid {} gid {}, landlock {}, seccomp {}, no_new_privs {}",
+        sandbox["uid"],
+        sandbox["gid"],
+        sandbox["landlock"],
+        sandbox["seccomp"],
+        sandbox["no_new_privs"]
+    );
 
     section("dispatch_list");
     let list = call("dispatch_list", json!({})).await?;
     let list = list.structured_content.unwrap_or_default();
     println!("count {}", list["count"]);
     for item in list["dispatches"].as_array().into_iter().flatten() {
-        println!("{}  {}  {}", item["handle"].as_str().unwrap_or(""), item["status"].as_str().unwrap_or(""), item["description"].as_str().unwrap_or(""));
+        println!(
+            "{}  {}  {}",
+            item["handle"].as_str().unwrap_or(""),
+            item["status"].as_str().unwrap_or(""),
+            item["description"].as_str().unwrap_or("")
+        );
     }
 
     section("dispatch_unit to a lane that is not allowlisted");
-    let rejected = call("dispatch_unit", json!({"orguser": DEMO_ORGUSER, "repo": "not-allowlisted", "task_description": "anything"})).await?;
-    println!("isError {}: {}", rejected.is_error == Some(true), text(&rejected));
+    let rejected = call(
+        "dispatch_unit",
+        json!({"orguser": DEMO_ORGUSER, "repo": "not-allowlisted", "task_description": "anything"}),
+    )
+    .await?;
+    println!(
+        "isError {}: {}",
+        rejected.is_error == Some(true),
+        text(&rejected)
+    );
 
     section("audit");
     println!("audit log: {}", dir.join("audit.jsonl").display());
-    println!("verify it: {} audit verify {}", exe.with_file_name("dispatch-helper").display(), dir.join("audit.jsonl").display());
+    println!(
+        "verify it: {} audit verify {}",
+        exe.with_file_name("dispatch-helper").display(),
+        dir.join("audit.jsonl").display()
+    );
     let _ = client.cancel().await;
     let ok = result["status"] == "succeeded" && rejected.is_error == Some(true);
     if ok {
         println!("\ndemo completed.");
         Ok(())
     } else {
-        Err(format!("the demo did not go as expected (front log: {})", front_log.display()))
+        Err(format!(
+            "the demo did not go as expected (front log: {})",
+            front_log.display()
+        ))
     }
 }

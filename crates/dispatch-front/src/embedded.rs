@@ -33,13 +33,19 @@ fn sibling(name: &str, env: &str) -> Result<PathBuf, String> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(format!("{name} was not found next to {} (set {env} to its path)", exe.display()))
+        Err(format!(
+            "{name} was not found next to {} (set {env} to its path)",
+            exe.display()
+        ))
     }
 }
 
 /// A fresh private directory for one embedded helper.
 pub fn new_private_dir() -> Result<PathBuf, String> {
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     let dir = std::env::temp_dir().join(format!(
         "dispatch-mcp-embedded-{}-{stamp}-{}",
         nix::unistd::geteuid(),
@@ -47,14 +53,20 @@ pub fn new_private_dir() -> Result<PathBuf, String> {
     ));
     std::fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     // As root the lane runs as nobody, which must reach the lane program and its work dir.
-    let mode = if nix::unistd::geteuid().is_root() { 0o755 } else { 0o700 };
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())?;
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o755
+    } else {
+        0o700
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| e.to_string())?;
     Ok(dir)
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| e.to_string())
 }
 
 fn toml_string(value: &str) -> String {
@@ -82,12 +94,17 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
             // nobody cannot traverse most install locations (e.g. /root/.cargo/bin).
             let copy = dir.join("dispatch-demo-lane");
             std::fs::copy(&lane, &copy).map_err(|e| format!("copy the demo lane: {e}"))?;
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
             copy
         } else {
             lane
         };
-        let unix_user = if root { r#", "unix_user": "nobody""# } else { "" };
+        let unix_user = if root {
+            r#", "unix_user": "nobody""#
+        } else {
+            ""
+        };
         let allowlist = dir.join("repos.json");
         write(
             &allowlist,
@@ -100,16 +117,18 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         )?;
         let work = dir.join("work");
         std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
-        if root {
-            if let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {
-                nix::unistd::chown(&work, Some(nobody.uid), Some(nobody.gid)).map_err(|e| e.to_string())?;
-            }
+        if root && let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {
+            nix::unistd::chown(&work, Some(nobody.uid), Some(nobody.gid))
+                .map_err(|e| e.to_string())?;
         }
         let lane = toml_string(&lane.display().to_string());
-        let argv = format!(r#"[{lane}, "{{orguser}}", "{{repo}}", "{{task}}", "--host", "{{host}}", "--max", "{{max_iterations}}"]"#);
+        let argv = format!(
+            r#"[{lane}, "{{orguser}}", "{{repo}}", "{{task}}", "--host", "{{host}}", "--max", "{{max_iterations}}"]"#
+        );
         (allowlist, argv, work.display().to_string())
     };
-    let search_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let search_path =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     let config = dir.join("helper.toml");
     write(
         &config,
@@ -140,12 +159,24 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the embedded helper exited with {status} (its error is above); config {}", config.display()));
+            return Err(format!(
+                "the embedded helper exited with {status} (its error is above); config {}",
+                config.display()
+            ));
         }
         if Instant::now() > deadline {
-            return Err(format!("the embedded helper did not open {} in time", socket.display()));
+            return Err(format!(
+                "the embedded helper did not open {} in time",
+                socket.display()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(EmbeddedHelper { dir, socket, audit_log, drop_in, _child: child })
+    Ok(EmbeddedHelper {
+        dir,
+        socket,
+        audit_log,
+        drop_in,
+        _child: child,
+    })
 }

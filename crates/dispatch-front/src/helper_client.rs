@@ -18,7 +18,9 @@ use tokio::sync::oneshot;
 pub enum HelperError {
     #[error("the dispatch helper is not reachable at {socket}: {reason}")]
     Unreachable { socket: String, reason: String },
-    #[error("the connection to the dispatch helper was lost while the request was in flight; the helper may have restarted")]
+    #[error(
+        "the connection to the dispatch helper was lost while the request was in flight; the helper may have restarted"
+    )]
     Disconnected,
     #[error("the dispatch helper broke the protocol: {0}")]
     Protocol(String),
@@ -64,7 +66,10 @@ impl HelperClient {
     /// fresh connection if the old one turned out to be dead; dispatch, cancel and delete never
     /// are (they must not happen twice).
     pub async fn request(&self, body: Request) -> Result<Response, HelperError> {
-        let retryable = matches!(body, Request::Status { .. } | Request::Result { .. } | Request::List { .. } | Request::Lanes);
+        let retryable = matches!(
+            body,
+            Request::Status { .. } | Request::Result { .. } | Request::List { .. } | Request::Lanes
+        );
         match self.request_once(body.clone()).await {
             Err(HelperError::Disconnected) if retryable => self.request_once(body).await,
             other => other,
@@ -80,13 +85,26 @@ impl HelperClient {
         let connection = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
-        connection.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, sender);
+        connection
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, sender);
         let sent = {
             let mut writer = connection.writer.lock().await;
-            write_frame(&mut *writer, &RequestEnvelope { id, body }, FrameLimit::REQUEST).await
+            write_frame(
+                &mut *writer,
+                &RequestEnvelope { id, body },
+                FrameLimit::REQUEST,
+            )
+            .await
         };
         if let Err(error) = sent {
-            connection.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            connection
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             connection.alive.store(false, Ordering::SeqCst);
             return Err(match error {
                 CodecError::Oversized { .. } => HelperError::Protocol(error.to_string()),
@@ -98,10 +116,10 @@ impl HelperClient {
 
     async fn connection(&self) -> Result<Arc<Connection>, HelperError> {
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            if connection.alive.load(Ordering::SeqCst) {
-                return Ok(connection.clone());
-            }
+        if let Some(connection) = slot.as_ref()
+            && connection.alive.load(Ordering::SeqCst)
+        {
+            return Ok(connection.clone());
         }
         let connection = Arc::new(self.connect().await?);
         *slot = Some(connection.clone());
@@ -109,12 +127,29 @@ impl HelperClient {
     }
 
     async fn connect(&self) -> Result<Connection, HelperError> {
-        let unreachable = |reason: String| HelperError::Unreachable { socket: self.socket.display().to_string(), reason };
-        let stream = UnixStream::connect(&self.socket).await.map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| HelperError::Unreachable {
+            socket: self.socket.display().to_string(),
+            reason,
+        };
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (mut reader, mut writer) = stream.into_split();
-        let client_name = self.client_name.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let hello = RequestEnvelope { id: 0, body: Request::Hello { version: PROTOCOL_VERSION, client_name } };
-        write_frame(&mut writer, &hello, FrameLimit::REQUEST).await.map_err(|e| unreachable(e.to_string()))?;
+        let client_name = self
+            .client_name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let hello = RequestEnvelope {
+            id: 0,
+            body: Request::Hello {
+                version: PROTOCOL_VERSION,
+                client_name,
+            },
+        };
+        write_frame(&mut writer, &hello, FrameLimit::REQUEST)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let reply: Option<ResponseEnvelope> = read_frame(&mut reader, FrameLimit::RESPONSE)
             .await
             .map_err(|e| HelperError::Protocol(e.to_string()))?;
@@ -129,21 +164,30 @@ impl HelperClient {
         let alive = Arc::new(AtomicBool::new(true));
         let (reader_pending, reader_alive) = (pending.clone(), alive.clone());
         tokio::spawn(async move {
-            loop {
-                match read_frame::<ResponseEnvelope, _>(&mut reader, FrameLimit::RESPONSE).await {
-                    Ok(Some(response)) => {
-                        let waiter = reader_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&response.id);
-                        if let Some(waiter) = waiter {
-                            let _ = waiter.send(response.body);
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            // Until end of stream or any error: either way the connection is finished.
+            while let Ok(Some(response)) =
+                read_frame::<ResponseEnvelope, _>(&mut reader, FrameLimit::RESPONSE).await
+            {
+                let waiter = reader_pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&response.id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(response.body);
                 }
             }
             reader_alive.store(false, Ordering::SeqCst);
             // Dropping the senders wakes every waiter with "disconnected".
-            reader_pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            reader_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         });
-        Ok(Connection { writer: tokio::sync::Mutex::new(writer), pending, alive, hello })
+        Ok(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            alive,
+            hello,
+        })
     }
 }

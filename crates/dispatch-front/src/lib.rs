@@ -51,16 +51,28 @@ pub fn main() -> ExitCode {
     // stdout is the MCP channel: logs go to stderr only.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("dispatch-mcp: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match cli.command.unwrap_or(Command::Serve { embedded_helper: false, socket: None }) {
-        Command::Serve { embedded_helper, socket } => runtime.block_on(serve(embedded_helper, socket)),
+    let outcome = match cli.command.unwrap_or(Command::Serve {
+        embedded_helper: false,
+        socket: None,
+    }) {
+        Command::Serve {
+            embedded_helper,
+            socket,
+        } => runtime.block_on(serve(embedded_helper, socket)),
         Command::Demo => runtime.block_on(demo::run()),
     };
     match outcome {
@@ -79,7 +91,11 @@ async fn serve(embedded_helper: bool, socket: Option<PathBuf>) -> Result<(), Str
         let helper = embedded::start(dir).await?;
         eprintln!(
             "dispatch-mcp: embedded helper ({}) on {}; audit log {}",
-            if helper.drop_in { "drop-in: DISPATCH_REPOS_JSON and dotfiles-dispatch" } else { "demo lanes" },
+            if helper.drop_in {
+                "drop-in: DISPATCH_REPOS_JSON and dotfiles-dispatch"
+            } else {
+                "demo lanes"
+            },
             helper.socket.display(),
             helper.audit_log.display()
         );
@@ -88,7 +104,11 @@ async fn serve(embedded_helper: bool, socket: Option<PathBuf>) -> Result<(), Str
         socket
     } else {
         socket
-            .or_else(|| std::env::var_os("DISPATCH_HELPER_SOCKET").filter(|s| !s.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("DISPATCH_HELPER_SOCKET")
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
     };
     let service = service::DispatchService::new(helper_client::HelperClient::new(socket));
@@ -96,6 +116,9 @@ async fn serve(embedded_helper: bool, socket: Option<PathBuf>) -> Result<(), Str
         .serve(rmcp::transport::stdio())
         .await
         .map_err(|e| format!("MCP initialize failed: {e}"))?;
-    running.waiting().await.map_err(|e| format!("MCP session ended with an error: {e}"))?;
+    running
+        .waiting()
+        .await
+        .map_err(|e| format!("MCP session ended with an error: {e}"))?;
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! a tool error (`isError`) whose text tells the agent what to do next.
 
 use crate::service::{
-    DeleteOutput, DispatchArgs, DispatchOutput, DispatchService, HandleArgs, LanesOutput,
-    ListArgs, ListOutput, NoArgs, ResultArgs,
+    DeleteOutput, DispatchArgs, DispatchOutput, DispatchService, HandleArgs, LanesOutput, ListArgs,
+    ListOutput, NoArgs, ResultArgs,
 };
 use dispatch_proto::{JobState, JobView};
 use rmcp::handler::server::common::schema_for_output;
@@ -15,7 +15,9 @@ use rmcp::model::{
 };
 use rmcp::service::RequestContext;
 use rmcp::task_manager::{TaskExit, TaskManager, TaskOptions};
-use rmcp::{ErrorData as McpError, Json, RoleServer, ServerHandler, tool, tool_handler, tool_router};
+use rmcp::{
+    ErrorData as McpError, Json, RoleServer, ServerHandler, tool, tool_handler, tool_router,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,11 +50,17 @@ fn tool_error(message: impl Into<String>) -> CallToolResult {
 #[tool_router]
 impl DispatchServer {
     pub fn new(service: DispatchService) -> DispatchServer {
-        DispatchServer { service: Arc::new(service), tool_router: Self::tool_router(), tasks: TaskManager::new() }
+        DispatchServer {
+            service: Arc::new(service),
+            tool_router: Self::tool_router(),
+            tasks: TaskManager::new(),
+        }
     }
 
     fn note_client(&self, ctx: &RequestContext<RoleServer>) {
-        self.service.helper.set_client_name(ctx.client_info().map(|info| info.name));
+        self.service
+            .helper
+            .set_client_name(ctx.client_info().map(|info| info.name));
     }
 
     #[tool(
@@ -73,7 +81,10 @@ impl DispatchServer {
             Ok(output) => output,
             Err(failure) => return Ok(tool_error(failure.0).into()),
         };
-        if !ctx.client_capabilities().is_some_and(|caps| caps.supports_tasks()) {
+        if !ctx
+            .client_capabilities()
+            .is_some_and(|caps| caps.supports_tasks())
+        {
             return Ok(structured(&dispatched).into());
         }
         let service = self.service.clone();
@@ -106,11 +117,24 @@ impl DispatchServer {
         name = "dispatch_status",
         title = "Status of a dispatch",
         description = "Structured status of a dispatched handle (status, returncode once finished, detail, sandbox).",
-        annotations(read_only_hint = true, destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            read_only_hint = true,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_status(&self, Parameters(args): Parameters<HandleArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<DispatchOutput>, String> {
+    async fn dispatch_status(
+        &self,
+        Parameters(args): Parameters<HandleArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<DispatchOutput>, String> {
         self.note_client(&ctx);
-        self.service.status(args.handle).await.map(Json).map_err(|f| f.0)
+        self.service
+            .status(args.handle)
+            .await
+            .map(Json)
+            .map_err(|f| f.0)
     }
 
     #[tool(
@@ -119,9 +143,18 @@ impl DispatchServer {
         description = "Structured result of a handle: returncode, signal, detail, stdout/stderr tails, times and \
                        what the sandbox enforced. With wait_seconds, waits for the dispatch to finish \
                        (sending progress notifications if asked); cancelling the wait leaves the job running.",
-        annotations(read_only_hint = true, destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            read_only_hint = true,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_result(&self, Parameters(args): Parameters<ResultArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<DispatchOutput>, String> {
+    async fn dispatch_result(
+        &self,
+        Parameters(args): Parameters<ResultArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<DispatchOutput>, String> {
         self.note_client(&ctx);
         let wait = Duration::from_secs(u64::from(args.wait_seconds.unwrap_or(0)));
         let progress_token = ctx.meta.get_progress_token();
@@ -145,7 +178,12 @@ impl DispatchServer {
                     .notify_progress(
                         ProgressNotificationParam::new(token.clone(), elapsed)
                             .with_total(wait.as_secs_f64())
-                            .with_message(format!("{} is {}: {}", job.handle, job.state.as_str(), job.detail)),
+                            .with_message(format!(
+                                "{} is {}: {}",
+                                job.handle,
+                                job.state.as_str(),
+                                job.detail
+                            )),
                     )
                     .await;
             }
@@ -156,9 +194,18 @@ impl DispatchServer {
         name = "dispatch_list",
         title = "List dispatches",
         description = "Every dispatch this user launched (newest first), optionally filtered by a glob over the description.",
-        annotations(read_only_hint = true, destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            read_only_hint = true,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_list(&self, Parameters(args): Parameters<ListArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<ListOutput>, String> {
+    async fn dispatch_list(
+        &self,
+        Parameters(args): Parameters<ListArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<ListOutput>, String> {
         self.note_client(&ctx);
         self.service.list(args).await.map(Json).map_err(|f| f.0)
     }
@@ -167,31 +214,66 @@ impl DispatchServer {
         name = "dispatch_cancel",
         title = "Cancel a dispatch",
         description = "Stop a running dispatch (its whole process group: SIGTERM, then SIGKILL). Cancelling a finished dispatch changes nothing.",
-        annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_cancel(&self, Parameters(args): Parameters<HandleArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<DispatchOutput>, String> {
+    async fn dispatch_cancel(
+        &self,
+        Parameters(args): Parameters<HandleArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<DispatchOutput>, String> {
         self.note_client(&ctx);
-        self.service.cancel(args.handle).await.map(Json).map_err(|f| f.0)
+        self.service
+            .cancel(args.handle)
+            .await
+            .map(Json)
+            .map_err(|f| f.0)
     }
 
     #[tool(
         name = "dispatch_delete",
         title = "Delete a finished dispatch",
         description = "Remove the record of a finished dispatch (running ones must be cancelled first). The audit log keeps its history.",
-        annotations(read_only_hint = false, destructive_hint = true, idempotent_hint = false, open_world_hint = false)
+        annotations(
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_delete(&self, Parameters(args): Parameters<HandleArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<DeleteOutput>, String> {
+    async fn dispatch_delete(
+        &self,
+        Parameters(args): Parameters<HandleArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<DeleteOutput>, String> {
         self.note_client(&ctx);
-        self.service.delete(args.handle).await.map(Json).map_err(|f| f.0)
+        self.service
+            .delete(args.handle)
+            .await
+            .map(Json)
+            .map_err(|f| f.0)
     }
 
     #[tool(
         name = "dispatch_lanes",
         title = "Lanes you may dispatch to",
         description = "The org-user/repo lanes this user may dispatch to, with the GitHub repo and the account each runs as.",
-        annotations(read_only_hint = true, destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            read_only_hint = true,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn dispatch_lanes(&self, Parameters(_): Parameters<NoArgs>, ctx: RequestContext<RoleServer>) -> Result<Json<LanesOutput>, String> {
+    async fn dispatch_lanes(
+        &self,
+        Parameters(_): Parameters<NoArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<Json<LanesOutput>, String> {
         self.note_client(&ctx);
         self.service.lanes().await.map(Json).map_err(|f| f.0)
     }
@@ -204,7 +286,10 @@ fn task_outcome(job: JobView) -> Result<CallToolResult, TaskExit> {
         s if s == JobState::Succeeded.as_str() => Ok(structured(&output)),
         s if s == JobState::Cancelled.as_str() => Err(TaskExit::Cancelled),
         _ => Err(TaskExit::Error(McpError::internal_error(
-            format!("dispatch {} {}: {}", output.handle, output.status, output.detail),
+            format!(
+                "dispatch {} {}: {}",
+                output.handle, output.status, output.detail
+            ),
             Some(serde_json::to_value(&output).expect("outputs serialize")),
         ))),
     }
@@ -213,20 +298,41 @@ fn task_outcome(job: JobView) -> Result<CallToolResult, TaskExit> {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for DispatchServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_tasks().build())
-            .with_server_info(Implementation::new("dispatch-mcp", env!("CARGO_PKG_VERSION")).with_title("dispatch-mcp"))
-            .with_instructions(INSTRUCTIONS)
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(
+            Implementation::new("dispatch-mcp", env!("CARGO_PKG_VERSION"))
+                .with_title("dispatch-mcp"),
+        )
+        .with_instructions(INSTRUCTIONS)
     }
 
-    async fn get_task(&self, request: GetTaskParams, _ctx: RequestContext<RoleServer>) -> Result<GetTaskResult, McpError> {
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
         Ok(GetTaskResult::new(self.tasks.get_task(&request.task_id)?))
     }
 
-    async fn update_task(&self, request: UpdateTaskParams, _ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
-        self.tasks.update_task(&request.task_id, request.input_responses)
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.tasks
+            .update_task(&request.task_id, request.input_responses)
     }
 
-    async fn cancel_task(&self, request: CancelTaskParams, _ctx: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         self.tasks.cancel_task(&request.task_id)
     }
 }

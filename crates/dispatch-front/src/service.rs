@@ -6,7 +6,9 @@
 //! working; everything else is an addition beside them.
 
 use crate::helper_client::{HelperClient, HelperError};
-use dispatch_proto::{DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Request, Response};
+use dispatch_proto::{
+    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Request, Response,
+};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +113,11 @@ pub struct DispatchOutput {
 
 impl From<JobView> for DispatchOutput {
     fn from(job: JobView) -> Self {
-        let tail = |t: dispatch_proto::OutputTail| OutputTail { text: t.text, total_bytes: t.total_bytes, truncated: t.truncated };
+        let tail = |t: dispatch_proto::OutputTail| OutputTail {
+            text: t.text,
+            total_bytes: t.total_bytes,
+            truncated: t.truncated,
+        };
         DispatchOutput {
             handle: job.handle,
             orguser: job.orguser,
@@ -216,17 +222,33 @@ impl DispatchService {
 
     fn refused(error: ErrorReply) -> ToolFailure {
         let next = match error.kind {
-            ErrorKind::NotAllowlisted | ErrorKind::OwnerMismatch => " Call dispatch_lanes to see the org-user/repo lanes you may dispatch to.",
-            ErrorKind::UnknownHandle => " Call dispatch_list to see your dispatches and their handles.",
+            ErrorKind::NotAllowlisted | ErrorKind::OwnerMismatch => {
+                " Call dispatch_lanes to see the org-user/repo lanes you may dispatch to."
+            }
+            ErrorKind::UnknownHandle => {
+                " Call dispatch_list to see your dispatches and their handles."
+            }
             ErrorKind::NotTerminal => " Call dispatch_cancel first, or wait with dispatch_result.",
             ErrorKind::Invalid => " Fix that argument and retry.",
-            ErrorKind::NotPermitted => " Ask the administrator to allow this user for that lane, or use another lane from dispatch_lanes.",
-            ErrorKind::AuditUnavailable => " This is a server-side problem; tell the administrator. Retrying will not help until the audit log is fixed.",
-            ErrorKind::SpawnFailed => " The lane could not be started; tell the administrator (the reason above names the failed step).",
-            ErrorKind::Busy => " Wait for running dispatches to finish (dispatch_result with wait_seconds), then retry.",
+            ErrorKind::NotPermitted => {
+                " Ask the administrator to allow this user for that lane, or use another lane from dispatch_lanes."
+            }
+            ErrorKind::AuditUnavailable => {
+                " This is a server-side problem; tell the administrator. Retrying will not help until the audit log is fixed."
+            }
+            ErrorKind::SpawnFailed => {
+                " The lane could not be started; tell the administrator (the reason above names the failed step)."
+            }
+            ErrorKind::Busy => {
+                " Wait for running dispatches to finish (dispatch_result with wait_seconds), then retry."
+            }
             ErrorKind::Protocol | ErrorKind::Internal => "",
         };
-        let stop = if error.message.ends_with('.') || next.is_empty() { "" } else { "." };
+        let stop = if error.message.ends_with('.') || next.is_empty() {
+            ""
+        } else {
+            "."
+        };
         ToolFailure(format!("{}{stop}{next}", error.message))
     }
 
@@ -265,7 +287,14 @@ impl DispatchService {
     }
 
     pub async fn list(&self, args: ListArgs) -> Result<ListOutput, ToolFailure> {
-        match self.call(Request::List { filter: args.filter, detail: args.detail.unwrap_or(false), limit: 0 }).await? {
+        match self
+            .call(Request::List {
+                filter: args.filter,
+                detail: args.detail.unwrap_or(false),
+                limit: 0,
+            })
+            .await?
+        {
             Response::List { total, jobs } => Ok(ListOutput {
                 count: jobs.len(),
                 total,
@@ -281,19 +310,32 @@ impl DispatchService {
 
     pub async fn delete(&self, handle: String) -> Result<DeleteOutput, ToolFailure> {
         match self.call(Request::Delete { handle }).await? {
-            Response::Deleted { handle } => Ok(DeleteOutput { handle, deleted: true }),
+            Response::Deleted { handle } => Ok(DeleteOutput {
+                handle,
+                deleted: true,
+            }),
             other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
         }
     }
 
     pub async fn lanes(&self) -> Result<LanesOutput, ToolFailure> {
-        let unprivileged = self.helper.hello().await.map_err(|e| self.helper_failure(e))?.unprivileged;
+        let unprivileged = self
+            .helper
+            .hello()
+            .await
+            .map_err(|e| self.helper_failure(e))?
+            .unprivileged;
         match self.call(Request::Lanes).await? {
             Response::Lanes { lanes } => Ok(LanesOutput {
                 count: lanes.len(),
                 lanes: lanes
                     .into_iter()
-                    .map(|l| LaneOutput { orguser: l.orguser, repo: l.repo, github: l.github, unix_user: l.unix_user })
+                    .map(|l| LaneOutput {
+                        orguser: l.orguser,
+                        repo: l.repo,
+                        github: l.github,
+                        unix_user: l.unix_user,
+                    })
                     .collect(),
                 unprivileged_helper: unprivileged,
             }),

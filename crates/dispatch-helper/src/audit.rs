@@ -67,7 +67,10 @@ struct Line<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("audit log {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("audit log {path}: {message}")]
     Corrupt { path: String, message: String },
 }
@@ -86,28 +89,46 @@ pub struct AuditLog {
 impl AuditLog {
     /// Open (creating, mode 0600) and find the chain's head from the last line.
     pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
-        let io = |source| AuditError::Io { path: path.display().to_string(), source };
+        let io = |source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let mut file = open_for_append(path).map_err(io)?;
         let (seq, prev) = last_link(&mut file).map_err(io)?;
-        Ok(AuditLog { inner: Arc::new(Mutex::new(Writer { path: path.to_owned(), seq, prev })) })
+        Ok(AuditLog {
+            inner: Arc::new(Mutex::new(Writer {
+                path: path.to_owned(),
+                seq,
+                prev,
+            })),
+        })
     }
 
     /// Append and fsync one record. Blocking: call from a blocking context.
     pub fn append_blocking(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let mut writer = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut writer = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = writer.seq + 1;
         let body = serde_json::to_string(&Line {
             seq,
             time: crate::now_rfc3339(),
             event,
-            claimed_client_note: event.claimed_client.as_ref().map(|_| "claimed by the front, not verified"),
+            claimed_client_note: event
+                .claimed_client
+                .as_ref()
+                .map(|_| "claimed by the front, not verified"),
             prev: &writer.prev,
         })
         .expect("audit records serialize");
         let hash = hex(&Sha256::digest(body.as_bytes()));
         let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
         let path = writer.path.display().to_string();
-        let io = |source| AuditError::Io { path: path.clone(), source };
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
         // Opened per record, so a log that was removed, replaced or made unwritable is noticed
         // at once (and the dispatch refused) rather than written to an unlinked inode.
         let mut file = open_for_append(&writer.path).map_err(io)?;
@@ -124,13 +145,21 @@ impl AuditLog {
         tokio::task::spawn_blocking(move || log.append_blocking(&event))
             .await
             .unwrap_or_else(|join| {
-                Err(AuditError::Corrupt { path: String::new(), message: format!("audit writer panicked: {join}") })
+                Err(AuditError::Corrupt {
+                    path: String::new(),
+                    message: format!("audit writer panicked: {join}"),
+                })
             })
     }
 }
 
 fn open_for_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Sequence number and hash of the last complete line.
@@ -144,13 +173,15 @@ fn last_link(file: &mut File) -> std::io::Result<(u64, String)> {
     let mut tail = String::new();
     file.take(len - start).read_to_string(&mut tail)?;
     for line in tail.lines().rev() {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(line) {
-            if let (Some(seq), Some(hash)) = (value["seq"].as_u64(), value["hash"].as_str()) {
-                return Ok((seq, hash.to_owned()));
-            }
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+            && let (Some(seq), Some(hash)) = (value["seq"].as_u64(), value["hash"].as_str())
+        {
+            return Ok((seq, hash.to_owned()));
         }
     }
-    Err(std::io::Error::other("no complete record in the last 256 KiB; refusing to start a new chain"))
+    Err(std::io::Error::other(
+        "no complete record in the last 256 KiB; refusing to start a new chain",
+    ))
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -163,8 +194,10 @@ pub fn sha256_hex(text: &str) -> String {
 
 /// Check the chain. Returns the number of records, or the first broken line and why.
 pub fn verify(path: &Path) -> Result<u64, AuditError> {
-    let file = File::open(path)
-        .map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+    let file = File::open(path).map_err(|source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     let corrupt = |line_no: usize, message: String| AuditError::Corrupt {
         path: path.display().to_string(),
         message: format!("line {line_no}: {message}"),
@@ -173,32 +206,48 @@ pub fn verify(path: &Path) -> Result<u64, AuditError> {
     let mut expected_seq = 1u64;
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line_no = index + 1;
-        let line = line.map_err(|source| AuditError::Io { path: path.display().to_string(), source })?;
+        let line = line.map_err(|source| AuditError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
         if line.len() < SUFFIX_LEN || !line.ends_with("\"}") {
             return Err(corrupt(line_no, "not a complete audit record".into()));
         }
         let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
-        let Some(stated) = suffix.strip_prefix(",\"hash\":\"").and_then(|s| s.strip_suffix("\"}")) else {
-            return Err(corrupt(line_no, "the record does not end with its hash".into()));
+        let Some(stated) = suffix
+            .strip_prefix(",\"hash\":\"")
+            .and_then(|s| s.strip_suffix("\"}"))
+        else {
+            return Err(corrupt(
+                line_no,
+                "the record does not end with its hash".into(),
+            ));
         };
         let body = format!("{body_open}}}");
         let actual = sha256_hex(&body);
         if actual != stated {
-            return Err(corrupt(line_no, "the record was edited (its hash does not match its content)".into()));
+            return Err(corrupt(
+                line_no,
+                "the record was edited (its hash does not match its content)".into(),
+            ));
         }
-        let value: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| corrupt(line_no, format!("not JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| corrupt(line_no, format!("not JSON: {e}")))?;
         if value["prev"].as_str() != Some(prev.as_str()) {
             return Err(corrupt(
                 line_no,
-                "the chain is broken here: a record before it was removed, reordered or edited".into(),
+                "the chain is broken here: a record before it was removed, reordered or edited"
+                    .into(),
             ));
         }
         if value["seq"].as_u64() != Some(expected_seq) {
             return Err(corrupt(
                 line_no,
-                format!("sequence number {} where {expected_seq} was expected", value["seq"]),
+                format!(
+                    "sequence number {} where {expected_seq} was expected",
+                    value["seq"]
+                ),
             ));
         }
         prev = stated.to_owned();
@@ -228,7 +277,11 @@ mod tests {
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn rewrite(path: &Path, lines: &[String]) {
@@ -241,9 +294,17 @@ mod tests {
         let path = write_log(dir.path(), 3);
         assert_eq!(verify(&path).unwrap(), 3);
         let log = AuditLog::open(&path).unwrap();
-        log.append_blocking(&AuditEvent { event: "lost", outcome: "lost".into(), ..Default::default() }).unwrap();
+        log.append_blocking(&AuditEvent {
+            event: "lost",
+            outcome: "lost".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(verify(&path).unwrap(), 4);
-        assert!(lines(&path)[0].contains("\"claimed_client_note\":\"claimed by the front, not verified\""));
+        assert!(
+            lines(&path)[0]
+                .contains("\"claimed_client_note\":\"claimed by the front, not verified\"")
+        );
     }
 
     #[test]
@@ -287,7 +348,11 @@ mod tests {
         // Edit line 1 and recompute its own hash: line 2's "prev" no longer matches.
         let body_end = all[0].len() - (",\"hash\":\"\"}".len() + 64);
         let body = format!("{}}}", &all[0][..body_end]).replace("d-0", "d-X");
-        all[0] = format!("{},\"hash\":\"{}\"}}", &body[..body.len() - 1], sha256_hex(&body));
+        all[0] = format!(
+            "{},\"hash\":\"{}\"}}",
+            &body[..body.len() - 1],
+            sha256_hex(&body)
+        );
         rewrite(&path, &all);
         let err = verify(&path).unwrap_err().to_string();
         assert!(err.contains("line 2: the chain is broken"), "{err}");

@@ -121,13 +121,20 @@ fn default_work_dir() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("{0}")]
     Unsafe(String),
     #[error("environment variable {name}={value:?}: {message}")]
-    Env { name: &'static str, value: String, message: String },
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -181,19 +188,26 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     if running_as_root {
         check_strict_modes(path)?;
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let mut file: ConfigFile = toml::from_str(&text)
-        .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     apply_env(&mut file, env)?;
     validate_host(&file.host)?;
     if file.timeout_seconds == 0 {
-        return Err(ConfigError::Invalid("timeout_seconds must be at least 1".into()));
+        return Err(ConfigError::Invalid(
+            "timeout_seconds must be at least 1".into(),
+        ));
     }
     if running_as_root {
         check_strict_modes(&file.allowlist)?;
     }
-    let loaded = Allowlist::load(&file.allowlist).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let loaded =
+        Allowlist::load(&file.allowlist).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let template = ArgvTemplate::parse(&file.argv, Some(file.search_path.as_ref()))
         .map_err(|e| ConfigError::Invalid(format!("config {}: {e}", path.display())))?;
     let mut warnings = loaded.warnings;
@@ -203,7 +217,9 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         .ok()
         .flatten()
         .map(|u| u.name)
-        .ok_or_else(|| ConfigError::Invalid(format!("the helper's uid {own_uid} has no passwd entry")))?;
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!("the helper's uid {own_uid} has no passwd entry"))
+        })?;
     let mut admitted_uids = BTreeSet::from([own_uid.as_raw()]);
     let mut admitted_gids = BTreeSet::new();
     for name in &file.clients.users {
@@ -226,16 +242,27 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         if let Some(clients) = &org.allowed_clients {
             for user in &clients.users {
                 if User::from_name(user.as_str()).ok().flatten().is_none() {
-                    warnings.push(format!("org {}: allowed client user {user} does not exist", org.orguser));
+                    warnings.push(format!(
+                        "org {}: allowed client user {user} does not exist",
+                        org.orguser
+                    ));
                 }
             }
             for group in &clients.groups {
                 if Group::from_name(group.as_str()).ok().flatten().is_none() {
-                    warnings.push(format!("org {}: allowed client group {group} does not exist", org.orguser));
+                    warnings.push(format!(
+                        "org {}: allowed client group {group} does not exist",
+                        org.orguser
+                    ));
                 }
             }
         }
-        if running_as_root && User::from_name(org.unix_user.as_str()).ok().flatten().is_none() {
+        if running_as_root
+            && User::from_name(org.unix_user.as_str())
+                .ok()
+                .flatten()
+                .is_none()
+        {
             warnings.push(format!(
                 "org {}: unix user {} does not exist; dispatches to it will fail",
                 org.orguser, org.unix_user
@@ -292,7 +319,9 @@ pub fn validate_host(host: &str) -> Result<(), ConfigError> {
     let ok = !host.is_empty()
         && host.len() <= 253
         && !host.starts_with('-')
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '@' | '[' | ']'));
+        && host.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '@' | '[' | ']')
+        });
     if ok {
         Ok(())
     } else {
@@ -315,15 +344,21 @@ pub fn check_strict_modes(path: &Path) -> Result<(), ConfigError> {
     check_owner_and_mode(&absolute, &meta, false)?;
     let mut dir = absolute.parent();
     while let Some(current) = dir {
-        let meta = std::fs::metadata(current)
-            .map_err(|source| ConfigError::Read { path: current.display().to_string(), source })?;
+        let meta = std::fs::metadata(current).map_err(|source| ConfigError::Read {
+            path: current.display().to_string(),
+            source,
+        })?;
         check_owner_and_mode(current, &meta, true)?;
         dir = current.parent();
     }
     Ok(())
 }
 
-fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata, is_dir: bool) -> Result<(), ConfigError> {
+fn check_owner_and_mode(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    is_dir: bool,
+) -> Result<(), ConfigError> {
     let mode = meta.permissions().mode() & 0o7777;
     let sticky = mode & 0o1000 != 0;
     if meta.uid() != 0 {
@@ -370,10 +405,9 @@ mod tests {
 
     #[test]
     fn env_overrides_name_the_variable() {
-        let mut file: ConfigFile = toml::from_str(
-            "allowlist='/a'\nstate_dir='/s'\naudit_log='/l'\nsocket='/x'\n",
-        )
-        .unwrap();
+        let mut file: ConfigFile =
+            toml::from_str("allowlist='/a'\nstate_dir='/s'\naudit_log='/l'\nsocket='/x'\n")
+                .unwrap();
         let env = EnvOverrides {
             repos_json: Some("/r.json".into()),
             ssh_host: Some("h2".into()),
@@ -382,8 +416,18 @@ mod tests {
         };
         apply_env(&mut file, &env).unwrap();
         assert_eq!(file.allowlist, PathBuf::from("/r.json"));
-        assert_eq!((file.host.as_str(), file.max_iterations, file.timeout_seconds), ("h2", 7, 3));
-        let bad = EnvOverrides { timeout: Some("soon".into()), ..Default::default() };
+        assert_eq!(
+            (
+                file.host.as_str(),
+                file.max_iterations,
+                file.timeout_seconds
+            ),
+            ("h2", 7, 3)
+        );
+        let bad = EnvOverrides {
+            timeout: Some("soon".into()),
+            ..Default::default()
+        };
         let err = apply_env(&mut file, &bad).unwrap_err().to_string();
         assert!(err.contains("DISPATCH_TIMEOUT=\"soon\""), "{err}");
     }
@@ -401,7 +445,10 @@ mod tests {
         check_strict_modes(&file).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
         let err = check_strict_modes(&file).unwrap_err().to_string();
-        assert!(err.contains("helper.toml is writable by group or others (mode 0666)"), "{err}");
+        assert!(
+            err.contains("helper.toml is writable by group or others (mode 0666)"),
+            "{err}"
+        );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         nix::unistd::chown(&file, Some(65534.into()), None).unwrap();
         let err = check_strict_modes(&file).unwrap_err().to_string();

@@ -33,12 +33,11 @@ impl Peer {
     pub fn from_cred(uid: u32, gid: u32, pid: Option<i32>) -> Peer {
         let user = User::from_uid(uid.into()).ok().flatten();
         let mut groups = vec![gid];
-        if let Some(user) = &user {
-            if let Ok(name) = std::ffi::CString::new(user.name.clone()) {
-                if let Ok(list) = nix::unistd::getgrouplist(&name, user.gid) {
-                    groups.extend(list.into_iter().map(|g| g.as_raw()));
-                }
-            }
+        if let Some(user) = &user
+            && let Ok(name) = std::ffi::CString::new(user.name.clone())
+            && let Ok(list) = nix::unistd::getgrouplist(&name, user.gid)
+        {
+            groups.extend(list.into_iter().map(|g| g.as_raw()));
         }
         groups.sort_unstable();
         groups.dedup();
@@ -84,24 +83,37 @@ pub struct Helper {
 }
 
 fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
-    ErrorReply { kind, message: message.into() }
+    ErrorReply {
+        kind,
+        message: message.into(),
+    }
 }
 
 fn policy_reply(error: &PolicyError) -> ErrorReply {
     let kind = match error {
         PolicyError::InvalidName { .. } | PolicyError::InvalidTask { .. } => ErrorKind::Invalid,
-        PolicyError::UnknownRepo { .. } | PolicyError::UnknownOrgUser { .. } => ErrorKind::NotAllowlisted,
+        PolicyError::UnknownRepo { .. } | PolicyError::UnknownOrgUser { .. } => {
+            ErrorKind::NotAllowlisted
+        }
         PolicyError::OwnerMismatch { .. } => ErrorKind::OwnerMismatch,
     };
     reply(kind, error.to_string())
 }
 
 fn unknown_handle(handle: &str) -> ErrorReply {
-    reply(ErrorKind::UnknownHandle, format!("unknown handle {}", dispatch_policy::escape_value(handle)))
+    reply(
+        ErrorKind::UnknownHandle,
+        format!("unknown handle {}", dispatch_policy::escape_value(handle)),
+    )
 }
 
 impl Helper {
-    pub fn new(settings: Settings, audit: AuditLog, store: JobStore, spawner: LaneSpawner) -> Arc<Helper> {
+    pub fn new(
+        settings: Settings,
+        audit: AuditLog,
+        store: JobStore,
+        spawner: LaneSpawner,
+    ) -> Arc<Helper> {
         Arc::new(Helper {
             settings: RwLock::new(Arc::new(settings)),
             audit,
@@ -113,7 +125,10 @@ impl Helper {
     }
 
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn replace_settings(&self, settings: Settings) {
@@ -122,15 +137,19 @@ impl Helper {
 
     /// Load the job store; every record left `running` by a previous helper becomes `lost`.
     pub async fn recover(&self) -> Result<Vec<String>, String> {
-        let (records, warnings) =
-            self.store.load_all().map_err(|e| format!("cannot read the job store: {e}"))?;
+        let (records, warnings) = self
+            .store
+            .load_all()
+            .map_err(|e| format!("cannot read the job store: {e}"))?;
         let mut jobs = HashMap::new();
         for mut record in records {
             if record.state == JobState::Running {
                 kill_stale_group(&record);
                 record.state = JobState::Lost;
                 record.finished_at = Some(now_rfc3339());
-                record.detail = "lost: the helper restarted while the lane was running; its outcome is unknown".into();
+                record.detail =
+                    "lost: the helper restarted while the lane was running; its outcome is unknown"
+                        .into();
                 record.pgid = None;
                 self.store
                     .save(&record)
@@ -151,7 +170,14 @@ impl Helper {
             record.stdout = None;
             record.stderr = None;
             let (finished, _) = watch::channel(true);
-            jobs.insert(record.handle.clone(), JobEntry { record, finished, stop: None });
+            jobs.insert(
+                record.handle.clone(),
+                JobEntry {
+                    record,
+                    finished,
+                    stop: None,
+                },
+            );
         }
         *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;
         Ok(warnings)
@@ -176,7 +202,11 @@ impl Helper {
             .collect()
     }
 
-    pub async fn dispatch(self: &Arc<Self>, peer: &Peer, request: DispatchRequest) -> Result<JobView, ErrorReply> {
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        peer: &Peer,
+        request: DispatchRequest,
+    ) -> Result<JobView, ErrorReply> {
         let settings = self.settings();
         let rejected = |reason: &ErrorReply| AuditEvent {
             event: "dispatch_rejected",
@@ -199,13 +229,28 @@ impl Helper {
                 return Err(reason);
             }
         };
-        let Decision { argv, github: target_github, task, unix_user, identity, work_dir } = decision;
+        let Decision {
+            argv,
+            github: target_github,
+            task,
+            unix_user,
+            identity,
+            work_dir,
+        } = decision;
         let change_uid = !settings.unprivileged;
-        let plan = LanePlan { identity, argv: argv.clone(), work_dir, change_uid };
+        let plan = LanePlan {
+            identity,
+            argv: argv.clone(),
+            work_dir,
+            change_uid,
+        };
         let prepared = match prepare(plan, &settings.file.sandbox) {
             Ok(prepared) => prepared,
             Err(error) => {
-                let reason = reply(ErrorKind::SpawnFailed, format!("sandbox preparation failed, nothing ran: {error}"));
+                let reason = reply(
+                    ErrorKind::SpawnFailed,
+                    format!("sandbox preparation failed, nothing ran: {error}"),
+                );
                 if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
                     tracing::error!(%audit_error, "could not audit a rejected dispatch");
                 }
@@ -253,7 +298,10 @@ impl Helper {
             self.running.fetch_sub(1, Ordering::SeqCst);
             let reason = reply(
                 ErrorKind::Busy,
-                format!("{} lanes are already running (the limit); try again later", settings.file.limits.max_running_jobs),
+                format!(
+                    "{} lanes are already running (the limit); try again later",
+                    settings.file.limits.max_running_jobs
+                ),
             );
             let _ = self.audit.append(rejected(&reason)).await;
             return Err(reason);
@@ -273,7 +321,10 @@ impl Helper {
             task_sha256: Some(record.task_sha256.clone()),
             argv: Some(record.argv.clone()),
             outcome: "accepted".into(),
-            detail: Some(format!("sandbox: uid {} gid {}, landlock {}, seccomp on", enforcement.uid, enforcement.gid, enforcement.landlock)),
+            detail: Some(format!(
+                "sandbox: uid {} gid {}, landlock {}, seccomp on",
+                enforcement.uid, enforcement.gid, enforcement.landlock
+            )),
         };
         if let Err(error) = self.audit.append(accepted).await {
             self.running.fetch_sub(1, Ordering::SeqCst);
@@ -295,7 +346,10 @@ impl Helper {
                 record.state = JobState::Failed;
                 record.finished_at = Some(now_rfc3339());
                 record.detail = format!("the lane did not start: {error}");
-                let message = format!("dispatch {} failed before the lane ran: {error}", record.handle);
+                let message = format!(
+                    "dispatch {} failed before the lane ran: {error}",
+                    record.handle
+                );
                 self.persist_and_audit_finish(&record, "spawn_failed").await;
                 self.insert(record, None);
                 return Err(reply(ErrorKind::SpawnFailed, message));
@@ -317,12 +371,21 @@ impl Helper {
     }
 
     /// Validate and resolve a request against the helper's own settings.
-    fn decide(&self, settings: &Settings, peer: &Peer, request: &DispatchRequest, handle: &Handle) -> Result<Decision, ErrorReply> {
+    fn decide(
+        &self,
+        settings: &Settings,
+        peer: &Peer,
+        request: &DispatchRequest,
+        handle: &Handle,
+    ) -> Result<Decision, ErrorReply> {
         let task = Task::parse(&request.task).map_err(|e| policy_reply(&e))?;
-        if let Some(description) = &request.description {
-            if description.chars().count() > 512 || description.contains('\0') {
-                return Err(reply(ErrorKind::Invalid, "invalid description: at most 512 characters, no NUL"));
-            }
+        if let Some(description) = &request.description
+            && (description.chars().count() > 512 || description.contains('\0'))
+        {
+            return Err(reply(
+                ErrorKind::Invalid,
+                "invalid description: at most 512 characters, no NUL",
+            ));
         }
         let (org, target) = settings
             .allowlist
@@ -339,13 +402,19 @@ impl Helper {
                 ),
             ));
         }
-        let unix_user = lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
+        let unix_user =
+            lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
         let identity = if settings.unprivileged {
             dispatch_sandbox::current_identity()
         } else {
             resolve_identity(&unix_user)
         }
-        .map_err(|e| reply(ErrorKind::NotPermitted, format!("orguser {}: {e}", org.orguser)))?;
+        .map_err(|e| {
+            reply(
+                ErrorKind::NotPermitted,
+                format!("orguser {}: {e}", org.orguser),
+            )
+        })?;
         let argv = settings.template.render(&TemplateValues {
             orguser: &target.orguser,
             repo: &target.repo,
@@ -355,19 +424,40 @@ impl Helper {
             max_iterations: settings.file.max_iterations,
             handle,
         });
-        let work_dir = work_dir(&settings.file.work_dir, &identity.home, &unix_user, org.orguser.as_str());
-        Ok(Decision { argv, github: target.github.clone(), task, unix_user, identity, work_dir })
+        let work_dir = work_dir(
+            &settings.file.work_dir,
+            &identity.home,
+            &unix_user,
+            org.orguser.as_str(),
+        );
+        Ok(Decision {
+            argv,
+            github: target.github.clone(),
+            task,
+            unix_user,
+            identity,
+            work_dir,
+        })
     }
 
     fn insert(&self, record: JobRecord, stop: Option<mpsc::UnboundedSender<StopReason>>) {
         let (finished, _) = watch::channel(record.state.is_terminal());
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.handle.clone(), JobEntry { record, finished, stop });
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            record.handle.clone(),
+            JobEntry {
+                record,
+                finished,
+                stop,
+            },
+        );
     }
 
-    async fn supervise(self: Arc<Self>, handle: String, mut lane: SpawnedLane, mut stop: mpsc::UnboundedReceiver<StopReason>) {
+    async fn supervise(
+        self: Arc<Self>,
+        handle: String,
+        mut lane: SpawnedLane,
+        mut stop: mpsc::UnboundedReceiver<StopReason>,
+    ) {
         let settings = self.settings();
         let tail_limit = settings.file.limits.output_tail_bytes;
         let pgid = Pid::from_raw(lane.process_group());
@@ -426,7 +516,9 @@ impl Helper {
         let stdout = collect(stdout).await;
         let stderr = collect(stderr).await;
 
-        let Some(mut record) = self.record(&handle) else { return };
+        let Some(mut record) = self.record(&handle) else {
+            return;
+        };
         record.finished_at = Some(now_rfc3339());
         record.stdout = stdout;
         record.stderr = stderr;
@@ -444,10 +536,16 @@ impl Helper {
                 (record.state, record.detail) = match reason {
                     Some(StopReason::Timeout) => (
                         JobState::TimedOut,
-                        format!("timed out after {} s and was stopped ({how})", settings.file.timeout_seconds),
+                        format!(
+                            "timed out after {} s and was stopped ({how})",
+                            settings.file.timeout_seconds
+                        ),
                     ),
                     Some(StopReason::Cancel) => (JobState::Cancelled, format!("cancelled ({how})")),
-                    Some(StopReason::Shutdown) => (JobState::Cancelled, format!("stopped because the helper shut down ({how})")),
+                    Some(StopReason::Shutdown) => (
+                        JobState::Cancelled,
+                        format!("stopped because the helper shut down ({how})"),
+                    ),
                     None if status.success() => (JobState::Succeeded, how),
                     None => (JobState::Failed, how),
                 };
@@ -493,7 +591,11 @@ impl Helper {
     }
 
     fn record(&self, handle: &str) -> Option<JobRecord> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(handle).map(|e| e.record.clone())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(handle)
+            .map(|e| e.record.clone())
     }
 
     /// The record for `handle` if `peer` owns it. Another uid's handle is indistinguishable
@@ -510,12 +612,22 @@ impl Helper {
         Ok(self.owned(peer, handle)?.view(Detail::Summary))
     }
 
-    pub async fn result(&self, peer: &Peer, handle: &str, wait_ms: u32) -> Result<JobView, ErrorReply> {
+    pub async fn result(
+        &self,
+        peer: &Peer,
+        handle: &str,
+        wait_ms: u32,
+    ) -> Result<JobView, ErrorReply> {
         let record = self.owned(peer, handle)?;
         if !record.state.is_terminal() && wait_ms > 0 {
             let cap = Duration::from_secs(self.settings().file.limits.max_result_wait_seconds);
             let wait = Duration::from_millis(u64::from(wait_ms)).min(cap);
-            let receiver = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(handle).map(|e| e.finished.subscribe());
+            let receiver = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(handle)
+                .map(|e| e.finished.subscribe());
             if let Some(mut receiver) = receiver {
                 let _ = tokio::time::timeout(wait, receiver.wait_for(|done| *done)).await;
             }
@@ -530,12 +642,26 @@ impl Helper {
         Ok(record.view(Detail::Full))
     }
 
-    pub fn list(&self, peer: &Peer, filter: Option<&str>, detail: bool, limit: u32) -> Result<(u64, Vec<JobView>), ErrorReply> {
+    pub fn list(
+        &self,
+        peer: &Peer,
+        filter: Option<&str>,
+        detail: bool,
+        limit: u32,
+    ) -> Result<(u64, Vec<JobView>), ErrorReply> {
         let matcher = match filter.filter(|f| !f.is_empty()) {
             None => None,
             Some(pattern) => Some(
                 globset::Glob::new(pattern)
-                    .map_err(|e| reply(ErrorKind::Invalid, format!("invalid filter {}: {e}", dispatch_policy::escape_value(pattern))))?
+                    .map_err(|e| {
+                        reply(
+                            ErrorKind::Invalid,
+                            format!(
+                                "invalid filter {}: {e}",
+                                dispatch_policy::escape_value(pattern)
+                            ),
+                        )
+                    })?
                     .compile_matcher(),
             ),
         };
@@ -547,12 +673,29 @@ impl Helper {
             .map(|e| &e.record)
             .filter(|r| r.owner_uid == peer.identity.uid)
             .filter(|r| {
-                matcher.as_ref().is_none_or(|m| m.is_match(r.description.as_deref().unwrap_or(&r.task_preview)))
+                matcher
+                    .as_ref()
+                    .is_none_or(|m| m.is_match(r.description.as_deref().unwrap_or(&r.task_preview)))
             })
             .collect();
-        matching.sort_by(|a, b| b.requested_at.cmp(&a.requested_at).then(b.handle.cmp(&a.handle)));
-        let level = if detail { Detail::Argv } else { Detail::Summary };
-        Ok((matching.len() as u64, matching.into_iter().take(limit).map(|r| r.view(level)).collect()))
+        matching.sort_by(|a, b| {
+            b.requested_at
+                .cmp(&a.requested_at)
+                .then(b.handle.cmp(&a.handle))
+        });
+        let level = if detail {
+            Detail::Argv
+        } else {
+            Detail::Summary
+        };
+        Ok((
+            matching.len() as u64,
+            matching
+                .into_iter()
+                .take(limit)
+                .map(|r| r.view(level))
+                .collect(),
+        ))
     }
 
     pub async fn cancel(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
@@ -593,10 +736,16 @@ impl Helper {
                 format!("job {handle} is still running; cancel it first, then delete it"),
             ));
         }
-        self.store
-            .remove(handle)
-            .map_err(|e| reply(ErrorKind::Internal, format!("could not delete the record of {handle}: {e}")))?;
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(handle);
+        self.store.remove(handle).map_err(|e| {
+            reply(
+                ErrorKind::Internal,
+                format!("could not delete the record of {handle}: {e}"),
+            )
+        })?;
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle);
         let _ = self
             .audit
             .append(AuditEvent {
@@ -633,7 +782,9 @@ impl Helper {
 
 /// Whether `peer` is among the org's allowed clients (no list: every admitted client is).
 fn client_may_use(org: &OrgPolicy, peer: &Peer) -> bool {
-    let Some(clients) = &org.allowed_clients else { return true };
+    let Some(clients) = &org.allowed_clients else {
+        return true;
+    };
     let by_user = peer
         .user_name
         .as_deref()
@@ -679,7 +830,9 @@ fn process_start_ticks(pid: i32) -> Option<u64> {
 
 /// A lane group left by a crashed helper: kill it only if the leader is the same process.
 fn kill_stale_group(record: &JobRecord) {
-    let (Some(pgid), Some(ticks)) = (record.pgid, record.pgid_start_ticks) else { return };
+    let (Some(pgid), Some(ticks)) = (record.pgid, record.pgid_start_ticks) else {
+        return;
+    };
     if process_start_ticks(pgid) == Some(ticks) {
         let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     }

@@ -74,14 +74,19 @@ pub fn main() -> ExitCode {
             init_tracing();
             if die_with_parent {
                 let parent = nix::unistd::getppid();
-                if let Err(error) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM) {
+                if let Err(error) =
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                {
                     return fail(format!("set the parent death signal: {error}"));
                 }
                 if nix::unistd::getppid() != parent || parent.as_raw() == 1 {
                     return fail("the parent exited before the helper started".into());
                 }
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(error) => return fail(format!("cannot start the runtime: {error}")),
             };
@@ -91,7 +96,9 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Check => check(&cli.config),
-        Command::Audit { command: AuditCommand::Verify { file } } => match audit::verify(&file) {
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match audit::verify(&file) {
             Ok(count) => {
                 println!("{}: {count} records, hash chain intact", file.display());
                 ExitCode::SUCCESS
@@ -113,24 +120,45 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     // Under systemd, log to the journal with structured fields.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
-            return;
-        }
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        registry.with(journald).init();
+        return;
     }
-    registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init();
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
 }
 
 fn check(path: &Path) -> ExitCode {
     match config::load(path, &config::EnvOverrides::from_process()) {
         Ok(settings) => {
             println!("config: {}", path.display());
-            println!("mode: {}", if settings.unprivileged { "unprivileged (lanes run as the helper's own user)" } else { "root (lanes run as their org-users)" });
+            println!(
+                "mode: {}",
+                if settings.unprivileged {
+                    "unprivileged (lanes run as the helper's own user)"
+                } else {
+                    "root (lanes run as their org-users)"
+                }
+            );
             println!("allowlist: {}", settings.file.allowlist.display());
-            println!("argv: {:?}", std::iter::once(settings.template.program().display().to_string()).chain(settings.file.argv[1..].iter().cloned()).collect::<Vec<_>>());
-            println!("host: {}  max_iterations: {}  timeout: {} s", settings.file.host, settings.file.max_iterations, settings.file.timeout_seconds);
-            println!("landlock: kernel ABI {}, floor {}", dispatch_sandbox::kernel_landlock_abi(), settings.file.sandbox.landlock_min_abi);
+            println!(
+                "argv: {:?}",
+                std::iter::once(settings.template.program().display().to_string())
+                    .chain(settings.file.argv[1..].iter().cloned())
+                    .collect::<Vec<_>>()
+            );
+            println!(
+                "host: {}  max_iterations: {}  timeout: {} s",
+                settings.file.host, settings.file.max_iterations, settings.file.timeout_seconds
+            );
+            println!(
+                "landlock: kernel ABI {}, floor {}",
+                dispatch_sandbox::kernel_landlock_abi(),
+                settings.file.sandbox.landlock_min_abi
+            );
             println!("targets:");
             for target in settings.allowlist.targets() {
                 let org = settings.allowlist.org(&target.orguser);
@@ -161,7 +189,12 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
     };
     let store = match store::JobStore::open(&state_dir) {
         Ok(store) => store,
-        Err(error) => return fail(format!("cannot open the job store in {}: {error}", state_dir.display())),
+        Err(error) => {
+            return fail(format!(
+                "cannot open the job store in {}: {error}",
+                state_dir.display()
+            ));
+        }
     };
     match store.load_all() {
         Ok((mut records, warnings)) => {
@@ -197,23 +230,41 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     if settings.unprivileged {
         tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
     }
-    create_private_dir(&settings.file.state_dir).map_err(|e| format!("create state dir {}: {e}", settings.file.state_dir.display()))?;
+    create_private_dir(&settings.file.state_dir).map_err(|e| {
+        format!(
+            "create state dir {}: {e}",
+            settings.file.state_dir.display()
+        )
+    })?;
     if let Some(parent) = settings.file.audit_log.parent() {
-        create_private_dir(parent).map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
+        create_private_dir(parent)
+            .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
     }
-    let audit = audit::AuditLog::open(&settings.file.audit_log).map_err(|e| format!("open audit log: {e}"))?;
-    let store = store::JobStore::open(&settings.file.state_dir).map_err(|e| format!("open job store: {e}"))?;
-    let spawner = dispatch_sandbox::LaneSpawner::start().map_err(|e| format!("start the lane spawner thread: {e}"))?;
-    let listener = take_or_bind_socket(&settings).map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
+    let audit = audit::AuditLog::open(&settings.file.audit_log)
+        .map_err(|e| format!("open audit log: {e}"))?;
+    let store = store::JobStore::open(&settings.file.state_dir)
+        .map_err(|e| format!("open job store: {e}"))?;
+    let spawner = dispatch_sandbox::LaneSpawner::start()
+        .map_err(|e| format!("start the lane spawner thread: {e}"))?;
+    let listener = take_or_bind_socket(&settings)
+        .map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
     let socket_path = settings.file.socket.clone();
     let helper = jobs::Helper::new(settings, audit, store, spawner);
-    let warnings = helper.recover().await.map_err(|e| format!("recover jobs: {e}"))?;
+    let warnings = helper
+        .recover()
+        .await
+        .map_err(|e| format!("recover jobs: {e}"))?;
     for warning in warnings {
         tracing::warn!(%warning, "job store");
     }
     helper
         .audit
-        .append(audit::AuditEvent { event: "helper_started", outcome: "serving".into(), detail: Some(format!("socket {}", socket_path.display())), ..Default::default() })
+        .append(audit::AuditEvent {
+            event: "helper_started",
+            outcome: "serving".into(),
+            detail: Some(format!("socket {}", socket_path.display())),
+            ..Default::default()
+        })
         .await
         .map_err(|e| format!("write the first audit record: {e}"))?;
 
@@ -221,9 +272,12 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     tracing::info!(socket = %socket_path.display(), "serving");
 
     let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| e.to_string())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&helper, config_path).await,
@@ -236,7 +290,11 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     helper.shutdown().await;
     let _ = helper
         .audit
-        .append(audit::AuditEvent { event: "helper_stopped", outcome: "stopped".into(), ..Default::default() })
+        .append(audit::AuditEvent {
+            event: "helper_stopped",
+            outcome: "stopped".into(),
+            ..Default::default()
+        })
         .await;
     Ok(())
 }
@@ -245,14 +303,28 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
     let outcome = match config::load(config_path, &config::EnvOverrides::from_process()) {
         Ok(settings) => {
-            let detail = format!("{} targets, {} warnings", settings.allowlist.targets().count(), settings.warnings.len());
+            let detail = format!(
+                "{} targets, {} warnings",
+                settings.allowlist.targets().count(),
+                settings.warnings.len()
+            );
             tracing::info!(%detail, "configuration reloaded (socket and state paths keep their old values until restart)");
             helper.replace_settings(settings);
-            audit::AuditEvent { event: "config_reloaded", outcome: "reloaded".into(), detail: Some(detail), ..Default::default() }
+            audit::AuditEvent {
+                event: "config_reloaded",
+                outcome: "reloaded".into(),
+                detail: Some(detail),
+                ..Default::default()
+            }
         }
         Err(error) => {
             tracing::error!(%error, "reload failed; keeping the previous configuration");
-            audit::AuditEvent { event: "config_reload_failed", outcome: "kept previous".into(), detail: Some(error.to_string()), ..Default::default() }
+            audit::AuditEvent {
+                event: "config_reload_failed",
+                outcome: "kept previous".into(),
+                detail: Some(error.to_string()),
+                ..Default::default()
+            }
         }
     };
     let _ = helper.audit.append(outcome).await;
@@ -263,7 +335,10 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 fn take_or_bind_socket(settings: &config::Settings) -> std::io::Result<tokio::net::UnixListener> {
@@ -274,10 +349,13 @@ fn take_or_bind_socket(settings: &config::Settings) -> std::io::Result<tokio::ne
         return tokio::net::UnixListener::from_std(listener);
     }
     let path = &settings.file.socket;
-    if let Some(parent) = path.parent() {
-        if !parent.is_dir() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
-        }
+    if let Some(parent) = path.parent()
+        && !parent.is_dir()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
     }
     // A stale socket from a previous run; anything else at the path is left alone.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -289,11 +367,16 @@ fn take_or_bind_socket(settings: &config::Settings) -> std::io::Result<tokio::ne
         }
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.file.socket_mode))?;
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(settings.file.socket_mode),
+    )?;
     if let Some(group) = &settings.file.socket_group {
         let group = nix::unistd::Group::from_name(group)
             .map_err(std::io::Error::other)?
-            .ok_or_else(|| std::io::Error::other(format!("socket_group {group:?} does not exist")))?;
+            .ok_or_else(|| {
+                std::io::Error::other(format!("socket_group {group:?} does not exist"))
+            })?;
         nix::unistd::chown(path, None, Some(group.gid)).map_err(std::io::Error::other)?;
     }
     Ok(listener)

@@ -33,7 +33,11 @@ pub async fn capture_tail<R: AsyncRead + Unpin>(mut reader: R, limit: usize) -> 
         ));
     }
     text.push_str(&String::from_utf8_lossy(&kept));
-    OutputTail { text, total_bytes: total, truncated }
+    OutputTail {
+        text,
+        total_bytes: total,
+        truncated,
+    }
 }
 
 #[cfg(test)]
@@ -42,17 +46,27 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_last_bytes_and_marks_the_cut() {
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect();
         let tail = capture_tail(&data[..], 1000).await;
         assert!(tail.truncated);
         assert_eq!(tail.total_bytes, data.len() as u64);
-        assert!(tail.text.starts_with(&format!("[… {} earlier bytes truncated", data.len() - 1000)), "{}", &tail.text[..80]);
+        assert!(
+            tail.text
+                .starts_with(&format!("[… {} earlier bytes truncated", data.len() - 1000)),
+            "{}",
+            &tail.text[..80]
+        );
         assert!(tail.text.ends_with("99999\n"));
     }
 
     #[tokio::test]
     async fn short_output_is_whole() {
         let tail = capture_tail(&b"hello\n"[..], 1000).await;
-        assert_eq!((tail.text.as_str(), tail.total_bytes, tail.truncated), ("hello\n", 6, false));
+        assert_eq!(
+            (tail.text.as_str(), tail.total_bytes, tail.truncated),
+            ("hello\n", 6, false)
+        );
     }
 }

@@ -31,7 +31,13 @@ pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             let peer = peer_of(&stream);
             drop(stream);
-            audit_violation(&helper, peer.as_ref(), "connection_refused", "the helper's connection limit was reached").await;
+            audit_violation(
+                &helper,
+                peer.as_ref(),
+                "connection_refused",
+                "the helper's connection limit was reached",
+            )
+            .await;
             continue;
         };
         let helper = helper.clone();
@@ -50,11 +56,19 @@ fn peer_of(stream: &UnixStream) -> Option<Peer> {
 fn admitted(helper: &Helper, peer: &Peer) -> bool {
     let settings = helper.settings();
     settings.admitted_uids.contains(&peer.identity.uid)
-        || peer.groups.iter().any(|g| settings.admitted_gids.contains(g))
+        || peer
+            .groups
+            .iter()
+            .any(|g| settings.admitted_gids.contains(g))
 }
 
 async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
-    tracing::warn!(event, detail, uid = peer.map(|p| p.identity.uid), "connection closed");
+    tracing::warn!(
+        event,
+        detail,
+        uid = peer.map(|p| p.identity.uid),
+        "connection closed"
+    );
     let record = AuditEvent {
         event,
         peer: peer.map(|p| p.identity),
@@ -69,7 +83,10 @@ async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static s
 }
 
 fn protocol_error(message: impl Into<String>) -> Response {
-    Response::Error(ErrorReply { kind: ErrorKind::Protocol, message: message.into() })
+    Response::Error(ErrorReply {
+        kind: ErrorKind::Protocol,
+        message: message.into(),
+    })
 }
 
 /// The id of a frame that decoded far enough to have one (0 otherwise).
@@ -99,27 +116,94 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
     let (mut reader, mut writer) = stream.into_split();
 
     // Handshake.
-    let first = tokio::time::timeout(idle, read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST)).await;
+    let first = tokio::time::timeout(
+        idle,
+        read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST),
+    )
+    .await;
     let hello_id = match first {
-        Err(_) => return audit_violation(&helper, Some(&peer), "idle_timeout", "no handshake before the idle timeout").await,
-        Ok(Ok(None)) => return audit_violation(&helper, Some(&peer), "protocol_violation", "closed before the handshake").await,
-        Ok(Err(error)) => {
-            let _ = write_frame(&mut writer, &ResponseEnvelope { id: 0, body: protocol_error(describe(&error)) }, FrameLimit::RESPONSE).await;
-            return audit_violation(&helper, Some(&peer), "protocol_violation", &format!("bad handshake frame: {}", describe(&error))).await;
+        Err(_) => {
+            return audit_violation(
+                &helper,
+                Some(&peer),
+                "idle_timeout",
+                "no handshake before the idle timeout",
+            )
+            .await;
         }
-        Ok(Ok(Some(RequestEnvelope { id, body: Request::Hello { version, client_name } }))) => {
+        Ok(Ok(None)) => {
+            return audit_violation(
+                &helper,
+                Some(&peer),
+                "protocol_violation",
+                "closed before the handshake",
+            )
+            .await;
+        }
+        Ok(Err(error)) => {
+            let _ = write_frame(
+                &mut writer,
+                &ResponseEnvelope {
+                    id: 0,
+                    body: protocol_error(describe(&error)),
+                },
+                FrameLimit::RESPONSE,
+            )
+            .await;
+            return audit_violation(
+                &helper,
+                Some(&peer),
+                "protocol_violation",
+                &format!("bad handshake frame: {}", describe(&error)),
+            )
+            .await;
+        }
+        Ok(Ok(Some(RequestEnvelope {
+            id,
+            body:
+                Request::Hello {
+                    version,
+                    client_name,
+                },
+        }))) => {
             peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
             if version != PROTOCOL_VERSION {
-                let message = CodecError::WrongVersion { peer: version, ours: PROTOCOL_VERSION }.to_string();
-                let _ = write_frame(&mut writer, &ResponseEnvelope { id, body: protocol_error(message.clone()) }, FrameLimit::RESPONSE).await;
+                let message = CodecError::WrongVersion {
+                    peer: version,
+                    ours: PROTOCOL_VERSION,
+                }
+                .to_string();
+                let _ = write_frame(
+                    &mut writer,
+                    &ResponseEnvelope {
+                        id,
+                        body: protocol_error(message.clone()),
+                    },
+                    FrameLimit::RESPONSE,
+                )
+                .await;
                 return audit_violation(&helper, Some(&peer), "protocol_violation", &message).await;
             }
             id
         }
         Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
             let message = "the first request on a connection must be Hello (the handshake)";
-            let _ = write_frame(&mut writer, &ResponseEnvelope { id, body: protocol_error(message) }, FrameLimit::RESPONSE).await;
-            return audit_violation(&helper, Some(&peer), "protocol_violation", "request before the handshake").await;
+            let _ = write_frame(
+                &mut writer,
+                &ResponseEnvelope {
+                    id,
+                    body: protocol_error(message),
+                },
+                FrameLimit::RESPONSE,
+            )
+            .await;
+            return audit_violation(
+                &helper,
+                Some(&peer),
+                "protocol_violation",
+                "request before the handshake",
+            )
+            .await;
         }
     };
     let settings = helper.settings();
@@ -129,12 +213,23 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
         peer_uid: peer.identity.uid,
         unprivileged: settings.unprivileged,
     });
-    if write_frame(&mut writer, &ResponseEnvelope { id: hello_id, body: hello }, FrameLimit::RESPONSE).await.is_err() {
+    if write_frame(
+        &mut writer,
+        &ResponseEnvelope {
+            id: hello_id,
+            body: hello,
+        },
+        FrameLimit::RESPONSE,
+    )
+    .await
+    .is_err()
+    {
         return;
     }
 
     // Responses from concurrent requests funnel through one writer.
-    let (responses, mut outbox) = mpsc::channel::<ResponseEnvelope>(limits.max_in_flight_per_connection + 1);
+    let (responses, mut outbox) =
+        mpsc::channel::<ResponseEnvelope>(limits.max_in_flight_per_connection + 1);
     let writer_task = tokio::spawn(async move {
         while let Some(response) = outbox.recv().await {
             let id = response.id;
@@ -142,9 +237,15 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
                 if matches!(error, CodecError::Oversized { .. }) {
                     let fallback = ResponseEnvelope {
                         id,
-                        body: Response::Error(ErrorReply { kind: ErrorKind::Internal, message: error.to_string() }),
+                        body: Response::Error(ErrorReply {
+                            kind: ErrorKind::Internal,
+                            message: error.to_string(),
+                        }),
                     };
-                    if write_frame(&mut writer, &fallback, FrameLimit::RESPONSE).await.is_ok() {
+                    if write_frame(&mut writer, &fallback, FrameLimit::RESPONSE)
+                        .await
+                        .is_ok()
+                    {
                         continue;
                     }
                 }
@@ -155,7 +256,16 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
 
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
     let peer = Arc::new(peer);
-    let reason = read_requests(&helper, &peer, &mut reader, &responses, &in_flight, idle, limits.max_in_flight_per_connection).await;
+    let reason = read_requests(
+        &helper,
+        &peer,
+        &mut reader,
+        &responses,
+        &in_flight,
+        idle,
+        limits.max_in_flight_per_connection,
+    )
+    .await;
     if let Some((event, detail)) = reason {
         audit_violation(&helper, Some(&peer), event, &detail).await;
     }
@@ -187,23 +297,36 @@ async fn read_requests(
             Ok(None) => return None,
             Err(error) => {
                 let _ = responses
-                    .send(ResponseEnvelope { id: 0, body: protocol_error(describe(&error)) })
+                    .send(ResponseEnvelope {
+                        id: 0,
+                        body: protocol_error(describe(&error)),
+                    })
                     .await;
                 return Some(("protocol_violation", describe(&error)));
             }
         };
         if let Request::Hello { .. } = envelope.body {
             let _ = responses
-                .send(ResponseEnvelope { id: envelope.id, body: protocol_error("duplicate handshake") })
+                .send(ResponseEnvelope {
+                    id: envelope.id,
+                    body: protocol_error("duplicate handshake"),
+                })
                 .await;
             return Some(("protocol_violation", "duplicate handshake".into()));
         }
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             let busy = Response::Error(ErrorReply {
                 kind: ErrorKind::Busy,
-                message: format!("at most {max_in_flight} requests may be in flight on one connection"),
+                message: format!(
+                    "at most {max_in_flight} requests may be in flight on one connection"
+                ),
             });
-            let _ = responses.send(ResponseEnvelope { id: envelope.id, body: busy }).await;
+            let _ = responses
+                .send(ResponseEnvelope {
+                    id: envelope.id,
+                    body: busy,
+                })
+                .await;
             continue;
         };
         let helper = helper.clone();
@@ -211,7 +334,12 @@ async fn read_requests(
         let responses = responses.clone();
         tokio::spawn(async move {
             let body = handle_request(&helper, &peer, envelope.body).await;
-            let _ = responses.send(ResponseEnvelope { id: envelope.id, body }).await;
+            let _ = responses
+                .send(ResponseEnvelope {
+                    id: envelope.id,
+                    body,
+                })
+                .await;
             drop(permit);
         });
     }
@@ -219,16 +347,39 @@ async fn read_requests(
 
 async fn handle_request(helper: &Arc<Helper>, peer: &Peer, request: Request) -> Response {
     let result = match request {
-        Request::Hello { .. } => Err(ErrorReply { kind: ErrorKind::Protocol, message: "duplicate handshake".into() }),
-        Request::Dispatch(dispatch) => helper.dispatch(peer, dispatch).await.map(|v| Response::Job(Box::new(v))),
-        Request::Status { handle } => helper.status(peer, &handle).map(|v| Response::Job(Box::new(v))),
-        Request::Result { handle, wait_ms } => helper.result(peer, &handle, wait_ms).await.map(|v| Response::Job(Box::new(v))),
-        Request::List { filter, detail, limit } => helper
+        Request::Hello { .. } => Err(ErrorReply {
+            kind: ErrorKind::Protocol,
+            message: "duplicate handshake".into(),
+        }),
+        Request::Dispatch(dispatch) => helper
+            .dispatch(peer, dispatch)
+            .await
+            .map(|v| Response::Job(Box::new(v))),
+        Request::Status { handle } => helper
+            .status(peer, &handle)
+            .map(|v| Response::Job(Box::new(v))),
+        Request::Result { handle, wait_ms } => helper
+            .result(peer, &handle, wait_ms)
+            .await
+            .map(|v| Response::Job(Box::new(v))),
+        Request::List {
+            filter,
+            detail,
+            limit,
+        } => helper
             .list(peer, filter.as_deref(), detail, limit)
             .map(|(total, jobs)| Response::List { total, jobs }),
-        Request::Cancel { handle } => helper.cancel(peer, &handle).await.map(|v| Response::Job(Box::new(v))),
-        Request::Delete { handle } => helper.delete(peer, &handle).await.map(|handle| Response::Deleted { handle }),
-        Request::Lanes => Ok(Response::Lanes { lanes: helper.lanes(peer) }),
+        Request::Cancel { handle } => helper
+            .cancel(peer, &handle)
+            .await
+            .map(|v| Response::Job(Box::new(v))),
+        Request::Delete { handle } => helper
+            .delete(peer, &handle)
+            .await
+            .map(|handle| Response::Deleted { handle }),
+        Request::Lanes => Ok(Response::Lanes {
+            lanes: helper.lanes(peer),
+        }),
     };
     result.unwrap_or_else(Response::Error)
 }

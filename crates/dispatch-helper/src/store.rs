@@ -69,8 +69,12 @@ impl JobRecord {
             signal: self.signal,
             detail: self.detail.clone(),
             argv: (detail != Detail::Summary).then(|| self.argv.clone()),
-            stdout: (detail == Detail::Full).then(|| self.stdout.clone()).flatten(),
-            stderr: (detail == Detail::Full).then(|| self.stderr.clone()).flatten(),
+            stdout: (detail == Detail::Full)
+                .then(|| self.stdout.clone())
+                .flatten(),
+            stderr: (detail == Detail::Full)
+                .then(|| self.stderr.clone())
+                .flatten(),
             sandbox: self.sandbox.clone(),
         }
     }
@@ -83,7 +87,10 @@ pub struct JobStore {
 impl JobStore {
     pub fn open(state_dir: &Path) -> std::io::Result<JobStore> {
         let dir = state_dir.join("jobs");
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         Ok(JobStore { dir })
     }
 
@@ -124,7 +131,11 @@ impl JobStore {
         let mut warnings = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
             if name.starts_with('.') && name.ends_with(".tmp") {
                 // A write interrupted before its rename: the previous record (if any) stands.
                 let _ = fs::remove_file(&path);
@@ -133,11 +144,15 @@ impl JobStore {
             if !name.ends_with(".json") {
                 continue;
             }
-            match fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
-                serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
-            }) {
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
+                }) {
                 Ok(record) => records.push(record),
-                Err(why) => warnings.push(format!("job record {} unreadable: {why}", path.display())),
+                Err(why) => {
+                    warnings.push(format!("job record {} unreadable: {why}", path.display()))
+                }
             }
         }
         Ok((records, warnings))

@@ -57,7 +57,10 @@ pub struct LoadedAllowlist {
 #[derive(Debug, thiserror::Error)]
 pub enum AllowlistError {
     #[error("cannot read allowlist {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("allowlist {path} is not valid JSON: {message}")]
     Json { path: String, message: String },
     #[error("allowlist {path}: {message}")]
@@ -66,8 +69,10 @@ pub enum AllowlistError {
 
 impl Allowlist {
     pub fn load(path: &Path) -> Result<LoadedAllowlist, AllowlistError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AllowlistError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AllowlistError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -81,7 +86,9 @@ impl Allowlist {
             path: origin.to_owned(),
             message: message.to_owned(),
         };
-        let root = root.as_object().ok_or_else(|| shape("the top level must be a JSON object"))?;
+        let root = root
+            .as_object()
+            .ok_or_else(|| shape("the top level must be a JSON object"))?;
         let empty = Map::new();
         let orgs_json = match root.get("orgs") {
             None => &empty,
@@ -116,7 +123,10 @@ impl Allowlist {
         if targets.is_empty() {
             warnings.push("no valid targets: every dispatch will be rejected".to_owned());
         }
-        Ok(LoadedAllowlist { allowlist: Allowlist { orgs, targets }, warnings })
+        Ok(LoadedAllowlist {
+            allowlist: Allowlist { orgs, targets },
+            warnings,
+        })
     }
 
     pub fn targets(&self) -> impl Iterator<Item = &Target> {
@@ -160,7 +170,11 @@ impl Allowlist {
 
     /// `orguser/repo` for every target, for error messages.
     pub fn known_targets(&self) -> String {
-        list_or_none(self.targets.values().map(|t| format!("{}/{}", t.orguser, t.repo)))
+        list_or_none(
+            self.targets
+                .values()
+                .map(|t| format!("{}/{}", t.orguser, t.repo)),
+        )
     }
 
     fn known_orgs(&self) -> String {
@@ -174,7 +188,12 @@ fn list_or_none(items: impl Iterator<Item = String>) -> String {
     if items.is_empty() {
         return "(none)".to_owned();
     }
-    let mut text = items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    let mut text = items
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if items.len() > SHOWN {
         text.push_str(&format!(", … ({} in all)", items.len()));
     }
@@ -196,10 +215,17 @@ fn parse_org(name: &str, entry: &Value) -> Result<OrgPolicy, String> {
             groups: name_list(clients.get("groups"), "allowed_clients.groups")?,
         }),
         Some(_) => {
-            return Err("\"allowed_clients\" must be an object with \"users\" and/or \"groups\"".into());
+            return Err(
+                "\"allowed_clients\" must be an object with \"users\" and/or \"groups\"".into(),
+            );
         }
     };
-    Ok(OrgPolicy { orguser, unix_user, unix_user_explicit, allowed_clients })
+    Ok(OrgPolicy {
+        orguser,
+        unix_user,
+        unix_user_explicit,
+        allowed_clients,
+    })
 }
 
 fn name_list(value: Option<&Value>, field: &str) -> Result<Vec<UnixUserName>, String> {
@@ -230,14 +256,21 @@ fn parse_repo(
         .ok_or("\"org\" is missing or not a string")?;
     let orguser = OrgUser::parse(org).map_err(|e| e.to_string())?;
     if !orgs.contains_key(&orguser) {
-        return Err(format!("its org {} is not declared under \"orgs\"", escape_value(org)));
+        return Err(format!(
+            "its org {} is not declared under \"orgs\"",
+            escape_value(org)
+        ));
     }
     let github = entry
         .get("github")
         .and_then(Value::as_str)
         .ok_or("\"github\" is missing or not a string")?;
     validate_github(github)?;
-    Ok(Target { repo, orguser, github: github.to_owned() })
+    Ok(Target {
+        repo,
+        orguser,
+        github: github.to_owned(),
+    })
 }
 
 fn validate_github(github: &str) -> Result<(), String> {
@@ -249,7 +282,9 @@ fn validate_github(github: &str) -> Result<(), String> {
         && repo.len() <= 100
         && repo != "."
         && !repo.contains("..")
-        && repo.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && repo
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if repo_ok { Ok(()) } else { Err(bad()) }
 }
 
@@ -280,23 +315,42 @@ mod tests {
     #[test]
     fn fixture_has_two_targets_and_names_every_skip() {
         let loaded = fixture();
-        let targets: Vec<_> = loaded.allowlist.targets().map(|t| t.repo.to_string()).collect();
+        let targets: Vec<_> = loaded
+            .allowlist
+            .targets()
+            .map(|t| t.repo.to_string())
+            .collect();
         assert_eq!(targets, ["gadgets", "widgets"]);
         let warnings = loaded.warnings.join("\n");
-        assert!(warnings.contains("repo \"orphan\" skipped: its org \"initech\" is not declared"), "{warnings}");
-        assert!(warnings.contains("repo \"broken\" skipped: \"github\" is missing"), "{warnings}");
-        assert!(warnings.contains("repo \"notobject\" skipped: the entry must be a JSON object"), "{warnings}");
+        assert!(
+            warnings.contains("repo \"orphan\" skipped: its org \"initech\" is not declared"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("repo \"broken\" skipped: \"github\" is missing"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("repo \"notobject\" skipped: the entry must be a JSON object"),
+            "{warnings}"
+        );
         assert_eq!(loaded.warnings.len(), 3, "{warnings}");
     }
 
     #[test]
     fn unix_user_defaults_to_org_name_and_clients_parse() {
         let loaded = fixture();
-        let acme = loaded.allowlist.org(&OrgUser::parse("acme").unwrap()).unwrap();
+        let acme = loaded
+            .allowlist
+            .org(&OrgUser::parse("acme").unwrap())
+            .unwrap();
         assert_eq!(acme.unix_user.as_str(), "acme");
         assert!(!acme.unix_user_explicit);
         assert!(acme.allowed_clients.is_none());
-        let globex = loaded.allowlist.org(&OrgUser::parse("globex").unwrap()).unwrap();
+        let globex = loaded
+            .allowlist
+            .org(&OrgUser::parse("globex").unwrap())
+            .unwrap();
         assert_eq!(globex.unix_user.as_str(), "globex-lane");
         let clients = globex.allowed_clients.as_ref().unwrap();
         assert_eq!(clients.users[0].as_str(), "alice");
@@ -313,14 +367,25 @@ mod tests {
 
     #[test]
     fn owner_mismatch_is_rejected() {
-        let err = fixture().allowlist.resolve("acme", "gadgets").unwrap_err().to_string();
+        let err = fixture()
+            .allowlist
+            .resolve("acme", "gadgets")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "repo gadgets belongs to orguser globex, not acme");
     }
 
     #[test]
     fn unknown_repo_lists_known_targets() {
-        let err = fixture().allowlist.resolve("acme", "nope").unwrap_err().to_string();
-        assert_eq!(err, "unknown repo \"nope\"; known targets: globex/gadgets, acme/widgets");
+        let err = fixture()
+            .allowlist
+            .resolve("acme", "nope")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "unknown repo \"nope\"; known targets: globex/gadgets, acme/widgets"
+        );
     }
 
     #[test]
@@ -330,15 +395,26 @@ mod tests {
             allowlist.resolve("initech", "orphan"),
             Err(PolicyError::UnknownOrgUser { .. })
         ));
-        assert!(matches!(allowlist.resolve("acme", "broken"), Err(PolicyError::UnknownRepo { .. })));
+        assert!(matches!(
+            allowlist.resolve("acme", "broken"),
+            Err(PolicyError::UnknownRepo { .. })
+        ));
     }
 
     #[test]
     fn hostile_names_are_rejected_before_lookup() {
         let allowlist = fixture().allowlist;
-        for (orguser, repo) in [("acme", "../widgets"), ("acme/..", "widgets"), ("acme", "widgets "), (" acme", "widgets")] {
+        for (orguser, repo) in [
+            ("acme", "../widgets"),
+            ("acme/..", "widgets"),
+            ("acme", "widgets "),
+            (" acme", "widgets"),
+        ] {
             let err = allowlist.resolve(orguser, repo).unwrap_err();
-            assert!(matches!(err, PolicyError::InvalidName { .. }), "{orguser:?}/{repo:?}: {err}");
+            assert!(
+                matches!(err, PolicyError::InvalidName { .. }),
+                "{orguser:?}/{repo:?}: {err}"
+            );
         }
     }
 
@@ -364,20 +440,39 @@ mod tests {
         )
         .unwrap();
         let warnings = loaded.warnings.join("\n");
-        assert!(warnings.contains("org \"a\" skipped: \"unix_user\" must be a string"), "{warnings}");
-        assert!(warnings.contains("org \"b/c\" skipped: invalid orguser"), "{warnings}");
-        assert!(warnings.contains("org \"d\" skipped: invalid unix_user \"x y\""), "{warnings}");
+        assert!(
+            warnings.contains("org \"a\" skipped: \"unix_user\" must be a string"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("org \"b/c\" skipped: invalid orguser"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("org \"d\" skipped: invalid unix_user \"x y\""),
+            "{warnings}"
+        );
         assert!(warnings.contains("no valid targets"), "{warnings}");
     }
 
     #[test]
     fn github_must_be_owner_slash_repo() {
         for bad in ["acme", "acme/", "/x", "a/b/c", "acme/..", "acme/x y"] {
-            let text = format!(r#"{{"orgs": {{"acme": {{}}}}, "repos": {{"r": {{"org": "acme", "github": "{bad}"}}}}}}"#);
+            let text = format!(
+                r#"{{"orgs": {{"acme": {{}}}}, "repos": {{"r": {{"org": "acme", "github": "{bad}"}}}}}}"#
+            );
             let loaded = Allowlist::parse(&text, "f").unwrap();
             assert_eq!(loaded.allowlist.targets().count(), 0, "{bad} accepted");
         }
-        let ok = r#"{"orgs": {"acme": {}}, "repos": {"r": {"org": "acme", "github": "acme/.github"}}}"#;
-        assert_eq!(Allowlist::parse(ok, "f").unwrap().allowlist.targets().count(), 1);
+        let ok =
+            r#"{"orgs": {"acme": {}}, "repos": {"r": {"org": "acme", "github": "acme/.github"}}}"#;
+        assert_eq!(
+            Allowlist::parse(ok, "f")
+                .unwrap()
+                .allowlist
+                .targets()
+                .count(),
+            1
+        );
     }
 }

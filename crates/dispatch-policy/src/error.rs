@@ -5,7 +5,11 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PolicyError {
     #[error("invalid {field} {value}: {rule}")]
-    InvalidName { field: &'static str, value: String, rule: String },
+    InvalidName {
+        field: &'static str,
+        value: String,
+        rule: String,
+    },
     #[error("invalid task_description: {rule}")]
     InvalidTask { rule: String },
     #[error("unknown repo {repo}; known targets: {known}")]
@@ -13,7 +17,11 @@ pub enum PolicyError {
     #[error("unknown orguser {orguser}; known org-users: {known}")]
     UnknownOrgUser { orguser: String, known: String },
     #[error("repo {repo} belongs to orguser {owner}, not {orguser}")]
-    OwnerMismatch { repo: String, owner: String, orguser: String },
+    OwnerMismatch {
+        repo: String,
+        owner: String,
+        orguser: String,
+    },
 }
 
 /// Quote and escape a caller-supplied value for an error message, bounded to 80 characters so a

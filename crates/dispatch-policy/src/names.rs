@@ -19,8 +19,9 @@ pub fn validate_name(field: &'static str, value: &str) -> Result<(), PolicyError
     if !first.is_ascii_alphanumeric() {
         return Err(invalid("it must start with an ASCII letter or digit"));
     }
-    if let Some(bad) =
-        value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(invalid(&format!(
             "{} is not allowed",
@@ -117,9 +118,9 @@ mod tests {
             ("a b", "\" \" is not allowed"),
             ("a\tb", "\"\\u{9}\" is not allowed"),
             ("trailing\n", "\"\\u{a}\" is not allowed"),
-            ("аcme", "start with"), // Cyrillic а
+            ("аcme", "start with"),                  // Cyrillic а
             ("acmе", "\"\\u{435}\" is not allowed"), // Cyrillic е at the end
-            ("ａcme", "start with"), // fullwidth a
+            ("ａcme", "start with"),                 // fullwidth a
             ("a\u{200b}b", "\"\\u{200b}\" is not allowed"),
             ("a\0b", "\"\\u{0}\" is not allowed"),
         ];

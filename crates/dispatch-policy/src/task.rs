@@ -70,7 +70,10 @@ mod tests {
     fn rejects_empty_and_whitespace_only() {
         for value in ["", "   ", "\n\t "] {
             let err = Task::parse(value).unwrap_err().to_string();
-            assert!(err.contains("task_description") && err.contains("empty"), "{err}");
+            assert!(
+                err.contains("task_description") && err.contains("empty"),
+                "{err}"
+            );
         }
     }
 
@@ -79,7 +82,10 @@ mod tests {
         assert!(Task::parse(&"x".repeat(8000)).is_ok());
         assert!(Task::parse(&format!("  {}  ", "é".repeat(8000))).is_ok());
         let err = Task::parse(&"x".repeat(8001)).unwrap_err().to_string();
-        assert!(err.contains("8001 characters") && err.contains("8000"), "{err}");
+        assert!(
+            err.contains("8001 characters") && err.contains("8000"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -90,7 +96,13 @@ mod tests {
 
     #[test]
     fn shell_metacharacters_are_data() {
-        for value in ["$(rm -rf /)", "`id`; echo pwned | sh && x || y > /etc/passwd", "--help", "-c 'id'", "a\nb"] {
+        for value in [
+            "$(rm -rf /)",
+            "`id`; echo pwned | sh && x || y > /etc/passwd",
+            "--help",
+            "-c 'id'",
+            "a\nb",
+        ] {
             assert_eq!(Task::parse(value).unwrap().as_str(), value.trim());
         }
     }

@@ -46,11 +46,18 @@ impl Placeholder {
     ];
 
     fn from_element(element: &str) -> Option<Placeholder> {
-        Self::ALL.iter().find(|(text, _)| *text == element).map(|(_, p)| *p)
+        Self::ALL
+            .iter()
+            .find(|(text, _)| *text == element)
+            .map(|(_, p)| *p)
     }
 
     fn known() -> String {
-        Self::ALL.iter().map(|(text, _)| *text).collect::<Vec<_>>().join(" ")
+        Self::ALL
+            .iter()
+            .map(|(text, _)| *text)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -68,14 +75,24 @@ pub enum TemplateError {
         "argv template element {index} {element:?} embeds a placeholder or a brace; placeholders \
          ({known}) may only stand as whole elements"
     )]
-    EmbeddedPlaceholder { index: usize, element: String, known: String },
+    EmbeddedPlaceholder {
+        index: usize,
+        element: String,
+        known: String,
+    },
     #[error("argv template element {index} {element:?} is not a known placeholder ({known})")]
-    UnknownPlaceholder { index: usize, element: String, known: String },
+    UnknownPlaceholder {
+        index: usize,
+        element: String,
+        known: String,
+    },
     #[error("argv template must contain {{task}} exactly once; it contains it {count} times")]
     TaskCount { count: usize },
     #[error("argv[0] must be a literal program, not the placeholder {element:?}")]
     ProgramIsPlaceholder { element: String },
-    #[error("argv[0] {program:?} is a relative path; give an absolute path or a bare name found on PATH")]
+    #[error(
+        "argv[0] {program:?} is a relative path; give an absolute path or a bare name found on PATH"
+    )]
     RelativeProgram { program: String },
     #[error("argv[0] {program:?} was not found on PATH ({path})")]
     ProgramNotOnPath { program: String, path: String },
@@ -114,16 +131,24 @@ impl ArgvTemplate {
         for (index, element) in elements.iter().enumerate() {
             parsed.push(parse_element(index, element.as_ref())?);
         }
-        let task_count = parsed.iter().filter(|e| **e == Element::Placeholder(Placeholder::Task)).count();
+        let task_count = parsed
+            .iter()
+            .filter(|e| **e == Element::Placeholder(Placeholder::Task))
+            .count();
         if task_count != 1 {
             return Err(TemplateError::TaskCount { count: task_count });
         }
         if let Element::Placeholder(_) = parsed[0] {
-            return Err(TemplateError::ProgramIsPlaceholder { element: first.as_ref().to_owned() });
+            return Err(TemplateError::ProgramIsPlaceholder {
+                element: first.as_ref().to_owned(),
+            });
         }
         let program = resolve_program(first.as_ref(), search_path)?;
         debug_assert_eq!(rest.len(), parsed.len() - 1);
-        Ok(ArgvTemplate { program, args: parsed.split_off(1) })
+        Ok(ArgvTemplate {
+            program,
+            args: parsed.split_off(1),
+        })
     }
 
     pub fn program(&self) -> &Path {
@@ -142,7 +167,9 @@ impl ArgvTemplate {
                 Element::Placeholder(Placeholder::Github) => values.github.to_owned(),
                 Element::Placeholder(Placeholder::Task) => values.task.as_str().to_owned(),
                 Element::Placeholder(Placeholder::Host) => values.host.to_owned(),
-                Element::Placeholder(Placeholder::MaxIterations) => values.max_iterations.to_string(),
+                Element::Placeholder(Placeholder::MaxIterations) => {
+                    values.max_iterations.to_string()
+                }
                 Element::Placeholder(Placeholder::Handle) => values.handle.to_string(),
             });
         }
@@ -158,7 +185,11 @@ fn parse_element(index: usize, element: &str) -> Result<Element, TemplateError> 
         return Ok(Element::Placeholder(placeholder));
     }
     let braces = element.contains('{') || element.contains('}');
-    if braces && element.starts_with('{') && element.ends_with('}') && element.matches('{').count() == 1 {
+    if braces
+        && element.starts_with('{')
+        && element.ends_with('}')
+        && element.matches('{').count() == 1
+    {
         return Err(TemplateError::UnknownPlaceholder {
             index,
             element: element.to_owned(),
@@ -179,12 +210,16 @@ fn resolve_program(program: &str, search_path: Option<&OsStr>) -> Result<PathBuf
     if program.contains('/') {
         let path = Path::new(program);
         if !path.is_absolute() {
-            return Err(TemplateError::RelativeProgram { program: program.to_owned() });
+            return Err(TemplateError::RelativeProgram {
+                program: program.to_owned(),
+            });
         }
         return if is_executable_file(path) {
             Ok(path.to_owned())
         } else {
-            Err(TemplateError::ProgramMissing { program: program.to_owned() })
+            Err(TemplateError::ProgramMissing {
+                program: program.to_owned(),
+            })
         };
     }
     let search = search_path.unwrap_or_default();
@@ -264,16 +299,26 @@ mod tests {
     #[test]
     fn embedded_placeholder_is_refused() {
         let err = ArgvTemplate::parse(&["/bin/echo", "--repo={repo}", "{task}"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::EmbeddedPlaceholder { index: 1, .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::EmbeddedPlaceholder { index: 1, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("whole elements"), "{err}");
         let err = ArgvTemplate::parse(&["/bin/echo", "{task}x"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::EmbeddedPlaceholder { .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::EmbeddedPlaceholder { .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_placeholder_is_refused() {
         let err = ArgvTemplate::parse(&["/bin/echo", "{cmd}", "{task}"], None).unwrap_err();
-        assert!(err.to_string().contains("\"{cmd}\" is not a known placeholder"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("\"{cmd}\" is not a known placeholder"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -287,9 +332,15 @@ mod tests {
     #[test]
     fn relative_program_is_refused() {
         let err = ArgvTemplate::parse(&["bin/echo", "{task}"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::RelativeProgram { .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::RelativeProgram { .. }),
+            "{err}"
+        );
         let err = ArgvTemplate::parse(&["./echo", "{task}"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::RelativeProgram { .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::RelativeProgram { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -297,19 +348,29 @@ mod tests {
         let err = ArgvTemplate::parse(&["/nonexistent/dispatch", "{task}"], None).unwrap_err();
         assert!(matches!(err, TemplateError::ProgramMissing { .. }), "{err}");
         let empty = tempfile::tempdir().unwrap();
-        let err = ArgvTemplate::parse(&["dotfiles-dispatch", "{task}"], Some(empty.path().as_os_str()))
-            .unwrap_err();
+        let err = ArgvTemplate::parse(
+            &["dotfiles-dispatch", "{task}"],
+            Some(empty.path().as_os_str()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("was not found on PATH"), "{err}");
         let (_dir, not_executable) = fake_path_with("plain");
         std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = ArgvTemplate::parse(&[not_executable.to_str().unwrap(), "{task}"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::ProgramMissing { .. }), "not executable: {err}");
+        let err =
+            ArgvTemplate::parse(&[not_executable.to_str().unwrap(), "{task}"], None).unwrap_err();
+        assert!(
+            matches!(err, TemplateError::ProgramMissing { .. }),
+            "not executable: {err}"
+        );
     }
 
     #[test]
     fn program_cannot_be_a_placeholder_and_template_cannot_be_empty() {
         let err = ArgvTemplate::parse(&["{task}"], None).unwrap_err();
-        assert!(matches!(err, TemplateError::ProgramIsPlaceholder { .. }), "{err}");
+        assert!(
+            matches!(err, TemplateError::ProgramIsPlaceholder { .. }),
+            "{err}"
+        );
         let err = ArgvTemplate::parse::<&str>(&[], None).unwrap_err();
         assert_eq!(err, TemplateError::Empty);
     }

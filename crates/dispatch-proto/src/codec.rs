@@ -60,7 +60,10 @@ pub fn encode_frame<T: Serialize>(message: &T, limit: FrameLimit) -> Result<Vec<
         .map_err(|error| CodecError::Malformed(format!("cannot encode: {error}")))?;
     let body_len = frame.len() - LENGTH_PREFIX;
     if body_len > limit.0 as usize {
-        return Err(CodecError::Oversized { length: body_len as u64, limit: limit.0 });
+        return Err(CodecError::Oversized {
+            length: body_len as u64,
+            limit: limit.0,
+        });
     }
     if body_len == 0 {
         return Err(CodecError::Empty);
@@ -82,10 +85,10 @@ pub fn decode<T: Envelope>(body: &[u8]) -> Result<T, CodecError> {
         return Err(CodecError::Empty);
     }
     // Postcard writes the id and then the variant index, both as varints.
-    if let Ok(((_id, variant), _)) = postcard::take_from_bytes::<(u64, u32)>(body) {
-        if variant >= T::BODY_VARIANTS {
-            return Err(CodecError::UnknownMessage);
-        }
+    if let Ok(((_id, variant), _)) = postcard::take_from_bytes::<(u64, u32)>(body)
+        && variant >= T::BODY_VARIANTS
+    {
+        return Err(CodecError::UnknownMessage);
     }
     match postcard::take_from_bytes::<T>(body) {
         Ok((value, [])) => Ok(value),
@@ -100,7 +103,10 @@ pub fn decode<T: Envelope>(body: &[u8]) -> Result<T, CodecError> {
 fn classify(error: postcard::Error, len: usize) -> CodecError {
     use postcard::Error as E;
     match error {
-        E::DeserializeUnexpectedEnd => CodecError::Truncated { expected: len + 1, got: len },
+        E::DeserializeUnexpectedEnd => CodecError::Truncated {
+            expected: len + 1,
+            got: len,
+        },
         E::DeserializeBadEnum => CodecError::UnknownMessage,
         other => CodecError::Malformed(other.to_string()),
     }
@@ -113,7 +119,10 @@ pub fn check_length(prefix: [u8; LENGTH_PREFIX], limit: FrameLimit) -> Result<us
         return Err(CodecError::Empty);
     }
     if length > limit.0 {
-        return Err(CodecError::Oversized { length: u64::from(length), limit: limit.0 });
+        return Err(CodecError::Oversized {
+            length: u64::from(length),
+            limit: limit.0,
+        });
     }
     Ok(length as usize)
 }
@@ -131,7 +140,10 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
             return if filled == 0 {
                 Ok(None)
             } else {
-                Err(CodecError::Truncated { expected: LENGTH_PREFIX, got: filled })
+                Err(CodecError::Truncated {
+                    expected: LENGTH_PREFIX,
+                    got: filled,
+                })
             };
         }
         filled += n;
@@ -143,7 +155,10 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     while got < length {
         let n = reader.read(&mut body[got..]).await?;
         if n == 0 {
-            return Err(CodecError::Truncated { expected: length, got });
+            return Err(CodecError::Truncated {
+                expected: length,
+                got,
+            });
         }
         got += n;
     }

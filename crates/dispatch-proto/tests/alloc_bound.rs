@@ -1,7 +1,9 @@
 //! Decoding hostile bytes never allocates much more than the frame itself: a global allocator
 //! records the peak number of live bytes while the decoder runs.
 
-use dispatch_proto::{FrameLimit, MAX_REQUEST_FRAME, RequestEnvelope, ResponseEnvelope, decode, read_frame};
+use dispatch_proto::{
+    FrameLimit, MAX_REQUEST_FRAME, RequestEnvelope, ResponseEnvelope, decode, read_frame,
+};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,13 +69,18 @@ fn decoding_hostile_bodies_allocates_at_most_the_frame_limit() {
         worst = worst.max(peak);
     }
     println!("worst peak allocation while decoding hostile bodies: {worst} bytes");
-    assert!(worst <= MAX_REQUEST_FRAME as usize, "peak {worst} bytes exceeds the frame limit");
+    assert!(
+        worst <= MAX_REQUEST_FRAME as usize,
+        "peak {worst} bytes exceeds the frame limit"
+    );
 }
 
 #[test]
 fn hostile_length_prefix_allocates_nothing_large() {
     let _guard = SERIAL.lock().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let peak = peak_during(|| {
         rt.block_on(async {
             let mut reader: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
@@ -81,5 +88,8 @@ fn hostile_length_prefix_allocates_nothing_large() {
         })
     });
     println!("peak allocation for a 4 GiB length prefix: {peak} bytes");
-    assert!(peak < 4096, "a hostile prefix made the reader allocate {peak} bytes");
+    assert!(
+        peak < 4096,
+        "a hostile prefix made the reader allocate {peak} bytes"
+    );
 }

@@ -19,7 +19,11 @@ fn job() -> JobView {
         signal: None,
         detail: "exited with status 3".into(),
         argv: Some(vec!["/usr/bin/dotfiles-dispatch".into(), "acme".into()]),
-        stdout: Some(OutputTail { text: "out".into(), total_bytes: 3, truncated: false }),
+        stdout: Some(OutputTail {
+            text: "out".into(),
+            total_bytes: 3,
+            truncated: false,
+        }),
         stderr: None,
         sandbox: Some(SandboxReport {
             uid: 1000,
@@ -36,8 +40,14 @@ fn job() -> JobView {
 
 fn every_request() -> Vec<Request> {
     vec![
-        Request::Hello { version: PROTOCOL_VERSION, client_name: Some("claude-code".into()) },
-        Request::Hello { version: 9, client_name: None },
+        Request::Hello {
+            version: PROTOCOL_VERSION,
+            client_name: Some("claude-code".into()),
+        },
+        Request::Hello {
+            version: 9,
+            client_name: None,
+        },
         Request::Dispatch(DispatchRequest {
             orguser: "acme".into(),
             repo: "widgets".into(),
@@ -45,8 +55,15 @@ fn every_request() -> Vec<Request> {
             description: None,
         }),
         Request::Status { handle: "h".into() },
-        Request::Result { handle: "h".into(), wait_ms: 30_000 },
-        Request::List { filter: Some("build*".into()), detail: true, limit: 100 },
+        Request::Result {
+            handle: "h".into(),
+            wait_ms: 30_000,
+        },
+        Request::List {
+            filter: Some("build*".into()),
+            detail: true,
+            limit: 100,
+        },
         Request::Cancel { handle: "h".into() },
         Request::Delete { handle: "h".into() },
         Request::Lanes,
@@ -62,7 +79,10 @@ fn every_response() -> Vec<Response> {
             unprivileged: true,
         }),
         Response::Job(Box::new(job())),
-        Response::List { total: 2, jobs: vec![job(), job()] },
+        Response::List {
+            total: 2,
+            jobs: vec![job(), job()],
+        },
         Response::Lanes {
             lanes: vec![Lane {
                 orguser: "acme".into(),
@@ -72,14 +92,20 @@ fn every_response() -> Vec<Response> {
             }],
         },
         Response::Deleted { handle: "h".into() },
-        Response::Error(ErrorReply { kind: ErrorKind::UnknownHandle, message: "no".into() }),
+        Response::Error(ErrorReply {
+            kind: ErrorKind::UnknownHandle,
+            message: "no".into(),
+        }),
     ]
 }
 
 #[test]
 fn every_request_round_trips() {
     for (id, body) in every_request().into_iter().enumerate() {
-        let envelope = RequestEnvelope { id: id as u64, body };
+        let envelope = RequestEnvelope {
+            id: id as u64,
+            body,
+        };
         let frame = encode_frame(&envelope, FrameLimit::REQUEST).unwrap();
         let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
         assert_eq!(len, frame.len() - 4);
@@ -91,7 +117,10 @@ fn every_request_round_trips() {
 #[test]
 fn every_response_round_trips() {
     for (id, body) in every_response().into_iter().enumerate() {
-        let envelope = ResponseEnvelope { id: id as u64, body };
+        let envelope = ResponseEnvelope {
+            id: id as u64,
+            body,
+        };
         let frame = encode_frame(&envelope, FrameLimit::RESPONSE).unwrap();
         let back: ResponseEnvelope = decode(&frame[4..]).unwrap();
         assert_eq!(back, envelope);
@@ -116,7 +145,9 @@ fn largest_legal_task_in_four_byte_utf8_fits_a_request_frame() {
 fn writer_refuses_an_oversized_frame() {
     let request = RequestEnvelope {
         id: 1,
-        body: Request::Status { handle: "x".repeat(MAX_REQUEST_FRAME as usize) },
+        body: Request::Status {
+            handle: "x".repeat(MAX_REQUEST_FRAME as usize),
+        },
     };
     assert!(matches!(
         encode_frame(&request, FrameLimit::REQUEST),
@@ -127,7 +158,16 @@ fn writer_refuses_an_oversized_frame() {
 #[test]
 fn hostile_length_prefix_is_refused_before_allocation() {
     let err = codec::check_length(u32::MAX.to_be_bytes(), FrameLimit::REQUEST).unwrap_err();
-    assert!(matches!(err, CodecError::Oversized { length: 4_294_967_295, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CodecError::Oversized {
+                length: 4_294_967_295,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("65536"), "{err}");
 }
 
@@ -141,22 +181,42 @@ fn unknown_message_variant_is_typed() {
 #[test]
 fn variant_counts_match_the_enums() {
     // The last variant of each enum decodes; one past it is an unknown message.
-    let last = RequestEnvelope { id: 1, body: Request::Lanes };
+    let last = RequestEnvelope {
+        id: 1,
+        body: Request::Lanes,
+    };
     let frame = encode_frame(&last, FrameLimit::REQUEST).unwrap();
-    assert_eq!(frame[5] as u32, <RequestEnvelope as Envelope>::BODY_VARIANTS - 1);
+    assert_eq!(
+        frame[5] as u32,
+        <RequestEnvelope as Envelope>::BODY_VARIANTS - 1
+    );
     let last = ResponseEnvelope {
         id: 1,
-        body: Response::Error(ErrorReply { kind: ErrorKind::Internal, message: String::new() }),
+        body: Response::Error(ErrorReply {
+            kind: ErrorKind::Internal,
+            message: String::new(),
+        }),
     };
     let frame = encode_frame(&last, FrameLimit::RESPONSE).unwrap();
-    assert_eq!(frame[5] as u32, <ResponseEnvelope as Envelope>::BODY_VARIANTS - 1);
-    assert!(matches!(decode::<ResponseEnvelope>(&[1, 6]), Err(CodecError::UnknownMessage)));
+    assert_eq!(
+        frame[5] as u32,
+        <ResponseEnvelope as Envelope>::BODY_VARIANTS - 1
+    );
+    assert!(matches!(
+        decode::<ResponseEnvelope>(&[1, 6]),
+        Err(CodecError::UnknownMessage)
+    ));
 }
 
 #[test]
 fn truncated_body_is_typed() {
     let frame = encode_frame(
-        &RequestEnvelope { id: 7, body: Request::Status { handle: "abcdef".into() } },
+        &RequestEnvelope {
+            id: 7,
+            body: Request::Status {
+                handle: "abcdef".into(),
+            },
+        },
         FrameLimit::REQUEST,
     )
     .unwrap();
@@ -166,8 +226,14 @@ fn truncated_body_is_typed() {
 
 #[test]
 fn trailing_bytes_are_malformed() {
-    let mut frame = encode_frame(&RequestEnvelope { id: 7, body: Request::Lanes }, FrameLimit::REQUEST)
-        .unwrap();
+    let mut frame = encode_frame(
+        &RequestEnvelope {
+            id: 7,
+            body: Request::Lanes,
+        },
+        FrameLimit::REQUEST,
+    )
+    .unwrap();
     frame.push(0);
     let err = decode::<RequestEnvelope>(&frame[4..]).unwrap_err();
     assert!(matches!(err, CodecError::Malformed(_)), "{err}");
@@ -177,18 +243,29 @@ fn trailing_bytes_are_malformed() {
 async fn async_reader_types_its_errors() {
     // Clean EOF between frames.
     let mut empty: &[u8] = &[];
-    assert!(read_frame::<RequestEnvelope, _>(&mut empty, FrameLimit::REQUEST).await.unwrap().is_none());
+    assert!(
+        read_frame::<RequestEnvelope, _>(&mut empty, FrameLimit::REQUEST)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // EOF inside the prefix.
     let mut short: &[u8] = &[0, 0];
     assert!(matches!(
         read_frame::<RequestEnvelope, _>(&mut short, FrameLimit::REQUEST).await,
-        Err(CodecError::Truncated { expected: 4, got: 2 })
+        Err(CodecError::Truncated {
+            expected: 4,
+            got: 2
+        })
     ));
     // EOF inside the body.
     let mut cut: &[u8] = &[0, 0, 0, 10, 1, 2];
     assert!(matches!(
         read_frame::<RequestEnvelope, _>(&mut cut, FrameLimit::REQUEST).await,
-        Err(CodecError::Truncated { expected: 10, got: 2 })
+        Err(CodecError::Truncated {
+            expected: 10,
+            got: 2
+        })
     ));
     // 4 GiB prefix.
     let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff];
@@ -197,11 +274,19 @@ async fn async_reader_types_its_errors() {
         Err(CodecError::Oversized { .. })
     ));
     // A good frame followed by EOF.
-    let frame = encode_frame(&RequestEnvelope { id: 3, body: Request::Lanes }, FrameLimit::REQUEST)
-        .unwrap();
+    let frame = encode_frame(
+        &RequestEnvelope {
+            id: 3,
+            body: Request::Lanes,
+        },
+        FrameLimit::REQUEST,
+    )
+    .unwrap();
     let mut good: &[u8] = &frame;
-    let got: RequestEnvelope =
-        read_frame(&mut good, FrameLimit::REQUEST).await.unwrap().unwrap();
+    let got: RequestEnvelope = read_frame(&mut good, FrameLimit::REQUEST)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.id, 3);
 }
 

@@ -83,7 +83,9 @@ fn step_error(step: ChildStep, errno: i32) -> io::Error {
 }
 
 fn last_errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EINVAL)
 }
 
 /// Split an error from `Command::spawn` into the step that failed and the OS error.
@@ -122,41 +124,48 @@ pub(crate) fn install(command: &mut Command, plan: ChildPlan) {
 }
 
 fn check(step: ChildStep, rc: libc::c_long) -> io::Result<()> {
-    if rc == -1 { Err(step_error(step, last_errno())) } else { Ok(()) }
+    if rc == -1 {
+        Err(step_error(step, last_errno()))
+    } else {
+        Ok(())
+    }
 }
 
 fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
     // 1. Own session and process group, so the helper can signal the whole lane at once.
     // SAFETY: setsid takes no arguments.
-    check(ChildStep::NewSession, unsafe { libc::setsid() } as libc::c_long)?;
+    let rc = unsafe { libc::setsid() };
+    check(ChildStep::NewSession, rc.into())?;
 
     // 2. Resource limits, while still privileged (lowering needs no privilege, but a raise
     //    after the drop could be refused).
     for (resource, limit) in &plan.rlimits {
         // SAFETY: `limit` points to a valid rlimit for the duration of the call.
-        check(ChildStep::Rlimits, unsafe { libc::setrlimit(*resource, limit) } as libc::c_long)?;
+        let rc = unsafe { libc::setrlimit(*resource, limit) };
+        check(ChildStep::Rlimits, rc.into())?;
     }
 
     // 3. Identity: groups, then gid, then uid (after setresuid we could no longer change the
     //    others).
     if plan.change_uid {
         // SAFETY: pointer and length describe `plan.groups`, alive for the call.
-        check(ChildStep::SetGroups, unsafe {
-            libc::setgroups(plan.groups.len(), plan.groups.as_ptr())
-        } as libc::c_long)?;
+        let rc = unsafe { libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) };
+        check(ChildStep::SetGroups, rc.into())?;
         // SAFETY: plain integer arguments.
-        check(ChildStep::SetGid, unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) } as libc::c_long)?;
+        let rc = unsafe { libc::setresgid(plan.gid, plan.gid, plan.gid) };
+        check(ChildStep::SetGid, rc.into())?;
         // SAFETY: plain integer arguments.
-        check(ChildStep::SetUid, unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) } as libc::c_long)?;
+        let rc = unsafe { libc::setresuid(plan.uid, plan.uid, plan.uid) };
+        check(ChildStep::SetUid, rc.into())?;
     }
     verify_ids(plan)?;
 
     // 4. Death signal after the drop (changing credentials clears it). SIGTERM, not SIGKILL:
     //    the lane guard catches it and kills the whole process group (see `lane_guard`).
+    let term = libc::SIGTERM as libc::c_ulong;
     // SAFETY: plain integer arguments.
-    check(ChildStep::ParentDeathSignal, unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0)
-    } as libc::c_long)?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, term, 0, 0, 0) };
+    check(ChildStep::ParentDeathSignal, rc.into())?;
     // The helper may have died before the signal was armed.
     // SAFETY: getppid takes no arguments.
     if unsafe { libc::getppid() } != plan.helper_pid {
@@ -166,20 +175,26 @@ fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
     // 5. Nothing inherited survives exec. close_range(CLOSE_RANGE_CLOEXEC) rather than a plain
     //    close: std still needs its own error pipe until exec.
     // SAFETY: plain integer arguments.
-    check(ChildStep::CloseFds, unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC)
-    })?;
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    check(ChildStep::CloseFds, rc)?;
 
     // 6. no_new_privs: exec can no longer grant privileges (setuid bits, file capabilities).
     // SAFETY: plain integer arguments.
-    check(ChildStep::NoNewPrivs, unsafe {
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0)
-    } as libc::c_long)?;
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+    check(ChildStep::NoNewPrivs, rc.into())?;
 
     // 7. Landlock, on the ruleset the helper built.
     if let Some(fd) = plan.landlock_fd {
         // SAFETY: `fd` is a Landlock ruleset fd owned by the prepared lane, open across the fork.
-        check(ChildStep::Landlock, unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) })?;
+        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) };
+        check(ChildStep::Landlock, rc)?;
     }
 
     // 8. seccomp last, so that none of the steps above needed a syscall it denies.
@@ -189,15 +204,17 @@ fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
             // seccompiler's sock_filter has the kernel's layout (u16, u8, u8, u32).
             filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
         };
+        let mode = libc::SECCOMP_SET_MODE_FILTER;
         // SAFETY: `fprog` points into `program`, alive for the call; the kernel copies it.
-        check(ChildStep::Seccomp, unsafe {
+        let rc = unsafe {
             libc::syscall(
                 libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
+                mode,
                 0 as libc::c_ulong,
-                &fprog as *const libc::sock_fprog,
+                &raw const fprog,
             )
-        })?;
+        };
+        check(ChildStep::Seccomp, rc)?;
     }
 
     // 9. Split into the guard (this process, group leader) and the lane (its child, which
@@ -209,15 +226,18 @@ fn verify_ids(plan: &ChildPlan) -> io::Result<()> {
     let (mut ruid, mut euid, mut suid) = (0, 0, 0);
     let (mut rgid, mut egid, mut sgid) = (0, 0, 0);
     // SAFETY: the pointers are to live locals.
-    check(ChildStep::VerifyIds, unsafe { libc::getresuid(&mut ruid, &mut euid, &mut suid) } as libc::c_long)?;
+    let rc = unsafe { libc::getresuid(&mut ruid, &mut euid, &mut suid) };
+    check(ChildStep::VerifyIds, rc.into())?;
     // SAFETY: the pointers are to live locals.
-    check(ChildStep::VerifyIds, unsafe { libc::getresgid(&mut rgid, &mut egid, &mut sgid) } as libc::c_long)?;
+    let rc = unsafe { libc::getresgid(&mut rgid, &mut egid, &mut sgid) };
+    check(ChildStep::VerifyIds, rc.into())?;
     if [ruid, euid, suid] != [plan.uid; 3] || [rgid, egid, sgid] != [plan.gid; 3] {
         return Err(step_error(ChildStep::VerifyIds, libc::EPERM));
     }
     if plan.uid != 0 {
         // SAFETY: plain integer arguments; success here is the failure we test for.
-        if unsafe { libc::setresuid(0, 0, 0) } == 0 || unsafe { libc::setresgid(0, 0, 0) } == 0 {
+        let regained = unsafe { libc::setresuid(0, 0, 0) == 0 || libc::setresgid(0, 0, 0) == 0 };
+        if regained {
             return Err(step_error(ChildStep::RootNotRegainable, libc::EPERM));
         }
     }
@@ -258,7 +278,13 @@ fn lane_guard(helper_pid: libc::pid_t) -> io::Result<()> {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) == -1
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1
+                || libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) == -1
             {
                 return Err(step_error(ChildStep::LaneGuard, last_errno()));
             }
@@ -275,8 +301,12 @@ fn lane_guard(helper_pid: libc::pid_t) -> io::Result<()> {
 
 /// # Safety
 /// Must only be called in the forked guard process, with `guarded` blocked.
-unsafe fn guard_loop(lane_pid: libc::pid_t, helper_pid: libc::pid_t, guarded: &libc::sigset_t) -> ! {
-    // SAFETY (whole block): only async-signal-safe calls on locals and integers.
+unsafe fn guard_loop(
+    lane_pid: libc::pid_t,
+    helper_pid: libc::pid_t,
+    guarded: &libc::sigset_t,
+) -> ! {
+    // SAFETY: (whole block) only async-signal-safe calls on locals and integers.
     unsafe {
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         loop {

@@ -16,7 +16,10 @@ pub struct LaneIdentity {
 
 /// Resolve `name`; refuses root, whatever the allowlist says.
 pub fn resolve_identity(name: &str) -> Result<LaneIdentity, SandboxError> {
-    let fail = |reason: String| SandboxError::Identity { user: name.to_owned(), reason };
+    let fail = |reason: String| SandboxError::Identity {
+        user: name.to_owned(),
+        reason,
+    };
     let user = User::from_name(name)
         .map_err(|e| fail(format!("lookup failed: {e}")))?
         .ok_or_else(|| fail("no such user on this machine".into()))?;
@@ -32,16 +35,27 @@ pub fn resolve_identity(name: &str) -> Result<LaneIdentity, SandboxError> {
     groups.sort_unstable();
     groups.dedup();
     if groups.contains(&0) {
-        return Err(fail("the user is a member of group 0 (root); refusing".into()));
+        return Err(fail(
+            "the user is a member of group 0 (root); refusing".into(),
+        ));
     }
-    Ok(LaneIdentity { name: name.to_owned(), uid: user.uid.as_raw(), gid: user.gid.as_raw(), groups, home: user.dir })
+    Ok(LaneIdentity {
+        name: name.to_owned(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+        home: user.dir,
+    })
 }
 
 /// The helper's own account, for unprivileged mode.
 pub fn current_identity() -> Result<LaneIdentity, SandboxError> {
     let uid = nix::unistd::geteuid();
     let user = User::from_uid(uid)
-        .map_err(|e| SandboxError::Identity { user: uid.to_string(), reason: e.to_string() })?
+        .map_err(|e| SandboxError::Identity {
+            user: uid.to_string(),
+            reason: e.to_string(),
+        })?
         .ok_or_else(|| SandboxError::Identity {
             user: uid.to_string(),
             reason: "the helper's own uid has no passwd entry".into(),

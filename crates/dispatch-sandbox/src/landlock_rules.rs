@@ -3,8 +3,8 @@
 
 use crate::{LanePlan, SandboxError, SandboxPolicy};
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort,
-    PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
+    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
 };
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -29,13 +29,13 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
         return Ok(BuiltRuleset {
             ruleset: None,
             abi: 0,
-            description: "not enforced: the kernel has no Landlock and landlock_min_abi is 0".into(),
+            description: "not enforced: the kernel has no Landlock and landlock_min_abi is 0"
+                .into(),
         });
     }
 
-    let fail = |what: &str, e: landlock::RulesetError| {
-        SandboxError::Landlock(format!("{what}: {e}"))
-    };
+    let fail =
+        |what: &str, e: landlock::RulesetError| SandboxError::Landlock(format!("{what}: {e}"));
     let read_exec = AccessFs::from_read(abi);
     let read = read_exec & !AccessFs::Execute;
     let read_write = AccessFs::from_all(abi);
@@ -60,14 +60,24 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
     }
     let mut created = ruleset.create().map_err(|e| fail("create ruleset", e))?;
 
-    let mut grant = |path: &Path, access: BitFlags<AccessFs>, why: &str| -> Result<(), SandboxError> {
+    let mut grant = |path: &Path,
+                     access: BitFlags<AccessFs>,
+                     why: &str|
+     -> Result<(), SandboxError> {
         // path_beneath_rules() silently skips paths that do not exist; a configured path that
         // is missing must be an error instead.
         let fd = PathFd::new(path).map_err(|e| {
-            SandboxError::Landlock(format!("{why} path {} cannot be opened: {e}", path.display()))
+            SandboxError::Landlock(format!(
+                "{why} path {} cannot be opened: {e}",
+                path.display()
+            ))
         })?;
         let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
-        let access = if is_dir { access } else { access & AccessFs::from_file(abi) };
+        let access = if is_dir {
+            access
+        } else {
+            access & AccessFs::from_file(abi)
+        };
         (&mut created)
             .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| SandboxError::Landlock(format!("add rule for {}: {e}", path.display())))?;
@@ -96,12 +106,14 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
         for &port in &policy.tcp_connect_ports {
             (&mut created)
                 .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
-                .map_err(|e| SandboxError::Landlock(format!("allow tcp connect to port {port}: {e}")))?;
+                .map_err(|e| {
+                    SandboxError::Landlock(format!("allow tcp connect to port {port}: {e}"))
+                })?;
         }
     }
     let ruleset: Option<OwnedFd> = created.into();
-    let ruleset = ruleset
-        .ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
+    let ruleset =
+        ruleset.ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
 
     let mut features = vec!["filesystem"];
     if has_net {
@@ -116,7 +128,6 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
         description: format!("enforced (ABI {abi_number}: {})", features.join(", ")),
     })
 }
-
 
 /// The kernel's Landlock ABI version (0 without Landlock), capped by what the landlock crate
 /// knows (`ABI::from` maps newer versions to the newest it supports).

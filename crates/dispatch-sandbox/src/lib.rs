@@ -92,7 +92,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { nofile: 1024, fsize: 1 << 30, cpu_seconds: None, address_space: None }
+        Limits {
+            nofile: 1024,
+            fsize: 1 << 30,
+            cpu_seconds: None,
+            address_space: None,
+        }
     }
 }
 
@@ -150,7 +155,10 @@ pub enum SandboxError {
     #[error("environment: {0}")]
     Environment(String),
     #[error("spawn failed at step '{step}': {error}")]
-    ChildStep { step: ChildStep, error: std::io::Error },
+    ChildStep {
+        step: ChildStep,
+        error: std::io::Error,
+    },
     #[error("spawn failed: {0}")]
     Spawn(std::io::Error),
     #[error("the lane spawner thread is gone")]
@@ -196,7 +204,10 @@ pub fn prepare(plan: LanePlan, policy: &SandboxPolicy) -> Result<PreparedLane, S
     })
 }
 
-fn build_env(plan: &LanePlan, policy: &SandboxPolicy) -> Result<Vec<(String, String)>, SandboxError> {
+fn build_env(
+    plan: &LanePlan,
+    policy: &SandboxPolicy,
+) -> Result<Vec<(String, String)>, SandboxError> {
     let identity = &plan.identity;
     let mut env = vec![
         ("HOME".to_owned(), identity.home.display().to_string()),

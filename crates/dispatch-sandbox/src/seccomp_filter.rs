@@ -100,8 +100,8 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
     rules.insert(
         libc::SYS_ioctl,
         vec![
-            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI as u64)?])?,
-            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX as u64)?])?,
+            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI)?])?,
+            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX)?])?,
         ],
     );
     // Changing the execution domain (personality(0xffffffff) only queries it).
@@ -122,7 +122,10 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
     );
     if !policy.allow_unix_sockets {
         let unix = libc::AF_UNIX as u64;
-        rules.insert(libc::SYS_socket, vec![rule(vec![cond(0, Len::Dword, Op::Eq, unix)?])?]);
+        rules.insert(
+            libc::SYS_socket,
+            vec![rule(vec![cond(0, Len::Dword, Op::Eq, unix)?])?],
+        );
     }
 
     let deny = SeccompFilter::new(
@@ -159,15 +162,41 @@ fn x32_filter() -> BpfProgram {
     const SECCOMP_DATA_NR: u32 = 0;
     const SECCOMP_DATA_ARCH: u32 = 4;
     const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
-    let stmt = |code: u32, k: u32| sock_filter { code: code as u16, jt: 0, jf: 0, k };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter { code: code as u16, jt, jf, k };
+    let stmt = |code: u32, k: u32| sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
     vec![
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_ARCH),
-        jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        stmt(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            SECCOMP_DATA_ARCH,
+        ),
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            AUDIT_ARCH_X86_64,
+            1,
+            0,
+        ),
         stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_NR),
-        jump(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K, X32_SYSCALL_BIT, 0, 1),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        jump(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            X32_SYSCALL_BIT,
+            0,
+            1,
+        ),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
         stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
     ]
 }
@@ -179,9 +208,16 @@ mod tests {
     #[test]
     fn programs_compile_and_fit_the_kernel_limit() {
         let programs = compile(&SandboxPolicy::default()).unwrap();
-        assert_eq!(programs.len(), if cfg!(target_arch = "x86_64") { 3 } else { 2 });
+        assert_eq!(
+            programs.len(),
+            if cfg!(target_arch = "x86_64") { 3 } else { 2 }
+        );
         for program in programs {
-            assert!(!program.is_empty() && program.len() < 4096, "{} instructions", program.len());
+            assert!(
+                !program.is_empty() && program.len() < 4096,
+                "{} instructions",
+                program.len()
+            );
         }
     }
 

@@ -31,12 +31,16 @@ pub struct LaneSpawner {
 impl LaneSpawner {
     pub fn start() -> std::io::Result<LaneSpawner> {
         let (tx, rx) = mpsc::channel::<(PreparedLane, Reply)>();
-        std::thread::Builder::new().name("lane-spawner".into()).spawn(move || {
-            for (lane, reply) in rx {
-                let _ = reply.send(spawn_now(lane));
-            }
-        })?;
-        Ok(LaneSpawner { requests: Mutex::new(tx) })
+        std::thread::Builder::new()
+            .name("lane-spawner".into())
+            .spawn(move || {
+                for (lane, reply) in rx {
+                    let _ = reply.send(spawn_now(lane));
+                }
+            })?;
+        Ok(LaneSpawner {
+            requests: Mutex::new(tx),
+        })
     }
 
     /// Fork and exec the lane on the spawner thread. Blocks until exec succeeded or failed.
@@ -85,7 +89,15 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
             groups: identity.groups.clone(),
             rlimits: rlimits
                 .into_iter()
-                .map(|(resource, value)| (resource, libc::rlimit { rlim_cur: value, rlim_max: value }))
+                .map(|(resource, value)| {
+                    (
+                        resource,
+                        libc::rlimit {
+                            rlim_cur: value,
+                            rlim_max: value,
+                        },
+                    )
+                })
                 .collect(),
             helper_pid: std::process::id() as libc::pid_t,
             landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
@@ -98,5 +110,8 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
     })?;
     // The ruleset fd closes here, in the helper, now that the child has used it.
     drop(lane.landlock);
-    Ok(SpawnedLane { child, enforcement: lane.enforcement })
+    Ok(SpawnedLane {
+        child,
+        enforcement: lane.enforcement,
+    })
 }

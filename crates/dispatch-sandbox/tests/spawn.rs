@@ -27,7 +27,12 @@ fn ensure_user(name: &str) -> bool {
 fn run(script: &str) -> (i32, String, String) {
     let identity = resolve_identity(USER).unwrap();
     let work = tempfile::tempdir().unwrap();
-    nix::unistd::chown(work.path(), Some(identity.uid.into()), Some(identity.gid.into())).unwrap();
+    nix::unistd::chown(
+        work.path(),
+        Some(identity.uid.into()),
+        Some(identity.gid.into()),
+    )
+    .unwrap();
     let plan = LanePlan {
         identity,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
@@ -39,8 +44,18 @@ fn run(script: &str) -> (i32, String, String) {
     let mut lane = spawner.spawn(prepared).unwrap();
     let mut out = String::new();
     let mut err = String::new();
-    lane.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    lane.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    lane.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    lane.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let status = lane.child.wait().unwrap();
     (status.code().unwrap_or(-1), out, err)
 }
@@ -52,7 +67,11 @@ fn lane_runs_as_the_user_with_every_layer_on() {
     }
     let (code, out, err) = run("id -u; grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status");
     assert_eq!(code, 0, "stderr: {err}");
-    let uid = nix::unistd::User::from_name(USER).unwrap().unwrap().uid.as_raw();
+    let uid = nix::unistd::User::from_name(USER)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
     assert!(out.starts_with(&format!("{uid}\n")), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
@@ -70,7 +89,10 @@ fn write_outside_the_work_dir_is_denied_by_landlock() {
     let _ = std::fs::remove_file(&target);
     let (code, _out, err) = run(&format!("echo breach > {}", target.display()));
     assert_ne!(code, 0, "writing into the home must fail under Landlock");
-    assert!(!target.exists(), "file was created: a breach (stderr {err})");
+    assert!(
+        !target.exists(),
+        "file was created: a breach (stderr {err})"
+    );
 }
 
 #[test]
@@ -84,8 +106,14 @@ fn work_dir_must_exist() {
         work_dir: "/nonexistent/work".into(),
         change_uid: true,
     };
-    let err = prepare(plan, &SandboxPolicy::default()).err().unwrap().to_string();
-    assert!(err.contains("lane work directory /nonexistent/work"), "{err}");
+    let err = prepare(plan, &SandboxPolicy::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("lane work directory /nonexistent/work"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -100,9 +128,15 @@ fn missing_landlock_path_is_an_error_not_a_skip() {
         work_dir: work.path().to_owned(),
         change_uid: true,
     };
-    let policy = SandboxPolicy { read_paths: vec!["/nonexistent/read".into()], ..SandboxPolicy::default() };
+    let policy = SandboxPolicy {
+        read_paths: vec!["/nonexistent/read".into()],
+        ..SandboxPolicy::default()
+    };
     let err = prepare(plan, &policy).err().unwrap().to_string();
-    assert!(err.contains("read path /nonexistent/read cannot be opened"), "{err}");
+    assert!(
+        err.contains("read path /nonexistent/read cannot be opened"),
+        "{err}"
+    );
 }
 
 #[test]
