@@ -381,3 +381,27 @@ pub async fn wait_until_async(what: &str, timeout: Duration, mut done: impl FnMu
     }
     panic!("timed out waiting for {what}");
 }
+
+impl TestHelper {
+    /// Stop the directly started helper and start it again the way systemd would: through
+    /// `systemd-socket-activate`, which owns the listening socket and passes it as LISTEN_FDS.
+    pub fn relaunch_socket_activated(&mut self, notify_socket: &Path) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr_log).unwrap();
+        let child = Command::new("systemd-socket-activate")
+            .arg("--listen")
+            .arg(&self.socket)
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_socket.display()))
+            .arg(helper_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-socket-activate runs");
+        self.child = Some(child);
+        wait_until("the activation socket", Duration::from_secs(10), || self.socket.exists());
+    }
+}

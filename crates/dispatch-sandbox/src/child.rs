@@ -24,6 +24,7 @@ pub enum ChildStep {
     SetUid,
     VerifyIds,
     RootNotRegainable,
+    ChangeDir,
     ParentDeathSignal,
     ParentAlive,
     CloseFds,
@@ -35,7 +36,7 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 15] = [
+    const ALL: [ChildStep; 16] = [
         ChildStep::NewSession,
         ChildStep::Rlimits,
         ChildStep::SetGroups,
@@ -43,6 +44,7 @@ impl ChildStep {
         ChildStep::SetUid,
         ChildStep::VerifyIds,
         ChildStep::RootNotRegainable,
+        ChildStep::ChangeDir,
         ChildStep::ParentDeathSignal,
         ChildStep::ParentAlive,
         ChildStep::CloseFds,
@@ -64,6 +66,7 @@ impl fmt::Display for ChildStep {
             ChildStep::SetUid => "user id (setresuid)",
             ChildStep::VerifyIds => "verify uid/gid (getresuid/getresgid)",
             ChildStep::RootNotRegainable => "verify root cannot be regained",
+            ChildStep::ChangeDir => "enter the lane work directory (chdir, as the lane user)",
             ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
             ChildStep::ParentAlive => "parent still alive (getppid)",
             ChildStep::CloseFds => "close inherited fds (close_range CLOEXEC)",
@@ -110,6 +113,7 @@ pub(crate) struct ChildPlan {
     pub groups: Vec<libc::gid_t>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub helper_pid: libc::pid_t,
+    pub work_dir: std::ffi::CString,
     pub landlock_fd: Option<RawFd>,
     pub seccomp: Vec<BpfProgram>,
 }
@@ -159,6 +163,11 @@ fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
         check(ChildStep::SetUid, rc.into())?;
     }
     verify_ids(plan)?;
+    // Entered as the lane user, so the directory's own permissions apply and the helper needs
+    // no capability to override them.
+    // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
+    let rc = unsafe { libc::chdir(plan.work_dir.as_ptr()) };
+    check(ChildStep::ChangeDir, rc.into())?;
 
     // 4. Death signal after the drop (changing credentials clears it). SIGTERM, not SIGKILL:
     //    the lane guard catches it and kills the whole process group (see `lane_guard`).

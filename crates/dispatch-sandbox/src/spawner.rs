@@ -62,7 +62,6 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         .args(&plan.argv[1..])
         .env_clear()
         .envs(lane.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&plan.work_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -80,6 +79,8 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         rlimits.push((libc::RLIMIT_AS, bytes));
     }
     let identity = &plan.identity;
+    let work_dir = std::ffi::CString::new(plan.work_dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| SandboxError::WorkDir { path: plan.work_dir.display().to_string(), reason: "contains NUL".into() })?;
     install(
         &mut command,
         ChildPlan {
@@ -100,6 +101,7 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
                 })
                 .collect(),
             helper_pid: std::process::id() as libc::pid_t,
+            work_dir,
             landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
             seccomp: lane.seccomp.clone(),
         },
