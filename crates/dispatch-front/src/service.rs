@@ -37,7 +37,7 @@ pub struct ResultArgs {
     /// A handle returned by dispatch_unit.
     pub handle: String,
     /// Wait up to this many seconds for the dispatch to finish (0 or absent: answer at once).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::number")]
     pub wait_seconds: Option<u32>,
 }
 
@@ -47,12 +47,49 @@ pub struct ListArgs {
     #[serde(default)]
     pub filter: Option<String>,
     /// Include the argv of each dispatch.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient::boolean")]
     pub detail: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 pub struct NoArgs {}
+
+/// Some clients (the MCP Inspector CLI, agents writing JSON by hand) send numbers and booleans
+/// as strings. The schema says integer/boolean; a string that parses as one is accepted too.
+mod lenient {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Loose<T> {
+        Value(T),
+        Text(String),
+    }
+
+    fn parse<'de, D, T>(deserializer: D, what: &str) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + std::str::FromStr,
+    {
+        match Option::<Loose<T>>::deserialize(deserializer)? {
+            None => Ok(None),
+            Some(Loose::Value(value)) => Ok(Some(value)),
+            Some(Loose::Text(text)) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("expected {what}, got {text:?}"))),
+        }
+    }
+
+    pub fn number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+        parse(deserializer, "a whole number of seconds")
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+        parse(deserializer, "true or false")
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 pub struct OutputTail {
@@ -347,4 +384,29 @@ impl DispatchService {
 /// True for a state the job will not leave.
 pub fn is_terminal(state: JobState) -> bool {
     state.is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_booleans_may_arrive_as_strings() {
+        let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": "30"})).unwrap();
+        assert_eq!(args.wait_seconds, Some(30));
+        let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": 5})).unwrap();
+        assert_eq!(args.wait_seconds, Some(5));
+        let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h"})).unwrap();
+        assert_eq!(args.wait_seconds, None);
+        let error = serde_json::from_value::<ResultArgs>(serde_json::json!({"handle": "h", "wait_seconds": "soon"})).unwrap_err();
+        assert!(error.to_string().contains("expected a whole number of seconds, got \"soon\""), "{error}");
+        let args: ListArgs = serde_json::from_value(serde_json::json!({"detail": "true"})).unwrap();
+        assert_eq!(args.detail, Some(true));
+    }
+
+    #[test]
+    fn refusals_say_what_to_do_next() {
+        let failure = DispatchService::refused(ErrorReply { kind: ErrorKind::UnknownHandle, message: "unknown handle \"x\"".into() });
+        assert_eq!(failure.0, "unknown handle \"x\". Call dispatch_list to see your dispatches and their handles.");
+    }
 }
