@@ -10,7 +10,10 @@ use support::*;
 fn check_demo(output: std::process::Output, who: &str) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "demo as {who} failed:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "demo as {who} failed:\n{stdout}\n{stderr}"
+    );
     for expected in [
         "tools: dispatch_cancel, dispatch_delete, dispatch_lanes, dispatch_list, dispatch_result, dispatch_status, dispatch_unit",
         "demo/demo-repo",
@@ -21,11 +24,24 @@ fn check_demo(output: std::process::Output, who: &str) {
         "isError true: unknown repo \"not-allowlisted\"",
         "demo completed.",
     ] {
-        assert!(stdout.contains(expected), "demo as {who}: missing {expected:?} in\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "demo as {who}: missing {expected:?} in\n{stdout}"
+        );
     }
-    let audit = stdout.lines().find_map(|l| l.strip_prefix("audit log: ")).expect("the demo names its audit log");
-    let verify = Command::new(helper_bin()).args(["audit", "verify", audit]).output().unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let audit = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("audit log: "))
+        .expect("the demo names its audit log");
+    let verify = Command::new(helper_bin())
+        .args(["audit", "verify", audit])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 #[test]
@@ -33,7 +49,11 @@ fn the_demo_runs_as_root() {
     if !is_root() {
         return skip("demo as root", "not running as root");
     }
-    let output = Command::new(front_bin()).arg("demo").env_remove("DISPATCH_REPOS_JSON").output().unwrap();
+    let output = Command::new(front_bin())
+        .arg("demo")
+        .env_remove("DISPATCH_REPOS_JSON")
+        .output()
+        .unwrap();
     check_demo(output, "root");
 }
 
@@ -41,7 +61,11 @@ fn the_demo_runs_as_root() {
 fn the_demo_runs_as_an_ordinary_user() {
     if !is_root() {
         // Not root: this test process is itself an ordinary user.
-        let output = Command::new(front_bin()).arg("demo").env_remove("DISPATCH_REPOS_JSON").output().unwrap();
+        let output = Command::new(front_bin())
+            .arg("demo")
+            .env_remove("DISPATCH_REPOS_JSON")
+            .output()
+            .unwrap();
         return check_demo(output, "the current user");
     }
     ensure_users();

@@ -16,7 +16,10 @@ fn repo() -> PathBuf {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn bin_dir() -> PathBuf {
@@ -26,12 +29,15 @@ fn bin_dir() -> PathBuf {
 fn install(env: &[(&str, &Path)], extra: &[&str]) -> String {
     let mut command = Command::new("sh");
     command.arg(repo().join("systemd/install.sh")).args(extra);
-    command.env("BIN_SRC", bin_dir()).env("DISPATCH_INSTALL_NO_ACTIVATE", "1");
+    command
+        .env("BIN_SRC", bin_dir())
+        .env("DISPATCH_INSTALL_NO_ACTIVATE", "1");
     for (name, value) in env {
         command.env(name, value);
     }
     let output = command.output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "install.sh failed: {text}");
     text
 }
@@ -51,15 +57,26 @@ fn units_verify_clean_and_the_service_meets_its_exposure_goal() {
     // Installed under a temporary prefix so the paths the units name exist on this machine.
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    install(&[("PREFIX", &root.join("usr/local")), ("SYSCONFDIR", &root.join("etc")), ("UNITDIR", &root.join("units"))], &[]);
+    install(
+        &[
+            ("PREFIX", &root.join("usr/local")),
+            ("SYSCONFDIR", &root.join("etc")),
+            ("UNITDIR", &root.join("units")),
+        ],
+        &[],
+    );
     let output = Command::new("systemd-analyze")
         .arg("verify")
         .arg(root.join("units/dispatch-helper.socket"))
         .arg(root.join("units/dispatch-helper.service"))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success() && text.trim().is_empty(), "systemd-analyze verify is not clean:\n{text}");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify is not clean:\n{text}"
+    );
 
     let output = Command::new("systemd-analyze")
         .args(["security", "--offline=true"])
@@ -67,10 +84,26 @@ fn units_verify_clean_and_the_service_meets_its_exposure_goal() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no score in:\n{text}"));
-    let score: f64 = line.split(':').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    println!("systemd-analyze security --offline=true: exposure {score} (goal ≤ {EXPOSURE_GOAL}; a hand-written root service scored 2.5 here)");
-    assert!(score <= EXPOSURE_GOAL, "exposure {score} exceeds the goal {EXPOSURE_GOAL}:\n{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no score in:\n{text}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!(
+        "systemd-analyze security --offline=true: exposure {score} (goal ≤ {EXPOSURE_GOAL}; a hand-written root service scored 2.5 here)"
+    );
+    assert!(
+        score <= EXPOSURE_GOAL,
+        "exposure {score} exceeds the goal {EXPOSURE_GOAL}:\n{text}"
+    );
 }
 
 #[test]
@@ -81,7 +114,8 @@ fn the_install_script_puts_what_the_units_reference_where_they_reference_it() {
     assert!(said.contains("systemd was not touched"), "{said}");
     let at = |path: &str| dest.join(path.trim_start_matches('/'));
 
-    let service = std::fs::read_to_string(at("/etc/systemd/system/dispatch-helper.service")).unwrap();
+    let service =
+        std::fs::read_to_string(at("/etc/systemd/system/dispatch-helper.service")).unwrap();
     let socket = std::fs::read_to_string(at("/etc/systemd/system/dispatch-helper.socket")).unwrap();
     let exec_start = unit_value(&service, "ExecStart");
     let exec: Vec<&str> = exec_start.split_whitespace().collect();
@@ -91,22 +125,40 @@ fn the_install_script_puts_what_the_units_reference_where_they_reference_it() {
     assert_eq!(config_path, "/etc/dispatch-mcp/helper.toml");
     let config = std::fs::read_to_string(at(config_path)).unwrap();
     let documentation = unit_value(&service, "Documentation");
-    assert!(at(documentation.trim_start_matches("file://")).is_file(), "{documentation} missing");
+    assert!(
+        at(documentation.trim_start_matches("file://")).is_file(),
+        "{documentation} missing"
+    );
     for binary in ["dispatch-mcp", "dispatch-demo-lane"] {
-        assert!(at(&format!("/usr/local/bin/{binary}")).is_file(), "{binary}");
+        assert!(
+            at(&format!("/usr/local/bin/{binary}")).is_file(),
+            "{binary}"
+        );
     }
 
     // The socket the unit listens on is the one the config and the front default to.
     let listen = unit_value(&socket, "ListenStream");
-    assert!(config.contains(&format!("socket = \"{listen}\"")), "config socket differs from {listen}");
+    assert!(
+        config.contains(&format!("socket = \"{listen}\"")),
+        "config socket differs from {listen}"
+    );
     assert_eq!(listen, "/run/dispatch-mcp/helper.sock");
     // The allowlist the config names was installed.
-    let allowlist = config.lines().find_map(|l| l.strip_prefix("allowlist = ")).unwrap().trim_matches('"');
+    let allowlist = config
+        .lines()
+        .find_map(|l| l.strip_prefix("allowlist = "))
+        .unwrap()
+        .trim_matches('"');
     assert!(at(allowlist).is_file(), "{allowlist}");
     // The socket's group is the one sysusers.d creates.
     let group = unit_value(&socket, "SocketGroup");
     let sysusers = std::fs::read_to_string(at("/etc/sysusers.d/dispatch-mcp.conf")).unwrap();
-    assert!(sysusers.lines().any(|l| l.split_whitespace().take(2).eq(["g", group.as_str()])), "{sysusers}");
+    assert!(
+        sysusers
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["g", group.as_str()])),
+        "{sysusers}"
+    );
     assert!(at("/etc/tmpfiles.d/dispatch-mcp.conf").is_file());
     // The state and log directories the unit creates are the ones the config uses.
     assert_eq!(unit_value(&service, "StateDirectory"), "dispatch-mcp");
@@ -117,8 +169,14 @@ fn the_install_script_puts_what_the_units_reference_where_they_reference_it() {
     // A second install keeps the administrator's configuration.
     std::fs::write(at(config_path), "# edited by the admin\n").unwrap();
     let said = install(&[("DESTDIR", dest)], &[]);
-    assert!(said.contains("kept existing /etc/dispatch-mcp/helper.toml"), "{said}");
-    assert_eq!(std::fs::read_to_string(at(config_path)).unwrap(), "# edited by the admin\n");
+    assert!(
+        said.contains("kept existing /etc/dispatch-mcp/helper.toml"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(at(config_path)).unwrap(),
+        "# edited by the admin\n"
+    );
 
     // Uninstall removes what install added and keeps configuration and state.
     let said = install(&[("DESTDIR", dest)], &["--uninstall"]);
@@ -130,16 +188,24 @@ fn the_install_script_puts_what_the_units_reference_where_they_reference_it() {
 #[tokio::test]
 async fn the_helper_serves_when_socket_activated_and_reports_ready() {
     if !have("systemd-socket-activate") {
-        return skip("socket activation", "systemd-socket-activate is not installed");
+        return skip(
+            "socket activation",
+            "systemd-socket-activate is not installed",
+        );
     }
     if !is_root() {
-        return skip("socket activation", "needs root to create test users and drop to them");
+        return skip(
+            "socket activation",
+            "needs root to create test users and drop to them",
+        );
     }
     ensure_users();
     let mut helper = TestHelper::start(HelperOptions::default());
     let notify_path = helper.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     helper.relaunch_socket_activated(&notify_path);
 
     // The first connection makes systemd-socket-activate exec the helper with the socket.
@@ -148,9 +214,17 @@ async fn the_helper_serves_when_socket_activated_and_reports_ready() {
     let n = notify.recv(&mut buffer).expect("sd_notify message");
     let message = String::from_utf8_lossy(&buffer[..n]);
     assert!(message.contains("READY=1"), "{message}");
-    assert!(helper.stderr().contains("using the socket passed by systemd"), "{}", helper.stderr());
+    assert!(
+        helper
+            .stderr()
+            .contains("using the socket passed by systemd"),
+        "{}",
+        helper.stderr()
+    );
 
-    let job = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
     let done = client.result(&job.handle, 20_000).await;
     assert_eq!(done.state, dispatch_proto::JobState::Succeeded, "{done:?}");
 }

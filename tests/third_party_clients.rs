@@ -10,15 +10,31 @@ use std::path::PathBuf;
 use std::process::Command;
 use support::*;
 
-const TOOLS: [&str; 7] = ["dispatch_cancel", "dispatch_delete", "dispatch_lanes", "dispatch_list", "dispatch_result", "dispatch_status", "dispatch_unit"];
+const TOOLS: [&str; 7] = [
+    "dispatch_cancel",
+    "dispatch_delete",
+    "dispatch_lanes",
+    "dispatch_list",
+    "dispatch_result",
+    "dispatch_status",
+    "dispatch_unit",
+];
 
 fn tool(env: &str, default: &str) -> Option<PathBuf> {
-    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(default));
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(default));
     if path.exists() {
         return Some(path);
     }
-    let why = format!("{} not found (run `bash .ci/setup`, or set {env})", path.display());
-    assert!(std::env::var_os("CI").is_none(), "under CI this client must be installed: {why}");
+    let why = format!(
+        "{} not found (run `bash .ci/setup`, or set {env})",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "under CI this client must be installed: {why}"
+    );
     skip("third-party client", &why);
     None
 }
@@ -34,15 +50,30 @@ fn start(test: &str) -> Option<TestHelper> {
 
 #[test]
 fn the_official_python_sdk_completes_a_session() {
-    let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else { return };
-    let Some(helper) = start("python sdk") else { return };
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_sdk_session.py");
+    let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else {
+        return;
+    };
+    let Some(helper) = start("python sdk") else {
+        return;
+    };
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_sdk_session.py");
     let output = Command::new(python)
         .arg(script)
-        .args([front_bin(), helper.socket.to_str().unwrap(), "alice-org", "alice-repo", "exit:0"])
+        .args([
+            front_bin(),
+            helper.socket.to_str().unwrap(),
+            "alice-org",
+            "alice-repo",
+            "exit:0",
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "python client failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["server"], "dispatch-mcp");
     assert_eq!(report["tools"], serde_json::json!(TOOLS));
@@ -52,36 +83,101 @@ fn the_official_python_sdk_completes_a_session() {
     assert_eq!(report["result"]["status"], "succeeded", "{report}");
     assert_eq!(report["result"]["returncode"], 0);
     assert_eq!(report["rejected_is_error"], true);
-    assert!(report["rejected_text"].as_str().unwrap().contains("unknown repo \"not-allowlisted\""));
+    assert!(
+        report["rejected_text"]
+            .as_str()
+            .unwrap()
+            .contains("unknown repo \"not-allowlisted\"")
+    );
     let accepted = helper.audited("dispatch_accepted");
-    assert_eq!(accepted[0]["claimed_client"], "mcp", "the Python SDK's client name is recorded as a claim");
+    assert_eq!(
+        accepted[0]["claimed_client"], "mcp",
+        "the Python SDK's client name is recorded as a claim"
+    );
 }
 
 #[test]
 fn the_mcp_inspector_cli_completes_a_session() {
-    let Some(inspector) = tool("DISPATCH_TEST_INSPECTOR", ".ci/node/node_modules/.bin/mcp-inspector") else { return };
-    let Some(helper) = start("mcp inspector") else { return };
+    let Some(inspector) = tool(
+        "DISPATCH_TEST_INSPECTOR",
+        ".ci/node/node_modules/.bin/mcp-inspector",
+    ) else {
+        return;
+    };
+    let Some(helper) = start("mcp inspector") else {
+        return;
+    };
     // The Inspector CLI makes one request per run; the helper keeps the job between runs.
     let run = |method_args: &[&str]| -> Value {
         let output = Command::new(&inspector)
-            .args(["--cli", front_bin(), "serve", "--socket", helper.socket.to_str().unwrap()])
+            .args([
+                "--cli",
+                front_bin(),
+                "serve",
+                "--socket",
+                helper.socket.to_str().unwrap(),
+            ])
             .args(method_args)
             .output()
             .unwrap();
-        assert!(output.status.success(), "inspector failed: {}", String::from_utf8_lossy(&output.stderr));
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("inspector output is not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+        assert!(
+            output.status.success(),
+            "inspector failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "inspector output is not JSON ({e}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
     };
     let listed = run(&["--method", "tools/list"]);
-    let mut names: Vec<&str> = listed["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let mut names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, TOOLS);
     for tool in listed["tools"].as_array().unwrap() {
-        assert!(tool["inputSchema"].is_object() && tool["outputSchema"].is_object(), "{}", tool["name"]);
+        assert!(
+            tool["inputSchema"].is_object() && tool["outputSchema"].is_object(),
+            "{}",
+            tool["name"]
+        );
     }
-    let dispatched = run(&["--method", "tools/call", "--tool-name", "dispatch_unit", "--tool-arg", "orguser=alice-org", "--tool-arg", "repo=alice-repo", "--tool-arg", "task_description=exit:0"]);
+    let dispatched = run(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "dispatch_unit",
+        "--tool-arg",
+        "orguser=alice-org",
+        "--tool-arg",
+        "repo=alice-repo",
+        "--tool-arg",
+        "task_description=exit:0",
+    ]);
     assert_ne!(dispatched["isError"], true, "{dispatched}");
-    let handle = dispatched["structuredContent"]["handle"].as_str().unwrap().to_owned();
-    let result = run(&["--method", "tools/call", "--tool-name", "dispatch_result", "--tool-arg", &format!("handle={handle}"), "--tool-arg", "wait_seconds=30"]);
-    assert_eq!(result["structuredContent"]["status"], "succeeded", "{result}");
+    let handle = dispatched["structuredContent"]["handle"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let result = run(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "dispatch_result",
+        "--tool-arg",
+        &format!("handle={handle}"),
+        "--tool-arg",
+        "wait_seconds=30",
+    ]);
+    assert_eq!(
+        result["structuredContent"]["status"], "succeeded",
+        "{result}"
+    );
     assert_eq!(result["structuredContent"]["returncode"], 0);
 }

@@ -388,11 +388,18 @@ impl TestHelper {
     pub fn relaunch_socket_activated(&mut self, notify_socket: &Path) {
         self.kill9();
         let _ = std::fs::remove_file(&self.socket);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr_log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_log)
+            .unwrap();
         let child = Command::new("systemd-socket-activate")
             .arg("--listen")
             .arg(&self.socket)
-            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_socket.display()))
+            .arg(format!(
+                "--setenv=NOTIFY_SOCKET={}",
+                notify_socket.display()
+            ))
             .arg(helper_bin())
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -402,6 +409,8 @@ impl TestHelper {
             .spawn()
             .expect("systemd-socket-activate runs");
         self.child = Some(child);
-        wait_until("the activation socket", Duration::from_secs(10), || self.socket.exists());
+        wait_until("the activation socket", Duration::from_secs(10), || {
+            self.socket.exists()
+        });
     }
 }

@@ -392,21 +392,38 @@ mod tests {
 
     #[test]
     fn numbers_and_booleans_may_arrive_as_strings() {
-        let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": "30"})).unwrap();
+        let args: ResultArgs =
+            serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": "30"}))
+                .unwrap();
         assert_eq!(args.wait_seconds, Some(30));
-        let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": 5})).unwrap();
+        let args: ResultArgs =
+            serde_json::from_value(serde_json::json!({"handle": "h", "wait_seconds": 5})).unwrap();
         assert_eq!(args.wait_seconds, Some(5));
         let args: ResultArgs = serde_json::from_value(serde_json::json!({"handle": "h"})).unwrap();
         assert_eq!(args.wait_seconds, None);
-        let error = serde_json::from_value::<ResultArgs>(serde_json::json!({"handle": "h", "wait_seconds": "soon"})).unwrap_err();
-        assert!(error.to_string().contains("expected a whole number of seconds, got \"soon\""), "{error}");
+        let error = serde_json::from_value::<ResultArgs>(
+            serde_json::json!({"handle": "h", "wait_seconds": "soon"}),
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("expected a whole number of seconds, got \"soon\""),
+            "{error}"
+        );
         let args: ListArgs = serde_json::from_value(serde_json::json!({"detail": "true"})).unwrap();
         assert_eq!(args.detail, Some(true));
     }
 
     #[test]
     fn refusals_say_what_to_do_next() {
-        let failure = DispatchService::refused(ErrorReply { kind: ErrorKind::UnknownHandle, message: "unknown handle \"x\"".into() });
-        assert_eq!(failure.0, "unknown handle \"x\". Call dispatch_list to see your dispatches and their handles.");
+        let failure = DispatchService::refused(ErrorReply {
+            kind: ErrorKind::UnknownHandle,
+            message: "unknown handle \"x\"".into(),
+        });
+        assert_eq!(
+            failure.0,
+            "unknown handle \"x\". Call dispatch_list to see your dispatches and their handles."
+        );
     }
 }

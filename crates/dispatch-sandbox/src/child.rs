@@ -9,11 +9,13 @@
 #![allow(unsafe_code)]
 
 use seccompiler::BpfProgram;
+use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildStep {
@@ -116,6 +118,9 @@ pub(crate) struct ChildPlan {
     pub work_dir: std::ffi::CString,
     pub landlock_fd: Option<RawFd>,
     pub seccomp: Vec<BpfProgram>,
+    pub exec: ExecImage,
+    /// The lane's stack for the instant between clone and execve.
+    pub lane_stack: Vec<u8>,
 }
 
 pub(crate) fn install(command: &mut Command, plan: ChildPlan) {
@@ -227,8 +232,8 @@ fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
     }
 
     // 9. Split into the guard (this process, group leader) and the lane (its child, which
-    //    returns to std and execs).
-    lane_guard(plan.helper_pid)
+    //    execs the fixed argv).
+    lane_guard(plan)
 }
 
 fn verify_ids(plan: &ChildPlan) -> io::Result<()> {
@@ -253,12 +258,66 @@ fn verify_ids(plan: &ChildPlan) -> io::Result<()> {
     Ok(())
 }
 
-/// Fork the lane off a guard. The guard stays behind as the process-group leader, with the
-/// death signal armed: when the helper dies (even by SIGKILL) the guard receives SIGTERM, sees
-/// that its parent changed, and SIGKILLs the whole group, so no lane process outlives the
-/// helper unless it deliberately left the group. A SIGTERM from the helper itself (cancel,
-/// timeout) is left to the lane; the guard exits with the lane's status when it ends.
-fn lane_guard(helper_pid: libc::pid_t) -> io::Result<()> {
+/// The lane's exec arguments, built in the helper before the fork: the child cannot allocate.
+pub(crate) struct ExecImage {
+    _strings: Vec<CString>,
+    path: *const libc::c_char,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the raw pointers point into the heap buffers of `_strings`, which this value owns and
+// never mutates; a CString's buffer does not move when the CString (or the Vec) moves. The
+// value is only read after construction, so sharing or sending it is sound.
+unsafe impl Send for ExecImage {}
+// SAFETY: see `Send`: the value is immutable after construction.
+unsafe impl Sync for ExecImage {}
+
+impl ExecImage {
+    pub(crate) fn new(
+        argv: &[String],
+        env: &[(String, String)],
+    ) -> Result<ExecImage, std::ffi::NulError> {
+        let mut strings = Vec::with_capacity(argv.len() + env.len());
+        for arg in argv {
+            strings.push(CString::new(arg.as_str())?);
+        }
+        for (name, value) in env {
+            strings.push(CString::new(format!("{name}={value}"))?);
+        }
+        let pointers: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+        let (argv_ptrs, env_ptrs) = pointers.split_at(argv.len());
+        let mut argv = argv_ptrs.to_vec();
+        argv.push(std::ptr::null());
+        let mut envp = env_ptrs.to_vec();
+        envp.push(std::ptr::null());
+        Ok(ExecImage {
+            path: strings[0].as_ptr(),
+            _strings: strings,
+            argv,
+            envp,
+        })
+    }
+}
+
+/// What the guard shares with the lane during the vfork-style clone (same memory until exec).
+struct LaneStart<'a> {
+    exec: &'a ExecImage,
+    guard_pid: libc::pid_t,
+    failed_step: AtomicI32,
+    errno: AtomicI32,
+}
+
+/// Start the lane off a guard. The guard (this process) stays behind as the process-group
+/// leader, with the death signal armed: when the helper dies (even by SIGKILL) the guard
+/// receives SIGTERM, sees that its parent changed, and SIGKILLs the whole group, so no lane
+/// process outlives the helper unless it deliberately left the group. A SIGTERM from the helper
+/// itself (cancel, timeout) is left to the lane; the guard exits with the lane's status.
+///
+/// The lane is started like posix_spawn does it: clone(CLONE_VM | CLONE_VFORK) on a stack
+/// allocated before the fork, straight into execve. Copying the address space a second time
+/// would double the cost of every dispatch.
+fn lane_guard(plan: &ChildPlan) -> io::Result<()> {
     // SAFETY: sigset operations on a local; signal numbers are valid.
     let guarded = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -268,44 +327,87 @@ fn lane_guard(helper_pid: libc::pid_t) -> io::Result<()> {
         }
         set
     };
-    // Block before forking so no signal is lost between fork and sigwaitinfo.
+    // Block before the clone so no signal is lost between it and sigwaitinfo.
     // SAFETY: `guarded` is initialised; the old mask is not needed.
-    check(ChildStep::LaneGuard, unsafe {
-        libc::sigprocmask(libc::SIG_BLOCK, &guarded, std::ptr::null_mut())
-    } as libc::c_long)?;
-    // SAFETY: getpid takes no arguments.
-    let guard_pid = unsafe { libc::getpid() };
-    // SAFETY: fork in a single-threaded process (this child has only the forking thread).
-    let lane_pid = unsafe { libc::fork() };
+    let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &guarded, std::ptr::null_mut()) };
+    check(ChildStep::LaneGuard, rc.into())?;
+    let start = LaneStart {
+        exec: &plan.exec,
+        // SAFETY: getpid takes no arguments.
+        guard_pid: unsafe { libc::getpid() },
+        failed_step: AtomicI32::new(0),
+        errno: AtomicI32::new(0),
+    };
+    // The stack grows down on every architecture we build for: pass its 16-byte aligned top.
+    let stack = plan.lane_stack.as_ptr_range().end as usize & !0xf;
+    // SAFETY: CLONE_VFORK suspends this process until the lane has exec'd or exited, so `start`
+    // and the stack (owned by `plan`, not used by anyone else) outlive every use by the lane;
+    // `lane_entry` only makes async-signal-safe calls and never returns.
+    let lane_pid = unsafe {
+        libc::clone(
+            lane_entry,
+            stack as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw const start).cast_mut().cast(),
+        )
+    };
     if lane_pid == -1 {
         return Err(step_error(ChildStep::LaneGuard, last_errno()));
     }
-    if lane_pid == 0 {
-        // The lane: unblock signals, die with the guard, then return to std, which execs.
-        // SAFETY: a local empty set; plain integer arguments.
-        unsafe {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) == -1
-                || libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) == -1
-            {
-                return Err(step_error(ChildStep::LaneGuard, last_errno()));
-            }
-            if libc::getppid() != guard_pid {
-                return Err(step_error(ChildStep::LaneGuard, libc::ESRCH));
-            }
-        }
-        return Ok(());
+    let failed_step = start.failed_step.load(Ordering::SeqCst);
+    if failed_step != 0 {
+        // The lane never ran: reap it and let std report the step to the helper.
+        // SAFETY: `lane_pid` is our child; a null status pointer is allowed.
+        unsafe { libc::waitpid(lane_pid, std::ptr::null_mut(), 0) };
+        let step = if failed_step == ChildStep::Exec as i32 {
+            ChildStep::Exec
+        } else {
+            ChildStep::LaneGuard
+        };
+        return Err(step_error(step, start.errno.load(Ordering::SeqCst)));
     }
     // SAFETY: the guard never returns to std: it drops every fd std gave it (its error pipe, so
-    // the helper's spawn() completes once the lane has exec'd), waits, and exits.
-    unsafe { guard_loop(lane_pid, helper_pid, &guarded) }
+    // the helper's spawn() completes now that the lane has exec'd), waits, and exits.
+    unsafe { guard_loop(lane_pid, plan.helper_pid, &guarded) }
+}
+
+/// The lane's first and only code before execve, on the stack prepared by the helper.
+extern "C" fn lane_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `LaneStart` the guard passed to clone; the guard is suspended
+    // (CLONE_VFORK) and keeps it alive until this process execs or exits.
+    let start = unsafe { &*arg.cast::<LaneStart<'_>>() };
+    let fail = |step: ChildStep, errno: i32| -> libc::c_int {
+        start.errno.store(errno, Ordering::SeqCst);
+        start.failed_step.store(step as i32, Ordering::SeqCst);
+        // SAFETY: _exit is async-signal-safe and does not return.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: (whole block) async-signal-safe calls on a local set, integers, and the exec
+    // image's NUL-terminated strings and NULL-terminated pointer arrays.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) == -1
+            || libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) == -1
+        {
+            return fail(ChildStep::LaneGuard, last_errno());
+        }
+        if libc::getppid() != start.guard_pid {
+            return fail(ChildStep::LaneGuard, libc::ESRCH);
+        }
+        libc::execve(
+            start.exec.path,
+            start.exec.argv.as_ptr(),
+            start.exec.envp.as_ptr(),
+        );
+    }
+    fail(ChildStep::Exec, last_errno())
 }
 
 /// # Safety

@@ -4,7 +4,7 @@
 //! blocking-pool thread retiring after idling, say) every lane it started would be killed. So
 //! all forks happen on this one thread, which lives as long as the spawner.
 
-use crate::child::{ChildPlan, decode_spawn_error, install};
+use crate::child::{ChildPlan, ExecImage, decode_spawn_error, install};
 use crate::{Enforcement, PreparedLane, SandboxError};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -57,11 +57,11 @@ impl LaneSpawner {
 
 fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
     let plan = &lane.plan;
+    // std provides the fork, the stdio plumbing and the error pipe; the lane's own argv and
+    // environment go through `ExecImage` (std never execs: the guard does, see child.rs).
     let mut command = Command::new(&plan.argv[0]);
     command
-        .args(&plan.argv[1..])
         .env_clear()
-        .envs(lane.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -79,8 +79,16 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         rlimits.push((libc::RLIMIT_AS, bytes));
     }
     let identity = &plan.identity;
-    let work_dir = std::ffi::CString::new(plan.work_dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| SandboxError::WorkDir { path: plan.work_dir.display().to_string(), reason: "contains NUL".into() })?;
+    let work_dir =
+        std::ffi::CString::new(plan.work_dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+            SandboxError::WorkDir {
+                path: plan.work_dir.display().to_string(),
+                reason: "contains NUL".into(),
+            }
+        })?;
+    let exec = ExecImage::new(&plan.argv, &lane.env).map_err(|_| {
+        SandboxError::Environment("an argument or environment value contains NUL".into())
+    })?;
     install(
         &mut command,
         ChildPlan {
@@ -104,6 +112,8 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
             work_dir,
             landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
             seccomp: lane.seccomp.clone(),
+            exec,
+            lane_stack: vec![0u8; 64 * 1024],
         },
     );
     let child = command.spawn().map_err(|error| {

@@ -1,0 +1,130 @@
+//! Benchmark (printed, not asserted): a sandboxed spawn+exit of /bin/true against a bare spawn
+//! of the same argv, interleaved in one run, as a ratio. Target ≤ 1.25×.
+//!
+//! cargo bench --bench sandbox_spawn    (as root for the real uid drop; otherwise same-uid)
+
+use dispatch_sandbox::{
+    LanePlan, LaneSpawner, SandboxPolicy, current_identity, prepare, resolve_identity,
+};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROUNDS: usize = 400;
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort_unstable();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let root = nix::unistd::geteuid().is_root();
+    let (identity, change_uid) = if root {
+        let name = "dispatch-t-alice";
+        if nix::unistd::User::from_name(name).unwrap().is_none() {
+            eprintln!("*** SKIPPED sandbox_spawn: run `bash .ci/setup` first to create {name} ***");
+            return;
+        }
+        (resolve_identity(name).unwrap(), true)
+    } else {
+        eprintln!(
+            "note: not root, so the lane keeps this uid (no uid drop); everything else is applied"
+        );
+        (current_identity().unwrap(), false)
+    };
+    let work = tempfile::tempdir().unwrap();
+    if root {
+        nix::unistd::chown(
+            work.path(),
+            Some(identity.uid.into()),
+            Some(identity.gid.into()),
+        )
+        .unwrap();
+    }
+    let policy = SandboxPolicy::default();
+    let spawner = LaneSpawner::start().unwrap();
+    let plan = LanePlan {
+        identity,
+        argv: vec!["/bin/true".into()],
+        work_dir: work.path().to_owned(),
+        change_uid,
+    };
+
+    let bare = || {
+        let start = Instant::now();
+        let status = Command::new("/bin/true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        start.elapsed()
+    };
+    // std uses posix_spawn (a vfork) when it can; any pre_exec hook forces a full fork. This
+    // separates the cost of fork itself from the cost of the sandbox steps.
+    let bare_fork = || {
+        let start = Instant::now();
+        let mut command = Command::new("/bin/true");
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the hook does nothing, so it is trivially async-signal-safe.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || Ok(()));
+        }
+        assert!(command.status().unwrap().success());
+        start.elapsed()
+    };
+    let sandboxed = |include_prepare: bool| {
+        let prepared_early = (!include_prepare).then(|| prepare(plan.clone(), &policy).unwrap());
+        let start = Instant::now();
+        let prepared = prepared_early.unwrap_or_else(|| prepare(plan.clone(), &policy).unwrap());
+        let mut lane = spawner.spawn(prepared).unwrap();
+        let status = lane.child.wait().unwrap();
+        assert!(status.success());
+        start.elapsed()
+    };
+    for _ in 0..20 {
+        bare();
+        sandboxed(true);
+    }
+    let (mut bare_samples, mut full_samples, mut spawn_samples) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut fork_samples = Vec::new();
+    for _ in 0..ROUNDS {
+        bare_samples.push(bare());
+        fork_samples.push(bare_fork());
+        full_samples.push(sandboxed(true));
+        spawn_samples.push(sandboxed(false));
+    }
+    let bare_p50 = percentile(&mut bare_samples, 0.5);
+    let full_p50 = percentile(&mut full_samples, 0.5);
+    let spawn_p50 = percentile(&mut spawn_samples, 0.5);
+    println!("sandbox_spawn: {ROUNDS} interleaved rounds of /bin/true (uid drop: {change_uid})");
+    println!(
+        "  baseline  bare std::process spawn+wait          p50 {:>8.1} µs  p99 {:>8.1} µs",
+        bare_p50.as_secs_f64() * 1e6,
+        percentile(&mut bare_samples, 0.99).as_secs_f64() * 1e6
+    );
+    let fork_p50 = percentile(&mut fork_samples, 0.5);
+    println!(
+        "  bare spawn forced to fork (empty pre_exec)      p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",
+        fork_p50.as_secs_f64() * 1e6,
+        percentile(&mut fork_samples, 0.99).as_secs_f64() * 1e6,
+        fork_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
+    println!(
+        "  sandboxed spawn+wait (prepared before timing)   p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x (target <= 1.25x)",
+        spawn_p50.as_secs_f64() * 1e6,
+        percentile(&mut spawn_samples, 0.99).as_secs_f64() * 1e6,
+        spawn_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
+    println!(
+        "  sandboxed prepare+spawn+wait (the helper's path) p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",
+        full_p50.as_secs_f64() * 1e6,
+        percentile(&mut full_samples, 0.99).as_secs_f64() * 1e6,
+        full_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
+}
