@@ -1,1 +1,129 @@
-fn main() {}
+//! Benchmark (printed, not asserted): dispatch round trips at the helper's socket, with 1 and 16
+//! concurrent clients, against a bare spawn of the same lane in the same run; and the helper's
+//! memory after 10,000 jobs.
+//!
+//! cargo bench --bench helper_socket     (as root, after `bash .ci/setup`)
+//!
+//! A dispatch round trip is: validate, fsync the accepted audit record, fsync the job record,
+//! fork and sandbox the lane, answer. The lane is /bin/true.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use dispatch_proto::{JobState, Request, Response};
+use std::time::{Duration, Instant};
+use support::*;
+
+const TOTAL_JOBS: usize = 10_000;
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort_unstable();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn dispatch_rtt(client: &mut Client) -> Duration {
+    let start = Instant::now();
+    match client.dispatch("alice-org", "alice-repo", "bench").await {
+        Response::Job(job) => assert_eq!(job.state, JobState::Running),
+        other => panic!("dispatch failed: {other:?}"),
+    }
+    start.elapsed()
+}
+
+async fn run(clients: usize, per_client: usize, helper: &TestHelper) -> (Vec<Duration>, Duration) {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut client = helper.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                samples.push(dispatch_rtt(&mut client).await);
+            }
+            samples
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    (all, started.elapsed())
+}
+
+#[tokio::main]
+async fn main() {
+    if !is_root() {
+        eprintln!("*** SKIPPED helper_socket: needs root (real uid drops to the test users) ***");
+        return;
+    }
+    ensure_users();
+    let helper = TestHelper::start(HelperOptions {
+        argv: vec!["/bin/true".into(), "{task}".into()],
+        extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_list = 20000\n".into(),
+        ..Default::default()
+    });
+
+    // Baseline, same run: spawn and reap the same lane without any of the helper.
+    let mut bare = Vec::new();
+    for _ in 0..300 {
+        let start = Instant::now();
+        std::process::Command::new("/bin/true").arg("bench").status().unwrap();
+        bare.push(start.elapsed());
+    }
+    let bare_p50 = percentile(&mut bare, 0.5);
+
+    let mut warm = helper.client().await;
+    for _ in 0..50 {
+        dispatch_rtt(&mut warm).await;
+    }
+    let (mut one, one_wall) = run(1, 1000, &helper).await;
+    let (mut sixteen, sixteen_wall) = run(16, 250, &helper).await;
+    println!("helper_socket: dispatch round trip over the Unix socket (lane /bin/true, uid drop, Landlock, seccomp, 2 fsyncs)");
+    println!("  baseline bare spawn+wait of /bin/true          p50 {:>8.1} µs", micros(bare_p50));
+    for (label, samples, wall) in [("1 client ", &mut one, one_wall), ("16 clients", &mut sixteen, sixteen_wall)] {
+        let count = samples.len();
+        let p50 = percentile(samples, 0.5);
+        let p99 = percentile(samples, 0.99);
+        println!(
+            "  {label}: {count:>5} dispatches  p50 {:>8.1} µs ({:.2}x baseline)  p99 {:>8.1} µs  throughput {:>7.1} dispatches/s",
+            micros(p50),
+            p50.as_secs_f64() / bare_p50.as_secs_f64(),
+            micros(p99),
+            count as f64 / wall.as_secs_f64()
+        );
+    }
+
+    // Fill up to 10,000 jobs, let them finish, then read the helper's memory.
+    let done = 50 + one.len() + sixteen.len();
+    let rss_before = status_kib(helper.pid(), "VmRSS");
+    run(16, (TOTAL_JOBS - done).div_ceil(16), &helper).await;
+    let mut client = helper.client().await;
+    loop {
+        match client.request(Request::List { filter: None, detail: false, limit: 20000 }).await {
+            Response::List { total, jobs } if jobs.iter().all(|j| j.state.is_terminal()) => {
+                println!("  jobs recorded: {total}");
+                break;
+            }
+            Response::List { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("{other:?}"),
+        }
+    }
+    println!(
+        "  helper memory after {TOTAL_JOBS} jobs: VmRSS {} KiB (was {rss_before} KiB after {done} jobs), peak VmHWM {} KiB",
+        status_kib(helper.pid(), "VmRSS"),
+        status_kib(helper.pid(), "VmHWM")
+    );
+}
