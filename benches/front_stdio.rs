@@ -33,18 +33,28 @@ async fn connect(socket: &std::path::Path) -> (Mcp, u32) {
     });
     let transport = TokioChildProcess::new(command).unwrap();
     let pid = transport.id().unwrap();
-    let client = ClientConfig::new(ClientCapabilities::default(), Implementation::new("bench", "1"))
-        .serve(transport)
-        .await
-        .unwrap();
+    let client = ClientConfig::new(
+        ClientCapabilities::default(),
+        Implementation::new("bench", "1"),
+    )
+    .serve(transport)
+    .await
+    .unwrap();
     (client, pid)
 }
 
 fn arguments() -> rmcp::model::JsonObject {
-    serde_json::json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "bench"}).as_object().unwrap().clone()
+    serde_json::json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "bench"})
+        .as_object()
+        .unwrap()
+        .clone()
 }
 
-async fn through_front(client: Arc<Mcp>, calls: usize, concurrency: usize) -> (Vec<Duration>, Duration) {
+async fn through_front(
+    client: Arc<Mcp>,
+    calls: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, Duration) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -53,7 +63,12 @@ async fn through_front(client: Arc<Mcp>, calls: usize, concurrency: usize) -> (V
             let mut samples = Vec::new();
             for _ in 0..calls / concurrency {
                 let start = Instant::now();
-                let result = client.call_tool(CallToolRequestParams::new("dispatch_unit").with_arguments(arguments())).await.unwrap();
+                let result = client
+                    .call_tool(
+                        CallToolRequestParams::new("dispatch_unit").with_arguments(arguments()),
+                    )
+                    .await
+                    .unwrap();
                 assert_ne!(result.is_error, Some(true));
                 samples.push(start.elapsed());
             }
@@ -67,7 +82,11 @@ async fn through_front(client: Arc<Mcp>, calls: usize, concurrency: usize) -> (V
     (all, started.elapsed())
 }
 
-async fn direct(helper: &TestHelper, calls: usize, concurrency: usize) -> (Vec<Duration>, Duration) {
+async fn direct(
+    helper: &TestHelper,
+    calls: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, Duration) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -106,7 +125,10 @@ async fn main() {
     let (mut cold, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..20 {
         let start = Instant::now();
-        std::process::Command::new(front_bin()).arg("--version").output().unwrap();
+        std::process::Command::new(front_bin())
+            .arg("--version")
+            .output()
+            .unwrap();
         bare.push(start.elapsed());
         let start = Instant::now();
         let (client, _) = connect(&helper.socket).await;
@@ -116,8 +138,12 @@ async fn main() {
     let bare_p50 = percentile(&mut bare, 0.5);
     let cold_p50 = percentile(&mut cold, 0.5);
     println!("front_stdio: the dispatch-mcp front over stdio (rmcp client), lane /bin/true");
-    println!("  cold start to initialized   p50 {:>8.1} µs   baseline `dispatch-mcp --version` p50 {:>8.1} µs   ratio {:.2}x",
-        micros(cold_p50), micros(bare_p50), cold_p50.as_secs_f64() / bare_p50.as_secs_f64());
+    println!(
+        "  cold start to initialized   p50 {:>8.1} µs   baseline `dispatch-mcp --version` p50 {:>8.1} µs   ratio {:.2}x",
+        micros(cold_p50),
+        micros(bare_p50),
+        cold_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
 
     let (client, pid) = connect(&helper.socket).await;
     let client = Arc::new(client);
@@ -131,12 +157,27 @@ async fn main() {
         let (s50, s99) = (percentile(&mut socket, 0.5), percentile(&mut socket, 0.99));
         println!(
             "  {concurrency} concurrent: front p50 {:>8.1} µs p99 {:>8.1} µs {:>7.1}/s | helper socket directly p50 {:>8.1} µs p99 {:>8.1} µs {:>7.1}/s | front/direct p50 {:.2}x",
-            micros(f50), micros(f99), front.len() as f64 / front_wall.as_secs_f64(),
-            micros(s50), micros(s99), socket.len() as f64 / socket_wall.as_secs_f64(),
+            micros(f50),
+            micros(f99),
+            front.len() as f64 / front_wall.as_secs_f64(),
+            micros(s50),
+            micros(s99),
+            socket.len() as f64 / socket_wall.as_secs_f64(),
             f50.as_secs_f64() / s50.as_secs_f64()
         );
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).unwrap_or("?").trim().to_owned();
-    println!("  front memory: peak VmHWM {}, VmRSS {}", field("VmHWM"), field("VmRSS"));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or("?")
+            .trim()
+            .to_owned()
+    };
+    println!(
+        "  front memory: peak VmHWM {}, VmRSS {}",
+        field("VmHWM"),
+        field("VmRSS")
+    );
 }

@@ -41,7 +41,7 @@ fn main() {
         .unwrap();
     }
     let policy = SandboxPolicy::default();
-    let spawner = LaneSpawner::start().unwrap();
+    let spawner = LaneSpawner::start(1).unwrap();
     let plan = LanePlan {
         identity,
         argv: vec!["/bin/true".into()],

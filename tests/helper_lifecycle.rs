@@ -572,7 +572,10 @@ fn a_group_writable_config_is_refused_at_start_naming_file_and_mode() {
 #[tokio::test]
 async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     if !is_root() {
-        return skip("spawn failure", "needs root to create test users and drop to them");
+        return skip(
+            "spawn failure",
+            "needs root to create test users and drop to them",
+        );
     }
     ensure_users();
     // A copy of the probe as the dispatch program, made non-executable after the helper loaded
@@ -583,7 +586,13 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     let program = programs.path().join("lane-program");
     std::fs::copy(probe_bin(), &program).unwrap();
     let options = HelperOptions {
-        argv: vec![program.display().to_string(), "lane".into(), "{orguser}".into(), "{repo}".into(), "{task}".into()],
+        argv: vec![
+            program.display().to_string(),
+            "lane".into(),
+            "{orguser}".into(),
+            "{repo}".into(),
+            "{task}".into(),
+        ],
         ..Default::default()
     };
     let helper = TestHelper::start(options);
@@ -594,14 +603,28 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
         other => panic!("a non-executable program was reported as started: {other:?}"),
     };
     assert_eq!(error.kind, ErrorKind::SpawnFailed);
-    assert!(error.message.contains("spawn failed at step 'exec of the dispatch program'"), "{}", error.message);
-    assert!(error.message.contains("Permission denied"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("spawn failed at step 'exec of the dispatch program'"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("Permission denied"),
+        "{}",
+        error.message
+    );
     // The job exists, failed, with the reason; and both events are audited.
     let handle = error.message.split_whitespace().nth(1).unwrap().to_owned();
     match client.request(Request::Status { handle }).await {
         Response::Job(job) => {
             assert_eq!(job.state, JobState::Failed);
-            assert!(job.detail.contains("exec of the dispatch program"), "{}", job.detail);
+            assert!(
+                job.detail.contains("exec of the dispatch program"),
+                "{}",
+                job.detail
+            );
         }
         other => panic!("{other:?}"),
     }

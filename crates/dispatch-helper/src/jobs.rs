@@ -358,7 +358,7 @@ impl Helper {
         record.started_at = Some(now_rfc3339());
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
-        if let Err(error) = self.store.save(&record) {
+        if let Err(error) = self.store.save_async(&record).await {
             tracing::error!(%error, handle = %record.handle, "could not persist a started job");
         }
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
@@ -573,7 +573,7 @@ impl Helper {
     }
 
     async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
-        if let Err(error) = self.store.save(record) {
+        if let Err(error) = self.store.save_async(record).await {
             tracing::error!(%error, handle = %record.handle, "could not persist a finished job");
         }
         let audit = AuditEvent {
@@ -635,7 +635,7 @@ impl Helper {
         let record = self.owned(peer, handle)?;
         if record.state.is_terminal() {
             // Output tails live on disk only.
-            if let Ok(full) = self.store.load(handle) {
+            if let Ok(full) = self.store.load_async(handle).await {
                 return Ok(full.view(Detail::Full));
             }
         }
@@ -736,7 +736,7 @@ impl Helper {
                 format!("job {handle} is still running; cancel it first, then delete it"),
             ));
         }
-        self.store.remove(handle).map_err(|e| {
+        self.store.remove_async(handle).await.map_err(|e| {
             reply(
                 ErrorKind::Internal,
                 format!("could not delete the record of {handle}: {e}"),

@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// Threads lanes are forked from (see dispatch_sandbox::LaneSpawner): enough that one slow
+/// fork+exec does not queue every other dispatch behind it.
+const LANE_SPAWNER_THREADS: usize = 4;
+
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -222,6 +226,13 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
 
 /// The daemon, step by step; each failure says which step.
 async fn serve(config_path: &Path) -> Result<(), String> {
+    // Handlers first: a SIGHUP that arrives once the socket accepts connections must reload,
+    // not kill the helper (SIGHUP's default action).
+    use tokio::signal::unix::{SignalKind, signal};
+    let handler = |kind| signal(kind).map_err(|e| format!("install signal handlers: {e}"));
+    let mut hangup = handler(SignalKind::hangup())?;
+    let mut terminate = handler(SignalKind::terminate())?;
+    let mut interrupt = handler(SignalKind::interrupt())?;
     let settings = config::load(config_path, &config::EnvOverrides::from_process())
         .map_err(|e| format!("load configuration: {e}"))?;
     for warning in &settings.warnings {
@@ -244,7 +255,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
         .map_err(|e| format!("open job store: {e}"))?;
-    let spawner = dispatch_sandbox::LaneSpawner::start()
+    let spawner = dispatch_sandbox::LaneSpawner::start(LANE_SPAWNER_THREADS)
         .map_err(|e| format!("start the lane spawner thread: {e}"))?;
     let listener = take_or_bind_socket(&settings)
         .map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
@@ -272,12 +283,6 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     tracing::info!(socket = %socket_path.display(), "serving");
 
     let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| e.to_string())?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&helper, config_path).await,

@@ -80,6 +80,7 @@ impl JobRecord {
     }
 }
 
+#[derive(Clone)]
 pub struct JobStore {
     dir: PathBuf,
 }
@@ -96,6 +97,28 @@ impl JobStore {
 
     fn path(&self, handle: &str) -> PathBuf {
         self.dir.join(format!("{handle}.json"))
+    }
+
+    /// `save` off the async runtime: the fsyncs must not stall a runtime worker.
+    pub async fn save_async(&self, record: &JobRecord) -> std::io::Result<()> {
+        let (store, record) = (self.clone(), record.clone());
+        tokio::task::spawn_blocking(move || store.save(&record))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    pub async fn load_async(&self, handle: &str) -> std::io::Result<JobRecord> {
+        let (store, handle) = (self.clone(), handle.to_owned());
+        tokio::task::spawn_blocking(move || store.load(&handle))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    pub async fn remove_async(&self, handle: &str) -> std::io::Result<()> {
+        let (store, handle) = (self.clone(), handle.to_owned());
+        tokio::task::spawn_blocking(move || store.remove(&handle))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {

@@ -19,7 +19,7 @@
 //!
 //! Any failing step aborts the spawn, and the error names the step.
 //!
-//! Spawns go through [`LaneSpawner`], one long-lived thread: `PR_SET_PDEATHSIG` fires when the
+//! Spawns go through [`LaneSpawner`], a pool of long-lived threads: `PR_SET_PDEATHSIG` fires when the
 //! *thread* that forked the child exits, not the process, so the forking thread must outlive
 //! every lane.
 

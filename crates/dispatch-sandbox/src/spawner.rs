@@ -1,8 +1,9 @@
-//! The long-lived thread every lane is forked from.
+//! The long-lived threads every lane is forked from.
 //!
 //! `PR_SET_PDEATHSIG` is tied to the thread that forked the child: if that thread exits (a
 //! blocking-pool thread retiring after idling, say) every lane it started would be killed. So
-//! all forks happen on this one thread, which lives as long as the spawner.
+//! all forks happen on a fixed pool of threads that live as long as the spawner (the process).
+//! More than one, so a slow fork+exec does not hold up every other dispatch.
 
 use crate::child::{ChildPlan, ExecImage, decode_spawn_error, install};
 use crate::{Enforcement, PreparedLane, SandboxError};
@@ -29,15 +30,22 @@ pub struct LaneSpawner {
 }
 
 impl LaneSpawner {
-    pub fn start() -> std::io::Result<LaneSpawner> {
+    pub fn start(threads: usize) -> std::io::Result<LaneSpawner> {
         let (tx, rx) = mpsc::channel::<(PreparedLane, Reply)>();
-        std::thread::Builder::new()
-            .name("lane-spawner".into())
-            .spawn(move || {
-                for (lane, reply) in rx {
-                    let _ = reply.send(spawn_now(lane));
-                }
-            })?;
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for index in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("lane-spawner-{index}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next request, not while forking.
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((lane, reply)) = next else { return };
+                        let _ = reply.send(spawn_now(lane));
+                    }
+                })?;
+        }
         Ok(LaneSpawner {
             requests: Mutex::new(tx),
         })

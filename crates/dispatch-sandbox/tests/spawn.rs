@@ -40,7 +40,7 @@ fn run(script: &str) -> (i32, String, String) {
         change_uid: true,
     };
     let prepared = prepare(plan, &SandboxPolicy::default()).unwrap();
-    let spawner = LaneSpawner::start().unwrap();
+    let spawner = LaneSpawner::start(1).unwrap();
     let mut lane = spawner.spawn(prepared).unwrap();
     let mut out = String::new();
     let mut err = String::new();
