@@ -560,3 +560,66 @@ async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
     plain.cancel().await.unwrap();
     client.cancel().await.unwrap();
 }
+
+#[tokio::test]
+async fn embedded_drop_in_mode_honours_the_python_servers_environment() {
+    if !is_root() {
+        return skip(
+            "embedded drop-in",
+            "needs root so the lane can run as a test user's org",
+        );
+    }
+    ensure_users();
+    // A stand-in for dotfiles-dispatch, found on PATH, that prints the argv it received.
+    let bin = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.path().join("dotfiles-dispatch");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor arg in \"$@\"; do printf '<%s>' \"$arg\"; done\necho\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repos = bin.path().join("repos.json");
+    std::fs::write(&repos, format!(r#"{{"orgs": {{"{ALICE}": {{}}}}, "repos": {{"widgets": {{"org": "{ALICE}", "github": "acme/widgets"}}}}}}"#)).unwrap();
+    std::fs::set_permissions(&repos, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let command = tokio::process::Command::new(front_bin()).configure(|cmd| {
+        cmd.args(["serve", "--embedded-helper"])
+            .env("DISPATCH_REPOS_JSON", &repos)
+            .env("DISPATCH_SSH_HOST", "build-host")
+            .env("DISPATCH_MAX_ITERATIONS", "7")
+            .env("DISPATCH_TIMEOUT", "30")
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()));
+    });
+    let client = TestClient::default()
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .unwrap();
+    let lanes = ok(call(&client, "dispatch_lanes", json!({})).await);
+    assert_eq!(lanes["lanes"][0]["repo"], "widgets");
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": ALICE, "repo": "widgets", "task_description": "ship it; $(id)"}),
+    )
+    .await);
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": job["handle"], "wait_seconds": 20}),
+    )
+    .await);
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(
+        result["stdout"]["text"].as_str().unwrap().trim(),
+        format!("<{ALICE}><widgets><ship it; $(id)><--host><build-host><--max><7>")
+    );
+    assert_eq!(
+        result["argv"][0],
+        fake.display().to_string(),
+        "argv[0] resolved through PATH at load"
+    );
+    client.cancel().await.unwrap();
+}

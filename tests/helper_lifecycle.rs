@@ -631,3 +631,79 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     assert_eq!(helper.audited("dispatch_accepted").len(), 1);
     assert_eq!(helper.audited("spawn_failed").len(), 1);
 }
+
+#[tokio::test]
+async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refused() {
+    if !is_root() {
+        return skip(
+            "unprivileged helper",
+            "needs root to start the helper as a test user",
+        );
+    }
+    ensure_users();
+    let alice = user(ALICE);
+    // Everything the unprivileged helper owns lives in a directory of its user's.
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("helper");
+    std::fs::create_dir(&home).unwrap();
+    nix::unistd::chown(&home, Some(alice.uid), Some(alice.gid)).unwrap();
+    let allowlist = home.join("repos.json");
+    std::fs::write(
+        &allowlist,
+        r#"{"orgs": {"mine": {}, "theirs": {"unix_user": "dispatch-t-bob"}},
+            "repos": {"my-repo": {"org": "mine", "github": "me/my-repo"}, "their-repo": {"org": "theirs", "github": "them/their-repo"}}}"#,
+    )
+    .unwrap();
+    let socket = home.join("helper.sock");
+    let config = home.join("helper.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist = {allowlist:?}\nargv = [{:?}, \"lane\", \"{{orguser}}\", \"{{repo}}\", \"{{task}}\"]\n\
+             state_dir = {:?}\naudit_log = {:?}\nsocket = {socket:?}\nsocket_mode = 0o666\nwork_dir = \"{{home}}/dispatch-work\"\n\
+             [clients]\nusers = [\"root\"]\n",
+            probe_bin(),
+            home.join("state"),
+            home.join("audit.jsonl"),
+        ),
+    )
+    .unwrap();
+    for file in [&allowlist, &config] {
+        nix::unistd::chown(file, Some(alice.uid), Some(alice.gid)).unwrap();
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(helper_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .uid(alice.uid.as_raw())
+        .gid(alice.gid.as_raw())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the unprivileged helper", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    let mut client = Client::connect(&socket).await;
+    assert!(client.hello.unprivileged);
+
+    let error = match client.dispatch("theirs", "their-repo", "exit:0").await {
+        Response::Error(error) => error,
+        other => panic!("an org of another account was served without root: {other:?}"),
+    };
+    assert_eq!(error.kind, ErrorKind::NotPermitted);
+    assert!(
+        error.message.contains("orguser theirs runs as unix user dispatch-t-bob, but the helper is not running as root and can only run lanes as its own user dispatch-t-alice"),
+        "{}",
+        error.message
+    );
+    let job = client.dispatch_ok("mine", "my-repo", "exit:0").await;
+    let done = client.result(&job.handle, 20_000).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let sandbox = done.sandbox.unwrap();
+    assert!(sandbox.same_uid && sandbox.seccomp && sandbox.landlock.starts_with("enforced"));
+    assert_eq!(sandbox.uid, alice.uid.as_raw());
+    let _ = child.kill();
+    let _ = child.wait();
+}
