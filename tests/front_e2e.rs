@@ -89,18 +89,9 @@ fn tool_error(result: CallToolResult) -> String {
     text(&result)
 }
 
-fn start(test: &str) -> Option<TestHelper> {
-    if !is_root() {
-        skip(test, "needs root to create test users and drop to them");
-        return None;
-    }
-    ensure_users();
-    Some(TestHelper::start(HelperOptions::default()))
-}
-
 #[tokio::test]
 async fn every_tool_works_and_describes_itself() {
-    let Some(helper) = start("front tools") else {
+    let Some(helper) = start_helper("front tools", HelperOptions::default()) else {
         return;
     };
     let client = front(&helper.socket, TestClient::default()).await;
@@ -274,7 +265,7 @@ async fn every_tool_works_and_describes_itself() {
 
 #[tokio::test]
 async fn expected_failures_are_tool_errors_that_say_what_to_do() {
-    let Some(helper) = start("front failures") else {
+    let Some(helper) = start_helper("front failures", HelperOptions::default()) else {
         return;
     };
     let client = front(&helper.socket, TestClient::default()).await;
@@ -364,7 +355,7 @@ async fn expected_failures_are_tool_errors_that_say_what_to_do() {
 
 #[tokio::test]
 async fn the_front_reconnects_after_the_helper_restarts() {
-    let Some(mut helper) = start("front reconnect") else {
+    let Some(mut helper) = start_helper("front reconnect", HelperOptions::default()) else {
         return;
     };
     let client = front(&helper.socket, TestClient::default()).await;
@@ -390,7 +381,7 @@ async fn the_front_reconnects_after_the_helper_restarts() {
 
 #[tokio::test]
 async fn result_waits_report_progress_and_stop_when_cancelled() {
-    let Some(helper) = start("front progress") else {
+    let Some(helper) = start_helper("front progress", HelperOptions::default()) else {
         return;
     };
     let handler = TestClient::default();
@@ -505,7 +496,7 @@ async fn dispatch_as_task(client: &Client, task: &str) -> String {
 
 #[tokio::test]
 async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
-    let Some(helper) = start("front tasks") else {
+    let Some(helper) = start_helper("front tasks", HelperOptions::default()) else {
         return;
     };
     let client = front(

@@ -9,15 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-fn start(test: &str, options: HelperOptions) -> Option<TestHelper> {
-    if !is_root() {
-        skip(test, "needs root to create test users and drop to them");
-        return None;
-    }
-    ensure_users();
-    Some(TestHelper::start(options))
-}
-
 /// Pids of processes whose command line contains `marker` (lanes carry their task in argv).
 fn processes_with(marker: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
@@ -66,7 +57,7 @@ fn rand_suffix() -> u64 {
 
 #[tokio::test]
 async fn succeeded_and_failed_record_exit_code_output_and_enforcement() {
-    let Some(helper) = start("succeeded_failed", HelperOptions::default()) else {
+    let Some(helper) = start_helper("succeeded_failed", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -130,7 +121,7 @@ async fn succeeded_and_failed_record_exit_code_output_and_enforcement() {
 
 #[tokio::test]
 async fn a_lane_past_its_timeout_is_stopped_as_timed_out() {
-    let Some(helper) = start(
+    let Some(helper) = start_helper(
         "timed_out",
         HelperOptions {
             timeout_seconds: 1,
@@ -161,7 +152,7 @@ async fn a_lane_past_its_timeout_is_stopped_as_timed_out() {
 
 #[tokio::test]
 async fn cancel_kills_the_whole_process_group_and_is_idempotent() {
-    let Some(helper) = start("cancel", HelperOptions::default()) else {
+    let Some(helper) = start_helper("cancel", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -207,7 +198,7 @@ async fn cancel_kills_the_whole_process_group_and_is_idempotent() {
 
 #[tokio::test]
 async fn delete_removes_only_finished_jobs() {
-    let Some(helper) = start("delete", HelperOptions::default()) else {
+    let Some(helper) = start_helper("delete", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -260,7 +251,7 @@ async fn output_tails_are_bounded_with_a_visible_marker() {
         extra_toml: "[limits]\noutput_tail_bytes = 4096\n".into(),
         ..Default::default()
     };
-    let Some(helper) = start("output_tail", options) else {
+    let Some(helper) = start_helper("output_tail", options) else {
         return;
     };
     let mut client = helper.client().await;
@@ -286,7 +277,7 @@ async fn output_tails_are_bounded_with_a_visible_marker() {
 
 #[tokio::test]
 async fn result_waits_for_the_end_and_list_filters_by_glob() {
-    let Some(helper) = start("result_wait", HelperOptions::default()) else {
+    let Some(helper) = start_helper("result_wait", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -346,7 +337,7 @@ async fn result_waits_for_the_end_and_list_filters_by_glob() {
 
 #[tokio::test]
 async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_restart() {
-    let Some(mut helper) = start("lost", HelperOptions::default()) else {
+    let Some(mut helper) = start_helper("lost", HelperOptions::default()) else {
         return;
     };
     let tag = marker("lost");
@@ -388,7 +379,7 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
 
 #[tokio::test]
 async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
-    let Some(helper) = start("audit_fail_closed", HelperOptions::default()) else {
+    let Some(helper) = start_helper("audit_fail_closed", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -431,7 +422,7 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
 
 #[tokio::test]
 async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
-    let Some(helper) = start("audit_verify", HelperOptions::default()) else {
+    let Some(helper) = start_helper("audit_verify", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -506,7 +497,7 @@ async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
 
 #[tokio::test]
 async fn a_bad_reload_keeps_the_old_config() {
-    let Some(helper) = start("reload", HelperOptions::default()) else {
+    let Some(helper) = start_helper("reload", HelperOptions::default()) else {
         return;
     };
     let good = std::fs::read_to_string(&helper.config).unwrap();

@@ -10,15 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 use support::*;
 
-fn start(test: &str, options: HelperOptions) -> Option<TestHelper> {
-    if !is_root() {
-        skip(test, "needs root to create test users and drop to them");
-        return None;
-    }
-    ensure_users();
-    Some(TestHelper::start(options))
-}
-
 /// Send raw bytes on a fresh connection and collect whatever comes back until the helper closes.
 fn raw_exchange(helper: &TestHelper, bytes: &[u8], shutdown_write: bool) -> Vec<u8> {
     let mut stream = UnixStream::connect(&helper.socket).unwrap();
@@ -95,7 +86,7 @@ fn violations_mentioning(helper: &TestHelper, text: &str) -> usize {
 
 #[tokio::test]
 async fn hostile_frames_close_only_their_connection_and_are_audited() {
-    let Some(helper) = start("hostile_frames", HelperOptions::default()) else {
+    let Some(helper) = start_helper("hostile_frames", HelperOptions::default()) else {
         return;
     };
 
@@ -182,7 +173,7 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
 
 #[tokio::test]
 async fn a_thousand_dropped_connections_do_not_stop_the_helper() {
-    let Some(helper) = start("thousand_connections", HelperOptions::default()) else {
+    let Some(helper) = start_helper("thousand_connections", HelperOptions::default()) else {
         return;
     };
     for _ in 0..1000 {
@@ -202,7 +193,7 @@ async fn an_idle_connection_is_closed_after_the_timeout() {
         extra_toml: "[limits]\nidle_timeout_seconds = 1\n".into(),
         ..Default::default()
     };
-    let Some(helper) = start("idle_connection", options) else {
+    let Some(helper) = start_helper("idle_connection", options) else {
         return;
     };
     let mut idle = UnixStream::connect(&helper.socket).unwrap();
@@ -230,7 +221,7 @@ async fn a_peer_running_as_a_non_admitted_uid_is_refused_before_any_request() {
         socket_mode: 0o666,
         ..Default::default()
     };
-    let Some(helper) = start("non_admitted_peer", options) else {
+    let Some(helper) = start_helper("non_admitted_peer", options) else {
         return;
     };
     use std::os::unix::fs::PermissionsExt;
@@ -265,7 +256,7 @@ use std::os::unix::process::CommandExt;
 
 #[tokio::test]
 async fn invalid_dispatches_are_rejected_named_and_audited_and_spawn_nothing() {
-    let Some(helper) = start("invalid_dispatches", HelperOptions::default()) else {
+    let Some(helper) = start_helper("invalid_dispatches", HelperOptions::default()) else {
         return;
     };
     let mut client = helper.client().await;
@@ -374,7 +365,7 @@ async fn handles_are_private_to_the_uid_that_created_them() {
         extra_toml: format!("[clients]\nusers = [{MALLORY:?}]\n"),
         ..Default::default()
     };
-    let Some(helper) = start("private_handles", options) else {
+    let Some(helper) = start_helper("private_handles", options) else {
         return;
     };
     use std::os::unix::fs::PermissionsExt;

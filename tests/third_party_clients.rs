@@ -39,21 +39,12 @@ fn tool(env: &str, default: &str) -> Option<PathBuf> {
     None
 }
 
-fn start(test: &str) -> Option<TestHelper> {
-    if !is_root() {
-        skip(test, "needs root to create test users and drop to them");
-        return None;
-    }
-    ensure_users();
-    Some(TestHelper::start(HelperOptions::default()))
-}
-
 #[test]
 fn the_official_python_sdk_completes_a_session() {
     let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else {
         return;
     };
-    let Some(helper) = start("python sdk") else {
+    let Some(helper) = start_helper("python sdk", HelperOptions::default()) else {
         return;
     };
     let script =
@@ -104,7 +95,7 @@ fn the_mcp_inspector_cli_completes_a_session() {
     ) else {
         return;
     };
-    let Some(helper) = start("mcp inspector") else {
+    let Some(helper) = start_helper("mcp inspector", HelperOptions::default()) else {
         return;
     };
     // The Inspector CLI makes one request per run; the helper keeps the job between runs.

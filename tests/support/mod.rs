@@ -414,3 +414,14 @@ impl TestHelper {
         });
     }
 }
+
+/// Start a helper for a test that needs root (real uid drops to real test users), or say loudly
+/// that the test is skipped and return None.
+pub fn start_helper(test: &str, options: HelperOptions) -> Option<TestHelper> {
+    if !is_root() {
+        skip(test, "needs root to create test users and drop to them");
+        return None;
+    }
+    ensure_users();
+    Some(TestHelper::start(options))
+}

@@ -143,35 +143,35 @@ impl Helper {
             .map_err(|e| format!("cannot read the job store: {e}"))?;
         let mut jobs = HashMap::new();
         for mut record in records {
-            if record.state == JobState::Running {
+            if record.job.state == JobState::Running {
                 kill_stale_group(&record);
-                record.state = JobState::Lost;
-                record.finished_at = Some(now_rfc3339());
-                record.detail =
+                record.job.state = JobState::Lost;
+                record.job.finished_at = Some(now_rfc3339());
+                record.job.detail =
                     "lost: the helper restarted while the lane was running; its outcome is unknown"
                         .into();
                 record.pgid = None;
                 self.store
                     .save(&record)
-                    .map_err(|e| format!("cannot record lost job {}: {e}", record.handle))?;
+                    .map_err(|e| format!("cannot record lost job {}: {e}", record.job.handle))?;
                 self.audit
                     .append(AuditEvent {
                         event: "lost",
-                        handle: Some(record.handle.clone()),
-                        orguser: Some(record.orguser.clone()),
-                        repo: Some(record.repo.clone()),
+                        handle: Some(record.job.handle.clone()),
+                        orguser: Some(record.job.orguser.clone()),
+                        repo: Some(record.job.repo.clone()),
                         outcome: "lost".into(),
-                        detail: Some(record.detail.clone()),
+                        detail: Some(record.job.detail.clone()),
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| format!("cannot audit lost job {}: {e}", record.handle))?;
+                    .map_err(|e| format!("cannot audit lost job {}: {e}", record.job.handle))?;
             }
-            record.stdout = None;
-            record.stderr = None;
+            record.job.stdout = None;
+            record.job.stderr = None;
             let (finished, _) = watch::channel(true);
             jobs.insert(
-                record.handle.clone(),
+                record.job.handle.clone(),
                 JobEntry {
                     record,
                     finished,
@@ -259,38 +259,40 @@ impl Helper {
         };
         let enforcement = prepared.enforcement().clone();
         let mut record = JobRecord {
-            handle: handle.to_string(),
             owner_uid: peer.identity.uid,
             claimed_client: peer.claimed_client.clone(),
-            orguser: request.orguser.clone(),
-            repo: request.repo.clone(),
-            github: target_github,
-            unix_user,
-            description: request.description.clone().filter(|d| !d.trim().is_empty()),
-            task_preview: task.preview(),
-            task_sha256: sha256_hex(task.as_str()),
-            argv,
-            state: JobState::Running,
-            requested_at: now_rfc3339(),
-            started_at: None,
-            finished_at: None,
-            exit_code: None,
-            signal: None,
-            detail: "running".into(),
-            stdout: None,
-            stderr: None,
-            sandbox: Some(SandboxReport {
-                uid: enforcement.uid,
-                gid: enforcement.gid,
-                groups: enforcement.groups.clone(),
-                landlock_abi: enforcement.landlock_abi,
-                landlock: enforcement.landlock.clone(),
-                seccomp: enforcement.seccomp,
-                no_new_privs: enforcement.no_new_privs,
-                same_uid: enforcement.same_uid,
-            }),
             pgid: None,
             pgid_start_ticks: None,
+            job: JobView {
+                handle: handle.to_string(),
+                orguser: request.orguser.clone(),
+                repo: request.repo.clone(),
+                github: target_github,
+                unix_user,
+                description: request.description.clone().filter(|d| !d.trim().is_empty()),
+                task_preview: task.preview(),
+                task_sha256: sha256_hex(task.as_str()),
+                argv: Some(argv),
+                state: JobState::Running,
+                requested_at: now_rfc3339(),
+                started_at: None,
+                finished_at: None,
+                exit_code: None,
+                signal: None,
+                detail: "running".into(),
+                stdout: None,
+                stderr: None,
+                sandbox: Some(SandboxReport {
+                    uid: enforcement.uid,
+                    gid: enforcement.gid,
+                    groups: enforcement.groups.clone(),
+                    landlock_abi: enforcement.landlock_abi,
+                    landlock: enforcement.landlock.clone(),
+                    seccomp: enforcement.seccomp,
+                    no_new_privs: enforcement.no_new_privs,
+                    same_uid: enforcement.same_uid,
+                }),
+            },
         };
 
         // Capacity is claimed before the audit record so a refused dispatch is never "accepted".
@@ -312,14 +314,14 @@ impl Helper {
             event: "dispatch_accepted",
             peer: Some(peer.identity),
             claimed_client: peer.claimed_client.clone(),
-            handle: Some(record.handle.clone()),
-            orguser: Some(record.orguser.clone()),
-            repo: Some(record.repo.clone()),
-            github: Some(record.github.clone()),
-            unix_user: Some(record.unix_user.clone()),
-            task_preview: Some(record.task_preview.clone()),
-            task_sha256: Some(record.task_sha256.clone()),
-            argv: Some(record.argv.clone()),
+            handle: Some(record.job.handle.clone()),
+            orguser: Some(record.job.orguser.clone()),
+            repo: Some(record.job.repo.clone()),
+            github: Some(record.job.github.clone()),
+            unix_user: Some(record.job.unix_user.clone()),
+            task_preview: Some(record.job.task_preview.clone()),
+            task_sha256: Some(record.job.task_sha256.clone()),
+            argv: record.job.argv.clone(),
             outcome: "accepted".into(),
             detail: Some(format!(
                 "sandbox: uid {} gid {}, landlock {}, seccomp on",
@@ -343,23 +345,23 @@ impl Helper {
             Ok(lane) => lane,
             Err(error) => {
                 self.running.fetch_sub(1, Ordering::SeqCst);
-                record.state = JobState::Failed;
-                record.finished_at = Some(now_rfc3339());
-                record.detail = format!("the lane did not start: {error}");
+                record.job.state = JobState::Failed;
+                record.job.finished_at = Some(now_rfc3339());
+                record.job.detail = format!("the lane did not start: {error}");
                 let message = format!(
                     "dispatch {} failed before the lane ran: {error}",
-                    record.handle
+                    record.job.handle
                 );
                 self.persist_and_audit_finish(&record, "spawn_failed").await;
                 self.insert(record, None);
                 return Err(reply(ErrorKind::SpawnFailed, message));
             }
         };
-        record.started_at = Some(now_rfc3339());
+        record.job.started_at = Some(now_rfc3339());
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
         if let Err(error) = self.store.save_async(&record).await {
-            tracing::error!(%error, handle = %record.handle, "could not persist a started job");
+            tracing::error!(%error, handle = %record.job.handle, "could not persist a started job");
         }
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let view = record.view(Detail::Summary);
@@ -441,9 +443,9 @@ impl Helper {
     }
 
     fn insert(&self, record: JobRecord, stop: Option<mpsc::UnboundedSender<StopReason>>) {
-        let (finished, _) = watch::channel(record.state.is_terminal());
+        let (finished, _) = watch::channel(record.job.state.is_terminal());
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            record.handle.clone(),
+            record.job.handle.clone(),
             JobEntry {
                 record,
                 finished,
@@ -519,21 +521,21 @@ impl Helper {
         let Some(mut record) = self.record(&handle) else {
             return;
         };
-        record.finished_at = Some(now_rfc3339());
-        record.stdout = stdout;
-        record.stderr = stderr;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.stdout = stdout;
+        record.job.stderr = stderr;
         record.pgid = None;
         match status {
             Ok(Ok(status)) => {
                 use std::os::unix::process::ExitStatusExt;
-                record.exit_code = status.code();
-                record.signal = status.signal();
+                record.job.exit_code = status.code();
+                record.job.signal = status.signal();
                 let how = match (status.code(), status.signal()) {
                     (Some(code), _) => format!("exited with status {code}"),
                     (None, Some(signal)) => format!("killed by signal {signal}"),
                     _ => "ended".to_owned(),
                 };
-                (record.state, record.detail) = match reason {
+                (record.job.state, record.job.detail) = match reason {
                     Some(StopReason::Timeout) => (
                         JobState::TimedOut,
                         format!(
@@ -551,11 +553,11 @@ impl Helper {
                 };
             }
             other => {
-                record.state = JobState::Failed;
-                record.detail = format!("could not wait for the lane: {other:?}");
+                record.job.state = JobState::Failed;
+                record.job.detail = format!("could not wait for the lane: {other:?}");
             }
         }
-        let event = match record.state {
+        let event = match record.job.state {
             JobState::TimedOut => "timed_out",
             JobState::Cancelled => "cancelled",
             _ => "finished",
@@ -564,8 +566,8 @@ impl Helper {
         self.running.fetch_sub(1, Ordering::SeqCst);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = jobs.get_mut(&handle) {
-            record.stdout = None;
-            record.stderr = None;
+            record.job.stdout = None;
+            record.job.stderr = None;
             entry.record = record;
             entry.stop = None;
             let _ = entry.finished.send(true);
@@ -574,19 +576,19 @@ impl Helper {
 
     async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
         if let Err(error) = self.store.save_async(record).await {
-            tracing::error!(%error, handle = %record.handle, "could not persist a finished job");
+            tracing::error!(%error, handle = %record.job.handle, "could not persist a finished job");
         }
         let audit = AuditEvent {
             event,
-            handle: Some(record.handle.clone()),
-            orguser: Some(record.orguser.clone()),
-            repo: Some(record.repo.clone()),
-            outcome: record.state.as_str().into(),
-            detail: Some(record.detail.clone()),
+            handle: Some(record.job.handle.clone()),
+            orguser: Some(record.job.orguser.clone()),
+            repo: Some(record.job.repo.clone()),
+            outcome: record.job.state.as_str().into(),
+            detail: Some(record.job.detail.clone()),
             ..Default::default()
         };
         if let Err(error) = self.audit.append(audit).await {
-            tracing::error!(%error, handle = %record.handle, "could not audit a job's end");
+            tracing::error!(%error, handle = %record.job.handle, "could not audit a job's end");
         }
     }
 
@@ -619,7 +621,7 @@ impl Helper {
         wait_ms: u32,
     ) -> Result<JobView, ErrorReply> {
         let record = self.owned(peer, handle)?;
-        if !record.state.is_terminal() && wait_ms > 0 {
+        if !record.job.state.is_terminal() && wait_ms > 0 {
             let cap = Duration::from_secs(self.settings().file.limits.max_result_wait_seconds);
             let wait = Duration::from_millis(u64::from(wait_ms)).min(cap);
             let receiver = self
@@ -633,7 +635,7 @@ impl Helper {
             }
         }
         let record = self.owned(peer, handle)?;
-        if record.state.is_terminal() {
+        if record.job.state.is_terminal() {
             // Output tails live on disk only.
             if let Ok(full) = self.store.load_async(handle).await {
                 return Ok(full.view(Detail::Full));
@@ -673,15 +675,16 @@ impl Helper {
             .map(|e| &e.record)
             .filter(|r| r.owner_uid == peer.identity.uid)
             .filter(|r| {
-                matcher
-                    .as_ref()
-                    .is_none_or(|m| m.is_match(r.description.as_deref().unwrap_or(&r.task_preview)))
+                matcher.as_ref().is_none_or(|m| {
+                    m.is_match(r.job.description.as_deref().unwrap_or(&r.job.task_preview))
+                })
             })
             .collect();
         matching.sort_by(|a, b| {
-            b.requested_at
-                .cmp(&a.requested_at)
-                .then(b.handle.cmp(&a.handle))
+            b.job
+                .requested_at
+                .cmp(&a.job.requested_at)
+                .then(b.job.handle.cmp(&a.job.handle))
         });
         let level = if detail {
             Detail::Argv
@@ -700,7 +703,7 @@ impl Helper {
 
     pub async fn cancel(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
         let record = self.owned(peer, handle)?;
-        if record.state.is_terminal() {
+        if record.job.state.is_terminal() {
             return Ok(record.view(Detail::Summary));
         }
         let (stop, receiver) = {
@@ -730,7 +733,7 @@ impl Helper {
 
     pub async fn delete(&self, peer: &Peer, handle: &str) -> Result<String, ErrorReply> {
         let record = self.owned(peer, handle)?;
-        if !record.state.is_terminal() {
+        if !record.job.state.is_terminal() {
             return Err(reply(
                 ErrorKind::NotTerminal,
                 format!("job {handle} is still running; cancel it first, then delete it"),

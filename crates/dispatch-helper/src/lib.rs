@@ -202,17 +202,17 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
     };
     match store.load_all() {
         Ok((mut records, warnings)) => {
-            records.sort_by(|a, b| a.requested_at.cmp(&b.requested_at));
+            records.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
             for r in records {
                 println!(
                     "{}  {:<10} uid {:<6} {}/{}  {}  {}",
-                    r.handle,
-                    r.state.as_str(),
+                    r.job.handle,
+                    r.job.state.as_str(),
                     r.owner_uid,
-                    r.orguser,
-                    r.repo,
-                    r.requested_at,
-                    r.detail
+                    r.job.orguser,
+                    r.job.repo,
+                    r.job.requested_at,
+                    r.job.detail
                 );
             }
             for warning in warnings {

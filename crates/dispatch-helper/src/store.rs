@@ -2,7 +2,7 @@
 //! atomically (temp file, fsync, rename, fsync of the directory), so a crash at any moment
 //! leaves either the old record or the new one.
 
-use dispatch_proto::{JobState, JobView, OutputTail, SandboxReport};
+use dispatch_proto::JobView;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -11,28 +11,12 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
-    pub handle: String,
+    /// Everything its owner may see: argv, output tails and sandbox included.
+    #[serde(flatten)]
+    pub job: JobView,
     /// The peer uid (SO_PEERCRED) that created the job: the only uid that can see it.
     pub owner_uid: u32,
     pub claimed_client: Option<String>,
-    pub orguser: String,
-    pub repo: String,
-    pub github: String,
-    pub unix_user: String,
-    pub description: Option<String>,
-    pub task_preview: String,
-    pub task_sha256: String,
-    pub argv: Vec<String>,
-    pub state: JobState,
-    pub requested_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub detail: String,
-    pub stdout: Option<OutputTail>,
-    pub stderr: Option<OutputTail>,
-    pub sandbox: Option<SandboxReport>,
     /// Process group of a running lane and its start time (clock ticks since boot, from
     /// /proc), so a stale group is only ever signalled if it is still the same process.
     pub pgid: Option<i32>,
@@ -52,31 +36,15 @@ pub enum Detail {
 
 impl JobRecord {
     pub fn view(&self, detail: Detail) -> JobView {
-        JobView {
-            handle: self.handle.clone(),
-            orguser: self.orguser.clone(),
-            repo: self.repo.clone(),
-            github: self.github.clone(),
-            unix_user: self.unix_user.clone(),
-            description: self.description.clone(),
-            task_preview: self.task_preview.clone(),
-            task_sha256: self.task_sha256.clone(),
-            state: self.state,
-            requested_at: self.requested_at.clone(),
-            started_at: self.started_at.clone(),
-            finished_at: self.finished_at.clone(),
-            exit_code: self.exit_code,
-            signal: self.signal,
-            detail: self.detail.clone(),
-            argv: (detail != Detail::Summary).then(|| self.argv.clone()),
-            stdout: (detail == Detail::Full)
-                .then(|| self.stdout.clone())
-                .flatten(),
-            stderr: (detail == Detail::Full)
-                .then(|| self.stderr.clone())
-                .flatten(),
-            sandbox: self.sandbox.clone(),
+        let mut view = self.job.clone();
+        if detail == Detail::Summary {
+            view.argv = None;
         }
+        if detail != Detail::Full {
+            view.stdout = None;
+            view.stderr = None;
+        }
+        view
     }
 }
 
@@ -122,8 +90,8 @@ impl JobStore {
     }
 
     pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
-        let final_path = self.path(&record.handle);
-        let temp_path = self.dir.join(format!(".{}.tmp", record.handle));
+        let final_path = self.path(&record.job.handle);
+        let temp_path = self.dir.join(format!(".{}.tmp", record.job.handle));
         let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
         let mut file = OpenOptions::new()
             .write(true)
