@@ -4,7 +4,7 @@
 //! cargo bench --bench sandbox_spawn    (as root for the real uid drop; otherwise same-uid)
 
 use dispatch_sandbox::{
-    LanePlan, LaneSpawner, SandboxPolicy, current_identity, prepare, resolve_identity,
+    LanePlan, LaneSpawner, Sandbox, SandboxPolicy, current_identity, resolve_identity,
 };
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,7 +40,8 @@ fn main() {
         )
         .unwrap();
     }
-    let policy = SandboxPolicy::default();
+    // As the helper holds it: seccomp compiled once, Landlock built per lane.
+    let sandbox = Sandbox::new(SandboxPolicy::default()).unwrap();
     let spawner = LaneSpawner::start(1).unwrap();
     let plan = LanePlan {
         identity,
@@ -78,9 +79,9 @@ fn main() {
         start.elapsed()
     };
     let sandboxed = |include_prepare: bool| {
-        let prepared_early = (!include_prepare).then(|| prepare(plan.clone(), &policy).unwrap());
+        let prepared_early = (!include_prepare).then(|| sandbox.prepare(plan.clone()).unwrap());
         let start = Instant::now();
-        let prepared = prepared_early.unwrap_or_else(|| prepare(plan.clone(), &policy).unwrap());
+        let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(plan.clone()).unwrap());
         let mut lane = spawner.spawn(prepared).unwrap();
         let status = lane.child.wait().unwrap();
         assert!(status.success());

@@ -151,6 +151,8 @@ pub struct Settings {
     pub unprivileged: bool,
     /// The helper's own account name (the lane user in unprivileged mode).
     pub own_user: String,
+    /// `file.sandbox` with its seccomp programs compiled.
+    pub sandbox: dispatch_sandbox::Sandbox,
 }
 
 impl Settings {
@@ -211,6 +213,8 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     let template = ArgvTemplate::parse(&file.argv, Some(file.search_path.as_ref()))
         .map_err(|e| ConfigError::Invalid(format!("config {}: {e}", path.display())))?;
     let mut warnings = loaded.warnings;
+    let sandbox = dispatch_sandbox::Sandbox::new(file.sandbox.clone())
+        .map_err(|e| ConfigError::Invalid(format!("config {}: sandbox: {e}", path.display())))?;
 
     let own_uid = nix::unistd::geteuid();
     let own_user = User::from_uid(own_uid)
@@ -278,6 +282,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         admitted_gids,
         unprivileged: !running_as_root,
         own_user,
+        sandbox,
     })
 }
 

@@ -10,7 +10,7 @@ use dispatch_policy::{Handle, OrgPolicy, PolicyError, Task, TemplateValues};
 use dispatch_proto::{
     DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, SandboxReport,
 };
-use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, prepare, resolve_identity};
+use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Group, Pid, User};
 use std::collections::HashMap;
@@ -244,7 +244,7 @@ impl Helper {
             work_dir,
             change_uid,
         };
-        let prepared = match prepare(plan, &settings.file.sandbox) {
+        let prepared = match settings.sandbox.prepare(plan) {
             Ok(prepared) => prepared,
             Err(error) => {
                 let reason = reply(

@@ -169,40 +169,64 @@ pub enum SandboxError {
 /// Fixed PATH for lanes: never the helper's own.
 pub const LANE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// Prepare a lane in the helper: Landlock ruleset, seccomp programs, environment.
-pub fn prepare(plan: LanePlan, policy: &SandboxPolicy) -> Result<PreparedLane, SandboxError> {
-    let meta = std::fs::metadata(&plan.work_dir).map_err(|e| SandboxError::WorkDir {
-        path: plan.work_dir.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    if !meta.is_dir() {
-        return Err(SandboxError::WorkDir {
-            path: plan.work_dir.display().to_string(),
-            reason: "not a directory".into(),
-        });
+/// A sandbox policy with its seccomp programs compiled once: they do not depend on the lane,
+/// so the helper builds this when it loads its configuration (and fails there, not per dispatch).
+#[derive(Debug)]
+pub struct Sandbox {
+    policy: SandboxPolicy,
+    seccomp: Vec<seccompiler::BpfProgram>,
+}
+
+impl Sandbox {
+    pub fn new(policy: SandboxPolicy) -> Result<Sandbox, SandboxError> {
+        let seccomp = seccomp_filter::compile(&policy)?;
+        Ok(Sandbox { policy, seccomp })
     }
-    let env = build_env(&plan, policy)?;
-    let landlock = landlock_rules::build(&plan, policy)?;
-    let seccomp = seccomp_filter::compile(policy)?;
-    let identity = &plan.identity;
-    let enforcement = Enforcement {
-        uid: identity.uid,
-        gid: identity.gid,
-        groups: identity.groups.clone(),
-        landlock_abi: landlock.abi,
-        landlock: landlock.description,
-        seccomp: true,
-        no_new_privs: true,
-        same_uid: !plan.change_uid,
-    };
-    Ok(PreparedLane {
-        plan,
-        env,
-        landlock: landlock.ruleset,
-        seccomp,
-        limits: policy.limits,
-        enforcement,
-    })
+
+    pub fn policy(&self) -> &SandboxPolicy {
+        &self.policy
+    }
+
+    /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.
+    pub fn prepare(&self, plan: LanePlan) -> Result<PreparedLane, SandboxError> {
+        let policy = &self.policy;
+        let meta = std::fs::metadata(&plan.work_dir).map_err(|e| SandboxError::WorkDir {
+            path: plan.work_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if !meta.is_dir() {
+            return Err(SandboxError::WorkDir {
+                path: plan.work_dir.display().to_string(),
+                reason: "not a directory".into(),
+            });
+        }
+        let env = build_env(&plan, policy)?;
+        let landlock = landlock_rules::build(&plan, policy)?;
+        let identity = &plan.identity;
+        let enforcement = Enforcement {
+            uid: identity.uid,
+            gid: identity.gid,
+            groups: identity.groups.clone(),
+            landlock_abi: landlock.abi,
+            landlock: landlock.description,
+            seccomp: true,
+            no_new_privs: true,
+            same_uid: !plan.change_uid,
+        };
+        Ok(PreparedLane {
+            plan,
+            env,
+            landlock: landlock.ruleset,
+            seccomp: self.seccomp.clone(),
+            limits: policy.limits,
+            enforcement,
+        })
+    }
+}
+
+/// One-off preparation (compiles the seccomp programs each time; the helper uses [`Sandbox`]).
+pub fn prepare(plan: LanePlan, policy: &SandboxPolicy) -> Result<PreparedLane, SandboxError> {
+    Sandbox::new(policy.clone())?.prepare(plan)
 }
 
 fn build_env(
