@@ -165,6 +165,8 @@ async fn a_lane_cannot_escape() {
         "BREACH: the file outside the work dir changed"
     );
     assert_denied(&checks, "read_other_home", None);
+    assert_denied(&checks, "read_guard_environ", None);
+    assert_denied(&checks, "read_helper_environ", None);
     assert_eq!(
         checks["write_inside_work_dir"]["succeeded"], true,
         "the work dir must stay writable"

@@ -665,14 +665,25 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
         nix::unistd::chown(file, Some(alice.uid), Some(alice.gid)).unwrap();
     }
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(helper_bin())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .uid(alice.uid.as_raw())
-        .gid(alice.gid.as_raw())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Kills the helper however the test ends (a leaked helper would hold the test's output open).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = KillOnDrop(
+        Command::new(helper_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .uid(alice.uid.as_raw())
+            .gid(alice.gid.as_raw())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("the unprivileged helper", Duration::from_secs(20), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
@@ -695,6 +706,26 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
     let sandbox = done.sandbox.unwrap();
     assert!(sandbox.same_uid && sandbox.seccomp && sandbox.landlock.starts_with("enforced"));
     assert_eq!(sandbox.uid, alice.uid.as_raw());
+    // Same uid as the helper, yet the lane cannot read the helper's or its guard's memory image.
+    let escape = format!("escape {{\"helper_pid\": {}}}", child.0.id());
+    let job = client.dispatch_ok("mine", "my-repo", &escape).await;
+    let done = client.result(&job.handle, 20_000).await;
+    let stdout = done.stdout.unwrap().text;
+    for check in [
+        "read_guard_environ",
+        "read_helper_environ",
+        "ptrace_traceme",
+        "unix_socket",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(&format!("\"check\":\"{check}\"")))
+            .unwrap_or_else(|| panic!("no {check} in {stdout}"));
+        assert!(
+            line.contains("\"succeeded\":false"),
+            "BREACH in unprivileged mode: {line}"
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
 }

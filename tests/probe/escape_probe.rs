@@ -183,6 +183,23 @@ fn escape(config: Value) {
             .map(|b| b.len() as i64)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
+    // The guard (our parent, a copy of the helper) and the helper hold the helper's environment.
+    // SAFETY: getppid takes no arguments.
+    let guard = unsafe { libc::getppid() };
+    for (name, pid) in [
+        ("read_guard_environ", i64::from(guard)),
+        (
+            "read_helper_environ",
+            config["helper_pid"].as_i64().unwrap_or(1),
+        ),
+    ] {
+        let read = std::fs::read(format!("/proc/{pid}/environ"));
+        checks.push(report(
+            name,
+            read.map(|b| b.len() as i64)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ));
+    }
     let work_file = format!("{}/probe-write-ok", str_of("work_dir"));
     checks.push(report(
         "write_inside_work_dir",

@@ -29,6 +29,7 @@ pub enum ChildStep {
     ChangeDir,
     ParentDeathSignal,
     ParentAlive,
+    NotDumpable,
     CloseFds,
     NoNewPrivs,
     Landlock,
@@ -38,7 +39,7 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 16] = [
+    const ALL: [ChildStep; 17] = [
         ChildStep::NewSession,
         ChildStep::Rlimits,
         ChildStep::SetGroups,
@@ -49,6 +50,7 @@ impl ChildStep {
         ChildStep::ChangeDir,
         ChildStep::ParentDeathSignal,
         ChildStep::ParentAlive,
+        ChildStep::NotDumpable,
         ChildStep::CloseFds,
         ChildStep::NoNewPrivs,
         ChildStep::Landlock,
@@ -71,6 +73,7 @@ impl fmt::Display for ChildStep {
             ChildStep::ChangeDir => "enter the lane work directory (chdir, as the lane user)",
             ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
             ChildStep::ParentAlive => "parent still alive (getppid)",
+            ChildStep::NotDumpable => "not dumpable (PR_SET_DUMPABLE 0)",
             ChildStep::CloseFds => "close inherited fds (close_range CLOEXEC)",
             ChildStep::NoNewPrivs => "no_new_privs (PR_SET_NO_NEW_PRIVS)",
             ChildStep::Landlock => "landlock (landlock_restrict_self)",
@@ -185,6 +188,13 @@ fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
     if unsafe { libc::getppid() } != plan.helper_pid {
         return Err(step_error(ChildStep::ParentAlive, libc::ESRCH));
     }
+
+    // The guard keeps a copy of the helper's memory for the lane's lifetime: make sure the lane
+    // cannot read it through /proc even when it runs as the same user (unprivileged mode). The
+    // exec'd lane itself is dumpable again, as any program is.
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
+    check(ChildStep::NotDumpable, rc.into())?;
 
     // 5. Nothing inherited survives exec. close_range(CLOSE_RANGE_CLOEXEC) rather than a plain
     //    close: std still needs its own error pipe until exec.
