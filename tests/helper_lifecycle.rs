@@ -726,6 +726,5 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
             "BREACH in unprivileged mode: {line}"
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
