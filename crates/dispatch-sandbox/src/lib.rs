@@ -9,7 +9,7 @@
 //! 2. rlimits
 //! 3. `setgroups` → `setresgid` → `setresuid`, verified with `getres*`, and `setresuid(0,0,0)` must fail;
 //!    then `chdir` into the work dir as the lane user
-//! 4. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check
+//! 4. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check; not dumpable
 //! 5. every fd above 2 marked close-on-exec
 //! 6. `no_new_privs`
 //! 7. Landlock
