@@ -12,6 +12,7 @@ use dispatch_proto::{
 };
 use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{Group, Pid, User};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -476,14 +477,23 @@ impl Helper {
             .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
             .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
         let mut child = lane.child;
-        let mut wait = tokio::task::spawn_blocking(move || child.wait());
+        // Wait for the guard to exit *without reaping it*: while it is a zombie its pid, which
+        // is also the group id, cannot be reused, so signalling the group stays safe until the
+        // reap below.
+        let guard_pid = pgid;
+        let mut exited = tokio::task::spawn_blocking(move || {
+            waitid(
+                Id::Pid(guard_pid),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            )
+        });
         let deadline = tokio::time::sleep(settings.timeout());
         tokio::pin!(deadline);
         let mut reason: Option<StopReason> = None;
         let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let status = loop {
+        loop {
             tokio::select! {
-                status = &mut wait => break status,
+                _ = &mut exited => break,
                 _ = &mut deadline, if reason.is_none() => {
                     reason = Some(StopReason::Timeout);
                     let _ = killpg(pgid, Signal::SIGTERM);
@@ -499,11 +509,12 @@ impl Helper {
                     escalate = None;
                 }
             }
-        };
-        if reason.is_some() {
-            // The guard is gone; make sure nothing it left in the group survives a stop.
-            let _ = killpg(pgid, Signal::SIGKILL);
         }
+        // The lane is over: nothing it left in its process group outlives the job record.
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        // The lane's capacity is free as soon as its processes are gone.
+        self.running.fetch_sub(1, Ordering::SeqCst);
         let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
             let mut task = task?;
             // A daemonised grandchild can hold the pipe open forever: bounded wait.
@@ -563,7 +574,6 @@ impl Helper {
             _ => "finished",
         };
         self.persist_and_audit_finish(&record, event).await;
-        self.running.fetch_sub(1, Ordering::SeqCst);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = jobs.get_mut(&handle) {
             record.job.stdout = None;
@@ -653,19 +663,7 @@ impl Helper {
     ) -> Result<(u64, Vec<JobView>), ErrorReply> {
         let matcher = match filter.filter(|f| !f.is_empty()) {
             None => None,
-            Some(pattern) => Some(
-                globset::Glob::new(pattern)
-                    .map_err(|e| {
-                        reply(
-                            ErrorKind::Invalid,
-                            format!(
-                                "invalid filter {}: {e}",
-                                dispatch_policy::escape_value(pattern)
-                            ),
-                        )
-                    })?
-                    .compile_matcher(),
-            ),
+            Some(pattern) => Some(compile_filter(pattern)?),
         };
         let max = self.settings().file.limits.max_list;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
@@ -691,12 +689,21 @@ impl Helper {
         } else {
             Detail::Summary
         };
+        // Stop well inside one response frame, however long the argvs are; `total` still counts
+        // every match, so the caller can see that the list was cut.
+        let mut budget = LIST_BYTE_BUDGET;
         Ok((
             matching.len() as u64,
             matching
                 .into_iter()
                 .take(limit)
                 .map(|r| r.view(level))
+                .take_while(|view| {
+                    let size = approximate_size(view);
+                    let fits = size <= budget;
+                    budget = budget.saturating_sub(size);
+                    fits
+                })
                 .collect(),
         ))
     }
@@ -781,6 +788,73 @@ impl Helper {
             let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
         }
     }
+}
+
+/// What a list response may carry, well below the response frame limit.
+const LIST_BYTE_BUDGET: usize = dispatch_proto::MAX_RESPONSE_FRAME as usize / 2;
+
+/// An upper bound on a view's encoded size (postcard adds at most a few bytes per field).
+fn approximate_size(view: &JobView) -> usize {
+    let strings = [
+        &view.handle,
+        &view.orguser,
+        &view.repo,
+        &view.github,
+        &view.unix_user,
+        &view.task_preview,
+        &view.task_sha256,
+        &view.requested_at,
+        &view.detail,
+    ];
+    let argv: usize = view.argv.iter().flatten().map(|a| a.len() + 5).sum();
+    let sandbox = view
+        .sandbox
+        .as_ref()
+        .map_or(0, |s| s.landlock.len() + s.groups.len() * 5 + 64);
+    strings.iter().map(|s| s.len() + 5).sum::<usize>()
+        + view.description.as_ref().map_or(0, String::len)
+        + argv
+        + sandbox
+        + 256
+}
+
+/// A list filter from a client: short and shallow, compiled without panicking.
+fn compile_filter(pattern: &str) -> Result<globset::GlobSet, ErrorReply> {
+    const MAX_FILTER_CHARS: usize = 200;
+    const MAX_ALTERNATION_DEPTH: usize = 4;
+    let invalid = |why: String| {
+        reply(
+            ErrorKind::Invalid,
+            format!(
+                "invalid filter {}: {why}",
+                dispatch_policy::escape_value(pattern)
+            ),
+        )
+    };
+    if pattern.chars().count() > MAX_FILTER_CHARS {
+        return Err(invalid(format!(
+            "longer than {MAX_FILTER_CHARS} characters"
+        )));
+    }
+    let mut depth = 0usize;
+    for c in pattern.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_ALTERNATION_DEPTH {
+            return Err(invalid(format!(
+                "alternations nested deeper than {MAX_ALTERNATION_DEPTH}"
+            )));
+        }
+    }
+    let glob = globset::Glob::new(pattern).map_err(|e| invalid(e.to_string()))?;
+    // GlobSetBuilder reports a regex that cannot be built; Glob::compile_matcher would panic.
+    globset::GlobSetBuilder::new()
+        .add(glob)
+        .build()
+        .map_err(|e| invalid(e.to_string()))
 }
 
 /// Whether `peer` is among the org's allowed clients (no list: every admitted client is).

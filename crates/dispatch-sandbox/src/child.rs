@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildStep {
-    NewSession = 1,
+    Signals = 1,
+    NewSession,
     Rlimits,
     SetGroups,
     SetGid,
@@ -39,7 +40,8 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 17] = [
+    const ALL: [ChildStep; 18] = [
+        ChildStep::Signals,
         ChildStep::NewSession,
         ChildStep::Rlimits,
         ChildStep::SetGroups,
@@ -63,6 +65,7 @@ impl ChildStep {
 impl fmt::Display for ChildStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            ChildStep::Signals => "block signals and reset their handlers",
             ChildStep::NewSession => "new session (setsid)",
             ChildStep::Rlimits => "resource limits (setrlimit)",
             ChildStep::SetGroups => "supplementary groups (setgroups)",
@@ -126,12 +129,12 @@ pub(crate) struct ChildPlan {
     pub lane_stack: Vec<u8>,
 }
 
-pub(crate) fn install(command: &mut Command, plan: ChildPlan) {
+pub(crate) fn install(command: &mut Command, mut plan: ChildPlan) {
     // SAFETY: the closure runs in the forked child before exec. `child_sequence` only makes
     // async-signal-safe system calls on data owned by `plan`, which was fully built before the
     // fork; it does not allocate, lock, or touch the parent's other threads' state.
     unsafe {
-        command.pre_exec(move || child_sequence(&plan));
+        command.pre_exec(move || child_sequence(&mut plan));
     }
 }
 
@@ -143,7 +146,27 @@ fn check(step: ChildStep, rc: libc::c_long) -> io::Result<()> {
     }
 }
 
-fn child_sequence(plan: &ChildPlan) -> io::Result<()> {
+fn child_sequence(plan: &mut ChildPlan) -> io::Result<()> {
+    // 0. Signals: this is a copy of the helper, whose runtime installed handlers for SIGTERM,
+    //    SIGHUP and SIGINT. Block everything first (so the death signal armed below stays
+    //    pending for the guard's sigwaitinfo instead of running a copied handler), then put every
+    //    handler back to its default so neither the guard nor the lane inherits one.
+    // SAFETY: sigset and sigaction calls on locals; an invalid signal number is simply refused.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        if libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut()) == -1 {
+            return Err(step_error(ChildStep::Signals, last_errno()));
+        }
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+    }
+
     // 1. Own session and process group, so the helper can signal the whole lane at once.
     // SAFETY: setsid takes no arguments.
     let rc = unsafe { libc::setsid() };
@@ -287,13 +310,18 @@ impl ExecImage {
     pub(crate) fn new(
         argv: &[String],
         env: &[(String, String)],
-    ) -> Result<ExecImage, std::ffi::NulError> {
+    ) -> Result<ExecImage, &'static str> {
+        if argv.is_empty() {
+            return Err("the argv is empty");
+        }
         let mut strings = Vec::with_capacity(argv.len() + env.len());
         for arg in argv {
-            strings.push(CString::new(arg.as_str())?);
+            strings.push(CString::new(arg.as_str()).map_err(|_| "an argument contains NUL")?);
         }
         for (name, value) in env {
-            strings.push(CString::new(format!("{name}={value}"))?);
+            let entry = CString::new(format!("{name}={value}"))
+                .map_err(|_| "an environment value contains NUL")?;
+            strings.push(entry);
         }
         let pointers: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
         let (argv_ptrs, env_ptrs) = pointers.split_at(argv.len());
@@ -327,7 +355,7 @@ struct LaneStart<'a> {
 /// The lane is started like posix_spawn does it: clone(CLONE_VM | CLONE_VFORK) on a stack
 /// allocated before the fork, straight into execve. Copying the address space a second time
 /// would double the cost of every dispatch.
-fn lane_guard(plan: &ChildPlan) -> io::Result<()> {
+fn lane_guard(plan: &mut ChildPlan) -> io::Result<()> {
     // SAFETY: sigset operations on a local; signal numbers are valid.
     let guarded = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -337,10 +365,8 @@ fn lane_guard(plan: &ChildPlan) -> io::Result<()> {
         }
         set
     };
-    // Block before the clone so no signal is lost between it and sigwaitinfo.
-    // SAFETY: `guarded` is initialised; the old mask is not needed.
-    let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &guarded, std::ptr::null_mut()) };
-    check(ChildStep::LaneGuard, rc.into())?;
+    // Every signal has been blocked since the start of the sequence, so none is lost between
+    // the clone and sigwaitinfo.
     let start = LaneStart {
         exec: &plan.exec,
         // SAFETY: getpid takes no arguments.
@@ -349,7 +375,7 @@ fn lane_guard(plan: &ChildPlan) -> io::Result<()> {
         errno: AtomicI32::new(0),
     };
     // The stack grows down on every architecture we build for: pass its 16-byte aligned top.
-    let stack = plan.lane_stack.as_ptr_range().end as usize & !0xf;
+    let stack = plan.lane_stack.as_mut_ptr_range().end as usize & !0xf;
     // SAFETY: CLONE_VFORK suspends this process until the lane has exec'd or exited, so `start`
     // and the stack (owned by `plan`, not used by anyone else) outlive every use by the lane;
     // `lane_entry` only makes async-signal-safe calls and never returns.

@@ -94,9 +94,8 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
                 reason: "contains NUL".into(),
             }
         })?;
-    let exec = ExecImage::new(&plan.argv, &lane.env).map_err(|_| {
-        SandboxError::Environment("an argument or environment value contains NUL".into())
-    })?;
+    let exec = ExecImage::new(&plan.argv, &lane.env)
+        .map_err(|why| SandboxError::Environment(why.to_owned()))?;
     install(
         &mut command,
         ChildPlan {
