@@ -81,6 +81,9 @@ async fn a_lane_cannot_escape() {
         held.push(file);
     }
     let helper = TestHelper::start(HelperOptions {
+        // The probe does not parse options, so option-like tasks may reach it: that is what the
+        // one-literal-argument check at the end needs.
+        extra_toml: "allow_option_like_tasks = true\n".into(),
         env: vec![
             ("LD_PRELOAD".into(), "/nonexistent/dispatch-evil.so".into()),
             ("DISPATCH_TEST_SECRET".into(), "must-not-leak".into()),

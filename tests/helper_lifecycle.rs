@@ -728,3 +728,59 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
     }
     drop(child);
 }
+
+#[tokio::test]
+async fn processes_a_lane_leaves_in_its_group_are_killed_when_it_ends() {
+    let Some(helper) = start_helper("stragglers", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "leave-child:60")
+        .await;
+    let done = client.result(&job.handle, 20_000).await;
+    assert_eq!(done.state, JobState::Succeeded);
+    let printed: serde_json::Value =
+        serde_json::from_str(done.stdout.unwrap().text.trim()).unwrap();
+    let left = printed["left_child"].as_i64().unwrap() as i32;
+    wait_until(
+        "the left-behind child to be killed",
+        Duration::from_secs(5),
+        || !alive(left),
+    );
+}
+
+#[tokio::test]
+async fn hostile_list_filters_are_refused_and_the_helper_keeps_serving() {
+    let Some(helper) = start_helper("hostile filters", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let deep = format!("{}a{}", "{".repeat(300), "}".repeat(300));
+    let nested = "{a,{b,{c,{d,{e,f}}}}}".to_owned();
+    for (filter, why) in [
+        (deep, "longer than 200 characters"),
+        (nested, "nested deeper than 4"),
+    ] {
+        let error = client
+            .error(Request::List {
+                filter: Some(filter),
+                detail: false,
+                limit: 0,
+            })
+            .await;
+        assert_eq!(error.kind, ErrorKind::Invalid);
+        assert!(error.message.contains(why), "{}", error.message);
+    }
+    match client
+        .request(Request::List {
+            filter: Some("{a,b}*".into()),
+            detail: false,
+            limit: 0,
+        })
+        .await
+    {
+        Response::List { total, .. } => assert_eq!(total, 0),
+        other => panic!("{other:?}"),
+    }
+}

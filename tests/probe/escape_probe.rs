@@ -65,6 +65,16 @@ fn main() {
             std::io::stdout().flush().unwrap();
             std::thread::sleep(std::time::Duration::from_secs(seconds));
         }
+        _ if mode.starts_with("leave-child:") => {
+            let seconds: u64 = mode[12..].parse().unwrap_or(60);
+            // SAFETY: fork in a single-threaded test program; the child only sleeps and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                std::thread::sleep(std::time::Duration::from_secs(seconds));
+                std::process::exit(0);
+            }
+            println!("{}", json!({"left_child": pid}));
+        }
         _ if mode.starts_with("spam:") => {
             let bytes: usize = mode[5..].parse().unwrap_or(0);
             let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";

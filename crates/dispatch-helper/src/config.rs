@@ -30,6 +30,11 @@ pub struct ConfigFile {
     /// Overridden by DISPATCH_MAX_ITERATIONS.
     #[serde(default = "default_max_iterations")]
     pub max_iterations: u32,
+    /// Accept tasks that start with '-'. Off by default: the task is always one argv element,
+    /// but a dispatch command that parses options could still take `--help` there for an
+    /// option. Turn on only if the command stops option parsing before the task.
+    #[serde(default)]
+    pub allow_option_like_tasks: bool,
     /// Seconds a lane may run before it is stopped. Overridden by DISPATCH_TIMEOUT.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
@@ -397,6 +402,14 @@ pub fn work_dir(template: &str, home: &Path, unix_user: &str, orguser: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let file: ConfigFile = toml::from_str(include_str!("../../../systemd/helper.toml")).unwrap();
+        assert_eq!(file.socket, PathBuf::from("/run/dispatch-mcp/helper.sock"));
+        assert_eq!(file.sandbox.tcp_connect_ports, [22, 443]);
+        assert!(!file.allow_option_like_tasks);
+    }
 
     #[test]
     fn host_rules() {

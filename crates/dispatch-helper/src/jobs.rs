@@ -382,6 +382,9 @@ impl Helper {
         handle: &Handle,
     ) -> Result<Decision, ErrorReply> {
         let task = Task::parse(&request.task).map_err(|e| policy_reply(&e))?;
+        if task.is_option_like() && !settings.file.allow_option_like_tasks {
+            return Err(policy_reply(&task.option_like_error()));
+        }
         if let Some(description) = &request.description
             && (description.chars().count() > 512 || description.contains('\0'))
         {

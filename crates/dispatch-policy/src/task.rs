@@ -40,6 +40,24 @@ impl Task {
         &self.0
     }
 
+    /// Whether the task looks like a command-line option. It is always passed as one argv
+    /// element, but a program that parses options (getopt, argparse, clap) could still read
+    /// `--help` or `--host=x` at that position as an option rather than as data.
+    pub fn is_option_like(&self) -> bool {
+        self.0.starts_with('-')
+    }
+
+    /// The rejection for an option-like task, naming the rule.
+    pub fn option_like_error(&self) -> PolicyError {
+        PolicyError::InvalidTask {
+            rule: format!(
+                "starts with '-' ({}), which the dispatch command could read as an option; \
+                 rephrase it to start with a word",
+                crate::error::escape_value(&self.0.chars().take(20).collect::<String>())
+            ),
+        }
+    }
+
     /// A short single-line preview for audit records and lists.
     pub fn preview(&self) -> String {
         const PREVIEW: usize = 120;
@@ -105,6 +123,20 @@ mod tests {
         ] {
             assert_eq!(Task::parse(value).unwrap().as_str(), value.trim());
         }
+    }
+
+    #[test]
+    fn option_like_tasks_are_recognised() {
+        for option in ["--help", "-c 'id'", "  -x"] {
+            let task = Task::parse(option).unwrap();
+            assert!(task.is_option_like(), "{option}");
+            let err = task.option_like_error().to_string();
+            assert!(
+                err.contains("starts with '-'") && err.contains("option"),
+                "{err}"
+            );
+        }
+        assert!(!Task::parse("build it --fast").unwrap().is_option_like());
     }
 
     #[test]
