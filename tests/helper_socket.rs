@@ -208,6 +208,32 @@ async fn an_idle_connection_is_closed_after_the_timeout() {
         "only the hello reply, then EOF"
     );
     assert!(started.elapsed() < Duration::from_secs(8));
+    // A connection that has made requests is closed once it falls idle, too.
+    let mut used = UnixStream::connect(&helper.socket).unwrap();
+    let mut frames = hello_frame();
+    frames.extend(
+        encode_frame(
+            &RequestEnvelope {
+                id: 2,
+                body: Request::Lanes,
+            },
+            FrameLimit::REQUEST,
+        )
+        .unwrap(),
+    );
+    used.write_all(&frames).unwrap();
+    used.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut all = Vec::new();
+    used.read_to_end(&mut all).unwrap();
+    let replies = responses(&all);
+    assert!(
+        matches!(replies[..], [Response::Hello(_), Response::Lanes { .. }]),
+        "{replies:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+
     still_serves(&helper).await;
     support::wait_until("idle audit record", Duration::from_secs(5), || {
         !helper.audited("idle_timeout").is_empty()

@@ -405,7 +405,8 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_parses() {
-        let file: ConfigFile = toml::from_str(include_str!("../../../systemd/helper.toml")).unwrap();
+        let file: ConfigFile =
+            toml::from_str(include_str!("../../../systemd/helper.toml")).unwrap();
         assert_eq!(file.socket, PathBuf::from("/run/dispatch-mcp/helper.sock"));
         assert_eq!(file.sandbox.tcp_connect_ports, [22, 443]);
         assert!(!file.allow_option_like_tasks);

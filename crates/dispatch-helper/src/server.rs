@@ -233,7 +233,14 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
     let writer_task = tokio::spawn(async move {
         while let Some(response) = outbox.recv().await {
             let id = response.id;
-            if let Err(error) = write_frame(&mut writer, &response, FrameLimit::RESPONSE).await {
+            // A peer that stops reading must not hold this connection (and its requests) forever.
+            let written = tokio::time::timeout(
+                idle,
+                write_frame(&mut writer, &response, FrameLimit::RESPONSE),
+            )
+            .await
+            .unwrap_or_else(|_| Err(CodecError::Closed));
+            if let Err(error) = written {
                 if matches!(error, CodecError::Oversized { .. }) {
                     let fallback = ResponseEnvelope {
                         id,
@@ -284,14 +291,33 @@ async fn read_requests(
     idle: Duration,
     max_in_flight: usize,
 ) -> Option<(&'static str, String)> {
+    // One read in progress at a time, never cancelled half-way (read_frame is not cancel-safe);
+    // the idle deadline runs beside it and only closes a connection with nothing in flight.
+    let mut read = Box::pin(read_frame::<RequestEnvelope, _>(
+        &mut *reader,
+        FrameLimit::REQUEST,
+    ));
+    let idle_deadline = tokio::time::sleep(idle);
+    tokio::pin!(idle_deadline);
     loop {
-        let busy = in_flight.available_permits() < max_in_flight;
         let frame = tokio::select! {
-            frame = read_frame::<RequestEnvelope, _>(reader, FrameLimit::REQUEST) => frame,
-            _ = tokio::time::sleep(idle), if !busy => {
-                return Some(("idle_timeout", format!("no request for {} s", idle.as_secs())));
+            frame = &mut read => frame,
+            _ = &mut idle_deadline => {
+                if in_flight.available_permits() == max_in_flight {
+                    return Some(("idle_timeout", format!("no request for {} s", idle.as_secs())));
+                }
+                idle_deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                continue;
             }
         };
+        drop(read);
+        read = Box::pin(read_frame::<RequestEnvelope, _>(
+            &mut *reader,
+            FrameLimit::REQUEST,
+        ));
+        idle_deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle);
         let envelope = match frame {
             Ok(Some(envelope)) => envelope,
             Ok(None) => return None,
