@@ -3,16 +3,17 @@
 //! helper restarts. A call made while the helper is down gets a clear error; nothing is queued.
 
 use dispatch_proto::{
-    CodecError, FrameLimit, HelloReply, PROTOCOL_VERSION, Request, RequestEnvelope, Response,
-    ResponseEnvelope, read_frame, write_frame,
+    FrameLimit, HelloReply, PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope,
+    encode_frame, read_frame, write_frame,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
@@ -22,15 +23,48 @@ pub enum HelperError {
         "the connection to the dispatch helper was lost while the request was in flight; the helper may have restarted"
     )]
     Disconnected,
+    #[error("the dispatch helper did not answer within {0} s")]
+    Timeout(u64),
     #[error("the dispatch helper broke the protocol: {0}")]
     Protocol(String),
 }
 
+/// How long connecting and the handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a connection's reader and writer share with callers. `alive` and `pending` change
+/// together under one lock, so a request is either registered on a live connection (and will
+/// be answered or failed) or refused at once.
+#[derive(Default)]
+struct Shared {
+    alive: bool,
+    pending: HashMap<u64, oneshot::Sender<Response>>,
+}
+
+impl Shared {
+    fn close(&mut self) {
+        self.alive = false;
+        // Dropping the senders wakes every waiter with "disconnected".
+        self.pending.clear();
+    }
+}
+
 struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
-    alive: Arc<AtomicBool>,
+    /// Whole encoded frames; one writer task writes them, so a caller that gives up half-way
+    /// can never leave half a frame on the stream.
+    outbox: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Mutex<Shared>>,
     hello: HelloReply,
+}
+
+impl Connection {
+    fn alive(&self) -> bool {
+        lock(&self.shared).alive
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct HelperClient {
@@ -82,46 +116,51 @@ impl HelperClient {
     }
 
     async fn request_once(&self, body: Request) -> Result<Response, HelperError> {
+        // A wait asked of the helper, plus room for the dispatch itself (fsyncs, a fork).
+        let patience = match &body {
+            Request::Result { wait_ms, .. } => Duration::from_millis(u64::from(*wait_ms)),
+            _ => Duration::ZERO,
+        } + Duration::from_secs(60);
         let connection = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST)
+            .map_err(|e| HelperError::Protocol(e.to_string()))?;
         let (sender, receiver) = oneshot::channel();
-        connection
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, sender);
-        let sent = {
-            let mut writer = connection.writer.lock().await;
-            write_frame(
-                &mut *writer,
-                &RequestEnvelope { id, body },
-                FrameLimit::REQUEST,
-            )
-            .await
-        };
-        if let Err(error) = sent {
-            connection
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            connection.alive.store(false, Ordering::SeqCst);
-            return Err(match error {
-                CodecError::Oversized { .. } => HelperError::Protocol(error.to_string()),
-                _ => HelperError::Disconnected,
-            });
+        {
+            let mut shared = lock(&connection.shared);
+            if !shared.alive {
+                return Err(HelperError::Disconnected);
+            }
+            shared.pending.insert(id, sender);
         }
-        receiver.await.map_err(|_| HelperError::Disconnected)
+        if connection.outbox.send(frame).await.is_err() {
+            lock(&connection.shared).pending.remove(&id);
+            return Err(HelperError::Disconnected);
+        }
+        match tokio::time::timeout(patience, receiver).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(HelperError::Disconnected),
+            Err(_) => {
+                lock(&connection.shared).pending.remove(&id);
+                Err(HelperError::Timeout(patience.as_secs()))
+            }
+        }
     }
 
     async fn connection(&self) -> Result<Arc<Connection>, HelperError> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref()
-            && connection.alive.load(Ordering::SeqCst)
+            && connection.alive()
         {
             return Ok(connection.clone());
         }
-        let connection = Arc::new(self.connect().await?);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| HelperError::Unreachable {
+                socket: self.socket.display().to_string(),
+                reason: format!("no handshake within {} s", CONNECT_TIMEOUT.as_secs()),
+            })??;
+        let connection = Arc::new(connection);
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -160,33 +199,40 @@ impl HelperClient {
             // The helper closes without a word on peers it does not admit.
             None => return Err(unreachable("the helper closed the connection during the handshake: this user is probably not an admitted client (see [clients] in the helper config)".into())),
         };
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
-        let alive = Arc::new(AtomicBool::new(true));
-        let (reader_pending, reader_alive) = (pending.clone(), alive.clone());
+        let shared = Arc::new(Mutex::new(Shared {
+            alive: true,
+            pending: HashMap::new(),
+        }));
+        let (outbox, mut frames) = mpsc::channel::<Vec<u8>>(32);
+        let writer_shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = frames.recv().await {
+                let written = async {
+                    writer.write_all(&frame).await?;
+                    writer.flush().await
+                };
+                if written.await.is_err() {
+                    break;
+                }
+            }
+            lock(&writer_shared).close();
+        });
+        let reader_shared = shared.clone();
         tokio::spawn(async move {
             // Until end of stream or any error: either way the connection is finished.
             while let Ok(Some(response)) =
                 read_frame::<ResponseEnvelope, _>(&mut reader, FrameLimit::RESPONSE).await
             {
-                let waiter = reader_pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&response.id);
+                let waiter = lock(&reader_shared).pending.remove(&response.id);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(response.body);
                 }
             }
-            reader_alive.store(false, Ordering::SeqCst);
-            // Dropping the senders wakes every waiter with "disconnected".
-            reader_pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            lock(&reader_shared).close();
         });
         Ok(Connection {
-            writer: tokio::sync::Mutex::new(writer),
-            pending,
-            alive,
+            outbox,
+            shared,
             hello,
         })
     }

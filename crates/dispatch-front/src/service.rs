@@ -253,6 +253,10 @@ impl DispatchService {
                 "{error}. If this was dispatch_unit, check dispatch_list before retrying so the \
                  work is not dispatched twice."
             ),
+            HelperError::Timeout(_) => format!(
+                "{error}. It may be overloaded; check it with `systemctl status dispatch-helper`. \
+                 If this was dispatch_unit, check dispatch_list before retrying."
+            ),
             HelperError::Protocol(_) => error.to_string(),
         })
     }

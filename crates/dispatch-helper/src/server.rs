@@ -239,7 +239,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
                 write_frame(&mut writer, &response, FrameLimit::RESPONSE),
             )
             .await
-            .unwrap_or_else(|_| Err(CodecError::Closed));
+            .unwrap_or(Err(CodecError::Closed));
             if let Err(error) = written {
                 if matches!(error, CodecError::Oversized { .. }) {
                     let fallback = ResponseEnvelope {
