@@ -77,6 +77,9 @@ pub enum AuditError {
 
 struct Writer {
     path: PathBuf,
+    /// Set when a failed write could not be undone: every later append is refused (fail closed)
+    /// rather than chained onto a damaged file.
+    damaged: Option<String>,
     seq: u64,
     prev: String,
 }
@@ -88,20 +91,32 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Open (creating, mode 0600) and find the chain's head from the last line.
-    pub fn open(path: &Path) -> Result<AuditLog, AuditError> {
+    /// Open (creating, mode 0600) and find the chain's head from the last line. A torn last
+    /// record (a write the crash interrupted before its fsync returned, so nothing acted on it)
+    /// is cut off; the returned note says so, for the log itself to record.
+    pub fn open(path: &Path) -> Result<(AuditLog, Option<String>), AuditError> {
         let io = |source| AuditError::Io {
             path: path.display().to_string(),
             source,
         };
         let mut file = open_for_append(path).map_err(io)?;
+        let repaired = cut_torn_tail(&mut file).map_err(io)?;
         let (seq, prev) = last_link(&mut file).map_err(io)?;
-        Ok(AuditLog {
+        let log = AuditLog {
             inner: Arc::new(Mutex::new(Writer {
                 path: path.to_owned(),
                 seq,
                 prev,
+                damaged: None,
             })),
-        })
+        };
+        let note = repaired.map(|bytes| {
+            format!(
+                "cut {bytes} bytes of a torn record from the end of {}",
+                path.display()
+            )
+        });
+        Ok((log, note))
     }
 
     /// Append and fsync one record. Blocking: call from a blocking context.
@@ -129,11 +144,38 @@ impl AuditLog {
             path: path.clone(),
             source,
         };
-        // Opened per record, so a log that was removed, replaced or made unwritable is noticed
-        // at once (and the dispatch refused) rather than written to an unlinked inode.
+        if let Some(why) = &writer.damaged {
+            return Err(AuditError::Corrupt {
+                path,
+                message: why.clone(),
+            });
+        }
+        // Opened per record, so a log that was replaced or made unwritable is noticed at once
+        // (and the dispatch refused) rather than written to an unlinked inode. A log that was
+        // removed is started again; `verify` then reports its first line as a broken link.
+        let created = !writer.path.exists();
         let mut file = open_for_append(&writer.path).map_err(io)?;
-        file.write_all(line.as_bytes()).map_err(io)?;
-        file.sync_data().map_err(io)?;
+        let before = file.metadata().map_err(io)?.len();
+        if let Err(error) = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data())
+        {
+            // Undo a partial record so the chain stays intact; if even that fails, stop.
+            if file
+                .set_len(before)
+                .and_then(|()| file.sync_data())
+                .is_err()
+            {
+                writer.damaged = Some(format!(
+                    "a failed write could not be undone ({error}); repair the log's last line and restart the helper"
+                ));
+            }
+            return Err(io(error));
+        }
+        if created && let Some(dir) = writer.path.parent() {
+            // The new file's directory entry must be durable too.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         writer.seq = seq;
         writer.prev = hash;
         Ok(())
@@ -160,6 +202,34 @@ fn open_for_append(path: &Path) -> std::io::Result<File> {
         .read(true)
         .mode(0o600)
         .open(path)
+}
+
+/// If the file does not end with a newline, cut it back to its last complete line. Returns how
+/// many bytes were cut.
+fn cut_torn_tail(file: &mut File) -> std::io::Result<Option<u64>> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(None);
+    }
+    let start = len.saturating_sub(256 * 1024);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.take(len - start).read_to_end(&mut tail)?;
+    if tail.last() == Some(&b'\n') {
+        return Ok(None);
+    }
+    let keep = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(at) => start + at as u64 + 1,
+        None if start == 0 => 0,
+        None => {
+            return Err(std::io::Error::other(
+                "the last 256 KiB hold no complete record; refusing to guess where the log ends",
+            ));
+        }
+    };
+    file.set_len(keep)?;
+    file.sync_all()?;
+    Ok(Some(len - keep))
 }
 
 /// Sequence number and hash of the last complete line.
@@ -262,7 +332,7 @@ mod tests {
 
     fn write_log(dir: &Path, n: usize) -> PathBuf {
         let path = dir.join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let (log, _) = AuditLog::open(&path).unwrap();
         for i in 0..n {
             log.append_blocking(&AuditEvent {
                 event: "dispatch_accepted",
@@ -293,7 +363,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 3);
         assert_eq!(verify(&path).unwrap(), 3);
-        let log = AuditLog::open(&path).unwrap();
+        let (log, repaired) = AuditLog::open(&path).unwrap();
+        assert!(repaired.is_none());
         log.append_blocking(&AuditEvent {
             event: "lost",
             outcome: "lost".into(),
@@ -305,6 +376,29 @@ mod tests {
             lines(&path)[0]
                 .contains("\"claimed_client_note\":\"claimed by the front, not verified\"")
         );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_at_open_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        let torn = b"{\"seq\":3,\"time\":\"2026";
+        file.write_all(torn).unwrap();
+        drop(file);
+        let (log, repaired) = AuditLog::open(&path).unwrap();
+        assert!(
+            repaired
+                .unwrap()
+                .starts_with("cut 25 bytes of a torn record")
+        );
+        log.append_blocking(&AuditEvent {
+            event: "helper_started",
+            outcome: "serving".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(verify(&path).unwrap(), 3);
     }
 
     #[test]

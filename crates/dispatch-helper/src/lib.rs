@@ -251,7 +251,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         create_private_dir(parent)
             .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
     }
-    let audit = audit::AuditLog::open(&settings.file.audit_log)
+    let (audit, audit_repair) = audit::AuditLog::open(&settings.file.audit_log)
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
         .map_err(|e| format!("open job store: {e}"))?;
@@ -267,6 +267,19 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("recover jobs: {e}"))?;
     for warning in warnings {
         tracing::warn!(%warning, "job store");
+    }
+    if let Some(note) = audit_repair {
+        tracing::warn!(%note, "audit log repaired");
+        helper
+            .audit
+            .append(audit::AuditEvent {
+                event: "audit_log_repaired",
+                outcome: "repaired".into(),
+                detail: Some(note),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("write the audit log: {e}"))?;
     }
     helper
         .audit
