@@ -280,7 +280,7 @@ async fn expected_failures_are_tool_errors_that_say_what_to_do() {
     );
     assert_eq!(
         error,
-        "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo, restricted-org/restricted-repo. Call dispatch_lanes to see the org-user/repo lanes you may dispatch to."
+        "unknown repo \"nope\"; known targets: alice-org/alice-repo, bob-org/bob-repo. Call dispatch_lanes to see the org-user/repo lanes you may dispatch to."
     );
     let error = tool_error(
         call(

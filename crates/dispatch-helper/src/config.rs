@@ -158,6 +158,9 @@ pub struct Settings {
     pub own_user: String,
     /// `file.sandbox` with its seccomp programs compiled.
     pub sandbox: dispatch_sandbox::Sandbox,
+    /// Per org-user: the gids of its `allowed_clients.groups`, resolved at load so that no
+    /// request waits on a group lookup.
+    pub org_client_gids: std::collections::BTreeMap<String, BTreeSet<u32>>,
 }
 
 impl Settings {
@@ -247,8 +250,16 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
             _ => warnings.push(format!("clients.groups: no such group {name:?}; ignored")),
         }
     }
+    let mut org_client_gids = std::collections::BTreeMap::new();
     for org in loaded.allowlist.orgs() {
         if let Some(clients) = &org.allowed_clients {
+            let gids = clients
+                .groups
+                .iter()
+                .filter_map(|g| Group::from_name(g.as_str()).ok().flatten())
+                .map(|g| g.gid.as_raw())
+                .collect();
+            org_client_gids.insert(org.orguser.to_string(), gids);
             for user in &clients.users {
                 if User::from_name(user.as_str()).ok().flatten().is_none() {
                     warnings.push(format!(
@@ -288,6 +299,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         unprivileged: !running_as_root,
         own_user,
         sandbox,
+        org_client_gids,
     })
 }
 

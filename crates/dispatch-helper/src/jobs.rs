@@ -13,7 +13,7 @@ use dispatch_proto::{
 use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
-use nix::unistd::{Group, Pid, User};
+use nix::unistd::{Pid, User};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -81,6 +81,8 @@ pub struct Helper {
     jobs: Mutex<HashMap<String, JobEntry>>,
     spawner: Arc<LaneSpawner>,
     running: AtomicUsize,
+    /// Set once shutdown begins: no new lane may start after its snapshot of running ones.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
@@ -122,6 +124,7 @@ impl Helper {
             jobs: Mutex::new(HashMap::new()),
             spawner: Arc::new(spawner),
             running: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -191,7 +194,7 @@ impl Helper {
             .targets()
             .filter_map(|target| {
                 let org = settings.allowlist.org(&target.orguser)?;
-                client_may_use(org, peer).then_some(())?;
+                client_may_use(&settings, org, peer).then_some(())?;
                 let unix_user = lane_unix_user(&settings, org).ok()?;
                 Some(Lane {
                     orguser: target.orguser.to_string(),
@@ -221,8 +224,41 @@ impl Helper {
             ..Default::default()
         };
         let handle = new_handle();
-        let decision = match self.decide(&settings, peer, &request, &handle) {
-            Ok(decision) => decision,
+        // Validation asks NSS (users, groups) and preparation opens paths for Landlock: both
+        // block, so neither runs on a runtime worker.
+        let work = {
+            let (settings, peer, request, handle) = (
+                settings.clone(),
+                peer.clone(),
+                request.clone(),
+                handle.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                let decision = Self::decide(&settings, &peer, &request, &handle)?;
+                let plan = LanePlan {
+                    identity: decision.identity.clone(),
+                    argv: decision.argv.clone(),
+                    work_dir: decision.work_dir.clone(),
+                    change_uid: !settings.unprivileged,
+                };
+                let prepared = settings.sandbox.prepare(plan).map_err(|error| {
+                    reply(
+                        ErrorKind::SpawnFailed,
+                        format!("sandbox preparation failed, nothing ran: {error}"),
+                    )
+                })?;
+                Ok((decision, prepared))
+            })
+            .await
+            .unwrap_or_else(|join| {
+                Err(reply(
+                    ErrorKind::Internal,
+                    format!("validation failed: {join}"),
+                ))
+            })
+        };
+        let (decision, prepared) = match work {
+            Ok(done) => done,
             Err(reason) => {
                 if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
                     tracing::error!(%audit_error, "could not audit a rejected dispatch");
@@ -235,29 +271,8 @@ impl Helper {
             github: target_github,
             task,
             unix_user,
-            identity,
-            work_dir,
+            ..
         } = decision;
-        let change_uid = !settings.unprivileged;
-        let plan = LanePlan {
-            identity,
-            argv: argv.clone(),
-            work_dir,
-            change_uid,
-        };
-        let prepared = match settings.sandbox.prepare(plan) {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                let reason = reply(
-                    ErrorKind::SpawnFailed,
-                    format!("sandbox preparation failed, nothing ran: {error}"),
-                );
-                if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
-                    tracing::error!(%audit_error, "could not audit a rejected dispatch");
-                }
-                return Err(reason);
-            }
-        };
         let enforcement = prepared.enforcement().clone();
         let mut record = JobRecord {
             owner_uid: peer.identity.uid,
@@ -297,8 +312,18 @@ impl Helper {
         };
 
         // Capacity is claimed before the audit record so a refused dispatch is never "accepted".
-        if self.running.fetch_add(1, Ordering::SeqCst) >= settings.file.limits.max_running_jobs {
+        if self.running.fetch_add(1, Ordering::SeqCst) >= settings.file.limits.max_running_jobs
+            || self.draining.load(Ordering::SeqCst)
+        {
             self.running.fetch_sub(1, Ordering::SeqCst);
+            if self.draining.load(Ordering::SeqCst) {
+                let reason = reply(
+                    ErrorKind::Busy,
+                    "the helper is shutting down; retry once it is back",
+                );
+                let _ = self.audit.append(rejected(&reason)).await;
+                return Err(reason);
+            }
             let reason = reply(
                 ErrorKind::Busy,
                 format!(
@@ -373,9 +398,9 @@ impl Helper {
         Ok(view)
     }
 
-    /// Validate and resolve a request against the helper's own settings.
+    /// Validate and resolve a request against the helper's own settings. Blocking (NSS
+    /// lookups): run it off the async runtime.
     fn decide(
-        &self,
         settings: &Settings,
         peer: &Peer,
         request: &DispatchRequest,
@@ -393,21 +418,13 @@ impl Helper {
                 "invalid description: at most 512 characters, no NUL",
             ));
         }
+        // Orgs this client may not use are unknown to it, exactly as dispatch_lanes shows them.
         let (org, target) = settings
             .allowlist
-            .resolve(&request.orguser, &request.repo)
+            .resolve_visible(&request.orguser, &request.repo, |org| {
+                client_may_use(settings, org, peer)
+            })
             .map_err(|e| policy_reply(&e))?;
-        if !client_may_use(org, peer) {
-            return Err(reply(
-                ErrorKind::NotPermitted,
-                format!(
-                    "client uid {} ({}) is not among the allowed clients of orguser {}",
-                    peer.identity.uid,
-                    peer.user_name.as_deref().unwrap_or("no passwd entry"),
-                    org.orguser
-                ),
-            ));
-        }
         let unix_user =
             lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
         let identity = if settings.unprivileged {
@@ -773,9 +790,23 @@ impl Helper {
         Ok(handle.to_owned())
     }
 
+    fn registered_running(&self) -> usize {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.values().filter(|e| e.stop.is_some()).count()
+    }
+
     /// Stop every running lane (SIGTERM, then SIGKILL after the grace period) and wait for
     /// their records to be written.
     pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        // A dispatch that claimed capacity just before the flag was set registers its job right
+        // after spawning; give it a moment to appear in the snapshot below.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.running.load(Ordering::SeqCst) > self.registered_running()
+            && tokio::time::Instant::now() < settle
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let receivers: Vec<_> = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             jobs.values()
@@ -861,7 +892,7 @@ fn compile_filter(pattern: &str) -> Result<globset::GlobSet, ErrorReply> {
 }
 
 /// Whether `peer` is among the org's allowed clients (no list: every admitted client is).
-fn client_may_use(org: &OrgPolicy, peer: &Peer) -> bool {
+fn client_may_use(settings: &Settings, org: &OrgPolicy, peer: &Peer) -> bool {
     let Some(clients) = &org.allowed_clients else {
         return true;
     };
@@ -869,12 +900,11 @@ fn client_may_use(org: &OrgPolicy, peer: &Peer) -> bool {
         .user_name
         .as_deref()
         .is_some_and(|name| clients.users.iter().any(|u| u.as_str() == name));
-    let by_group = clients.groups.iter().any(|group| {
-        Group::from_name(group.as_str())
-            .ok()
-            .flatten()
-            .is_some_and(|g| peer.groups.contains(&g.gid.as_raw()))
-    });
+    // Group names were resolved to gids when the configuration was loaded.
+    let by_group = settings
+        .org_client_gids
+        .get(org.orguser.as_str())
+        .is_some_and(|gids| peer.groups.iter().any(|g| gids.contains(g)));
     by_user || by_group
 }
 

@@ -29,15 +29,23 @@ pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
             }
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            let peer = peer_of(&stream);
+            // Refused at once; who it was is looked up and audited off the accept path.
+            let cred = stream.peer_cred().ok();
             drop(stream);
-            audit_violation(
-                &helper,
-                peer.as_ref(),
-                "connection_refused",
-                "the helper's connection limit was reached",
-            )
-            .await;
+            let helper = helper.clone();
+            tokio::spawn(async move {
+                let peer = match cred {
+                    Some(cred) => resolve_peer(cred).await,
+                    None => None,
+                };
+                audit_violation(
+                    &helper,
+                    peer.as_ref(),
+                    "connection_refused",
+                    "the helper's connection limit was reached",
+                )
+                .await;
+            });
             continue;
         };
         let helper = helper.clone();
@@ -48,9 +56,12 @@ pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
     }
 }
 
-fn peer_of(stream: &UnixStream) -> Option<Peer> {
-    let cred = stream.peer_cred().ok()?;
-    Some(Peer::from_cred(cred.uid(), cred.gid(), cred.pid()))
+/// The kernel's view of the peer, plus its account's name and groups (an NSS lookup, so off
+/// the runtime's workers).
+async fn resolve_peer(cred: tokio::net::unix::UCred) -> Option<Peer> {
+    tokio::task::spawn_blocking(move || Peer::from_cred(cred.uid(), cred.gid(), cred.pid()))
+        .await
+        .ok()
 }
 
 fn admitted(helper: &Helper, peer: &Peer) -> bool {
@@ -77,9 +88,14 @@ async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static s
         detail: Some(detail.to_owned()),
         ..Default::default()
     };
-    if let Err(error) = helper.audit.append(record).await {
-        tracing::error!(%error, "could not audit a protocol violation");
-    }
+    // Written in the background: the connection (and its slot under the connection limit) is
+    // released now, so a flood of misbehaving connections cannot hold slots while fsyncs queue.
+    let audit = helper.audit.clone();
+    tokio::spawn(async move {
+        if let Err(error) = audit.append(record).await {
+            tracing::error!(%error, "could not audit a protocol violation");
+        }
+    });
 }
 
 fn protocol_error(message: impl Into<String>) -> Response {
@@ -98,7 +114,11 @@ fn describe(error: &CodecError) -> String {
 }
 
 async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
-    let Some(mut peer) = peer_of(&stream) else {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => resolve_peer(cred).await,
+        Err(_) => None,
+    };
+    let Some(mut peer) = peer else {
         audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable").await;
         return;
     };

@@ -144,18 +144,40 @@ impl Allowlist {
     /// Validate a caller's `(orguser, repo)` pair and resolve it to its lane. The checks and
     /// their order follow the Python server: names, unknown org-user, unknown repo, owner.
     pub fn resolve(&self, orguser: &str, repo: &str) -> Result<(&OrgPolicy, &Target), PolicyError> {
+        self.resolve_visible(orguser, repo, |_| true)
+    }
+
+    /// `resolve` for a caller who may only see some orgs: an org it may not use, and that
+    /// org's repos, are "unknown" to it, and the lists in the errors name only what it may use.
+    pub fn resolve_visible(
+        &self,
+        orguser: &str,
+        repo: &str,
+        visible: impl Fn(&OrgPolicy) -> bool,
+    ) -> Result<(&OrgPolicy, &Target), PolicyError> {
         let orguser_name = OrgUser::parse(orguser)?;
         let repo_name = RepoName::parse(repo)?;
-        let Some(org) = self.orgs.get(&orguser_name) else {
+        let seen = |org: &OrgUser| self.orgs.get(org).is_some_and(&visible);
+        let Some(org) = self.orgs.get(&orguser_name).filter(|org| visible(org)) else {
             return Err(PolicyError::UnknownOrgUser {
                 orguser: escape_value(orguser),
-                known: self.known_orgs(),
+                known: list_or_none(
+                    self.orgs
+                        .keys()
+                        .filter(|o| seen(o))
+                        .map(ToString::to_string),
+                ),
             });
         };
-        let Some(target) = self.targets.get(&repo_name) else {
+        let Some(target) = self.targets.get(&repo_name).filter(|t| seen(&t.orguser)) else {
             return Err(PolicyError::UnknownRepo {
                 repo: escape_value(repo),
-                known: self.known_targets(),
+                known: list_or_none(
+                    self.targets
+                        .values()
+                        .filter(|t| seen(&t.orguser))
+                        .map(|t| format!("{}/{}", t.orguser, t.repo)),
+                ),
             });
         };
         if target.orguser != orguser_name {
@@ -175,10 +197,6 @@ impl Allowlist {
                 .values()
                 .map(|t| format!("{}/{}", t.orguser, t.repo)),
         )
-    }
-
-    fn known_orgs(&self) -> String {
-        list_or_none(self.orgs.keys().map(ToString::to_string))
     }
 }
 
@@ -385,6 +403,27 @@ mod tests {
         assert_eq!(
             err,
             "unknown repo \"nope\"; known targets: globex/gadgets, acme/widgets"
+        );
+    }
+
+    #[test]
+    fn orgs_a_caller_may_not_use_are_unknown_to_it() {
+        let allowlist = fixture().allowlist;
+        let only_acme = |org: &OrgPolicy| org.orguser.as_str() == "acme";
+        let err = allowlist
+            .resolve_visible("globex", "gadgets", only_acme)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "unknown orguser \"globex\"; known org-users: acme");
+        let err = allowlist
+            .resolve_visible("acme", "gadgets", only_acme)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "unknown repo \"gadgets\"; known targets: acme/widgets");
+        assert!(
+            allowlist
+                .resolve_visible("acme", "widgets", only_acme)
+                .is_ok()
         );
     }
 
