@@ -784,3 +784,43 @@ async fn hostile_list_filters_are_refused_and_the_helper_keeps_serving() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_dispatch_program_others_can_change_is_refused_at_load() {
+    if !is_root() {
+        return skip(
+            "program strict modes",
+            "strict modes apply only when the helper runs as root",
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = dir.path().join("dispatch-program");
+    std::fs::copy(probe_bin(), &program).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let allowlist = dir.path().join("repos.json");
+    std::fs::write(&allowlist, ALLOWLIST).unwrap();
+    let config = dir.path().join("helper.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist = {allowlist:?}\nargv = [{program:?}, \"{{task}}\"]\nstate_dir = '/tmp/x'\naudit_log = '/tmp/x/a'\nsocket = '/tmp/x/s'\n"
+        ),
+    )
+    .unwrap();
+    for file in [&allowlist, &config] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let output = Command::new(helper_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("dispatch-program is writable by group or others (mode 0777)"),
+        "{stderr}"
+    );
+}

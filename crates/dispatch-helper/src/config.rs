@@ -220,6 +220,10 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         Allowlist::load(&file.allowlist).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let template = ArgvTemplate::parse(&file.argv, Some(file.search_path.as_ref()))
         .map_err(|e| ConfigError::Invalid(format!("config {}: {e}", path.display())))?;
+    if running_as_root {
+        // The program runs as every org-user: nobody but root may be able to change it.
+        check_strict_modes(template.program())?;
+    }
     let mut warnings = loaded.warnings;
     let sandbox = dispatch_sandbox::Sandbox::new(file.sandbox.clone())
         .map_err(|e| ConfigError::Invalid(format!("config {}: sandbox: {e}", path.display())))?;
@@ -353,12 +357,16 @@ pub fn validate_host(host: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Like sshd's StrictModes: a file the helper trusts must be owned by root and writable by no
-/// one else, and so must every directory above it (a sticky, root-owned directory such as
+/// Like sshd's StrictModes: a file the helper trusts (its config, the allowlist, the dispatch
+/// program) must be owned by root and writable by no one else, and so must every directory above
+/// it (a sticky, root-owned directory such as
 /// /tmp is acceptable: others cannot replace what root put there).
 pub fn check_strict_modes(path: &Path) -> Result<(), ConfigError> {
-    let absolute = std::path::absolute(path)
-        .map_err(|e| ConfigError::Unsafe(format!("{}: {e}", path.display())))?;
+    // Check the file that will actually be read: every symlink resolved.
+    let absolute = std::fs::canonicalize(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     let meta = std::fs::metadata(&absolute).map_err(|source| ConfigError::Read {
         path: absolute.display().to_string(),
         source,
@@ -461,6 +469,25 @@ mod tests {
         };
         let err = apply_env(&mut file, &bad).unwrap_err().to_string();
         assert!(err.contains("DISPATCH_TIMEOUT=\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn strict_modes_follow_symlinks_to_the_real_file() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: strict modes are only enforced as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.toml");
+        std::fs::write(&real, "").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = check_strict_modes(&link).unwrap_err().to_string();
+        assert!(
+            err.contains("real.toml is writable by group or others"),
+            "{err}"
+        );
     }
 
     #[test]
