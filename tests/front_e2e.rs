@@ -219,6 +219,8 @@ async fn every_tool_works_and_describes_itself() {
     assert_eq!(list["count"], 1);
     assert_eq!(list["dispatches"][0]["handle"], handle.as_str());
     assert!(list["dispatches"][0]["argv"].is_array());
+    let limited = ok(call(&client, "dispatch_list", json!({"limit": "1"})).await);
+    assert_eq!(limited["count"], 1);
     let none = ok(call(&client, "dispatch_list", json!({"filter": "deploy*"})).await);
     assert_eq!(none["count"], 0);
 

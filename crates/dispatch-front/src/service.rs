@@ -49,6 +49,9 @@ pub struct ListArgs {
     /// Include the argv of each dispatch.
     #[serde(default, deserialize_with = "lenient::boolean")]
     pub detail: Option<bool>,
+    /// At most this many dispatches, newest first (default and cap: the helper's `max_list`).
+    #[serde(default, deserialize_with = "lenient::number")]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -332,7 +335,7 @@ impl DispatchService {
             .call(Request::List {
                 filter: args.filter,
                 detail: args.detail.unwrap_or(false),
-                limit: 0,
+                limit: args.limit.unwrap_or(0),
             })
             .await?
         {

@@ -190,15 +190,29 @@ impl Sandbox {
     /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.
     pub fn prepare(&self, plan: LanePlan) -> Result<PreparedLane, SandboxError> {
         let policy = &self.policy;
-        let meta = std::fs::metadata(&plan.work_dir).map_err(|e| SandboxError::WorkDir {
+        // The work dir gets read-write Landlock rights opened by the helper: it must be the lane
+        // user's own real directory, not a symlink someone pointed elsewhere.
+        let work_dir_error = |reason: String| SandboxError::WorkDir {
             path: plan.work_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let meta =
+            std::fs::symlink_metadata(&plan.work_dir).map_err(|e| work_dir_error(e.to_string()))?;
+        if meta.file_type().is_symlink() {
+            return Err(work_dir_error(
+                "is a symbolic link; it must be a real directory".into(),
+            ));
+        }
         if !meta.is_dir() {
-            return Err(SandboxError::WorkDir {
-                path: plan.work_dir.display().to_string(),
-                reason: "not a directory".into(),
-            });
+            return Err(work_dir_error("not a directory".into()));
+        }
+        if std::os::unix::fs::MetadataExt::uid(&meta) != plan.identity.uid {
+            return Err(work_dir_error(format!(
+                "is owned by uid {}, not by the lane user {} (uid {})",
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                plan.identity.name,
+                plan.identity.uid
+            )));
         }
         let env = build_env(&plan, policy)?;
         let landlock = landlock_rules::build(&plan, policy)?;

@@ -117,13 +117,50 @@ fn work_dir_must_exist() {
 }
 
 #[test]
+fn work_dir_must_be_the_lane_users_own_real_directory() {
+    if !ensure_user(USER) {
+        return;
+    }
+    let identity = resolve_identity(USER).unwrap();
+    let root_owned = tempfile::tempdir().unwrap();
+    let plan = |work_dir: &std::path::Path| LanePlan {
+        identity: identity.clone(),
+        argv: vec!["/bin/true".into()],
+        work_dir: work_dir.to_owned(),
+        change_uid: true,
+    };
+    let err = prepare(plan(root_owned.path()), &SandboxPolicy::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("is owned by uid 0, not by the lane user"),
+        "{err}"
+    );
+    let link = root_owned.path().join("link");
+    std::os::unix::fs::symlink("/tmp", &link).unwrap();
+    let err = prepare(plan(&link), &SandboxPolicy::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("is a symbolic link"), "{err}");
+}
+
+#[test]
 fn missing_landlock_path_is_an_error_not_a_skip() {
     if !ensure_user(USER) {
         return;
     }
     let work = tempfile::tempdir().unwrap();
+    let identity = resolve_identity(USER).unwrap();
+    nix::unistd::chown(
+        work.path(),
+        Some(identity.uid.into()),
+        Some(identity.gid.into()),
+    )
+    .unwrap();
     let plan = LanePlan {
-        identity: resolve_identity(USER).unwrap(),
+        identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
         change_uid: true,
