@@ -107,18 +107,7 @@ async fn every_tool_works_and_describes_itself() {
     let tools = client.list_all_tools().await.unwrap();
     let mut names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "dispatch_cancel",
-            "dispatch_delete",
-            "dispatch_lanes",
-            "dispatch_list",
-            "dispatch_result",
-            "dispatch_status",
-            "dispatch_unit"
-        ]
-    );
+    assert_eq!(names, TOOLS);
     for tool in &tools {
         assert!(
             tool.output_schema.is_some(),

@@ -10,16 +10,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use support::*;
 
-const TOOLS: [&str; 7] = [
-    "dispatch_cancel",
-    "dispatch_delete",
-    "dispatch_lanes",
-    "dispatch_list",
-    "dispatch_result",
-    "dispatch_status",
-    "dispatch_unit",
-];
-
 fn tool(env: &str, default: &str) -> Option<PathBuf> {
     let path = std::env::var_os(env)
         .map(PathBuf::from)

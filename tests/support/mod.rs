@@ -9,6 +9,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The seven tools, sorted.
+pub const TOOLS: [&str; 7] = [
+    "dispatch_cancel",
+    "dispatch_delete",
+    "dispatch_lanes",
+    "dispatch_list",
+    "dispatch_result",
+    "dispatch_status",
+    "dispatch_unit",
+];
+
 pub const ALICE: &str = "dispatch-t-alice";
 pub const BOB: &str = "dispatch-t-bob";
 pub const MALLORY: &str = "dispatch-t-mallory";
@@ -338,6 +349,19 @@ impl Client {
         {
             Response::Job(job) => *job,
             other => panic!("result failed: {other:?}"),
+        }
+    }
+
+    /// How many of this client's jobs match `filter`.
+    pub async fn total(&mut self, filter: Option<&str>) -> u64 {
+        let list = Request::List {
+            filter: filter.map(str::to_owned),
+            detail: false,
+            limit: 0,
+        };
+        match self.request(list).await {
+            Response::List { total, .. } => total,
+            other => panic!("list failed: {other:?}"),
         }
     }
 
