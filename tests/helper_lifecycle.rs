@@ -383,6 +383,12 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
         return;
     };
     let mut client = helper.client().await;
+    // The readiness probe's connection is audited in the background; let that land first.
+    wait_until(
+        "the readiness probe's record",
+        Duration::from_secs(5),
+        || !helper.audited("protocol_violation").is_empty(),
+    );
     // Root ignores file modes, so make the path impossible to append to: a directory.
     std::fs::rename(&helper.audit, helper.audit.with_extension("moved")).unwrap();
     std::fs::create_dir(&helper.audit).unwrap();
@@ -812,5 +818,89 @@ fn a_dispatch_program_others_can_change_is_refused_at_load() {
     assert!(
         stderr.contains("dispatch-program is writable by group or others (mode 0777)"),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs_per_client = 1\nmax_connections_per_client = 2\nmax_finished_jobs_per_client = 2\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("per-client limits", options) else {
+        return;
+    };
+    // Running lanes.
+    let mut client = helper.client().await;
+    let first = client
+        .dispatch_ok("alice-org", "alice-repo", "sleep:30")
+        .await;
+    let error = client
+        .error(Request::Dispatch(DispatchRequest {
+            orguser: "alice-org".into(),
+            repo: "alice-repo".into(),
+            task: "sleep:30".into(),
+            description: None,
+        }))
+        .await;
+    assert_eq!(error.kind, ErrorKind::Busy);
+    assert!(
+        error
+            .message
+            .contains("already has 1 running dispatches (the per-client limit)"),
+        "{}",
+        error.message
+    );
+    client
+        .request(Request::Cancel {
+            handle: first.handle.clone(),
+        })
+        .await;
+
+    // Connections: this client already holds one; a second is fine, a third is refused.
+    let _second = helper.client().await;
+    let mut third = tokio::net::UnixStream::connect(&helper.socket)
+        .await
+        .unwrap();
+    let hello = RequestEnvelope {
+        id: 1,
+        body: Request::Hello {
+            version: PROTOCOL_VERSION,
+            client_name: None,
+        },
+    };
+    let _ = write_frame(&mut third, &hello, FrameLimit::REQUEST).await;
+    let reply = read_frame::<ResponseEnvelope, _>(&mut third, FrameLimit::RESPONSE).await;
+    assert!(
+        matches!(reply, Ok(None) | Err(_)),
+        "a third connection was served: {reply:?}"
+    );
+    wait_until("the refusal to be audited", Duration::from_secs(5), || {
+        helper.audited("connection_refused").iter().any(|r| {
+            r["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("per-client limit")
+        })
+    });
+
+    // Retention: the oldest finished records beyond two are pruned, and that is audited.
+    for task in ["exit:0", "exit:1", "exit:2"] {
+        let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
+        client.result(&job.handle, 20_000).await;
+    }
+    wait_until("pruning", Duration::from_secs(5), || {
+        helper.audited("pruned").len() >= 2
+    });
+    assert_eq!(client.total(None).await, 2);
+    let error = client
+        .error(Request::Status {
+            handle: first.handle.clone(),
+        })
+        .await;
+    assert_eq!(
+        error.kind,
+        ErrorKind::UnknownHandle,
+        "the oldest record was pruned"
     );
 }

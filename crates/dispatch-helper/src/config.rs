@@ -79,6 +79,11 @@ pub struct LimitsConfig {
     pub max_in_flight_per_connection: usize,
     pub idle_timeout_seconds: u64,
     pub max_running_jobs: usize,
+    /// Per client uid, so one client cannot take every slot.
+    pub max_running_jobs_per_client: usize,
+    pub max_connections_per_client: usize,
+    /// Older finished records of a client are pruned beyond this many (audited).
+    pub max_finished_jobs_per_client: usize,
     pub output_tail_bytes: usize,
     pub max_result_wait_seconds: u64,
     pub max_list: u32,
@@ -91,6 +96,9 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: 8,
             idle_timeout_seconds: 300,
             max_running_jobs: 32,
+            max_running_jobs_per_client: 8,
+            max_connections_per_client: 16,
+            max_finished_jobs_per_client: 1000,
             output_tail_bytes: 16 * 1024,
             max_result_wait_seconds: 600,
             max_list: 500,

@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{Pid, User};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -67,6 +67,30 @@ struct Decision {
     work_dir: std::path::PathBuf,
 }
 
+#[derive(Default)]
+struct Capacity {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// One open connection of a client; frees its place when dropped.
+pub struct ConnectionSlot {
+    connections: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mine) = open.get_mut(&self.uid) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
 struct JobEntry {
     /// Terminal records drop their output tails here; `result` reads them from disk.
     record: JobRecord,
@@ -80,7 +104,10 @@ pub struct Helper {
     store: JobStore,
     jobs: Mutex<HashMap<String, JobEntry>>,
     spawner: Arc<LaneSpawner>,
-    running: AtomicUsize,
+    /// Running lanes, in all and per client uid.
+    capacity: Mutex<Capacity>,
+    /// Open connections per client uid.
+    connections: Arc<Mutex<HashMap<u32, usize>>>,
     /// Set once shutdown begins: no new lane may start after its snapshot of running ones.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -123,7 +150,8 @@ impl Helper {
             store,
             jobs: Mutex::new(HashMap::new()),
             spawner: Arc::new(spawner),
-            running: AtomicUsize::new(0),
+            capacity: Mutex::new(Capacity::default()),
+            connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -312,25 +340,13 @@ impl Helper {
         };
 
         // Capacity is claimed before the audit record so a refused dispatch is never "accepted".
-        if self.running.fetch_add(1, Ordering::SeqCst) >= settings.file.limits.max_running_jobs
-            || self.draining.load(Ordering::SeqCst)
-        {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            if self.draining.load(Ordering::SeqCst) {
-                let reason = reply(
-                    ErrorKind::Busy,
-                    "the helper is shutting down; retry once it is back",
-                );
-                let _ = self.audit.append(rejected(&reason)).await;
-                return Err(reason);
-            }
-            let reason = reply(
-                ErrorKind::Busy,
-                format!(
-                    "{} lanes are already running (the limit); try again later",
-                    settings.file.limits.max_running_jobs
-                ),
-            );
+        let claimed = if self.draining.load(Ordering::SeqCst) {
+            Err("the helper is shutting down; retry once it is back".to_owned())
+        } else {
+            self.claim(peer.identity.uid, &settings.file.limits)
+        };
+        if let Err(why) = claimed {
+            let reason = reply(ErrorKind::Busy, why);
             let _ = self.audit.append(rejected(&reason)).await;
             return Err(reason);
         }
@@ -355,7 +371,7 @@ impl Helper {
             )),
         };
         if let Err(error) = self.audit.append(accepted).await {
-            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.release(peer.identity.uid);
             tracing::error!(%error, "audit write failed; dispatch refused");
             return Err(reply(
                 ErrorKind::AuditUnavailable,
@@ -370,7 +386,7 @@ impl Helper {
         let lane = match spawned {
             Ok(lane) => lane,
             Err(error) => {
-                self.running.fetch_sub(1, Ordering::SeqCst);
+                self.release(peer.identity.uid);
                 record.job.state = JobState::Failed;
                 record.job.finished_at = Some(now_rfc3339());
                 record.job.detail = format!("the lane did not start: {error}");
@@ -393,7 +409,12 @@ impl Helper {
         let view = record.view(Detail::Summary);
         self.insert(record, Some(stop_tx));
         let helper = self.clone();
-        tokio::spawn(async move { helper.supervise(handle.to_string(), lane, stop_rx).await });
+        let owner_uid = peer.identity.uid;
+        tokio::spawn(async move {
+            helper
+                .supervise(handle.to_string(), owner_uid, lane, stop_rx)
+                .await
+        });
         tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
         Ok(view)
     }
@@ -478,6 +499,7 @@ impl Helper {
     async fn supervise(
         self: Arc<Self>,
         handle: String,
+        owner_uid: u32,
         mut lane: SpawnedLane,
         mut stop: mpsc::UnboundedReceiver<StopReason>,
     ) {
@@ -534,7 +556,7 @@ impl Helper {
         let _ = killpg(pgid, Signal::SIGKILL);
         let status = tokio::task::spawn_blocking(move || child.wait()).await;
         // The lane's capacity is free as soon as its processes are gone.
-        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.release(owner_uid);
         let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
             let mut task = task?;
             // A daemonised grandchild can hold the pipe open forever: bounded wait.
@@ -594,14 +616,17 @@ impl Helper {
             _ => "finished",
         };
         self.persist_and_audit_finish(&record, event).await;
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = jobs.get_mut(&handle) {
-            record.job.stdout = None;
-            record.job.stderr = None;
-            entry.record = record;
-            entry.stop = None;
-            let _ = entry.finished.send(true);
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = jobs.get_mut(&handle) {
+                record.job.stdout = None;
+                record.job.stderr = None;
+                entry.record = record;
+                entry.stop = None;
+                let _ = entry.finished.send(true);
+            }
         }
+        self.prune_finished(owner_uid).await;
     }
 
     async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
@@ -790,6 +815,98 @@ impl Helper {
         Ok(handle.to_owned())
     }
 
+    fn claim(&self, uid: u32, limits: &crate::config::LimitsConfig) -> Result<(), String> {
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        if capacity.total >= limits.max_running_jobs {
+            return Err(format!(
+                "{} lanes are already running (the limit); try again later",
+                limits.max_running_jobs
+            ));
+        }
+        let mine = capacity.by_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.max_running_jobs_per_client {
+            return Err(format!(
+                "this client already has {mine} running dispatches (the per-client limit); \
+                 wait for one to finish or cancel one"
+            ));
+        }
+        capacity.total += 1;
+        *capacity.by_uid.entry(uid).or_default() += 1;
+        Ok(())
+    }
+
+    fn release(&self, uid: u32) {
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        capacity.total = capacity.total.saturating_sub(1);
+        if let Some(mine) = capacity.by_uid.get_mut(&uid) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                capacity.by_uid.remove(&uid);
+            }
+        }
+    }
+
+    /// A connection slot for `uid`, or None if it already holds `max` connections.
+    pub fn connection_slot(&self, uid: u32, max: usize) -> Option<ConnectionSlot> {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = open.entry(uid).or_default();
+        if *mine >= max {
+            return None;
+        }
+        *mine += 1;
+        Some(ConnectionSlot {
+            connections: self.connections.clone(),
+            uid,
+        })
+    }
+
+    /// Keep at most `max_finished_jobs_per_client` finished records per client: the oldest go,
+    /// and each removal is audited.
+    async fn prune_finished(&self, owner_uid: u32) {
+        let keep = self.settings().file.limits.max_finished_jobs_per_client;
+        let doomed: Vec<String> = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut finished: Vec<&JobRecord> = jobs
+                .values()
+                .filter(|e| e.stop.is_none() && e.record.owner_uid == owner_uid)
+                .map(|e| &e.record)
+                .filter(|r| r.job.state.is_terminal())
+                .collect();
+            if finished.len() <= keep {
+                return;
+            }
+            finished.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
+            let excess = finished.len() - keep;
+            finished
+                .into_iter()
+                .take(excess)
+                .map(|r| r.job.handle.clone())
+                .collect()
+        };
+        for handle in doomed {
+            if let Err(error) = self.store.remove_async(&handle).await {
+                tracing::error!(%error, %handle, "could not prune a finished job");
+                continue;
+            }
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&handle);
+            let _ = self
+                .audit
+                .append(AuditEvent {
+                    event: "pruned",
+                    handle: Some(handle),
+                    outcome: "deleted".into(),
+                    detail: Some(format!(
+                        "more than {keep} finished dispatches were kept for uid {owner_uid}"
+                    )),
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+
     fn registered_running(&self) -> usize {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.values().filter(|e| e.stop.is_some()).count()
@@ -802,7 +919,12 @@ impl Helper {
         // A dispatch that claimed capacity just before the flag was set registers its job right
         // after spawning; give it a moment to appear in the snapshot below.
         let settle = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.running.load(Ordering::SeqCst) > self.registered_running()
+        while self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+            > self.registered_running()
             && tokio::time::Instant::now() < settle
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

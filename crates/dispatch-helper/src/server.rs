@@ -132,6 +132,16 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
         return;
     }
     let limits = helper.settings().file.limits.clone();
+    // Held for the connection's lifetime: one client cannot take every connection.
+    let Some(_slot) = helper.connection_slot(peer.identity.uid, limits.max_connections_per_client)
+    else {
+        let detail = format!(
+            "uid {} already holds {} connections (the per-client limit)",
+            peer.identity.uid, limits.max_connections_per_client
+        );
+        audit_violation(&helper, Some(&peer), "connection_refused", &detail).await;
+        return;
+    };
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
     let (mut reader, mut writer) = stream.into_split();
 
