@@ -160,7 +160,7 @@ fn child_sequence(plan: &mut ChildPlan) -> io::Result<()> {
         }
         let mut default: libc::sigaction = std::mem::zeroed();
         default.sa_sigaction = libc::SIG_DFL;
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                 libc::sigaction(signal, &default, std::ptr::null_mut());
             }
