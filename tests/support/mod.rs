@@ -43,7 +43,13 @@ pub fn is_root() -> bool {
 
 /// Say loudly that a test cannot run here, and why.
 pub fn skip(test: &str, why: &str) {
-    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
+    // Straight to the process's stderr: the test harness captures eprintln! of passing tests,
+    // and a skip must never pass silently.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED {test}: {why} ***\n"
+    );
 }
 
 static USERS: Mutex<()> = Mutex::new(());

@@ -10,7 +10,12 @@ const USER: &str = "dispatch-t-alice";
 
 fn ensure_user(name: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: not root; the uid drop cannot be exercised");
+        // Not eprintln!: the harness would swallow it for a passing test.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "*** SKIPPED: not root; the uid drop cannot be exercised ***"
+        );
         return false;
     }
     if nix::unistd::User::from_name(name).unwrap().is_none() {
