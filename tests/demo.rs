@@ -42,6 +42,8 @@ fn check_demo(output: std::process::Output, who: &str) {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    // The demo keeps its directory for the user to inspect; a test run need not.
+    let _ = std::fs::remove_dir_all(std::path::Path::new(audit).parent().unwrap());
 }
 
 #[test]
