@@ -904,3 +904,37 @@ async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
         "the oldest record was pruned"
     );
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_allowlist() {
+    let Some(helper) = start_helper("reload ok", HelperOptions::default()) else {
+        return;
+    };
+    let allowlist = helper.dir.path().join("repos.json");
+    let grown = ALLOWLIST.replace(
+        r#""bob-repo": {"org": "bob-org", "github": "bob/bob-repo"},"#,
+        r#""bob-repo": {"org": "bob-org", "github": "bob/bob-repo"}, "bob-second": {"org": "bob-org", "github": "bob/second"},"#,
+    );
+    assert_ne!(grown, ALLOWLIST);
+    std::fs::write(&allowlist, grown).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until("the reload to be audited", Duration::from_secs(5), || {
+        !helper.audited("config_reloaded").is_empty()
+    });
+    let mut client = helper.client().await;
+    match client.request(Request::Lanes).await {
+        Response::Lanes { lanes } => {
+            assert!(lanes.iter().any(|l| l.repo == "bob-second"), "{lanes:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let job = client.dispatch_ok("bob-org", "bob-second", "exit:0").await;
+    assert_eq!(
+        client.result(&job.handle, 20_000).await.state,
+        JobState::Succeeded
+    );
+}
