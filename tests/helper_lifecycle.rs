@@ -23,6 +23,22 @@ fn processes_with(marker: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `dispatch-helper check` must refuse `config`, saying `expected`.
+fn check_refuses(config: &std::path::Path, expected: &str) {
+    let output = Command::new(helper_bin())
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "check accepted {}",
+        config.display()
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
@@ -543,16 +559,9 @@ fn a_group_writable_config_is_refused_at_start_naming_file_and_mode() {
     std::fs::write(&config, "allowlist = '/nonexistent'\nstate_dir = '/tmp/x'\naudit_log = '/tmp/x/a'\nsocket = '/tmp/x/s'\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o664)).unwrap();
-    let output = Command::new(helper_bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("helper.toml is writable by group or others (mode 0664)"),
-        "{stderr}"
+    check_refuses(
+        &config,
+        "helper.toml is writable by group or others (mode 0664)",
     );
 }
 
@@ -808,16 +817,9 @@ fn a_dispatch_program_others_can_change_is_refused_at_load() {
     for file in [&allowlist, &config] {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let output = Command::new(helper_bin())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("dispatch-program is writable by group or others (mode 0777)"),
-        "{stderr}"
+    check_refuses(
+        &config,
+        "dispatch-program is writable by group or others (mode 0777)",
     );
 }
 

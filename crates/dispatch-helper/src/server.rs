@@ -43,8 +43,7 @@ pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
                     peer.as_ref(),
                     "connection_refused",
                     "the helper's connection limit was reached",
-                )
-                .await;
+                );
             });
             continue;
         };
@@ -73,7 +72,7 @@ fn admitted(helper: &Helper, peer: &Peer) -> bool {
             .any(|g| settings.admitted_gids.contains(g))
 }
 
-async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
+fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
     tracing::warn!(
         event,
         detail,
@@ -98,6 +97,23 @@ async fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static s
     });
 }
 
+/// Answer a bad handshake with a protocol error (best effort), then audit it; the caller closes.
+async fn refuse_handshake(
+    helper: &Helper,
+    peer: &Peer,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    id: u64,
+    message: &str,
+    detail: &str,
+) {
+    let refusal = ResponseEnvelope {
+        id,
+        body: protocol_error(message),
+    };
+    let _ = write_frame(writer, &refusal, FrameLimit::RESPONSE).await;
+    audit_violation(helper, Some(peer), "protocol_violation", detail);
+}
+
 fn protocol_error(message: impl Into<String>) -> Response {
     Response::Error(ErrorReply {
         kind: ErrorKind::Protocol,
@@ -119,7 +135,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
         Err(_) => None,
     };
     let Some(mut peer) = peer else {
-        audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable").await;
+        audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable");
         return;
     };
     if !admitted(&helper, &peer) {
@@ -128,7 +144,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
             peer.identity.uid,
             peer.user_name.as_deref().unwrap_or("no passwd entry")
         );
-        audit_violation(&helper, Some(&peer), "client_refused", &detail).await;
+        audit_violation(&helper, Some(&peer), "client_refused", &detail);
         return;
     }
     let limits = helper.settings().file.limits.clone();
@@ -139,7 +155,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
             "uid {} already holds {} connections (the per-client limit)",
             peer.identity.uid, limits.max_connections_per_client
         );
-        audit_violation(&helper, Some(&peer), "connection_refused", &detail).await;
+        audit_violation(&helper, Some(&peer), "connection_refused", &detail);
         return;
     };
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
@@ -158,8 +174,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
                 Some(&peer),
                 "idle_timeout",
                 "no handshake before the idle timeout",
-            )
-            .await;
+            );
         }
         Ok(Ok(None)) => {
             return audit_violation(
@@ -167,26 +182,12 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
                 Some(&peer),
                 "protocol_violation",
                 "closed before the handshake",
-            )
-            .await;
+            );
         }
         Ok(Err(error)) => {
-            let _ = write_frame(
-                &mut writer,
-                &ResponseEnvelope {
-                    id: 0,
-                    body: protocol_error(describe(&error)),
-                },
-                FrameLimit::RESPONSE,
-            )
-            .await;
-            return audit_violation(
-                &helper,
-                Some(&peer),
-                "protocol_violation",
-                &format!("bad handshake frame: {}", describe(&error)),
-            )
-            .await;
+            let detail = format!("bad handshake frame: {}", describe(&error));
+            return refuse_handshake(&helper, &peer, &mut writer, 0, &describe(&error), &detail)
+                .await;
         }
         Ok(Ok(Some(RequestEnvelope {
             id,
@@ -203,37 +204,14 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
                     ours: PROTOCOL_VERSION,
                 }
                 .to_string();
-                let _ = write_frame(
-                    &mut writer,
-                    &ResponseEnvelope {
-                        id,
-                        body: protocol_error(message.clone()),
-                    },
-                    FrameLimit::RESPONSE,
-                )
-                .await;
-                return audit_violation(&helper, Some(&peer), "protocol_violation", &message).await;
+                return refuse_handshake(&helper, &peer, &mut writer, id, &message, &message).await;
             }
             id
         }
         Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
             let message = "the first request on a connection must be Hello (the handshake)";
-            let _ = write_frame(
-                &mut writer,
-                &ResponseEnvelope {
-                    id,
-                    body: protocol_error(message),
-                },
-                FrameLimit::RESPONSE,
-            )
-            .await;
-            return audit_violation(
-                &helper,
-                Some(&peer),
-                "protocol_violation",
-                "request before the handshake",
-            )
-            .await;
+            let detail = "request before the handshake";
+            return refuse_handshake(&helper, &peer, &mut writer, id, message, detail).await;
         }
     };
     let settings = helper.settings();
@@ -304,7 +282,7 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
     )
     .await;
     if let Some((event, detail)) = reason {
-        audit_violation(&helper, Some(&peer), event, &detail).await;
+        audit_violation(&helper, Some(&peer), event, &detail);
     }
     drop(responses);
     // Let in-flight requests finish sending (their own senders keep the writer alive).
