@@ -82,8 +82,8 @@ fn main() {
         let prepared_early = (!include_prepare).then(|| sandbox.prepare(plan.clone()).unwrap());
         let start = Instant::now();
         let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(plan.clone()).unwrap());
-        let mut lane = spawner.spawn(prepared).unwrap();
-        let status = lane.child.wait().unwrap();
+        let lane = spawner.spawn(prepared).unwrap();
+        let status = lane.wait().unwrap();
         assert!(status.success());
         start.elapsed()
     };

@@ -168,7 +168,13 @@ async fn a_lane_cannot_escape() {
         "BREACH: the file outside the work dir changed"
     );
     assert_denied(&checks, "read_other_home", None);
-    assert_denied(&checks, "read_guard_environ", None);
+    assert_eq!(
+        checks["reaper_found"]["succeeded"], true,
+        "the lane reaper must be running: {}",
+        checks["reaper_found"]
+    );
+    assert_eq!(checks["parent_is_helper"]["succeeded"], true);
+    assert_denied(&checks, "read_reaper_environ", None);
     assert_denied(&checks, "read_helper_environ", None);
     assert_eq!(
         checks["write_inside_work_dir"]["succeeded"], true,

@@ -176,13 +176,12 @@ async fn cancel_kills_the_whole_process_group_and_is_idempotent() {
     let job = client
         .dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}"))
         .await;
-    // The lane and its own child carry the task in argv; the guard (a fork of the helper) leads
-    // their process group.
+    // The lane and its own child carry the task in argv; the lane leads their process group.
     wait_until("two lane processes", Duration::from_secs(10), || {
         processes_with(&tag).len() >= 2
     });
     let group = process_group_of(processes_with(&tag)[0]);
-    assert!(group_members(group).len() >= 3, "guard + lane + child");
+    assert!(group_members(group).len() >= 2, "lane + child");
     let cancelled = match client
         .request(Request::Cancel {
             handle: job.handle.clone(),
@@ -368,9 +367,9 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
         processes_with(&tag).len() >= 2
     });
     let group = process_group_of(processes_with(&tag)[0]);
-    assert!(group_members(group).len() >= 3, "guard + lane + child");
+    assert!(group_members(group).len() >= 2, "lane + child");
     helper.kill9();
-    // The guard's death signal fires and it kills the whole group, grandchild included.
+    // The lane's death signal kills its first process; the reaper kills the rest of the group.
     wait_until(
         "the lane's whole group to die with the helper",
         Duration::from_secs(5),
@@ -391,6 +390,62 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
         other => panic!("{other:?}"),
     }
     assert_eq!(helper.audited("lost").len(), 1);
+}
+
+/// The helper's live child named `dispatch-reaper`.
+fn reaper_of(helper_pid: i32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "dispatch-reaper");
+            named
+                && stat_fields(*pid).is_some_and(|f| f[0] != "Z" && f[1] == helper_pid.to_string())
+        })
+}
+
+#[tokio::test]
+async fn a_killed_reaper_is_replaced_and_the_replacement_knows_every_running_lane() {
+    let Some(mut helper) = start_helper("reaper", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let mut start_lane = async |name: &str| {
+        let tag = marker(name);
+        client
+            .dispatch_ok("alice-org", "alice-repo", &format!("sleep-group:60 {tag}"))
+            .await;
+        wait_until("two lane processes", Duration::from_secs(10), || {
+            processes_with(&tag).len() >= 2
+        });
+        process_group_of(processes_with(&tag)[0])
+    };
+    let first_group = start_lane("reaper-a").await;
+    let first_reaper = reaper_of(helper.pid()).expect("the helper runs a reaper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first_reaper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the reaper to die", Duration::from_secs(5), || {
+        !alive(first_reaper)
+    });
+    // The next dispatch finds the reaper gone, starts another, and registers the running lane
+    // with it as well as the new one.
+    let second_group = start_lane("reaper-b").await;
+    let second_reaper = reaper_of(helper.pid()).expect("a replacement reaper");
+    assert_ne!(first_reaper, second_reaper);
+    assert!(group_members(first_group).len() >= 2 && group_members(second_group).len() >= 2);
+    helper.kill9();
+    wait_until(
+        "both lanes' whole groups to die with the helper",
+        Duration::from_secs(5),
+        || group_members(first_group).is_empty() && group_members(second_group).is_empty(),
+    );
+    wait_until("the reaper to exit", Duration::from_secs(5), || {
+        !alive(second_reaper)
+    });
 }
 
 #[tokio::test]
@@ -711,13 +766,13 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
     let sandbox = done.sandbox.unwrap();
     assert!(sandbox.same_uid && sandbox.seccomp && sandbox.landlock.starts_with("enforced"));
     assert_eq!(sandbox.uid, alice.uid.as_raw());
-    // Same uid as the helper, yet the lane cannot read the helper's or its guard's memory image.
+    // Same uid as the helper, yet the lane cannot read the helper's or its reaper's memory image.
     let escape = format!("escape {{\"helper_pid\": {}}}", child.0.id());
     let job = client.dispatch_ok("mine", "my-repo", &escape).await;
     let done = client.result(&job.handle, 20_000).await;
     let stdout = done.stdout.unwrap().text;
     for check in [
-        "read_guard_environ",
+        "read_reaper_environ",
         "read_helper_environ",
         "ptrace_traceme",
         "unix_socket",
@@ -731,6 +786,10 @@ async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refuse
             "BREACH in unprivileged mode: {line}"
         );
     }
+    assert!(
+        stdout.contains("{\"check\":\"reaper_found\",\"succeeded\":true"),
+        "the reaper must have been found for its check to mean anything: {stdout}"
+    );
     drop(child);
 }
 

@@ -26,6 +26,20 @@ fn report(name: &str, result: Result<i64, i32>) -> Value {
     }
 }
 
+/// The helper's child named `dispatch-reaper`, from /proc/PID/stat (comm and parent pid).
+fn find_reaper(helper_pid: i64) -> Option<i64> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i64 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let parent: i64 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (comm == "dispatch-reaper" && parent == helper_pid).then_some(pid)
+        })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // Template in the tests: [probe, "lane", {orguser}, {repo}, {task}]; outside: [probe, mode, ...].
@@ -193,15 +207,14 @@ fn escape(config: Value) {
             .map(|b| b.len() as i64)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
-    // The guard (our parent, a copy of the helper) and the helper hold the helper's environment.
-    // SAFETY: getppid takes no arguments.
-    let guard = unsafe { libc::getppid() };
+    // The helper (our parent) and its lane reaper (a fork of it) hold the helper's memory and
+    // environment. The reaper must be found, or its check below would fail for the wrong reason.
+    let helper_pid = config["helper_pid"].as_i64().unwrap_or(1);
+    let reaper = find_reaper(helper_pid);
+    checks.push(report("reaper_found", reaper.ok_or(libc::ESRCH)));
     for (name, pid) in [
-        ("read_guard_environ", i64::from(guard)),
-        (
-            "read_helper_environ",
-            config["helper_pid"].as_i64().unwrap_or(1),
-        ),
+        ("read_reaper_environ", reaper.unwrap_or(-1)),
+        ("read_helper_environ", helper_pid),
     ] {
         let read = std::fs::read(format!("/proc/{pid}/environ"));
         checks.push(report(
@@ -210,6 +223,14 @@ fn escape(config: Value) {
                 .map_err(|e| e.raw_os_error().unwrap_or(-1)),
         ));
     }
+    checks.push(report(
+        "parent_is_helper",
+        // SAFETY: getppid takes no arguments.
+        match i64::from(unsafe { libc::getppid() }) {
+            parent if parent == helper_pid => Ok(parent),
+            _ => Err(libc::ESRCH),
+        },
+    ));
     let work_file = format!("{}/probe-write-ok", str_of("work_dir"));
     checks.push(report(
         "write_inside_work_dir",

@@ -507,27 +507,21 @@ impl Helper {
         let tail_limit = settings.file.limits.output_tail_bytes;
         let pgid = Pid::from_raw(lane.process_group());
         let stdout = lane
-            .child
             .stdout
             .take()
             .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
             .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
         let stderr = lane
-            .child
             .stderr
             .take()
             .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
             .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
-        let mut child = lane.child;
-        // Wait for the guard to exit *without reaping it*: while it is a zombie its pid, which
-        // is also the group id, cannot be reused, so signalling the group stays safe until the
-        // reap below.
-        let guard_pid = pgid;
+        // Wait for the lane's first process to exit *without reaping it*: while it is a zombie
+        // its pid, which is also the group id, cannot be reused, so signalling the group stays
+        // safe until the reap below.
+        let leader = pgid;
         let mut exited = tokio::task::spawn_blocking(move || {
-            waitid(
-                Id::Pid(guard_pid),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-            )
+            waitid(Id::Pid(leader), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
         });
         let deadline = tokio::time::sleep(settings.timeout());
         tokio::pin!(deadline);
@@ -554,7 +548,7 @@ impl Helper {
         }
         // The lane is over: nothing it left in its process group outlives the job record.
         let _ = killpg(pgid, Signal::SIGKILL);
-        let status = tokio::task::spawn_blocking(move || child.wait()).await;
+        let status = tokio::task::spawn_blocking(move || lane.wait()).await;
         // The lane's capacity is free as soon as its processes are gone.
         self.release(owner_uid);
         let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {

@@ -1,32 +1,35 @@
 //! The sandboxed spawn of a lane.
 //!
-//! Everything that reads files, asks NSS or allocates happens in the helper, before the fork
+//! Everything that reads files, asks NSS or allocates happens in the helper, before the clone
 //! ([`prepare`]): resolving the unix user, opening the Landlock ruleset, compiling the seccomp
-//! programs. The forked child then runs one fixed sequence of plain system calls on that prepared
-//! data ([`child`]), in this order:
+//! programs, building argv and environment. The child ([`child`]), started like `posix_spawn`
+//! starts one (a vfork-style clone, no copy of the helper's memory), then runs one fixed
+//! sequence of plain system calls on that prepared data, in this order:
 //!
-//! 1. new session and process group
-//! 2. rlimits
-//! 3. `setgroups` → `setresgid` → `setresuid`, verified with `getres*`, and `setresuid(0,0,0)` must fail;
+//! 1. signal handlers back to their defaults; new session and process group
+//! 2. the group registered with the lane reaper; stdin `/dev/null`, stdout/stderr to the capture pipes
+//! 3. rlimits
+//! 4. `setgroups` → `setresgid` → `setresuid`, verified with `getres*`, and `setresuid(0,0,0)` must fail;
 //!    then `chdir` into the work dir as the lane user
-//! 4. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check; not dumpable
-//! 5. every fd above 2 marked close-on-exec
-//! 6. `no_new_privs`
-//! 7. Landlock
-//! 8. seccomp, last
-//! 9. the lane guard fork (see [`child`]): the guard stays behind as the group leader so that the
-//!    whole process group dies with the helper; its child execs the fixed argv.
+//! 5. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check
+//! 6. every fd above 2 marked close-on-exec
+//! 7. `no_new_privs`
+//! 8. Landlock
+//! 9. seccomp, last
+//! 10. exec of the fixed argv
 //!
 //! Any failing step aborts the spawn, and the error names the step.
 //!
 //! Spawns go through [`LaneSpawner`], a pool of long-lived threads: `PR_SET_PDEATHSIG` fires when the
-//! *thread* that forked the child exits, not the process, so the forking thread must outlive
-//! every lane.
+//! *thread* that created the child exits, not the process, so that thread must outlive every
+//! lane. The death signal only reaches the lane's first process, so the spawner also runs the
+//! lane reaper (`reaper.rs`), which kills every live lane's whole group when the helper dies.
 
 mod child;
 mod identity;
 mod landlock_rules;
 pub use landlock_rules::kernel_landlock_abi;
+mod reaper;
 mod seccomp_filter;
 mod spawner;
 
@@ -164,6 +167,10 @@ pub enum SandboxError {
     Spawn(std::io::Error),
     #[error("the lane spawner thread is gone")]
     SpawnerGone,
+    #[error("the lane reaper could not be started or reached: {0}")]
+    Reaper(std::io::Error),
+    #[error("{0} lanes are already running; no more can be tracked")]
+    TooManyLanes(usize),
 }
 
 /// Fixed PATH for lanes: never the helper's own.

@@ -1,25 +1,123 @@
-//! The long-lived threads every lane is forked from.
+//! The long-lived threads every lane is started from, and the lane reaper they register with.
 //!
-//! `PR_SET_PDEATHSIG` is tied to the thread that forked the child: if that thread exits (a
+//! `PR_SET_PDEATHSIG` is tied to the thread that created the child: if that thread exits (a
 //! blocking-pool thread retiring after idling, say) every lane it started would be killed. So
-//! all forks happen on a fixed pool of threads that live as long as the spawner (the process).
-//! More than one, so a slow fork+exec does not hold up every other dispatch.
+//! all spawns happen on a fixed pool of threads that live as long as the spawner (the process).
+//! More than one, so a slow exec does not hold up every other dispatch.
 
-use crate::child::{ChildPlan, ExecImage, decode_spawn_error, install};
+use crate::child::{self, ChildPlan, ChildStack, ExecImage};
+use crate::reaper::{self, Reaper};
 use crate::{Enforcement, PreparedLane, SandboxError};
-use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, mpsc};
+use std::collections::HashSet;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ChildStderr, ChildStdout, ExitStatus};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
+/// A running lane. Its first process leads the lane's process group.
 pub struct SpawnedLane {
-    /// The lane guard; its pid is the lane's process group id.
-    pub child: Child,
+    pid: libc::pid_t,
+    pub stdout: Option<ChildStdout>,
+    pub stderr: Option<ChildStderr>,
     pub enforcement: Enforcement,
+    registry: Arc<Registry>,
+    reaped: bool,
 }
 
 impl SpawnedLane {
+    /// The lane's process group id (its first process's pid). Safe to signal until [`wait`]
+    /// returns: the unreaped leader keeps the id from being reused.
+    ///
+    /// [`wait`]: SpawnedLane::wait
     pub fn process_group(&self) -> i32 {
-        self.child.id() as i32
+        self.pid
+    }
+
+    /// Reap the lane's first process, blocking until it has exited. The reaper forgets the
+    /// group first, while its id still cannot be reused.
+    pub fn wait(mut self) -> io::Result<ExitStatus> {
+        self.reaped = true;
+        self.registry.forget(self.pid);
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        loop {
+            match nix::sys::wait::waitpid(pid, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
+                    return Ok(ExitStatus::from_raw((code & 0xff) << 8));
+                }
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, signal, core)) => {
+                    return Ok(ExitStatus::from_raw(
+                        signal as i32 | if core { 0x80 } else { 0 },
+                    ));
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+impl Drop for SpawnedLane {
+    /// A lane dropped without being waited for is killed, not leaked.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let group = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            self.registry.forget(self.pid);
+            let _ = nix::sys::wait::waitpid(group, None);
+        }
+    }
+}
+
+/// Which groups are live, and the reaper that knows them.
+struct Registry {
+    state: Mutex<RegistryState>,
+}
+
+struct RegistryState {
+    reaper: Arc<Reaper>,
+    live: HashSet<libc::pid_t>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, RegistryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reaper to register the next lane with. A reaper that died (only SIGKILL can end it
+    /// early) is replaced, and every live group is registered with its successor.
+    fn reaper_for_next_lane(&self) -> Result<Arc<Reaper>, SandboxError> {
+        let mut state = self.lock();
+        if state.reaper.has_exited() {
+            let successor = Reaper::start().map_err(SandboxError::Reaper)?;
+            for &pgid in &state.live {
+                successor
+                    .send(reaper::REGISTER, pgid)
+                    .map_err(SandboxError::Reaper)?;
+            }
+            state.reaper = Arc::new(successor);
+        }
+        if state.live.len() >= reaper::CAPACITY {
+            return Err(SandboxError::TooManyLanes(reaper::CAPACITY));
+        }
+        Ok(state.reaper.clone())
+    }
+
+    /// Record a started lane, which registered itself with `used`.
+    fn track(&self, pgid: libc::pid_t, used: &Arc<Reaper>) {
+        let mut state = self.lock();
+        state.live.insert(pgid);
+        if !Arc::ptr_eq(&state.reaper, used) {
+            // The reaper was replaced while this lane started: tell the new one too.
+            let _ = state.reaper.send(reaper::REGISTER, pgid);
+        }
+    }
+
+    fn forget(&self, pgid: libc::pid_t) {
+        let mut state = self.lock();
+        state.live.remove(&pgid);
+        // A failed send means the reaper is gone, and with it the registration.
+        let _ = state.reaper.send(reaper::FORGET, pgid);
     }
 }
 
@@ -30,19 +128,33 @@ pub struct LaneSpawner {
 }
 
 impl LaneSpawner {
-    pub fn start(threads: usize) -> std::io::Result<LaneSpawner> {
+    /// Start the reaper and `threads` spawner threads.
+    ///
+    /// The process is made non-dumpable first: each lane runs inside the helper's memory until
+    /// its exec, and the reaper is a copy of it, so neither may be readable through /proc by a
+    /// lane user, even one running under the helper's own uid.
+    pub fn start(threads: usize) -> io::Result<LaneSpawner> {
+        nix::sys::prctl::set_dumpable(false)?;
+        let registry = Arc::new(Registry {
+            state: Mutex::new(RegistryState {
+                reaper: Arc::new(Reaper::start()?),
+                live: HashSet::new(),
+            }),
+        });
         let (tx, rx) = mpsc::channel::<(PreparedLane, Reply)>();
-        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let rx = Arc::new(Mutex::new(rx));
         for index in 0..threads.max(1) {
             let rx = rx.clone();
+            let registry = registry.clone();
+            let mut stack = ChildStack::new()?;
             std::thread::Builder::new()
                 .name(format!("lane-spawner-{index}"))
                 .spawn(move || {
                     loop {
-                        // The lock is held only while waiting for the next request, not while forking.
+                        // The lock is held only while waiting for the next request.
                         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((lane, reply)) = next else { return };
-                        let _ = reply.send(spawn_now(lane));
+                        let _ = reply.send(spawn_now(lane, &mut stack, &registry));
                     }
                 })?;
         }
@@ -51,7 +163,7 @@ impl LaneSpawner {
         })
     }
 
-    /// Fork and exec the lane on the spawner thread. Blocks until exec succeeded or failed.
+    /// Start the lane on a spawner thread. Blocks until exec succeeded or a step failed.
     pub fn spawn(&self, lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.requests
@@ -63,17 +175,23 @@ impl LaneSpawner {
     }
 }
 
-fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
-    let plan = &lane.plan;
-    // std provides the fork, the stdio plumbing and the error pipe; the lane's own argv and
-    // environment go through `ExecImage` (std never execs: the guard does, see child.rs).
-    let mut command = Command::new(&plan.argv[0]);
-    command
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+/// A copy of `fd` numbered 3 or above (close-on-exec), so the child's dup2 onto 0–2 always
+/// creates a fresh descriptor even if the helper was started with its stdio closed.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        Ok(fd)
+    } else {
+        // std duplicates with F_DUPFD_CLOEXEC starting at 3.
+        fd.try_clone()
+    }
+}
 
+fn spawn_now(
+    lane: PreparedLane,
+    stack: &mut ChildStack,
+    registry: &Arc<Registry>,
+) -> Result<SpawnedLane, SandboxError> {
+    let plan = &lane.plan;
     let limits = lane.limits;
     let mut rlimits = vec![
         (libc::RLIMIT_CORE, 0),
@@ -96,41 +214,75 @@ fn spawn_now(lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         })?;
     let exec = ExecImage::new(&plan.argv, &lane.env)
         .map_err(|why| SandboxError::Environment(why.to_owned()))?;
-    install(
-        &mut command,
-        ChildPlan {
-            change_uid: plan.change_uid,
-            uid: identity.uid,
-            gid: identity.gid,
-            groups: identity.groups.clone(),
-            rlimits: rlimits
-                .into_iter()
-                .map(|(resource, value)| {
-                    (
-                        resource,
-                        libc::rlimit {
-                            rlim_cur: value,
-                            rlim_max: value,
-                        },
-                    )
-                })
-                .collect(),
-            helper_pid: std::process::id() as libc::pid_t,
-            work_dir,
-            landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
-            seccomp: lane.seccomp.clone(),
-            exec,
-            lane_stack: vec![0u8; 64 * 1024],
-        },
-    );
-    let child = command.spawn().map_err(|error| {
-        let (step, error) = decode_spawn_error(error);
-        SandboxError::ChildStep { step, error }
-    })?;
-    // The ruleset fd closes here, in the helper, now that the child has used it.
+
+    let stdio = || -> io::Result<_> {
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?;
+        let (out_read, out_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok((
+            [
+                above_stdio(OwnedFd::from(null))?,
+                above_stdio(out_write)?,
+                above_stdio(err_write)?,
+            ],
+            out_read,
+            err_read,
+        ))
+    };
+    let (child_stdio, out_read, err_read) = stdio().map_err(SandboxError::Spawn)?;
+
+    let reaper = registry.reaper_for_next_lane()?;
+    let child_plan = ChildPlan {
+        change_uid: plan.change_uid,
+        uid: identity.uid,
+        gid: identity.gid,
+        groups: identity.groups.clone(),
+        rlimits: rlimits
+            .into_iter()
+            .map(|(resource, value)| {
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                (resource, limit)
+            })
+            .collect(),
+        helper_pid: std::process::id() as libc::pid_t,
+        work_dir,
+        stdio: child_stdio.each_ref().map(|fd| fd.as_raw_fd()),
+        reaper_fd: reaper.writer.as_raw_fd(),
+        landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
+        seccomp: lane.seccomp.clone(),
+        exec,
+    };
+    let spawned = child::spawn(&child_plan, stack);
+    // The lane has its own copies now (or never will): the helper keeps only the read ends.
+    drop(child_stdio);
     drop(lane.landlock);
-    Ok(SpawnedLane {
-        child,
-        enforcement: lane.enforcement,
-    })
+    match spawned {
+        Ok(pid) => {
+            registry.track(pid, &reaper);
+            Ok(SpawnedLane {
+                pid,
+                stdout: Some(ChildStdout::from(out_read)),
+                stderr: Some(ChildStderr::from(err_read)),
+                enforcement: lane.enforcement,
+                registry: registry.clone(),
+                reaped: false,
+            })
+        }
+        Err(failure) => {
+            if let Some(pid) = failure.child {
+                registry.forget(pid);
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            }
+            Err(SandboxError::ChildStep {
+                step: failure.step,
+                error: failure.error,
+            })
+        }
+    }
 }

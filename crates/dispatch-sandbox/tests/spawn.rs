@@ -49,19 +49,17 @@ fn run(script: &str) -> (i32, String, String) {
     let mut lane = spawner.spawn(prepared).unwrap();
     let mut out = String::new();
     let mut err = String::new();
-    lane.child
-        .stdout
+    lane.stdout
         .take()
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
-    lane.child
-        .stderr
+    lane.stderr
         .take()
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let status = lane.child.wait().unwrap();
+    let status = lane.wait().unwrap();
     (status.code().unwrap_or(-1), out, err)
 }
 

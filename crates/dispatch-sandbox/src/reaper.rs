@@ -1,0 +1,146 @@
+//! The lane reaper: one small process per helper that kills every live lane's process group
+//! when the helper dies, however it dies (SIGKILL included).
+//!
+//! `PR_SET_PDEATHSIG` only reaches a lane's first process; whatever it started (ssh, git) would
+//! be reparented and live on. So the helper forks this process once, when the spawner starts.
+//! It keeps nothing but the read end of a pipe, and each lane registers its group on that pipe
+//! itself, before exec, so no process of the lane exists before its registration. When every
+//! write end is closed (the helper is gone; lanes lose theirs at exec), the reaper SIGKILLs each
+//! registered group and exits.
+//!
+//! The helper forgets a group *before* it reaps the group's leader: until the reap the pid,
+//! which is the group id, cannot be reused, so the reaper never signals an unrelated group.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+pub(crate) const REGISTER: i32 = 1;
+pub(crate) const FORGET: i32 = 2;
+/// Most groups the reaper tracks at once; the spawner refuses lanes beyond it.
+pub(crate) const CAPACITY: usize = 16 * 1024;
+const MESSAGE_LEN: usize = 8;
+
+/// One registration message: operation and process group id, native-endian.
+pub(crate) fn message(operation: i32, pgid: libc::pid_t) -> [u8; MESSAGE_LEN] {
+    let mut bytes = [0u8; MESSAGE_LEN];
+    bytes[..4].copy_from_slice(&operation.to_ne_bytes());
+    bytes[4..].copy_from_slice(&pgid.to_ne_bytes());
+    bytes
+}
+
+pub(crate) struct Reaper {
+    pub pid: libc::pid_t,
+    /// Close-on-exec write end of the registration pipe.
+    pub writer: OwnedFd,
+}
+
+impl Reaper {
+    /// Fork the reaper. Must be called after the process was made non-dumpable: the reaper is a
+    /// copy of the helper's memory.
+    pub(crate) fn start() -> io::Result<Reaper> {
+        let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // Allocated before the fork: the child must not allocate.
+        let mut table = vec![0 as libc::pid_t; CAPACITY].into_boxed_slice();
+        let reader_fd = reader.as_raw_fd();
+        // SAFETY: the child runs only `reaper_main`, which makes async-signal-safe calls on the
+        // table allocated above and integers, and never returns; fork is safe to call here.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => Err(io::Error::last_os_error()),
+            // SAFETY: we are the forked child (see above).
+            0 => unsafe { reaper_main(reader_fd, &mut table) },
+            pid => Ok(Reaper { pid, writer }),
+        }
+    }
+
+    pub(crate) fn send(&self, operation: i32, pgid: libc::pid_t) -> io::Result<()> {
+        let bytes = message(operation, pgid);
+        let written = nix::unistd::write(&self.writer, &bytes)?;
+        if written != bytes.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        }
+        Ok(())
+    }
+
+    /// True once the reaper process has exited (it is then reaped here).
+    pub(crate) fn has_exited(&self) -> bool {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        !matches!(
+            waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive)
+        )
+    }
+}
+
+/// # Safety
+/// Only in the freshly forked reaper child.
+unsafe fn reaper_main(reader: RawFd, table: &mut [libc::pid_t]) -> ! {
+    // SAFETY: (whole block) async-signal-safe calls on locals, integers and the pre-allocated
+    // table.
+    unsafe {
+        // Only SIGKILL ends the reaper early: SIGINT from a terminal, SIGTERM or SIGHUP meant for
+        // the helper must not remove the guarantee while the helper still runs lanes.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        libc::prctl(
+            libc::PR_SET_NAME,
+            c"dispatch-reaper".as_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        // Keep nothing of the helper's but the pipe: not its sockets, not the pipe's write end
+        // (or the reaper would never see end-of-file), not its stdio.
+        if reader != 0 && libc::dup3(reader, 0, 0) == -1 {
+            libc::_exit(1);
+        }
+        libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+        let mut live = 0usize;
+        let mut buffer = [0u8; 512 * MESSAGE_LEN];
+        let mut pending = 0usize;
+        loop {
+            let read = libc::read(
+                0,
+                buffer.as_mut_ptr().add(pending).cast(),
+                buffer.len() - pending,
+            );
+            if read == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if read <= 0 {
+                break;
+            }
+            pending += read as usize;
+            let whole = pending - pending % MESSAGE_LEN;
+            for chunk in buffer[..whole].chunks_exact(MESSAGE_LEN) {
+                let operation = i32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                let pgid = i32::from_ne_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+                if pgid <= 1 {
+                    continue;
+                }
+                let position = table[..live].iter().position(|&known| known == pgid);
+                match (operation, position) {
+                    (REGISTER, None) if live < table.len() => {
+                        table[live] = pgid;
+                        live += 1;
+                    }
+                    (FORGET, Some(index)) => {
+                        live -= 1;
+                        table[index] = table[live];
+                    }
+                    _ => {}
+                }
+            }
+            buffer.copy_within(whole..pending, 0);
+            pending -= whole;
+        }
+        // End of file: the helper is gone.
+        for &pgid in &table[..live] {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        libc::_exit(0)
+    }
+}
