@@ -61,8 +61,8 @@ fn main() {
         assert!(status.success());
         start.elapsed()
     };
-    // std uses posix_spawn (a vfork) when it can; any pre_exec hook forces a full fork. This
-    // separates the cost of fork itself from the cost of the sandbox steps.
+    // std uses posix_spawn (a vfork) when it can; any pre_exec hook forces a full fork. Printed
+    // for comparison: the sandboxed spawn uses a vfork-style clone too, for exactly this cost.
     let bare_fork = || {
         let start = Instant::now();
         let mut command = Command::new("/bin/true");
@@ -91,14 +91,22 @@ fn main() {
         bare();
         sandboxed(true);
     }
+    let prepare_only = || {
+        let start = Instant::now();
+        let prepared = sandbox.prepare(plan.clone()).unwrap();
+        let elapsed = start.elapsed();
+        drop(prepared);
+        elapsed
+    };
     let (mut bare_samples, mut full_samples, mut spawn_samples) =
         (Vec::new(), Vec::new(), Vec::new());
-    let mut fork_samples = Vec::new();
+    let (mut fork_samples, mut prepare_samples) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         bare_samples.push(bare());
         fork_samples.push(bare_fork());
         full_samples.push(sandboxed(true));
         spawn_samples.push(sandboxed(false));
+        prepare_samples.push(prepare_only());
     }
     let bare_p50 = percentile(&mut bare_samples, 0.5);
     let full_p50 = percentile(&mut full_samples, 0.5);
@@ -121,6 +129,12 @@ fn main() {
         spawn_p50.as_secs_f64() * 1e6,
         percentile(&mut spawn_samples, 0.99).as_secs_f64() * 1e6,
         spawn_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
+    println!(
+        "  prepare alone (Landlock ruleset, environment)   p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",
+        percentile(&mut prepare_samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&mut prepare_samples, 0.99).as_secs_f64() * 1e6,
+        percentile(&mut prepare_samples, 0.5).as_secs_f64() / bare_p50.as_secs_f64()
     );
     println!(
         "  sandboxed prepare+spawn+wait (the helper's path) p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",

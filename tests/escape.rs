@@ -206,6 +206,11 @@ async fn a_lane_cannot_escape() {
         assert_denied(&checks, name, Some(EPERM));
     }
 
+    // The ABI gate: clone3 answers ENOSYS (so libc falls back to clone, which the deny list
+    // inspects) and a 32-bit syscall kills the process.
+    assert_denied(&checks, "clone3", Some(libc::ENOSYS as i64));
+    assert_denied(&checks, "foreign_arch_syscall", Some(libc::SIGSYS as i64));
+
     // Signals and the helper.
     assert_denied(&checks, "kill_helper", None);
     assert_denied(&checks, "connect_helper_socket", None);

@@ -26,6 +26,33 @@ fn report(name: &str, result: Result<i64, i32>) -> Value {
     }
 }
 
+/// An i386 syscall (int 0x80, getpid) from a forked child: the filter must kill it with SIGSYS.
+/// Reported as succeeded if the child exited normally; the errno field holds the signal.
+fn foreign_architecture_syscall() -> Value {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: fork in this single-threaded program; the child only makes the syscall and exits.
+    unsafe {
+        let child = libc::fork();
+        if child == 0 {
+            let mut number: u32 = 20;
+            std::arch::asm!("int 0x80", inout("eax") number);
+            let _ = number;
+            libc::_exit(0);
+        }
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0);
+        if libc::WIFSIGNALED(status) {
+            return report("foreign_arch_syscall", Err(libc::WTERMSIG(status)));
+        }
+        report(
+            "foreign_arch_syscall",
+            Ok(i64::from(libc::WEXITSTATUS(status))),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    report("foreign_arch_syscall", Err(libc::SIGSYS))
+}
+
 /// The helper's child named `dispatch-reaper`, from /proc/PID/stat (comm and parent pid).
 fn find_reaper(helper_pid: i64) -> Option<i64> {
     std::fs::read_dir("/proc")
@@ -332,6 +359,17 @@ fn escape(config: Value) {
         ));
         // x32 alias of getpid (39 | X32 bit).
         checks.push(report("x32_syscall", sys(libc::syscall(0x4000_0000 | 39))));
+        // clone3 with a zero size: the kernel itself would answer EINVAL; the filter answers
+        // ENOSYS before the kernel looks, so libc falls back to clone, whose flags it checks.
+        checks.push(report(
+            "clone3",
+            sys(libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::null::<u8>(),
+                0usize,
+            )),
+        ));
+        checks.push(foreign_architecture_syscall());
         checks.push(report(
             "kill_helper",
             sys(libc::kill(config["helper_pid"].as_i64().unwrap_or(1) as i32, 0) as i64),

@@ -72,7 +72,9 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
                 path.display()
             ))
         })?;
-        let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+        // The type of what was opened, not of whatever the path names a moment later.
+        let is_dir = nix::sys::stat::fstat(&fd)
+            .is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR);
         let access = if is_dir {
             access
         } else {

@@ -1,12 +1,17 @@
 //! The seccomp programs, compiled in the helper before the fork.
 //!
-//! A deny list returning EPERM (lanes run ssh, git and tmux, so an allow list would be a guess
-//! that breaks them), plus:
-//! - `clone3` returns ENOSYS, not EPERM: its flags live in memory seccomp cannot read, and
-//!   ENOSYS makes libc fall back to `clone`, whose flags the deny list does inspect;
-//! - a foreign architecture is killed (seccompiler's own arch check);
-//! - x32 syscall numbers (bit 30 set on x86_64) are refused wholesale, since a deny list keyed
-//!   on x86_64 numbers would not match their x32 aliases.
+//! Two programs:
+//! - the deny list, compiled by seccompiler, returning EPERM (lanes run ssh, git and tmux, so an
+//!   allow list would be a guess that breaks them), with seccompiler's own architecture check;
+//! - a seven-instruction ABI gate, written out below: a foreign architecture is killed; x32
+//!   syscall numbers (bit 30 set on x86_64) are refused wholesale, since a deny list keyed on
+//!   x86_64 numbers would not match their x32 aliases; and `clone3` returns ENOSYS, not EPERM:
+//!   its flags live in memory seccomp cannot read, and ENOSYS makes libc fall back to `clone`,
+//!   whose flags the deny list does inspect.
+//!
+//! The gate is hand-written because every program is attached (verified, translated and
+//! JIT-compiled by the kernel) once per lane: a third program cost a measurable share of every
+//! spawn for two instructions.
 
 use crate::{SandboxError, SandboxPolicy};
 use seccompiler::{
@@ -135,33 +140,33 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
         arch,
     )
     .map_err(|e| SandboxError::Seccomp(format!("build deny list: {e}")))?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .map_err(|e| SandboxError::Seccomp(format!("build clone3 filter: {e}")))?;
 
-    let mut programs = Vec::new();
-    if cfg!(target_arch = "x86_64") {
-        programs.push(x32_filter());
-    }
-    for (what, filter) in [("deny list", deny), ("clone3", clone3)] {
-        programs.push(
-            BpfProgram::try_from(filter)
-                .map_err(|e| SandboxError::Seccomp(format!("compile {what}: {e}")))?,
-        );
-    }
-    Ok(programs)
+    let deny = BpfProgram::try_from(deny)
+        .map_err(|e| SandboxError::Seccomp(format!("compile deny list: {e}")))?;
+    Ok(vec![abi_gate(arch), deny])
 }
 
-/// Refuse every syscall number with the x32 bit set. Too small a program for a library: load
-/// the number, compare, return.
-fn x32_filter() -> BpfProgram {
-    const SECCOMP_DATA_NR: u32 = 0;
-    const SECCOMP_DATA_ARCH: u32 = 4;
-    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_DATA_ARCH: u32 = 4;
+
+/// The audit architecture seccomp reports for native syscalls (linux/audit.h).
+fn native_audit_arch(arch: TargetArch) -> u32 {
+    const EM_X86_64: u32 = 62;
+    const EM_AARCH64: u32 = 183;
+    const EM_RISCV: u32 = 243;
+    const ARCH_64BIT: u32 = 0x8000_0000;
+    const LITTLE_ENDIAN: u32 = 0x4000_0000;
+    ARCH_64BIT
+        | LITTLE_ENDIAN
+        | match arch {
+            TargetArch::x86_64 => EM_X86_64,
+            TargetArch::aarch64 => EM_AARCH64,
+            TargetArch::riscv64 => EM_RISCV,
+        }
+}
+
+/// Kill a foreign architecture, refuse x32 numbers, and answer `clone3` with ENOSYS.
+fn abi_gate(arch: TargetArch) -> BpfProgram {
     let stmt = |code: u32, k: u32| sock_filter {
         code: code as u16,
         jt: 0,
@@ -174,30 +179,32 @@ fn x32_filter() -> BpfProgram {
         jf,
         k,
     };
+    let load = |offset: u32| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
+    let ret = |value: u32| stmt(libc::BPF_RET | libc::BPF_K, value);
+    let if_equal =
+        |k: u32, jt: u8, jf: u8| jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, k, jt, jf);
+    let x32_numbers = if cfg!(target_arch = "x86_64") {
+        X32_SYSCALL_BIT
+    } else {
+        // No such ABI elsewhere: a number no syscall reaches keeps the program shape the same.
+        u32::MAX
+    };
     vec![
-        stmt(
-            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
-            SECCOMP_DATA_ARCH,
-        ),
-        jump(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            AUDIT_ARCH_X86_64,
-            1,
-            0,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, SECCOMP_DATA_NR),
+        /* 0 */ load(SECCOMP_DATA_ARCH),
+        /* 1 */ if_equal(native_audit_arch(arch), 1, 0),
+        /* 2 */ ret(libc::SECCOMP_RET_KILL_PROCESS),
+        /* 3 */ load(SECCOMP_DATA_NR),
+        /* 4 */
         jump(
             libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
-            X32_SYSCALL_BIT,
+            x32_numbers,
+            3,
             0,
-            1,
         ),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        /* 5 */ if_equal(libc::SYS_clone3 as u32, 0, 1),
+        /* 6 */ ret(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        /* 7 */ ret(libc::SECCOMP_RET_ALLOW),
+        /* 8 */ ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
     ]
 }
 
@@ -208,10 +215,7 @@ mod tests {
     #[test]
     fn programs_compile_and_fit_the_kernel_limit() {
         let programs = compile(&SandboxPolicy::default()).unwrap();
-        assert_eq!(
-            programs.len(),
-            if cfg!(target_arch = "x86_64") { 3 } else { 2 }
-        );
+        assert_eq!(programs.len(), 2);
         for program in programs {
             assert!(
                 !program.is_empty() && program.len() < 4096,
