@@ -1,13 +1,88 @@
-//! The Landlock ruleset, built in the helper before the fork. The child only calls
+//! The Landlock ruleset, built in the helper before the clone. The child only calls
 //! `landlock_restrict_self` on the prepared fd.
+//!
+//! The paths every lane shares (system paths, `/dev/null`, the administrator's extra paths) are
+//! opened once, when the configuration is loaded ([`SharedPaths`]): a missing one stops the load
+//! rather than every dispatch, and each lane's ruleset only adds the rules. The lane's own paths
+//! (program, home, work directory) are opened per lane.
 
 use crate::{LanePlan, SandboxError, SandboxPolicy};
 use landlock::{
     ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
     PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
 };
-use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// The policy's shared paths, opened (O_PATH) with the rights each gets.
+pub(crate) struct SharedPaths {
+    abi: ABI,
+    rules: Vec<(PathBuf, PathFd, BitFlags<AccessFs>)>,
+}
+
+impl std::fmt::Debug for SharedPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let paths: Vec<_> = self.rules.iter().map(|(path, _, _)| path).collect();
+        f.debug_struct("SharedPaths")
+            .field("abi", &self.abi)
+            .field("paths", &paths)
+            .finish()
+    }
+}
+
+/// Open a path for a rule, and narrow `access` to what a file can have if it is not a directory.
+fn open_for_rule(
+    path: &Path,
+    access: BitFlags<AccessFs>,
+    abi: ABI,
+    why: &str,
+) -> Result<(PathFd, BitFlags<AccessFs>), SandboxError> {
+    // path_beneath_rules() silently skips paths that do not exist; a configured path that is
+    // missing must be an error instead.
+    let fd = PathFd::new(path).map_err(|e| {
+        SandboxError::Landlock(format!(
+            "{why} path {} cannot be opened: {e}",
+            path.display()
+        ))
+    })?;
+    // The type of what was opened, not of whatever the path names a moment later.
+    let is_dir =
+        nix::sys::stat::fstat(&fd).is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR);
+    let access = if is_dir {
+        access
+    } else {
+        access & AccessFs::from_file(abi)
+    };
+    Ok((fd, access))
+}
+
+impl SharedPaths {
+    /// None when the kernel has no Landlock (each lane then decides against the policy's floor).
+    pub(crate) fn open(policy: &SandboxPolicy) -> Result<Option<SharedPaths>, SandboxError> {
+        let abi = ABI::from(kernel_landlock_abi());
+        if abi == ABI::Unsupported {
+            return Ok(None);
+        }
+        let read_exec = AccessFs::from_read(abi);
+        let read = read_exec & !AccessFs::Execute;
+        let read_write = AccessFs::from_all(abi);
+        let dev_null = [PathBuf::from("/dev/null")];
+        let groups = [
+            (&policy.read_exec_paths[..], read_exec, "read_exec"),
+            (&policy.read_paths[..], read, "read"),
+            (&dev_null[..], read_write, "/dev/null"),
+            (&policy.read_write_paths[..], read_write, "read_write"),
+        ];
+        let mut rules = Vec::new();
+        for (paths, access, why) in groups {
+            for path in paths {
+                let (fd, access) = open_for_rule(path, access, abi, why)?;
+                rules.push((path.clone(), fd, access));
+            }
+        }
+        Ok(Some(SharedPaths { abi, rules }))
+    }
+}
 
 pub(crate) struct BuiltRuleset {
     /// None only when the policy's floor is 0 and the kernel has no Landlock.
@@ -16,7 +91,11 @@ pub(crate) struct BuiltRuleset {
     pub description: String,
 }
 
-pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRuleset, SandboxError> {
+pub(crate) fn build(
+    plan: &LanePlan,
+    policy: &SandboxPolicy,
+    shared: Option<&SharedPaths>,
+) -> Result<BuiltRuleset, SandboxError> {
     let abi = ABI::from(kernel_landlock_abi());
     let abi_number = abi as u32;
     if abi_number < policy.landlock_min_abi {
@@ -60,35 +139,24 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
     }
     let mut created = ruleset.create().map_err(|e| fail("create ruleset", e))?;
 
-    let mut grant = |path: &Path,
-                     access: BitFlags<AccessFs>,
-                     why: &str|
-     -> Result<(), SandboxError> {
-        // path_beneath_rules() silently skips paths that do not exist; a configured path that
-        // is missing must be an error instead.
-        let fd = PathFd::new(path).map_err(|e| {
-            SandboxError::Landlock(format!(
-                "{why} path {} cannot be opened: {e}",
-                path.display()
-            ))
-        })?;
-        // The type of what was opened, not of whatever the path names a moment later.
-        let is_dir = nix::sys::stat::fstat(&fd)
-            .is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR);
-        let access = if is_dir {
-            access
-        } else {
-            access & AccessFs::from_file(abi)
-        };
+    let mut add = |path: &Path, fd: &dyn AsFd, access: BitFlags<AccessFs>| {
         (&mut created)
-            .add_rule(PathBeneath::new(fd, access))
-            .map_err(|e| SandboxError::Landlock(format!("add rule for {}: {e}", path.display())))?;
-        Ok(())
+            .add_rule(PathBeneath::new(fd.as_fd(), access))
+            .map(|_| ())
+            .map_err(|e| SandboxError::Landlock(format!("add rule for {}: {e}", path.display())))
     };
-
-    for path in &policy.read_exec_paths {
-        grant(path, read_exec, "read_exec")?;
+    let shared = shared.filter(|shared| shared.abi == abi).ok_or_else(|| {
+        SandboxError::Landlock(format!(
+            "the shared paths were opened for another Landlock ABI than the kernel's {abi_number}"
+        ))
+    })?;
+    for (path, fd, access) in &shared.rules {
+        add(path, fd, *access)?;
     }
+    let mut grant = |path: &Path, access: BitFlags<AccessFs>, why: &str| {
+        let (fd, access) = open_for_rule(path, access, abi, why)?;
+        add(path, &fd, access)
+    };
     // The program itself must be executable even when it lives outside the system paths.
     grant(Path::new(&plan.argv[0]), read_exec, "program")?;
     // The home comes from passwd, not from the configuration: an account without one (such as
@@ -96,14 +164,7 @@ pub(crate) fn build(plan: &LanePlan, policy: &SandboxPolicy) -> Result<BuiltRule
     if plan.identity.home.is_dir() {
         grant(&plan.identity.home, read, "home")?;
     }
-    for path in &policy.read_paths {
-        grant(path, read, "read")?;
-    }
     grant(&plan.work_dir, read_write, "work_dir")?;
-    grant(Path::new("/dev/null"), read_write, "/dev/null")?;
-    for path in &policy.read_write_paths {
-        grant(path, read_write, "read_write")?;
-    }
     if has_net {
         for &port in &policy.tcp_connect_ports {
             (&mut created)

@@ -176,18 +176,25 @@ pub enum SandboxError {
 /// Fixed PATH for lanes: never the helper's own.
 pub const LANE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// A sandbox policy with its seccomp programs compiled once: they do not depend on the lane,
-/// so the helper builds this when it loads its configuration (and fails there, not per dispatch).
+/// A sandbox policy with its seccomp programs compiled and its shared Landlock paths opened
+/// once: they do not depend on the lane, so the helper builds this when it loads its
+/// configuration (and fails there, not per dispatch). A reload (SIGHUP) builds a new one.
 #[derive(Debug)]
 pub struct Sandbox {
     policy: SandboxPolicy,
     seccomp: Vec<seccompiler::BpfProgram>,
+    shared_paths: Option<landlock_rules::SharedPaths>,
 }
 
 impl Sandbox {
     pub fn new(policy: SandboxPolicy) -> Result<Sandbox, SandboxError> {
         let seccomp = seccomp_filter::compile(&policy)?;
-        Ok(Sandbox { policy, seccomp })
+        let shared_paths = landlock_rules::SharedPaths::open(&policy)?;
+        Ok(Sandbox {
+            policy,
+            seccomp,
+            shared_paths,
+        })
     }
 
     pub fn policy(&self) -> &SandboxPolicy {
@@ -222,7 +229,7 @@ impl Sandbox {
             )));
         }
         let env = build_env(&plan, policy)?;
-        let landlock = landlock_rules::build(&plan, policy)?;
+        let landlock = landlock_rules::build(&plan, policy, self.shared_paths.as_ref())?;
         let identity = &plan.identity;
         let enforcement = Enforcement {
             uid: identity.uid,

@@ -172,6 +172,14 @@ fn missing_landlock_path_is_an_error_not_a_skip() {
         read_paths: vec!["/nonexistent/read".into()],
         ..SandboxPolicy::default()
     };
+    // Refused when the policy is loaded, not at the first dispatch.
+    let at_load = dispatch_sandbox::Sandbox::new(policy.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        at_load.contains("read path /nonexistent/read cannot be opened"),
+        "{at_load}"
+    );
     let err = prepare(plan, &policy).err().unwrap().to_string();
     assert!(
         err.contains("read path /nonexistent/read cannot be opened"),
