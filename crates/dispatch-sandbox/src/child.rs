@@ -31,6 +31,7 @@ pub enum ChildStep {
     SetGroups,
     SetGid,
     SetUid,
+    AmbientCapabilities,
     VerifyIds,
     RootNotRegainable,
     ChangeDir,
@@ -45,7 +46,7 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 19] = [
+    const ALL: [ChildStep; 20] = [
         ChildStep::Signals,
         ChildStep::NewSession,
         ChildStep::RegisterWithReaper,
@@ -54,6 +55,7 @@ impl ChildStep {
         ChildStep::SetGroups,
         ChildStep::SetGid,
         ChildStep::SetUid,
+        ChildStep::AmbientCapabilities,
         ChildStep::VerifyIds,
         ChildStep::RootNotRegainable,
         ChildStep::ChangeDir,
@@ -86,7 +88,8 @@ impl fmt::Display for ChildStep {
             ChildStep::SetGroups => "supplementary groups (setgroups)",
             ChildStep::SetGid => "group id (setresgid)",
             ChildStep::SetUid => "user id (setresuid)",
-            ChildStep::VerifyIds => "verify uid/gid (getresuid/getresgid)",
+            ChildStep::AmbientCapabilities => "clear ambient capabilities (PR_CAP_AMBIENT)",
+            ChildStep::VerifyIds => "verify uid/gid/groups (getresuid/getresgid/getgroups)",
             ChildStep::RootNotRegainable => "verify root cannot be regained",
             ChildStep::ChangeDir => "enter the lane work directory (chdir, as the lane user)",
             ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
@@ -107,6 +110,9 @@ pub(crate) struct ChildPlan {
     pub uid: libc::uid_t,
     pub gid: libc::gid_t,
     pub groups: Vec<libc::gid_t>,
+    /// `groups` as the kernel reports them back (sorted), and room to read them into.
+    pub groups_sorted: Vec<libc::gid_t>,
+    pub groups_readback: std::cell::UnsafeCell<Vec<libc::gid_t>>,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub helper_pid: libc::pid_t,
     pub work_dir: CString,
@@ -288,14 +294,15 @@ fn check(step: ChildStep, rc: libc::c_long) -> StepResult {
 
 /// The fixed sequence. Only returns on failure: success ends in execve.
 fn child_sequence(plan: &ChildPlan) -> StepResult {
+    block_all_signals()?;
     reset_signal_handlers()?;
 
     // 1. Own session and process group, so the helper can signal the whole lane at once.
     // SAFETY: setsid takes no arguments.
     check(ChildStep::NewSession, unsafe { libc::setsid() }.into())?;
 
-    // 2. The reaper learns of the group before anything in it runs, so no process of the lane
-    //    can escape the kill that follows the helper's death.
+    // 2. The reaper learns of the group before anything in it runs: no process of the lane
+    //    exists before its group is registered for the kill that follows the helper's death.
     register_with_reaper(plan.reaper_fd)?;
     connect_stdio(&plan.stdio)?;
 
@@ -310,6 +317,12 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     if plan.change_uid {
         drop_identity(plan)?;
     }
+    // Ambient capabilities would survive exec; a root helper's are already gone with the uid
+    // change, an unprivileged helper's (systemd AmbientCapabilities=) must not reach the lane.
+    let clear = libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong;
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) };
+    check(ChildStep::AmbientCapabilities, rc.into())?;
     verify_ids(plan)?;
     // Entered as the lane user, so the directory's own permissions apply.
     // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
@@ -359,12 +372,21 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     }
 
     // 10. The lane starts with no signal blocked, and execs the fixed argv.
-    // SAFETY: (whole block) a local sigset; the exec image's NUL-terminated strings and
-    // NULL-terminated pointer arrays, owned by `plan`.
+    let none: u64 = 0;
+    // SAFETY: raw rt_sigprocmask with a pointer to a live local of the kernel's sigset size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &raw const none,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_SIZE,
+        )
+    };
+    check(ChildStep::Signals, rc)?;
+    // SAFETY: the exec image's NUL-terminated strings and NULL-terminated pointer arrays, owned
+    // by `plan`.
     unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::execve(
             plan.exec.path,
             plan.exec.argv.as_ptr(),
@@ -374,28 +396,58 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     Err((ChildStep::Exec, errno()))
 }
 
+/// The kernel's sigset for rt_sigprocmask: 64 signals on every architecture we build for.
+const KERNEL_SIGSET_SIZE: usize = 8;
+
+/// Every signal, glibc's internal ones included (its `sigprocmask` wrapper leaves those out).
+fn block_all_signals() -> StepResult {
+    let all: u64 = !0;
+    // SAFETY: raw rt_sigprocmask on this thread with a pointer to a live local of the kernel's
+    // sigset size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            &raw const all,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_SIZE,
+        )
+    };
+    check(ChildStep::Signals, rc)
+}
+
 /// The child has its own copy of the helper's signal handlers (no CLONE_SIGHAND): put every one
-/// back to the default, including SIGPIPE, which the Rust runtime ignores and exec would keep.
+/// back to the default, including SIGPIPE, which the Rust runtime ignores and exec would keep,
+/// and glibc's internal ones, which its `sigaction` wrapper refuses to touch.
 fn reset_signal_handlers() -> StepResult {
-    // SAFETY: sigaction with a zeroed (SIG_DFL) action on each signal number; numbers the kernel
-    // or libc refuses (SIGKILL, SIGSTOP, libc's internal ones) are skipped or fail harmlessly.
-    unsafe {
-        let mut default: libc::sigaction = std::mem::zeroed();
-        default.sa_sigaction = libc::SIG_DFL;
-        for signal in 1..=libc::SIGRTMAX() {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::sigaction(signal, &default, std::ptr::null_mut());
-            }
+    // The kernel's struct sigaction: handler, flags, restorer, mask. All zero is SIG_DFL.
+    let default = [0u64; 4];
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
         }
+        // SAFETY: raw rt_sigaction with a pointer to a live, zeroed kernel sigaction.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &raw const default,
+                std::ptr::null_mut::<u64>(),
+                KERNEL_SIGSET_SIZE,
+            )
+        };
+        check(ChildStep::Signals, rc)?;
     }
     Ok(())
 }
 
 fn register_with_reaper(fd: RawFd) -> StepResult {
     // SAFETY: getpid takes no arguments.
-    let message = crate::reaper::message(crate::reaper::REGISTER, unsafe { libc::getpid() });
-    // SAFETY: writes the local 8-byte message; a pipe write this small is atomic.
-    let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
+    let pid = unsafe { libc::syscall(libc::SYS_getpid) } as libc::pid_t;
+    let message = crate::reaper::message(crate::reaper::REGISTER, pid);
+    // SAFETY: raw write (not libc's, a cancellation point that touches the parent thread's
+    // descriptor) of the local 8-byte message; a pipe write this small is atomic.
+    let written = unsafe { libc::syscall(libc::SYS_write, fd, message.as_ptr(), message.len()) };
     match written {
         -1 => Err((ChildStep::RegisterWithReaper, errno())),
         n if n as usize != message.len() => Err((ChildStep::RegisterWithReaper, libc::EIO)),
@@ -446,6 +498,19 @@ fn verify_ids(plan: &ChildPlan) -> StepResult {
     }
     if [ruid, euid, suid] != [plan.uid; 3] || [rgid, egid, sgid] != [plan.gid; 3] {
         return Err((ChildStep::VerifyIds, libc::EPERM));
+    }
+    if plan.change_uid {
+        // SAFETY: the parent is suspended and nothing else uses the buffer during the spawn
+        // (it belongs to this plan); its length is groups.len() + 1, so a longer list than
+        // expected is detected instead of overflowing.
+        let readback = unsafe { &mut *plan.groups_readback.get() };
+        // SAFETY: raw getgroups into the buffer, with its length.
+        let count =
+            unsafe { libc::syscall(libc::SYS_getgroups, readback.len(), readback.as_mut_ptr()) };
+        check(ChildStep::VerifyIds, count)?;
+        if readback.get(..count as usize) != Some(&plan.groups_sorted[..]) {
+            return Err((ChildStep::VerifyIds, libc::EPERM));
+        }
     }
     if plan.uid != 0 {
         // SAFETY: raw system calls with integer arguments; success is the failure we test for.
@@ -522,5 +587,43 @@ impl ExecImage {
             argv,
             envp,
         })
+    }
+}
+
+/// Block until `pid` (our child) has exited, without reaping it: until it is reaped its pid,
+/// which is also its group id, cannot be reused.
+pub(crate) fn wait_exited(pid: libc::pid_t) -> io::Result<()> {
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child, writing into the local `info`.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        match rc {
+            0 => return Ok(()),
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// Reap `pid` (our child) and return its raw status, whatever ended it (realtime signals too).
+pub(crate) fn reap(pid: libc::pid_t) -> io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, writing into the local `status`.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        match rc {
+            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            -1 => return Err(io::Error::last_os_error()),
+            _ => return Ok(std::process::ExitStatus::from_raw(status)),
+        }
     }
 }

@@ -130,7 +130,7 @@ pub struct Enforcement {
     pub same_uid: bool,
 }
 
-/// A lane ready to fork: everything the child needs, computed in the helper.
+/// A lane ready to start: everything the child needs, computed in the helper.
 pub struct PreparedLane {
     plan: LanePlan,
     env: Vec<(String, String)>,
@@ -171,6 +171,8 @@ pub enum SandboxError {
     Reaper(std::io::Error),
     #[error("{0} lanes are already running; no more can be tracked")]
     TooManyLanes(usize),
+    #[error("refusing to change uid: {0}")]
+    SuidDumpable(String),
 }
 
 /// Fixed PATH for lanes: never the helper's own.

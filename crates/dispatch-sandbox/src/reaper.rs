@@ -6,7 +6,8 @@
 //! It keeps nothing but the read end of a pipe, and each lane registers its group on that pipe
 //! itself, before exec, so no process of the lane exists before its registration. When every
 //! write end is closed (the helper is gone; lanes lose theirs at exec), the reaper SIGKILLs each
-//! registered group and exits.
+//! registered group and exits. (A lane process that leaves its group with `setsid` is beyond
+//! any group kill: systemd's cgroup kill is what contains it, see SECURITY.md.)
 //!
 //! The helper forgets a group *before* it reaps the group's leader: until the reap the pid,
 //! which is the group id, cannot be reused, so the reaper never signals an unrelated group.
@@ -17,7 +18,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 pub(crate) const REGISTER: i32 = 1;
 pub(crate) const FORGET: i32 = 2;
-/// Most groups the reaper tracks at once; the spawner refuses lanes beyond it.
+/// Most groups the spawner lets run at once. The reaper's table has room for twice as many, so
+/// lanes that pass the check concurrently still fit.
 pub(crate) const CAPACITY: usize = 16 * 1024;
 const MESSAGE_LEN: usize = 8;
 
@@ -30,9 +32,13 @@ pub(crate) fn message(operation: i32, pgid: libc::pid_t) -> [u8; MESSAGE_LEN] {
 }
 
 pub(crate) struct Reaper {
-    pub pid: libc::pid_t,
-    /// Close-on-exec write end of the registration pipe.
+    pid: libc::pid_t,
+    /// Close-on-exec, non-blocking write end of the registration pipe: a stopped reaper makes
+    /// registrations fail (and spawns with them) instead of hanging the helper.
     pub writer: OwnedFd,
+    /// Set once the process has been reaped: its pid must never be waited for again, since it
+    /// may by then belong to a lane.
+    exited: std::sync::atomic::AtomicBool,
 }
 
 impl Reaper {
@@ -40,8 +46,12 @@ impl Reaper {
     /// copy of the helper's memory.
     pub(crate) fn start() -> io::Result<Reaper> {
         let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        nix::fcntl::fcntl(
+            &writer,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
         // Allocated before the fork: the child must not allocate.
-        let mut table = vec![0 as libc::pid_t; CAPACITY].into_boxed_slice();
+        let mut table = vec![0 as libc::pid_t; 2 * CAPACITY].into_boxed_slice();
         let reader_fd = reader.as_raw_fd();
         // SAFETY: the child runs only `reaper_main`, which makes async-signal-safe calls on the
         // table allocated above and integers, and never returns; fork is safe to call here.
@@ -50,7 +60,11 @@ impl Reaper {
             -1 => Err(io::Error::last_os_error()),
             // SAFETY: we are the forked child (see above).
             0 => unsafe { reaper_main(reader_fd, &mut table) },
-            pid => Ok(Reaper { pid, writer }),
+            pid => Ok(Reaper {
+                pid,
+                writer,
+                exited: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
@@ -63,14 +77,41 @@ impl Reaper {
         Ok(())
     }
 
-    /// True once the reaper process has exited (it is then reaped here).
+    /// True once the reaper process has exited (it is reaped here, once).
     pub(crate) fn has_exited(&self) -> bool {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-        let pid = nix::unistd::Pid::from_raw(self.pid);
-        !matches!(
-            waitpid(pid, Some(WaitPidFlag::WNOHANG)),
-            Ok(WaitStatus::StillAlive)
-        )
+        use std::sync::atomic::Ordering;
+        if self.exited.load(Ordering::SeqCst) {
+            return true;
+        }
+        // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child (not yet reaped: `exited` is false), into `info`.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        // SAFETY: si_pid is valid to read after waitid; it stays 0 if nothing exited.
+        let exited = rc == -1 || unsafe { info.si_pid() } == self.pid;
+        if exited {
+            self.exited.store(true, Ordering::SeqCst);
+        }
+        exited
+    }
+
+    /// Stop a reaper that must not act on its end-of-file (one that could not be told of every
+    /// running lane), and reap it.
+    pub(crate) fn discard(self) {
+        if !self.has_exited() {
+            // SAFETY: kill and waitpid on our own, not yet reaped child.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
     }
 }
 
@@ -94,10 +135,13 @@ unsafe fn reaper_main(reader: RawFd, table: &mut [libc::pid_t]) -> ! {
         );
         // Keep nothing of the helper's but the pipe: not its sockets, not the pipe's write end
         // (or the reaper would never see end-of-file), not its stdio.
+        // If either step fails the reaper exits at once, and the next spawn replaces it.
         if reader != 0 && libc::dup3(reader, 0, 0) == -1 {
             libc::_exit(1);
         }
-        libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+        if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) == -1 {
+            libc::_exit(1);
+        }
         let mut live = 0usize;
         let mut buffer = [0u8; 512 * MESSAGE_LEN];
         let mut pending = 0usize;

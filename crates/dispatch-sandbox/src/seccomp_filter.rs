@@ -3,7 +3,7 @@
 //! Two programs:
 //! - the deny list, compiled by seccompiler, returning EPERM (lanes run ssh, git and tmux, so an
 //!   allow list would be a guess that breaks them), with seccompiler's own architecture check;
-//! - a seven-instruction ABI gate, written out below: a foreign architecture is killed; x32
+//! - a nine-instruction ABI gate, written out below: a foreign architecture is killed; x32
 //!   syscall numbers (bit 30 set on x86_64) are refused wholesale, since a deny list keyed on
 //!   x86_64 numbers would not match their x32 aliases; and `clone3` returns ENOSYS, not EPERM:
 //!   its flags live in memory seccomp cannot read, and ENOSYS makes libc fall back to `clone`,

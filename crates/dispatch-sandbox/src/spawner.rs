@@ -11,7 +11,6 @@ use crate::{Enforcement, PreparedLane, SandboxError};
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
 use std::process::{ChildStderr, ChildStdout, ExitStatus};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
@@ -35,25 +34,12 @@ impl SpawnedLane {
     }
 
     /// Reap the lane's first process, blocking until it has exited. The reaper forgets the
-    /// group first, while its id still cannot be reused.
+    /// group once the process has exited but before the reap, while its id cannot be reused.
     pub fn wait(mut self) -> io::Result<ExitStatus> {
+        child::wait_exited(self.pid)?;
         self.reaped = true;
         self.registry.forget(self.pid);
-        let pid = nix::unistd::Pid::from_raw(self.pid);
-        loop {
-            match nix::sys::wait::waitpid(pid, None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => {
-                    return Ok(ExitStatus::from_raw((code & 0xff) << 8));
-                }
-                Ok(nix::sys::wait::WaitStatus::Signaled(_, signal, core)) => {
-                    return Ok(ExitStatus::from_raw(
-                        signal as i32 | if core { 0x80 } else { 0 },
-                    ));
-                }
-                Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                Err(error) => return Err(error.into()),
-            }
-        }
+        child::reap(self.pid)
     }
 }
 
@@ -63,8 +49,10 @@ impl Drop for SpawnedLane {
         if !self.reaped {
             let group = nix::unistd::Pid::from_raw(self.pid);
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-            self.registry.forget(self.pid);
-            let _ = nix::sys::wait::waitpid(group, None);
+            if child::wait_exited(self.pid).is_ok() {
+                self.registry.forget(self.pid);
+                let _ = child::reap(self.pid);
+            }
         }
     }
 }
@@ -90,10 +78,14 @@ impl Registry {
         let mut state = self.lock();
         if state.reaper.has_exited() {
             let successor = Reaper::start().map_err(SandboxError::Reaper)?;
-            for &pgid in &state.live {
-                successor
-                    .send(reaper::REGISTER, pgid)
-                    .map_err(SandboxError::Reaper)?;
+            let told = state
+                .live
+                .iter()
+                .try_for_each(|&pgid| successor.send(reaper::REGISTER, pgid));
+            if let Err(error) = told {
+                // Its end-of-file would kill the lanes it was told of: stop it first.
+                successor.discard();
+                return Err(SandboxError::Reaper(error));
             }
             state.reaper = Arc::new(successor);
         }
@@ -186,6 +178,28 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     }
 }
 
+/// Until its exec, the lane shares the helper's memory, and the kernel resets that memory's
+/// dumpable flag to `fs.suid_dumpable` when the lane changes uid. At 1 ("debug") the lane's user
+/// could attach to the child in that window and reach the helper's memory: refuse instead.
+/// Read at every spawn, since the setting can change while the helper runs.
+fn refuse_dumpable_credential_change() -> Result<(), SandboxError> {
+    check_suid_dumpable(std::path::Path::new("/proc/sys/fs/suid_dumpable"))
+}
+
+fn check_suid_dumpable(setting: &std::path::Path) -> Result<(), SandboxError> {
+    let value = std::fs::read_to_string(setting).map_err(|e| {
+        SandboxError::SuidDumpable(format!("cannot read {}: {e}", setting.display()))
+    })?;
+    match value.trim() {
+        "0" | "2" => Ok(()),
+        other => Err(SandboxError::SuidDumpable(format!(
+            "{} is {other}: a lane's uid change would leave the helper's memory open to \
+             the lane user until exec; set it to 0 or 2 (sysctl fs.suid_dumpable=0)",
+            setting.display()
+        ))),
+    }
+}
+
 fn spawn_now(
     lane: PreparedLane,
     stack: &mut ChildStack,
@@ -234,12 +248,21 @@ fn spawn_now(
     };
     let (child_stdio, out_read, err_read) = stdio().map_err(SandboxError::Spawn)?;
 
+    if plan.change_uid {
+        refuse_dumpable_credential_change()?;
+    }
     let reaper = registry.reaper_for_next_lane()?;
     let child_plan = ChildPlan {
         change_uid: plan.change_uid,
         uid: identity.uid,
         gid: identity.gid,
         groups: identity.groups.clone(),
+        groups_sorted: {
+            let mut sorted = identity.groups.clone();
+            sorted.sort_unstable();
+            sorted
+        },
+        groups_readback: std::cell::UnsafeCell::new(vec![0; identity.groups.len() + 1]),
         rlimits: rlimits
             .into_iter()
             .map(|(resource, value)| {
@@ -276,13 +299,35 @@ fn spawn_now(
         }
         Err(failure) => {
             if let Some(pid) = failure.child {
+                // It has exited (CLONE_VFORK returned without an exec).
                 registry.forget(pid);
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                let _ = child::reap(pid);
             }
             Err(SandboxError::ChildStep {
                 step: failure.step,
                 error: failure.error,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_non_dumpable_credential_change_is_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let setting = dir.path().join("suid_dumpable");
+        for (value, allowed) in [("0\n", true), ("2\n", true), ("1\n", false), ("", false)] {
+            std::fs::write(&setting, value).unwrap();
+            let result = check_suid_dumpable(&setting);
+            assert_eq!(result.is_ok(), allowed, "{value:?}: {result:?}");
+            if let Err(error) = result {
+                assert!(error.to_string().contains("suid_dumpable"), "{error}");
+            }
+        }
+        let missing = check_suid_dumpable(&dir.path().join("missing")).unwrap_err();
+        assert!(missing.to_string().contains("cannot read"), "{missing}");
     }
 }
