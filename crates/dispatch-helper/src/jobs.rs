@@ -12,7 +12,6 @@ use dispatch_proto::{
 };
 use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{Pid, User};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -520,9 +519,8 @@ impl Helper {
         // its pid, which is also the group id, cannot be reused, so signalling the group stays
         // safe until the reap below.
         let leader = pgid;
-        let mut exited = tokio::task::spawn_blocking(move || {
-            waitid(Id::Pid(leader), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
-        });
+        let mut exited =
+            tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader.as_raw()));
         let deadline = tokio::time::sleep(settings.timeout());
         tokio::pin!(deadline);
         let mut reason: Option<StopReason> = None;

@@ -35,7 +35,7 @@ mod spawner;
 
 pub use child::ChildStep;
 pub use identity::{LaneIdentity, current_identity, resolve_identity};
-pub use spawner::{LaneSpawner, SpawnedLane};
+pub use spawner::{LaneSpawner, SpawnedLane, wait_for_exit};
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

@@ -43,6 +43,12 @@ impl SpawnedLane {
     }
 }
 
+/// Block until the lane whose group is `pgid` has exited, without reaping it (see
+/// [`SpawnedLane::process_group`]). Interrupted waits are resumed, not reported.
+pub fn wait_for_exit(pgid: i32) -> io::Result<()> {
+    child::wait_exited(pgid)
+}
+
 impl Drop for SpawnedLane {
     /// A lane dropped without being waited for is killed, not leaked.
     fn drop(&mut self) {
