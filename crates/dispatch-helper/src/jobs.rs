@@ -525,9 +525,9 @@ impl Helper {
         tokio::pin!(deadline);
         let mut reason: Option<StopReason> = None;
         let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        loop {
+        let leader_pinned = loop {
             tokio::select! {
-                _ = &mut exited => break,
+                waited = &mut exited => break matches!(waited, Ok(Ok(()))),
                 _ = &mut deadline, if reason.is_none() => {
                     reason = Some(StopReason::Timeout);
                     let _ = killpg(pgid, Signal::SIGTERM);
@@ -543,9 +543,13 @@ impl Helper {
                     escalate = None;
                 }
             }
-        }
+        };
         // The lane is over: nothing it left in its process group outlives the job record.
-        let _ = killpg(pgid, Signal::SIGKILL);
+        // Only while the exited leader is still unreaped does the group id surely belong to
+        // this lane; a failed wait leaves that unknown, so nothing is signalled then.
+        if leader_pinned {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
         let status = tokio::task::spawn_blocking(move || lane.wait()).await;
         // The lane's capacity is free as soon as its processes are gone.
         self.release(owner_uid);

@@ -508,7 +508,13 @@ fn verify_ids(plan: &ChildPlan) -> StepResult {
         let count =
             unsafe { libc::syscall(libc::SYS_getgroups, readback.len(), readback.as_mut_ptr()) };
         check(ChildStep::VerifyIds, count)?;
-        if readback.get(..count as usize) != Some(&plan.groups_sorted[..]) {
+        let Some(granted) = readback.get_mut(..count as usize) else {
+            return Err((ChildStep::VerifyIds, libc::EINVAL));
+        };
+        // The kernel sorts by global id, which inside a user namespace need not be our order;
+        // sort_unstable works in place and does not allocate.
+        granted.sort_unstable();
+        if granted != &plan.groups_sorted[..] {
             return Err((ChildStep::VerifyIds, libc::EPERM));
         }
     }

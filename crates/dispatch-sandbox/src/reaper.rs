@@ -50,6 +50,12 @@ impl Reaper {
             &writer,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
+        // Room for a full table of registrations, so a successor can be told of every live
+        // lane before it starts reading. Best effort: the default size only makes that slower.
+        let _ = nix::fcntl::fcntl(
+            &writer,
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ((2 * CAPACITY * MESSAGE_LEN) as libc::c_int),
+        );
         // Allocated before the fork: the child must not allocate.
         let mut table = vec![0 as libc::pid_t; 2 * CAPACITY].into_boxed_slice();
         let reader_fd = reader.as_raw_fd();
@@ -68,13 +74,25 @@ impl Reaper {
         }
     }
 
+    /// Send one message, waiting up to a second for room in the pipe (a reaper that has just
+    /// started drains it once it is running).
     pub(crate) fn send(&self, operation: i32, pgid: libc::pid_t) -> io::Result<()> {
         let bytes = message(operation, pgid);
-        let written = nix::unistd::write(&self.writer, &bytes)?;
-        if written != bytes.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write"));
+        for _ in 0..1000 {
+            match nix::unistd::write(&self.writer, &bytes) {
+                Ok(written) if written == bytes.len() => return Ok(()),
+                Ok(_) => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
-        Ok(())
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the reaper has not read its pipe for a second",
+        ))
     }
 
     /// True once the reaper process has exited (it is reaped here, once).
@@ -104,13 +122,12 @@ impl Reaper {
 
     /// Stop a reaper that must not act on its end-of-file (one that could not be told of every
     /// running lane), and reap it.
-    pub(crate) fn discard(self) {
+    pub(crate) fn discard(&self) {
         if !self.has_exited() {
-            // SAFETY: kill and waitpid on our own, not yet reaped child.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
-            }
+            // SAFETY: kill of our own child, not yet reaped (`has_exited` is false).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = crate::child::reap(self.pid);
+            self.exited.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

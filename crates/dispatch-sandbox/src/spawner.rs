@@ -36,9 +36,12 @@ impl SpawnedLane {
     /// Reap the lane's first process, blocking until it has exited. The reaper forgets the
     /// group once the process has exited but before the reap, while its id cannot be reused.
     pub fn wait(mut self) -> io::Result<ExitStatus> {
-        child::wait_exited(self.pid)?;
+        // From here on the group is never signalled from Drop: if the wait fails the id may
+        // no longer be ours.
         self.reaped = true;
+        let exited = child::wait_exited(self.pid);
         self.registry.forget(self.pid);
+        exited?;
         child::reap(self.pid)
     }
 }
@@ -83,17 +86,7 @@ impl Registry {
     fn reaper_for_next_lane(&self) -> Result<Arc<Reaper>, SandboxError> {
         let mut state = self.lock();
         if state.reaper.has_exited() {
-            let successor = Reaper::start().map_err(SandboxError::Reaper)?;
-            let told = state
-                .live
-                .iter()
-                .try_for_each(|&pgid| successor.send(reaper::REGISTER, pgid));
-            if let Err(error) = told {
-                // Its end-of-file would kill the lanes it was told of: stop it first.
-                successor.discard();
-                return Err(SandboxError::Reaper(error));
-            }
-            state.reaper = Arc::new(successor);
+            Self::replace_reaper(&mut state)?;
         }
         if state.live.len() >= reaper::CAPACITY {
             return Err(SandboxError::TooManyLanes(reaper::CAPACITY));
@@ -101,21 +94,42 @@ impl Registry {
         Ok(state.reaper.clone())
     }
 
+    /// Stop the current reaper if it still runs (one that missed a message must not act on
+    /// what it knows) and start one that knows every live group.
+    fn replace_reaper(state: &mut RegistryState) -> Result<(), SandboxError> {
+        state.reaper.discard();
+        let successor = Reaper::start().map_err(SandboxError::Reaper)?;
+        let told = state
+            .live
+            .iter()
+            .try_for_each(|&pgid| successor.send(reaper::REGISTER, pgid));
+        if let Err(error) = told {
+            // Its end-of-file would kill the lanes it was told of: stop it first.
+            successor.discard();
+            return Err(SandboxError::Reaper(error));
+        }
+        state.reaper = Arc::new(successor);
+        Ok(())
+    }
+
     /// Record a started lane, which registered itself with `used`.
     fn track(&self, pgid: libc::pid_t, used: &Arc<Reaper>) {
         let mut state = self.lock();
         state.live.insert(pgid);
-        if !Arc::ptr_eq(&state.reaper, used) {
-            // The reaper was replaced while this lane started: tell the new one too.
-            let _ = state.reaper.send(reaper::REGISTER, pgid);
+        // If the reaper was replaced while this lane started, the new one must hear of it too;
+        // if it cannot be told, a successor is (the next spawn retries if that fails as well).
+        if !Arc::ptr_eq(&state.reaper, used) && state.reaper.send(reaper::REGISTER, pgid).is_err() {
+            let _ = Self::replace_reaper(&mut state);
         }
     }
 
     fn forget(&self, pgid: libc::pid_t) {
         let mut state = self.lock();
         state.live.remove(&pgid);
-        // A failed send means the reaper is gone, and with it the registration.
-        let _ = state.reaper.send(reaper::FORGET, pgid);
+        // A reaper that missed a FORGET could later kill whatever reuses the id: replace it.
+        if state.reaper.send(reaper::FORGET, pgid).is_err() {
+            let _ = Self::replace_reaper(&mut state);
+        }
     }
 }
 
@@ -288,6 +302,11 @@ fn spawn_now(
         exec,
     };
     let spawned = child::spawn(&child_plan, stack);
+    if plan.change_uid {
+        // The child's uid change set the shared memory's dumpable flag to fs.suid_dumpable (0
+        // or 2); put the helper's own back to 0, so it does not write core dumps either.
+        let _ = nix::sys::prctl::set_dumpable(false);
+    }
     // The lane has its own copies now (or never will): the helper keeps only the read ends.
     drop(child_stdio);
     drop(lane.landlock);
