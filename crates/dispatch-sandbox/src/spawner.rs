@@ -36,6 +36,10 @@ impl SpawnedLane {
     /// Reap the lane's first process, blocking until it has exited. The reaper forgets the
     /// group once the process has exited but before the reap, while its id cannot be reused.
     pub fn wait(mut self) -> io::Result<ExitStatus> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> io::Result<ExitStatus> {
         // From here on the group is never signalled from Drop: if the wait fails the id may
         // no longer be ours.
         self.reaped = true;
@@ -58,10 +62,7 @@ impl Drop for SpawnedLane {
         if !self.reaped {
             let group = nix::unistd::Pid::from_raw(self.pid);
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-            if child::wait_exited(self.pid).is_ok() {
-                self.registry.forget(self.pid);
-                let _ = child::reap(self.pid);
-            }
+            let _ = self.finish();
         }
     }
 }
