@@ -3,9 +3,11 @@
 //!
 //! cargo bench --bench sandbox_spawn    (as root for the real uid drop; otherwise same-uid)
 
+use dispatch_sandbox::cgroup::{CgroupSetting, cgroup2_mount};
 use dispatch_sandbox::{
-    LanePlan, LaneSpawner, Sandbox, SandboxPolicy, current_identity, resolve_identity,
+    Containment, LanePlan, LaneSpawner, Sandbox, SandboxPolicy, current_identity, resolve_identity,
 };
+use std::cell::Cell;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,8 +44,20 @@ fn main() {
     }
     // As the helper holds it: seccomp compiled once, Landlock built per lane.
     let sandbox = Sandbox::new(SandboxPolicy::default()).unwrap();
-    let spawner = LaneSpawner::start(1).unwrap();
+    // As root, each lane gets its own cgroup (created, joined, emptied and removed per spawn),
+    // as in the helper; elsewhere there is none to create.
+    let cgroup_base = cgroup2_mount()
+        .filter(|_| root)
+        .map(|mount| mount.join(format!("dispatch-bench-{}", std::process::id())));
+    let containment = match &cgroup_base {
+        Some(base) => Containment::establish(&CgroupSetting::Path(base.clone())).unwrap(),
+        None => Containment::none("not root"),
+    };
+    println!("containment: {}", containment.describe());
+    let spawner = LaneSpawner::start(1, containment).unwrap();
+    let lane_number = Cell::new(0u64);
     let plan = LanePlan {
+        name: String::new(),
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
@@ -78,13 +92,20 @@ fn main() {
         assert!(command.status().unwrap().success());
         start.elapsed()
     };
+    let next_plan = || {
+        lane_number.set(lane_number.get() + 1);
+        LanePlan {
+            name: format!("bench-{}", lane_number.get()),
+            ..plan.clone()
+        }
+    };
     let sandboxed = |include_prepare: bool| {
-        let prepared_early = (!include_prepare).then(|| sandbox.prepare(plan.clone()).unwrap());
+        let prepared_early = (!include_prepare).then(|| sandbox.prepare(next_plan()).unwrap());
         let start = Instant::now();
-        let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(plan.clone()).unwrap());
+        let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(next_plan()).unwrap());
         let lane = spawner.spawn(prepared).unwrap();
-        let status = lane.wait().unwrap();
-        assert!(status.success());
+        let end = lane.wait().unwrap();
+        assert!(end.status.success());
         start.elapsed()
     };
     for _ in 0..20 {
@@ -93,7 +114,7 @@ fn main() {
     }
     let prepare_only = || {
         let start = Instant::now();
-        let prepared = sandbox.prepare(plan.clone()).unwrap();
+        let prepared = sandbox.prepare(next_plan()).unwrap();
         let elapsed = start.elapsed();
         drop(prepared);
         elapsed
@@ -142,4 +163,9 @@ fn main() {
         percentile(&mut full_samples, 0.99).as_secs_f64() * 1e6,
         full_p50.as_secs_f64() / bare_p50.as_secs_f64()
     );
+    drop(spawner);
+    if let Some(base) = cgroup_base {
+        let _ = std::fs::remove_dir(base.join("lanes"));
+        let _ = std::fs::remove_dir(base);
+    }
 }

@@ -125,10 +125,133 @@ fn main() {
             }
             out.write_all(b"END\n").unwrap();
         }
+        _ if mode.starts_with("escape-setsid:") => leave_lane(&mode[14..], Leave::Setsid),
+        _ if mode.starts_with("escape-setpgid:") => leave_lane(&mode[15..], Leave::Setpgid),
+        _ if mode.starts_with("forkbomb") => fork_bomb(),
+        _ if mode.starts_with("hog:") => hog(mode[4..].parse().unwrap_or(1024)),
+        _ if mode.starts_with("burn:") => burn(mode[5..].parse().unwrap_or(10)),
         "escape" => escape(serde_json::from_str(rest).expect("escape takes a JSON object")),
         "connect" => connect(rest),
         _ => println!("{}", json!({"argv": args})),
     }
+}
+
+enum Leave {
+    /// Double fork, then `setsid`: a daemon in its own session, reparented away from the lane.
+    Setsid,
+    /// Fork, then `setpgid(0, 0)`: out of the lane's process group, same session.
+    Setpgid,
+}
+
+/// `TAG:HOLD`: start a descendant that leaves the lane's process group and lives on, writing
+/// its pid to `TAG.pid` in the work dir and appending to `TAG.alive` every 100 ms; then hold
+/// the lane for HOLD seconds (0: end it at once).
+fn leave_lane(spec: &str, how: Leave) {
+    let (tag, hold) = spec.split_once(':').unwrap_or((spec, "0"));
+    let hold: u64 = hold.parse().unwrap_or(0);
+    let (pid_file, alive_file) = (format!("{tag}.pid"), format!("{tag}.alive"));
+    // SAFETY: fork in a single-threaded program; the children only make plain calls below.
+    unsafe {
+        let first = libc::fork();
+        if first == 0 {
+            match how {
+                Leave::Setsid => {
+                    libc::setsid();
+                    if libc::fork() != 0 {
+                        libc::_exit(0);
+                    }
+                }
+                Leave::Setpgid => {
+                    libc::setpgid(0, 0);
+                }
+            }
+            // Detached from the lane's output, so the lane's pipes close when it ends.
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+            let _ = std::fs::write(&pid_file, std::process::id().to_string());
+            loop {
+                let mut alive = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&alive_file);
+                if let Ok(file) = alive.as_mut() {
+                    let _ = writeln!(file, "alive");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        let mut status = 0;
+        if matches!(how, Leave::Setsid) {
+            libc::waitpid(first, &mut status, 0);
+        }
+    }
+    // Hold the lane until the descendant is surely running.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::metadata(&pid_file).is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!(
+        "{}",
+        json!({"left": std::fs::read_to_string(&pid_file).unwrap_or_default()})
+    );
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(hold));
+}
+
+/// Fork until the kernel refuses, keeping every child alive, and keep trying for a while as a
+/// real fork bomb would; then report how far it got.
+fn fork_bomb() {
+    let mut forked = 0u32;
+    let mut refused = 0u32;
+    let mut last_errno = 0;
+    while refused < 150 {
+        // SAFETY: fork in a single-threaded program; the child only sleeps and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                std::process::exit(0);
+            }
+            -1 => {
+                refused += 1;
+                last_errno = errno();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            _ => forked += 1,
+        }
+        if forked >= 100_000 {
+            break;
+        }
+    }
+    println!("{}", json!({"forked": forked, "errno": last_errno}));
+    std::process::exit(3);
+}
+
+/// Allocate and touch memory in 4 MiB steps up to `mib`; exit 4 when an allocation fails.
+fn hog(mib: usize) {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for step in 0..mib / 4 {
+        let mut chunk: Vec<u8> = Vec::new();
+        if chunk.try_reserve_exact(4 << 20).is_err() {
+            println!("{}", json!({"allocated_mib": step * 4}));
+            std::io::stdout().flush().unwrap();
+            std::process::exit(4);
+        }
+        chunk.resize(4 << 20, 1);
+        held.push(chunk);
+    }
+    println!("{}", json!({"allocated_mib": mib}));
+}
+
+/// Spin on the CPU for `seconds` of wall time.
+fn burn(seconds: u64) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut x = 0u64;
+    while std::time::Instant::now() < until {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    println!("{}", json!({"burned": x % 2}));
 }
 
 /// Connect to the helper socket as whoever runs this, handshake, optionally ask for the status

@@ -128,6 +128,8 @@ pub const ALLOWLIST: &str = r#"{
 }"#;
 
 pub struct TestHelper {
+    /// The cgroup v2 directory this helper's lanes live under (as root), removed on drop.
+    pub cgroup: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub audit: PathBuf,
@@ -148,6 +150,17 @@ impl TestHelper {
         let socket = root.join("run/helper.sock");
         let audit = root.join("log/audit.jsonl");
         let state = root.join("state");
+        // As root, lanes get a cgroup tree of this helper's own, as a delegated one under systemd
+        // would be; it is kept across relaunches of the same helper (a restart sweeps it).
+        let cgroup = (is_root() && !options.sandbox_toml.contains("cgroup")).then(|| {
+            let mount = dispatch_sandbox::cgroup::cgroup2_mount()
+                .expect("root tests need a cgroup v2 hierarchy (.ci/setup)");
+            mount.join("dispatch-tests").join(root.file_name().unwrap())
+        });
+        let sandbox_toml = match &cgroup {
+            Some(path) => format!("cgroup = {:?}\n{}", path, options.sandbox_toml),
+            None => options.sandbox_toml.clone(),
+        };
         let argv = options
             .argv
             .iter()
@@ -161,13 +174,14 @@ impl TestHelper {
             mode = options.socket_mode,
             timeout = options.timeout_seconds,
             extra = options.extra_toml,
-            sandbox = options.sandbox_toml,
+            sandbox = sandbox_toml,
         );
         std::fs::write(&config, text).unwrap();
         for file in [&allowlist, &config] {
             std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
         let mut helper = TestHelper {
+            cgroup,
             stderr_log: root.join("helper.stderr"),
             dir,
             socket,
@@ -253,22 +267,59 @@ impl TestHelper {
     }
 }
 
+impl TestHelper {
+    /// The lane cgroups that exist now (one per running lane).
+    pub fn lane_cgroups(&self) -> Vec<String> {
+        let Some(base) = &self.cgroup else {
+            return Vec::new();
+        };
+        std::fs::read_dir(base.join("lanes"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 impl Drop for TestHelper {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    return;
+        self.stop();
+        // Whatever a killed helper left: kill it, then remove the tree.
+        if let Some(base) = &self.cgroup {
+            let lanes = base.join("lanes");
+            for name in self.lane_cgroups() {
+                let lane = lanes.join(name);
+                let _ = std::fs::write(lane.join("cgroup.kill"), "1");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while std::fs::remove_dir(&lane).is_err() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
-                std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = std::fs::remove_dir(&lanes);
+            let _ = std::fs::remove_dir(base);
         }
     }
 }

@@ -134,7 +134,10 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         &config,
         &format!(
             "# Written by dispatch-mcp for its embedded helper.\nallowlist = {}\nargv = {argv}\nsearch_path = {}\n\
-             state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n",
+             state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n\
+             # No delegated cgroup here: lanes are contained by their process group and the\n\
+             # helper as subreaper (each job's sandbox report says so).\n\
+             [sandbox]\nallow_uncontained = true\n",
             toml_string(&allowlist.display().to_string()),
             toml_string(&search_path),
             toml_string(&dir.join("state").display().to_string()),

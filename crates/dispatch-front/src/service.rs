@@ -113,6 +113,28 @@ pub struct SandboxOutput {
     pub no_new_privs: bool,
     /// True when the helper ran without root, so the lane kept the helper's own uid.
     pub same_uid: bool,
+    /// What ends everything the lane starts: its own cgroup, or its process group.
+    pub containment: String,
+    /// Each resource limit (`processes`, `memory`, `swap`, `cpu_time`, `cpu_rate`,
+    /// `open_files`, `file_size`, `wall_clock`), its value and what holds it on this host.
+    pub limits: Vec<LimitOutput>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct LimitOutput {
+    pub limit: String,
+    pub value: String,
+    pub mechanism: String,
+}
+
+/// What a finished dispatch cost.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct UsageOutput {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    pub peak_memory_bytes: u64,
+    /// True when the peak covers the whole lane; false when it is its largest process's.
+    pub peak_memory_whole_lane: bool,
 }
 
 /// One dispatch, as the Python server reported it plus what it lacked.
@@ -149,6 +171,10 @@ pub struct DispatchOutput {
     pub stderr: Option<OutputTail>,
     /// What the sandbox enforced on the lane.
     pub sandbox: Option<SandboxOutput>,
+    /// CPU time and peak memory, once finished.
+    pub usage: Option<UsageOutput>,
+    /// The limit that stopped it (`processes`, `memory`, `cpu_time`, `wall_clock`), if one did.
+    pub stopped_by: Option<String>,
 }
 
 impl From<JobView> for DispatchOutput {
@@ -187,7 +213,24 @@ impl From<JobView> for DispatchOutput {
                 seccomp: s.seccomp,
                 no_new_privs: s.no_new_privs,
                 same_uid: s.same_uid,
+                containment: s.containment,
+                limits: s
+                    .limits
+                    .into_iter()
+                    .map(|l| LimitOutput {
+                        limit: l.limit,
+                        value: l.value,
+                        mechanism: l.mechanism,
+                    })
+                    .collect(),
             }),
+            usage: job.usage.map(|u| UsageOutput {
+                cpu_user_ms: u.cpu_user_ms,
+                cpu_system_ms: u.cpu_system_ms,
+                peak_memory_bytes: u.peak_memory_bytes,
+                peak_memory_whole_lane: u.peak_memory_whole_lane,
+            }),
+            stopped_by: job.stopped_by,
         }
     }
 }

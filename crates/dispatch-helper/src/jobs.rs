@@ -50,12 +50,7 @@ impl Peer {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
-    Cancel,
-    Timeout,
-    Shutdown,
-}
+use crate::lane::{self, StopReason};
 
 struct Decision {
     argv: Vec<String>,
@@ -153,6 +148,11 @@ impl Helper {
             connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// What contains the lanes, in words.
+    pub fn containment(&self) -> String {
+        self.spawner.containment().describe()
     }
 
     pub fn settings(&self) -> Arc<Settings> {
@@ -263,6 +263,7 @@ impl Helper {
             tokio::task::spawn_blocking(move || {
                 let decision = Self::decide(&settings, &peer, &request, &handle)?;
                 let plan = LanePlan {
+                    name: handle.to_string(),
                     identity: decision.identity.clone(),
                     argv: decision.argv.clone(),
                     work_dir: decision.work_dir.clone(),
@@ -325,16 +326,9 @@ impl Helper {
                 detail: "running".into(),
                 stdout: None,
                 stderr: None,
-                sandbox: Some(SandboxReport {
-                    uid: enforcement.uid,
-                    gid: enforcement.gid,
-                    groups: enforcement.groups.clone(),
-                    landlock_abi: enforcement.landlock_abi,
-                    landlock: enforcement.landlock.clone(),
-                    seccomp: enforcement.seccomp,
-                    no_new_privs: enforcement.no_new_privs,
-                    same_uid: enforcement.same_uid,
-                }),
+                sandbox: Some(sandbox_report(&enforcement, &settings)),
+                usage: None,
+                stopped_by: None,
             },
         };
 
@@ -399,6 +393,7 @@ impl Helper {
             }
         };
         record.job.started_at = Some(now_rfc3339());
+        record.job.sandbox = Some(sandbox_report(&lane.enforcement, &settings));
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
         if let Err(error) = self.store.save_async(&record).await {
@@ -503,8 +498,8 @@ impl Helper {
         mut stop: mpsc::UnboundedReceiver<StopReason>,
     ) {
         let settings = self.settings();
+        let limits = settings.file.sandbox.limits;
         let tail_limit = settings.file.limits.output_tail_bytes;
-        let pgid = Pid::from_raw(lane.process_group());
         let stdout = lane
             .stdout
             .take()
@@ -515,47 +510,26 @@ impl Helper {
             .take()
             .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
             .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
-        // Wait for the lane's first process to exit *without reaping it*: while it is a zombie
-        // its pid, which is also the group id, cannot be reused, so signalling the group stays
-        // safe until the reap below.
-        let leader = pgid;
-        let mut exited =
-            tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader.as_raw()));
-        let deadline = tokio::time::sleep(settings.timeout());
-        tokio::pin!(deadline);
-        let mut reason: Option<StopReason> = None;
-        let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let leader_pinned = loop {
-            tokio::select! {
-                waited = &mut exited => break matches!(waited, Ok(Ok(()))),
-                _ = &mut deadline, if reason.is_none() => {
-                    reason = Some(StopReason::Timeout);
-                    let _ = killpg(pgid, Signal::SIGTERM);
-                    escalate = Some(Box::pin(tokio::time::sleep(settings.grace())));
-                }
-                Some(why) = stop.recv(), if reason.is_none() => {
-                    reason = Some(why);
-                    let _ = killpg(pgid, Signal::SIGTERM);
-                    escalate = Some(Box::pin(tokio::time::sleep(settings.grace())));
-                }
-                _ = async { escalate.as_mut().unwrap().await }, if escalate.is_some() => {
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                    escalate = None;
-                }
-            }
+        let plan = lane::WatchPlan {
+            timeout: settings.timeout(),
+            grace: settings.grace(),
+            cpu_budget: Duration::from_secs(limits.cpu_seconds),
+            user_process_limit: (!self
+                .spawner
+                .containment()
+                .controllers()
+                .is_some_and(|c| c.pids))
+            .then_some(limits.processes),
+            uid: lane.enforcement.uid,
         };
-        // The lane is over: nothing it left in its process group outlives the job record.
-        // Only while the exited leader is still unreaped does the group id surely belong to
-        // this lane; a failed wait leaves that unknown, so nothing is signalled then.
-        if leader_pinned {
-            let _ = killpg(pgid, Signal::SIGKILL);
-        }
-        let status = tokio::task::spawn_blocking(move || lane.wait()).await;
+        let watched = lane::watch(&lane, plan, &mut stop).await;
+        // Ends everything the lane left running (its cgroup, its group), reaps it, and counts.
+        let ended = tokio::task::spawn_blocking(move || lane.wait()).await;
         // The lane's capacity is free as soon as its processes are gone.
         self.release(owner_uid);
         let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
             let mut task = task?;
-            // A daemonised grandchild can hold the pipe open forever: bounded wait.
+            // A process outside any cgroup can hold the pipe open forever: bounded wait.
             match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
                 Ok(Ok(tail)) => Some(tail),
                 _ => {
@@ -574,32 +548,16 @@ impl Helper {
         record.job.stdout = stdout;
         record.job.stderr = stderr;
         record.pgid = None;
-        match status {
-            Ok(Ok(status)) => {
+        match ended {
+            Ok(Ok(end)) => {
+                let judged = lane::outcome(&end, watched, &limits, settings.file.timeout_seconds);
                 use std::os::unix::process::ExitStatusExt;
-                record.job.exit_code = status.code();
-                record.job.signal = status.signal();
-                let how = match (status.code(), status.signal()) {
-                    (Some(code), _) => format!("exited with status {code}"),
-                    (None, Some(signal)) => format!("killed by signal {signal}"),
-                    _ => "ended".to_owned(),
-                };
-                (record.job.state, record.job.detail) = match reason {
-                    Some(StopReason::Timeout) => (
-                        JobState::TimedOut,
-                        format!(
-                            "timed out after {} s and was stopped ({how})",
-                            settings.file.timeout_seconds
-                        ),
-                    ),
-                    Some(StopReason::Cancel) => (JobState::Cancelled, format!("cancelled ({how})")),
-                    Some(StopReason::Shutdown) => (
-                        JobState::Cancelled,
-                        format!("stopped because the helper shut down ({how})"),
-                    ),
-                    None if status.success() => (JobState::Succeeded, how),
-                    None => (JobState::Failed, how),
-                };
+                record.job.exit_code = end.status.code();
+                record.job.signal = end.status.signal();
+                record.job.state = judged.state;
+                record.job.detail = judged.detail;
+                record.job.stopped_by = judged.stopped_by;
+                record.job.usage = Some(judged.usage);
             }
             other => {
                 record.job.state = JobState::Failed;
@@ -1049,6 +1007,42 @@ fn new_handle() -> Handle {
 }
 
 /// Start time of a process, from /proc/<pid>/stat (field 22), to recognise it later.
+/// What the sandbox enforces on a lane, with the helper's own wall-clock limit beside the rest.
+fn sandbox_report(
+    enforcement: &dispatch_sandbox::Enforcement,
+    settings: &Settings,
+) -> SandboxReport {
+    let mut limits: Vec<dispatch_proto::LimitReport> = enforcement
+        .limits
+        .iter()
+        .map(|l| dispatch_proto::LimitReport {
+            limit: l.limit.clone(),
+            value: l.value.clone(),
+            mechanism: l.mechanism.clone(),
+        })
+        .collect();
+    limits.push(dispatch_proto::LimitReport {
+        limit: "wall_clock".into(),
+        value: format!("{} s", settings.file.timeout_seconds),
+        mechanism: format!(
+            "the helper's timeout (SIGTERM, then SIGKILL to the whole lane after {} s)",
+            settings.file.kill_grace_seconds
+        ),
+    });
+    SandboxReport {
+        uid: enforcement.uid,
+        gid: enforcement.gid,
+        groups: enforcement.groups.clone(),
+        landlock_abi: enforcement.landlock_abi,
+        landlock: enforcement.landlock.clone(),
+        seccomp: enforcement.seccomp,
+        no_new_privs: enforcement.no_new_privs,
+        same_uid: enforcement.same_uid,
+        containment: enforcement.containment.clone(),
+        limits,
+    }
+}
+
 fn process_start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after the last ')'.

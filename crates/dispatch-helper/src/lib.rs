@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod config;
 pub mod jobs;
+pub mod lane;
 pub mod output;
 pub mod server;
 pub mod store;
@@ -163,6 +164,7 @@ fn check(path: &Path) -> ExitCode {
                 dispatch_sandbox::kernel_landlock_abi(),
                 settings.file.sandbox.landlock_min_abi
             );
+            print_containment(&settings);
             println!("targets:");
             for target in settings.allowlist.targets() {
                 let org = settings.allowlist.org(&target.orguser);
@@ -181,6 +183,57 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(error) => fail(format!("configuration unusable: {error}")),
     }
+}
+
+/// What contains lanes and holds each limit. `auto` is decided by the running helper (its own
+/// cgroup under systemd's Delegate=yes), so both possibilities are shown for it.
+fn print_containment(settings: &config::Settings) {
+    use dispatch_sandbox::cgroup::{CgroupSetting, CgroupTree, Established};
+    let sandbox = &settings.file.sandbox;
+    let controllers = match &sandbox.cgroup {
+        CgroupSetting::Off => None,
+        CgroupSetting::Auto => {
+            println!(
+                "containment: sandbox.cgroup = \"auto\": the helper's own cgroup when systemd \
+                 delegates one (Delegate=yes); otherwise {}",
+                if settings.unprivileged || sandbox.allow_uncontained {
+                    "process groups and the subreaper"
+                } else {
+                    "the helper refuses to start (allow_uncontained is off)"
+                }
+            );
+            None
+        }
+        CgroupSetting::Path(path) => match CgroupTree::establish(&sandbox.cgroup) {
+            Ok(Established::Tree(tree)) => {
+                println!(
+                    "containment: cgroup per lane under {}",
+                    tree.lanes_dir().display()
+                );
+                Some(tree.controllers())
+            }
+            Ok(Established::Unavailable(why)) => {
+                println!("containment: none ({why})");
+                None
+            }
+            Err(error) => {
+                println!("containment: {} is unusable: {error}", path.display());
+                None
+            }
+        },
+    };
+    println!("limits (without a cgroup controller, the rlimit shown holds it):");
+    for limit in sandbox.limits.report(controllers) {
+        println!(
+            "  {:<10} {:<16} {}",
+            limit.limit, limit.value, limit.mechanism
+        );
+    }
+    println!(
+        "  {:<10} {:<16} the helper's timeout",
+        "wall_clock",
+        format!("{} s", settings.file.timeout_seconds)
+    );
 }
 
 fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
@@ -255,7 +308,9 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
         .map_err(|e| format!("open job store: {e}"))?;
-    let spawner = dispatch_sandbox::LaneSpawner::start(LANE_SPAWNER_THREADS)
+    let containment = establish_containment(&settings)?;
+    tracing::info!(containment = %containment.describe(), "lane containment");
+    let spawner = dispatch_sandbox::LaneSpawner::start(LANE_SPAWNER_THREADS, containment)
         .map_err(|e| format!("start the lane spawner thread: {e}"))?;
     let listener = take_or_bind_socket(&settings)
         .map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
@@ -286,7 +341,11 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .append(audit::AuditEvent {
             event: "helper_started",
             outcome: "serving".into(),
-            detail: Some(format!("socket {}", socket_path.display())),
+            detail: Some(format!(
+                "socket {}; lanes: {}",
+                socket_path.display(),
+                helper.containment()
+            )),
             ..Default::default()
         })
         .await
@@ -315,6 +374,36 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         })
         .await;
     Ok(())
+}
+
+/// Set up the lanes' cgroup tree and end whatever a previous helper's lanes left in it. In root
+/// mode, lanes that no cgroup contains are refused unless the administrator opted out.
+fn establish_containment(
+    settings: &config::Settings,
+) -> Result<dispatch_sandbox::Containment, String> {
+    let sandbox = &settings.file.sandbox;
+    let containment = dispatch_sandbox::Containment::establish(&sandbox.cgroup)
+        .map_err(|e| format!("set up the lanes' cgroups: {e}"))?;
+    match containment.tree() {
+        Some(tree) => {
+            let swept = tree
+                .sweep()
+                .map_err(|e| format!("end the previous helper's lanes: {e}"))?;
+            if !swept.is_empty() {
+                tracing::warn!(lanes = ?swept, "killed lanes a previous helper left running");
+            }
+        }
+        None if !settings.unprivileged && !sandbox.allow_uncontained => {
+            return Err(format!(
+                "refusing to run lanes that nothing contains: {} (set sandbox.cgroup to a \
+                 cgroup v2 directory, run under systemd with Delegate=yes, or accept it with \
+                 sandbox.allow_uncontained = true)",
+                containment.describe()
+            ));
+        }
+        None => {}
+    }
+    Ok(containment)
 }
 
 async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {

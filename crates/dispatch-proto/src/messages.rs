@@ -171,6 +171,32 @@ pub struct SandboxReport {
     pub no_new_privs: bool,
     /// True when the helper ran without root and so could not change the uid.
     pub same_uid: bool,
+    /// What ends everything the lane starts (its cgroup, or its process group and the helper
+    /// as subreaper), in words.
+    #[serde(default)]
+    pub containment: String,
+    /// Each resource limit, its value, and what holds it on this host.
+    #[serde(default)]
+    pub limits: Vec<LimitReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitReport {
+    /// `processes`, `memory`, `swap`, `cpu_time`, `cpu_rate`, `open_files`, `file_size`, `wall_clock`.
+    pub limit: String,
+    pub value: String,
+    pub mechanism: String,
+}
+
+/// What a finished lane cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    pub peak_memory_bytes: u64,
+    /// True when the peak covers the whole lane (cgroup `memory.peak`); false when it is the
+    /// largest single process's (no memory controller).
+    pub peak_memory_whole_lane: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +223,12 @@ pub struct JobView {
     pub stdout: Option<OutputTail>,
     pub stderr: Option<OutputTail>,
     pub sandbox: Option<SandboxReport>,
+    /// Set once the lane has ended.
+    #[serde(default)]
+    pub usage: Option<ResourceUsage>,
+    /// The limit that stopped the lane: `processes`, `memory`, `cpu_time` or `wall_clock`.
+    #[serde(default)]
+    pub stopped_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,7 +34,20 @@ fn job() -> JobView {
             seccomp: true,
             no_new_privs: true,
             same_uid: false,
+            containment: "cgroup per lane".into(),
+            limits: vec![LimitReport {
+                limit: "memory".into(),
+                value: "2048 MiB".into(),
+                mechanism: "cgroup memory.max".into(),
+            }],
         }),
+        usage: Some(ResourceUsage {
+            cpu_user_ms: 120,
+            cpu_system_ms: 30,
+            peak_memory_bytes: 8 << 20,
+            peak_memory_whole_lane: true,
+        }),
+        stopped_by: Some("memory".into()),
     }
 }
 

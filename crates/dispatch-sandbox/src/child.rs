@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildStep {
     Signals = 1,
+    JoinCgroup,
     NewSession,
     RegisterWithReaper,
     Stdio,
@@ -46,8 +47,9 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 20] = [
+    const ALL: [ChildStep; 21] = [
         ChildStep::Signals,
+        ChildStep::JoinCgroup,
         ChildStep::NewSession,
         ChildStep::RegisterWithReaper,
         ChildStep::Stdio,
@@ -81,6 +83,7 @@ impl fmt::Display for ChildStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ChildStep::Signals => "reset signal handlers",
+            ChildStep::JoinCgroup => "enter the lane's cgroup (cgroup.procs)",
             ChildStep::NewSession => "new session (setsid)",
             ChildStep::RegisterWithReaper => "register the process group with the lane reaper",
             ChildStep::Stdio => "stdin /dev/null, stdout/stderr to the capture pipes (dup2)",
@@ -116,6 +119,8 @@ pub(crate) struct ChildPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub helper_pid: libc::pid_t,
     pub work_dir: CString,
+    /// The lane cgroup's `cgroup.procs`, open for writing, if the lane has a cgroup.
+    pub cgroup_procs_fd: Option<RawFd>,
     /// stdin, stdout, stderr of the lane; all above 2 and close-on-exec in the helper.
     pub stdio: [RawFd; 3],
     /// Write end of the reaper's registration pipe.
@@ -297,7 +302,12 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     block_all_signals()?;
     reset_signal_handlers()?;
 
-    // 1. Own session and process group, so the helper can signal the whole lane at once.
+    // 1. Into the lane's cgroup before anything else: every process the lane ever starts is
+    //    then in it, however it re-parents or re-groups itself, and ends with it.
+    if let Some(fd) = plan.cgroup_procs_fd {
+        join_cgroup(fd)?;
+    }
+    // Own session and process group, so the helper can signal the whole lane at once.
     // SAFETY: setsid takes no arguments.
     check(ChildStep::NewSession, unsafe { libc::setsid() }.into())?;
 
@@ -439,6 +449,18 @@ fn reset_signal_handlers() -> StepResult {
         check(ChildStep::Signals, rc)?;
     }
     Ok(())
+}
+
+/// Writing "0" to `cgroup.procs` moves the writing process.
+fn join_cgroup(fd: RawFd) -> StepResult {
+    let me = b"0";
+    // SAFETY: raw write of a local byte string to the helper's open cgroup.procs fd.
+    let written = unsafe { libc::syscall(libc::SYS_write, fd, me.as_ptr(), me.len()) };
+    match written {
+        -1 => Err((ChildStep::JoinCgroup, errno())),
+        1 => Ok(()),
+        _ => Err((ChildStep::JoinCgroup, libc::EIO)),
+    }
 }
 
 fn register_with_reaper(fd: RawFd) -> StepResult {
@@ -615,6 +637,26 @@ pub(crate) fn wait_exited(pid: libc::pid_t) -> io::Result<()> {
             0 => return Ok(()),
             _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
             _ => return Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// Reap `pid` (our child) and return its raw status and resource usage (its own and that of the
+/// descendants it waited for).
+pub(crate) fn reap_with_usage(
+    pid: libc::pid_t,
+) -> io::Result<(std::process::ExitStatus, libc::rusage)> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid output buffer.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, writing into the locals `status` and `usage`.
+        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        match rc {
+            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            -1 => return Err(io::Error::last_os_error()),
+            _ => return Ok((std::process::ExitStatus::from_raw(status), usage)),
         }
     }
 }

@@ -6,9 +6,10 @@
 //! starts one (a vfork-style clone, no copy of the helper's memory), then runs one fixed
 //! sequence of plain system calls on that prepared data, in this order:
 //!
-//! 1. signal handlers back to their defaults; new session and process group
+//! 1. signal handlers back to their defaults; into the lane's own cgroup (`cgroup.rs`); new
+//!    session and process group
 //! 2. the group registered with the lane reaper; stdin `/dev/null`, stdout/stderr to the capture pipes
-//! 3. rlimits
+//! 3. rlimits (`limits.rs`: those no cgroup controller holds)
 //! 4. `setgroups` → `setresgid` → `setresuid`, verified with `getres*`, and `setresuid(0,0,0)` must fail;
 //!    then `chdir` into the work dir as the lane user
 //! 5. `PR_SET_PDEATHSIG` (after the drop, which clears it) and a `getppid` check
@@ -23,19 +24,23 @@
 //! Spawns go through [`LaneSpawner`], a pool of long-lived threads: `PR_SET_PDEATHSIG` fires when the
 //! *thread* that created the child exits, not the process, so that thread must outlive every
 //! lane. The death signal only reaches the lane's first process, so the spawner also runs the
-//! lane reaper (`reaper.rs`), which kills every live lane's whole group when the helper dies.
+//! lane reaper (`reaper.rs`), which kills every live lane's whole group (and, with cgroups, every
+//! lane's whole cgroup) when the helper dies.
 
+pub mod cgroup;
 mod child;
 mod identity;
 mod landlock_rules;
 pub use landlock_rules::kernel_landlock_abi;
+mod limits;
+pub use limits::{LimitReport, Limits, bytes};
 mod reaper;
 mod seccomp_filter;
 mod spawner;
 
 pub use child::ChildStep;
 pub use identity::{LaneIdentity, current_identity, resolve_identity};
-pub use spawner::{LaneSpawner, SpawnedLane, wait_for_exit};
+pub use spawner::{Containment, LaneEnd, LaneSpawner, LaneUsage, SpawnedLane, wait_for_exit};
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -61,6 +66,11 @@ pub struct SandboxPolicy {
     pub limits: Limits,
     /// Extra environment variables, `NAME=value`, set by the administrator (never inherited).
     pub extra_env: Vec<String>,
+    /// Where lane cgroups live (read when the helper starts; a reload does not move them).
+    pub cgroup: cgroup::CgroupSetting,
+    /// Run lanes even without a cgroup to contain them (root mode refuses to otherwise): a
+    /// lane's daemonised descendant can then outlive it until the helper notices.
+    pub allow_uncontained: bool,
 }
 
 impl Default for SandboxPolicy {
@@ -78,29 +88,8 @@ impl Default for SandboxPolicy {
             allow_unix_sockets: false,
             limits: Limits::default(),
             extra_env: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    pub nofile: u64,
-    /// Largest file a lane may write, in bytes.
-    pub fsize: u64,
-    /// CPU seconds, if set.
-    pub cpu_seconds: Option<u64>,
-    /// Address space in bytes, if set.
-    pub address_space: Option<u64>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            nofile: 1024,
-            fsize: 1 << 30,
-            cpu_seconds: None,
-            address_space: None,
+            cgroup: cgroup::CgroupSetting::Auto,
+            allow_uncontained: false,
         }
     }
 }
@@ -108,6 +97,8 @@ impl Default for Limits {
 /// One lane to start: all values already validated by the policy crate.
 #[derive(Debug, Clone)]
 pub struct LanePlan {
+    /// Names the lane's cgroup: the job's handle (letters, digits, `-`, `_`).
+    pub name: String,
     pub identity: LaneIdentity,
     /// argv[0] is absolute (the template resolved it at load time).
     pub argv: Vec<String>,
@@ -128,6 +119,11 @@ pub struct Enforcement {
     pub seccomp: bool,
     pub no_new_privs: bool,
     pub same_uid: bool,
+    /// What ends everything the lane starts: its cgroup, or (without one) its process group and
+    /// the helper as subreaper.
+    pub containment: String,
+    /// Each limit and what holds it.
+    pub limits: Vec<LimitReport>,
 }
 
 /// A lane ready to start: everything the child needs, computed in the helper.
@@ -173,6 +169,10 @@ pub enum SandboxError {
     TooManyLanes(usize),
     #[error("refusing to change uid: {0}")]
     SuidDumpable(String),
+    #[error("limits: {0}")]
+    Limits(String),
+    #[error("{0}")]
+    Cgroup(#[from] cgroup::CgroupError),
 }
 
 /// Fixed PATH for lanes: never the helper's own.
@@ -190,6 +190,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new(policy: SandboxPolicy) -> Result<Sandbox, SandboxError> {
+        policy.limits.validate().map_err(SandboxError::Limits)?;
         let seccomp = seccomp_filter::compile(&policy)?;
         let shared_paths = landlock_rules::SharedPaths::open(&policy)?;
         Ok(Sandbox {
@@ -212,6 +213,18 @@ impl Sandbox {
             path: plan.work_dir.display().to_string(),
             reason,
         };
+        let name_ok = !plan.name.is_empty()
+            && plan.name.len() <= 64
+            && plan
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(SandboxError::Environment(format!(
+                "lane name {:?}: 1 to 64 letters, digits, '-' or '_'",
+                plan.name
+            )));
+        }
         let meta =
             std::fs::symlink_metadata(&plan.work_dir).map_err(|e| work_dir_error(e.to_string()))?;
         if meta.file_type().is_symlink() {
@@ -242,6 +255,9 @@ impl Sandbox {
             seccomp: true,
             no_new_privs: true,
             same_uid: !plan.change_uid,
+            // Filled in by the spawner, which knows the lane's cgroup.
+            containment: String::new(),
+            limits: Vec::new(),
         };
         Ok(PreparedLane {
             plan,

@@ -6,8 +6,8 @@
 //! It keeps nothing but the read end of a pipe, and each lane registers its group on that pipe
 //! itself, before exec, so no process of the lane exists before its registration. When every
 //! write end is closed (the helper is gone; lanes lose theirs at exec), the reaper SIGKILLs each
-//! registered group and exits. (A lane process that leaves its group with `setsid` is beyond
-//! any group kill: systemd's cgroup kill is what contains it, see SECURITY.md.)
+//! registered group, and, where lanes have cgroups, kills their parent cgroup whole (which also
+//! reaches a lane process that left its group with `setsid`), and exits.
 //!
 //! The helper forgets a group *before* it reaps the group's leader: until the reap the pid,
 //! which is the group id, cannot be reused, so the reaper never signals an unrelated group.
@@ -44,7 +44,9 @@ pub(crate) struct Reaper {
 impl Reaper {
     /// Fork the reaper. Must be called after the process was made non-dumpable: the reaper is a
     /// copy of the helper's memory.
-    pub(crate) fn start() -> io::Result<Reaper> {
+    ///
+    /// `kill_all` is the lanes' parent `cgroup.kill`, if lanes have cgroups.
+    pub(crate) fn start(kill_all: Option<RawFd>) -> io::Result<Reaper> {
         let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         nix::fcntl::fcntl(
             &writer,
@@ -65,12 +67,15 @@ impl Reaper {
         match pid {
             -1 => Err(io::Error::last_os_error()),
             // SAFETY: we are the forked child (see above).
-            0 => unsafe { reaper_main(reader_fd, &mut table) },
-            pid => Ok(Reaper {
-                pid,
-                writer,
-                exited: std::sync::atomic::AtomicBool::new(false),
-            }),
+            0 => unsafe { reaper_main(reader_fd, kill_all, &mut table) },
+            pid => {
+                crate::spawner::own_children().insert(pid);
+                Ok(Reaper {
+                    pid,
+                    writer,
+                    exited: std::sync::atomic::AtomicBool::new(false),
+                })
+            }
         }
     }
 
@@ -116,6 +121,7 @@ impl Reaper {
         let exited = rc == -1 || unsafe { info.si_pid() } == self.pid;
         if exited {
             self.exited.store(true, Ordering::SeqCst);
+            crate::spawner::own_children().remove(self.pid);
         }
         exited
     }
@@ -128,13 +134,14 @@ impl Reaper {
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
             let _ = crate::child::reap(self.pid);
             self.exited.store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::spawner::own_children().remove(self.pid);
         }
     }
 }
 
 /// # Safety
 /// Only in the freshly forked reaper child.
-unsafe fn reaper_main(reader: RawFd, table: &mut [libc::pid_t]) -> ! {
+unsafe fn reaper_main(reader: RawFd, kill_all: Option<RawFd>, table: &mut [libc::pid_t]) -> ! {
     // SAFETY: (whole block) async-signal-safe calls on locals, integers and the pre-allocated
     // table.
     unsafe {
@@ -153,10 +160,23 @@ unsafe fn reaper_main(reader: RawFd, table: &mut [libc::pid_t]) -> ! {
         // Keep nothing of the helper's but the pipe: not its sockets, not the pipe's write end
         // (or the reaper would never see end-of-file), not its stdio.
         // If either step fails the reaper exits at once, and the next spawn replaces it.
-        if reader != 0 && libc::dup3(reader, 0, 0) == -1 {
+        // Keep the pipe as fd 0 and the cgroup.kill fd, if any, as fd 1. Both are first copied
+        // above the stdio range, so neither can overwrite the other whatever their numbers.
+        let reader = libc::fcntl(reader, libc::F_DUPFD, 10);
+        if reader == -1 || libc::dup3(reader, 0, 0) == -1 {
             libc::_exit(1);
         }
-        if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) == -1 {
+        let keep = match kill_all {
+            Some(fd) => {
+                let fd = libc::fcntl(fd, libc::F_DUPFD, 10);
+                if fd == -1 || libc::dup3(fd, 1, 0) == -1 {
+                    libc::_exit(1);
+                }
+                2u32
+            }
+            None => 1u32,
+        };
+        if libc::syscall(libc::SYS_close_range, keep, u32::MAX, 0u32) == -1 {
             libc::_exit(1);
         }
         let mut live = 0usize;
@@ -201,6 +221,9 @@ unsafe fn reaper_main(reader: RawFd, table: &mut [libc::pid_t]) -> ! {
         // End of file: the helper is gone.
         for &pgid in &table[..live] {
             libc::kill(-pgid, libc::SIGKILL);
+        }
+        if kill_all.is_some() {
+            libc::write(1, b"1".as_ptr().cast(), 1);
         }
         libc::_exit(0)
     }

@@ -5,6 +5,7 @@
 //! all spawns happen on a fixed pool of threads that live as long as the spawner (the process).
 //! More than one, so a slow exec does not hold up every other dispatch.
 
+use crate::cgroup::{CgroupSetting, CgroupTree, Controllers, Established, LaneCgroup};
 use crate::child::{self, ChildPlan, ChildStack, ExecImage};
 use crate::reaper::{self, Reaper};
 use crate::{Enforcement, PreparedLane, SandboxError};
@@ -13,6 +14,70 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{ChildStderr, ChildStdout, ExitStatus};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Duration;
+
+/// What ends everything a lane starts: one cgroup per lane under a tree the helper owns, or,
+/// without one, the lane's process group and the helper as child subreaper (a descendant that
+/// leaves the group is reparented to the helper, which kills it when a lane of its user ends).
+pub struct Containment {
+    tree: Option<CgroupTree>,
+    /// Why there is no tree.
+    without: String,
+}
+
+impl Containment {
+    pub fn establish(setting: &CgroupSetting) -> Result<Containment, SandboxError> {
+        Ok(match CgroupTree::establish(setting)? {
+            Established::Tree(tree) => Containment {
+                tree: Some(tree),
+                without: String::new(),
+            },
+            Established::Unavailable(reason) => Containment::none(reason),
+        })
+    }
+
+    pub fn none(reason: impl Into<String>) -> Containment {
+        Containment {
+            tree: None,
+            without: reason.into(),
+        }
+    }
+
+    pub fn tree(&self) -> Option<&CgroupTree> {
+        self.tree.as_ref()
+    }
+
+    pub fn controllers(&self) -> Option<Controllers> {
+        self.tree.as_ref().map(CgroupTree::controllers)
+    }
+
+    /// One line for `check`, the log and every job's sandbox report.
+    pub fn describe(&self) -> String {
+        match &self.tree {
+            Some(tree) => {
+                let c = tree.controllers();
+                let names: Vec<&str> = [("pids", c.pids), ("memory", c.memory), ("cpu", c.cpu)]
+                    .into_iter()
+                    .filter_map(|(name, on)| on.then_some(name))
+                    .collect();
+                format!(
+                    "cgroup per lane under {} (cgroup.kill ends every process of a lane; \
+                     controllers: {})",
+                    tree.lanes_dir().display(),
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(" ")
+                    }
+                )
+            }
+            None => format!(
+                "process group and subreaper only, no cgroup ({}): a descendant that leaves its                  lane's group is killed when a lane of its user ends",
+                self.without
+            ),
+        }
+    }
+}
 
 /// A running lane. Its first process leads the lane's process group.
 pub struct SpawnedLane {
@@ -20,8 +85,31 @@ pub struct SpawnedLane {
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
     pub enforcement: Enforcement,
+    cgroup: Option<Arc<LaneCgroup>>,
+    uid: libc::uid_t,
     registry: Arc<Registry>,
     reaped: bool,
+}
+
+/// How a lane ended and what it cost.
+#[derive(Debug, Clone)]
+pub struct LaneEnd {
+    pub status: ExitStatus,
+    pub usage: LaneUsage,
+    /// Set when the lane's cgroup could not be emptied or removed (named, for the record).
+    pub cleanup_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaneUsage {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    /// The whole lane's peak (`memory.peak`), or else the largest single process's.
+    pub peak_memory_bytes: u64,
+    /// True when `peak_memory_bytes` covers the whole lane.
+    pub peak_memory_whole_lane: bool,
+    pub pids_max_hits: Option<u64>,
+    pub oom_kills: Option<u64>,
 }
 
 impl SpawnedLane {
@@ -33,20 +121,96 @@ impl SpawnedLane {
         self.pid
     }
 
-    /// Reap the lane's first process, blocking until it has exited. The reaper forgets the
-    /// group once the process has exited but before the reap, while its id cannot be reused.
-    pub fn wait(mut self) -> io::Result<ExitStatus> {
+    /// The lane's cgroup, if it has one: for stopping it whole and reading its usage.
+    pub fn cgroup(&self) -> Option<Arc<LaneCgroup>> {
+        self.cgroup.clone()
+    }
+
+    /// SIGKILL the whole lane: its cgroup, and its process group (safe while the unreaped
+    /// leader pins the id, i.e. until [`wait`] returns).
+    ///
+    /// [`wait`]: SpawnedLane::wait
+    pub fn kill_all(&self) {
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup.kill();
+        }
+        let group = nix::unistd::Pid::from_raw(self.pid);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Block until the lane's first process has exited, then end everything else in the lane,
+    /// reap the first process and remove the lane's cgroup. The reaper forgets the group once
+    /// the process has exited but before the reap, while its id cannot be reused.
+    pub fn wait(mut self) -> io::Result<LaneEnd> {
         self.finish()
     }
 
-    fn finish(&mut self) -> io::Result<ExitStatus> {
+    fn finish(&mut self) -> io::Result<LaneEnd> {
         // From here on the group is never signalled from Drop: if the wait fails the id may
         // no longer be ours.
         self.reaped = true;
         let exited = child::wait_exited(self.pid);
         self.registry.forget(self.pid);
+        if exited.is_ok() {
+            // The lane is over: nothing it started outlives it. The exited, unreaped leader
+            // still holds the group id, so the group kill reaches only this lane.
+            self.kill_all();
+        }
+        let cleanup_error = self.end_cgroup();
         exited?;
-        child::reap(self.pid)
+        let reaped = child::reap_with_usage(self.pid);
+        own_children().remove(self.pid);
+        let (status, rusage) = reaped?;
+        let cgroup_usage = self.cgroup.as_ref().map(|c| c.usage());
+        self.remove_cgroup();
+        Registry::reap_adopted(self.cgroup.is_none().then_some(self.uid));
+        Ok(LaneEnd {
+            status,
+            usage: usage(rusage, cgroup_usage),
+            cleanup_error,
+        })
+    }
+
+    fn end_cgroup(&self) -> Option<String> {
+        let cgroup = self.cgroup.as_ref()?;
+        cgroup
+            .kill_and_wait(Duration::from_secs(10))
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    fn remove_cgroup(&self) {
+        if let Some(cgroup) = &self.cgroup
+            && let Err(error) = cgroup.remove()
+        {
+            // Swept at the next start; the lane's processes are gone either way.
+            let _ = error;
+        }
+    }
+}
+
+/// The lane's CPU time and peak memory: its cgroup's counters where it has one (every process
+/// it ever ran), the first process's resource usage otherwise (it and the descendants it waited for).
+fn usage(rusage: libc::rusage, cgroup: Option<crate::cgroup::CgroupUsage>) -> LaneUsage {
+    let millis = |t: libc::timeval| (t.tv_sec as u64) * 1000 + (t.tv_usec as u64) / 1000;
+    let largest_process = (rusage.ru_maxrss.max(0) as u64) * 1024;
+    match cgroup {
+        Some(c) => LaneUsage {
+            cpu_user_ms: c.cpu_user_usec / 1000,
+            cpu_system_ms: c.cpu_system_usec / 1000,
+            peak_memory_bytes: c.memory_peak.unwrap_or(largest_process),
+            peak_memory_whole_lane: c.memory_peak.is_some(),
+            pids_max_hits: c.pids_max_hits,
+            oom_kills: c.oom_kills,
+        },
+        None => LaneUsage {
+            cpu_user_ms: millis(rusage.ru_utime),
+            cpu_system_ms: millis(rusage.ru_stime),
+            peak_memory_bytes: largest_process,
+            peak_memory_whole_lane: false,
+            pids_max_hits: None,
+            oom_kills: None,
+        },
     }
 }
 
@@ -60,8 +224,7 @@ impl Drop for SpawnedLane {
     /// A lane dropped without being waited for is killed, not leaked.
     fn drop(&mut self) {
         if !self.reaped {
-            let group = nix::unistd::Pid::from_raw(self.pid);
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            self.kill_all();
             let _ = self.finish();
         }
     }
@@ -70,11 +233,43 @@ impl Drop for SpawnedLane {
 /// Which groups are live, and the reaper that knows them.
 struct Registry {
     state: Mutex<RegistryState>,
+    /// The lanes' parent `cgroup.kill`, handed to every reaper.
+    kill_all: Option<OwnedFd>,
 }
 
 struct RegistryState {
     reaper: Arc<Reaper>,
+    /// Groups registered with the reaper: lanes whose first process has not exited.
     live: HashSet<libc::pid_t>,
+}
+
+/// Every child this process started on purpose, across all spawners (tests run several): lane
+/// leaders until they are reaped, and reapers. Any other child is an orphan adopted as
+/// subreaper.
+pub(crate) struct OwnChildren {
+    pids: std::collections::BTreeSet<libc::pid_t>,
+    /// Spawns between their reaper check and [`Registry::track`]/[`Registry::abandon`]: their
+    /// child may exist before it is known, so adopted orphans are left alone meanwhile.
+    in_flight: usize,
+}
+
+pub(crate) static OWN_CHILDREN: Mutex<OwnChildren> = Mutex::new(OwnChildren {
+    pids: std::collections::BTreeSet::new(),
+    in_flight: 0,
+});
+
+pub(crate) fn own_children() -> MutexGuard<'static, OwnChildren> {
+    OWN_CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl OwnChildren {
+    pub(crate) fn insert(&mut self, pid: libc::pid_t) {
+        self.pids.insert(pid);
+    }
+
+    pub(crate) fn remove(&mut self, pid: libc::pid_t) {
+        self.pids.remove(&pid);
+    }
 }
 
 impl Registry {
@@ -82,24 +277,51 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reap (and, without cgroups, kill those of `kill_uid`) the orphans adopted as subreaper.
+    /// Skipped while a spawn is in flight; the next lane's end does it.
+    fn reap_adopted(kill_uid: Option<libc::uid_t>) {
+        let own = own_children();
+        if own.in_flight == 0 {
+            adopted::reap(&own.pids, kill_uid);
+        }
+    }
+
+    fn kill_all_fd(&self) -> Option<i32> {
+        self.kill_all.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
     /// The reaper to register the next lane with. A reaper that died (only SIGKILL can end it
     /// early) is replaced, and every live group is registered with its successor.
     fn reaper_for_next_lane(&self) -> Result<Arc<Reaper>, SandboxError> {
         let mut state = self.lock();
         if state.reaper.has_exited() {
-            Self::replace_reaper(&mut state)?;
+            Self::replace_reaper(&mut state, self.kill_all_fd())?;
         }
         if state.live.len() >= reaper::CAPACITY {
             return Err(SandboxError::TooManyLanes(reaper::CAPACITY));
         }
+        own_children().in_flight += 1;
         Ok(state.reaper.clone())
+    }
+
+    /// A spawn that got its reaper failed; `child`, if it was created, has exited.
+    fn abandon(&self, child: Option<libc::pid_t>) {
+        if let Some(pid) = child {
+            self.forget(pid);
+            let _ = child::reap(pid);
+        }
+        let mut own = own_children();
+        own.in_flight = own.in_flight.saturating_sub(1);
     }
 
     /// Stop the current reaper if it still runs (one that missed a message must not act on
     /// what it knows) and start one that knows every live group.
-    fn replace_reaper(state: &mut RegistryState) -> Result<(), SandboxError> {
+    fn replace_reaper(
+        state: &mut RegistryState,
+        kill_all: Option<i32>,
+    ) -> Result<(), SandboxError> {
         state.reaper.discard();
-        let successor = Reaper::start().map_err(SandboxError::Reaper)?;
+        let successor = Reaper::start(kill_all).map_err(SandboxError::Reaper)?;
         let told = state
             .live
             .iter()
@@ -115,12 +337,17 @@ impl Registry {
 
     /// Record a started lane, which registered itself with `used`.
     fn track(&self, pgid: libc::pid_t, used: &Arc<Reaper>) {
+        {
+            let mut own = own_children();
+            own.in_flight = own.in_flight.saturating_sub(1);
+            own.insert(pgid);
+        }
         let mut state = self.lock();
         state.live.insert(pgid);
         // If the reaper was replaced while this lane started, the new one must hear of it too;
         // if it cannot be told, a successor is (the next spawn retries if that fails as well).
         if !Arc::ptr_eq(&state.reaper, used) && state.reaper.send(reaper::REGISTER, pgid).is_err() {
-            let _ = Self::replace_reaper(&mut state);
+            let _ = Self::replace_reaper(&mut state, self.kill_all_fd());
         }
     }
 
@@ -129,7 +356,7 @@ impl Registry {
         state.live.remove(&pgid);
         // A reaper that missed a FORGET could later kill whatever reuses the id: replace it.
         if state.reaper.send(reaper::FORGET, pgid).is_err() {
-            let _ = Self::replace_reaper(&mut state);
+            let _ = Self::replace_reaper(&mut state, self.kill_all_fd());
         }
     }
 }
@@ -138,6 +365,7 @@ type Reply = mpsc::SyncSender<Result<SpawnedLane, SandboxError>>;
 
 pub struct LaneSpawner {
     requests: Mutex<mpsc::Sender<(PreparedLane, Reply)>>,
+    containment: Arc<Containment>,
 }
 
 impl LaneSpawner {
@@ -145,20 +373,30 @@ impl LaneSpawner {
     ///
     /// The process is made non-dumpable first: each lane runs inside the helper's memory until
     /// its exec, and the reaper is a copy of it, so neither may be readable through /proc by a
-    /// lane user, even one running under the helper's own uid.
-    pub fn start(threads: usize) -> io::Result<LaneSpawner> {
+    /// lane user, even one running under the helper's own uid. It becomes a child subreaper, so
+    /// a lane's orphaned descendants are reparented to it rather than to init.
+    pub fn start(threads: usize, containment: Containment) -> io::Result<LaneSpawner> {
         nix::sys::prctl::set_dumpable(false)?;
+        nix::sys::prctl::set_child_subreaper(true)?;
+        let kill_all = match containment.tree() {
+            Some(tree) => Some(tree.open_kill_all().map_err(io::Error::other)?),
+            None => None,
+        };
+        let reaper = Reaper::start(kill_all.as_ref().map(|fd| fd.as_raw_fd()))?;
         let registry = Arc::new(Registry {
             state: Mutex::new(RegistryState {
-                reaper: Arc::new(Reaper::start()?),
+                reaper: Arc::new(reaper),
                 live: HashSet::new(),
             }),
+            kill_all,
         });
+        let containment = Arc::new(containment);
         let (tx, rx) = mpsc::channel::<(PreparedLane, Reply)>();
         let rx = Arc::new(Mutex::new(rx));
         for index in 0..threads.max(1) {
             let rx = rx.clone();
             let registry = registry.clone();
+            let containment = containment.clone();
             let mut stack = ChildStack::new()?;
             std::thread::Builder::new()
                 .name(format!("lane-spawner-{index}"))
@@ -167,13 +405,19 @@ impl LaneSpawner {
                         // The lock is held only while waiting for the next request.
                         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((lane, reply)) = next else { return };
-                        let _ = reply.send(spawn_now(lane, &mut stack, &registry));
+                        let started = spawn_now(lane, &mut stack, &registry, &containment);
+                        let _ = reply.send(started);
                     }
                 })?;
         }
         Ok(LaneSpawner {
             requests: Mutex::new(tx),
+            containment,
         })
+    }
+
+    pub fn containment(&self) -> &Containment {
+        &self.containment
     }
 
     /// Start the lane on a spawner thread. Blocks until exec succeeded or a step failed.
@@ -221,24 +465,128 @@ fn check_suid_dumpable(setting: &std::path::Path) -> Result<(), SandboxError> {
     }
 }
 
+/// stdin `/dev/null` and the two capture pipes: the lane's ends (all above 2) and the helper's.
+struct Stdio {
+    lane: [OwnedFd; 3],
+    out_read: OwnedFd,
+    err_read: OwnedFd,
+}
+
+fn capture_stdio() -> io::Result<Stdio> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let (out_read, out_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok(Stdio {
+        lane: [
+            above_stdio(OwnedFd::from(null))?,
+            above_stdio(out_write)?,
+            above_stdio(err_write)?,
+        ],
+        out_read,
+        err_read,
+    })
+}
+
+/// The lane's own cgroup, limits written, before anything of the lane exists.
+fn lane_cgroup(
+    lane: &PreparedLane,
+    containment: &Containment,
+) -> Result<Option<LaneCgroup>, SandboxError> {
+    let Some(tree) = containment.tree() else {
+        return Ok(None);
+    };
+    let values = lane.limits.cgroup_values(tree.controllers());
+    Ok(Some(tree.create_lane(&lane.plan.name, &values)?))
+}
+
+/// Start one lane: set-up in the helper (stdio, cgroup, credentials check, reaper), the child's
+/// fixed sequence, then either a tracked lane or a failure naming its step, with nothing left
+/// behind.
 fn spawn_now(
-    lane: PreparedLane,
+    mut lane: PreparedLane,
     stack: &mut ChildStack,
     registry: &Arc<Registry>,
+    containment: &Containment,
 ) -> Result<SpawnedLane, SandboxError> {
+    let stdio = capture_stdio().map_err(SandboxError::Spawn)?;
+    if lane.plan.change_uid {
+        refuse_dumpable_credential_change()?;
+    }
+    let mut cgroup = lane_cgroup(&lane, containment)?;
+    let reaper = match registry.reaper_for_next_lane() {
+        Ok(reaper) => reaper,
+        Err(error) => {
+            discard_cgroup(cgroup.as_ref());
+            return Err(error);
+        }
+    };
+    let controllers = containment.controllers();
+    let child_plan = match child_plan(&lane, &stdio, cgroup.as_ref(), &reaper, controllers) {
+        Ok(plan) => plan,
+        Err(error) => {
+            registry.abandon(None);
+            discard_cgroup(cgroup.as_ref());
+            return Err(error);
+        }
+    };
+    let spawned = child::spawn(&child_plan, stack);
+    if lane.plan.change_uid {
+        // The child's uid change set the shared memory's dumpable flag to fs.suid_dumpable (0
+        // or 2); put the helper's own back to 0, so it does not write core dumps either.
+        let _ = nix::sys::prctl::set_dumpable(false);
+    }
+    // The lane has its own copies now (or never will): the helper keeps only the read ends.
+    drop(stdio.lane);
+    drop(lane.landlock.take());
+    if let Some(cgroup) = cgroup.as_mut() {
+        cgroup.close_procs();
+    }
+    match spawned {
+        Ok(pid) => {
+            registry.track(pid, &reaper);
+            lane.enforcement.containment = containment.describe();
+            lane.enforcement.limits = lane.limits.report(controllers);
+            Ok(SpawnedLane {
+                pid,
+                stdout: Some(ChildStdout::from(stdio.out_read)),
+                stderr: Some(ChildStderr::from(stdio.err_read)),
+                enforcement: lane.enforcement,
+                cgroup: cgroup.map(Arc::new),
+                uid: lane.plan.identity.uid,
+                registry: registry.clone(),
+                reaped: false,
+            })
+        }
+        Err(failure) => {
+            // Its child, if any, has exited (CLONE_VFORK returned without an exec).
+            registry.abandon(failure.child);
+            discard_cgroup(cgroup.as_ref());
+            Err(SandboxError::ChildStep {
+                step: failure.step,
+                error: failure.error,
+            })
+        }
+    }
+}
+
+fn discard_cgroup(cgroup: Option<&LaneCgroup>) {
+    if let Some(cgroup) = cgroup {
+        let _ = cgroup.end(Duration::from_secs(5));
+    }
+}
+
+/// Everything the child needs, as plain data: it cannot allocate.
+fn child_plan(
+    lane: &PreparedLane,
+    stdio: &Stdio,
+    cgroup: Option<&LaneCgroup>,
+    reaper: &Reaper,
+    controllers: Option<Controllers>,
+) -> Result<ChildPlan, SandboxError> {
     let plan = &lane.plan;
-    let limits = lane.limits;
-    let mut rlimits = vec![
-        (libc::RLIMIT_CORE, 0),
-        (libc::RLIMIT_NOFILE, limits.nofile),
-        (libc::RLIMIT_FSIZE, limits.fsize),
-    ];
-    if let Some(cpu) = limits.cpu_seconds {
-        rlimits.push((libc::RLIMIT_CPU, cpu));
-    }
-    if let Some(bytes) = limits.address_space {
-        rlimits.push((libc::RLIMIT_AS, bytes));
-    }
     let identity = &plan.identity;
     let work_dir =
         std::ffi::CString::new(plan.work_dir.as_os_str().as_encoded_bytes()).map_err(|_| {
@@ -249,42 +597,18 @@ fn spawn_now(
         })?;
     let exec = ExecImage::new(&plan.argv, &lane.env)
         .map_err(|why| SandboxError::Environment(why.to_owned()))?;
-
-    let stdio = || -> io::Result<_> {
-        let null = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")?;
-        let (out_read, out_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        Ok((
-            [
-                above_stdio(OwnedFd::from(null))?,
-                above_stdio(out_write)?,
-                above_stdio(err_write)?,
-            ],
-            out_read,
-            err_read,
-        ))
-    };
-    let (child_stdio, out_read, err_read) = stdio().map_err(SandboxError::Spawn)?;
-
-    if plan.change_uid {
-        refuse_dumpable_credential_change()?;
-    }
-    let reaper = registry.reaper_for_next_lane()?;
-    let child_plan = ChildPlan {
+    let mut groups_sorted = identity.groups.clone();
+    groups_sorted.sort_unstable();
+    Ok(ChildPlan {
         change_uid: plan.change_uid,
         uid: identity.uid,
         gid: identity.gid,
         groups: identity.groups.clone(),
-        groups_sorted: {
-            let mut sorted = identity.groups.clone();
-            sorted.sort_unstable();
-            sorted
-        },
+        groups_sorted,
         groups_readback: std::cell::UnsafeCell::new(vec![0; identity.groups.len() + 1]),
-        rlimits: rlimits
+        rlimits: lane
+            .limits
+            .rlimits(controllers)
             .into_iter()
             .map(|(resource, value)| {
                 let limit = libc::rlimit {
@@ -296,44 +620,60 @@ fn spawn_now(
             .collect(),
         helper_pid: std::process::id() as libc::pid_t,
         work_dir,
-        stdio: child_stdio.each_ref().map(|fd| fd.as_raw_fd()),
+        cgroup_procs_fd: cgroup.and_then(LaneCgroup::procs_fd),
+        stdio: stdio.lane.each_ref().map(|fd| fd.as_raw_fd()),
         reaper_fd: reaper.writer.as_raw_fd(),
         landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
         seccomp: lane.seccomp.clone(),
         exec,
-    };
-    let spawned = child::spawn(&child_plan, stack);
-    if plan.change_uid {
-        // The child's uid change set the shared memory's dumpable flag to fs.suid_dumpable (0
-        // or 2); put the helper's own back to 0, so it does not write core dumps either.
-        let _ = nix::sys::prctl::set_dumpable(false);
-    }
-    // The lane has its own copies now (or never will): the helper keeps only the read ends.
-    drop(child_stdio);
-    drop(lane.landlock);
-    match spawned {
-        Ok(pid) => {
-            registry.track(pid, &reaper);
-            Ok(SpawnedLane {
-                pid,
-                stdout: Some(ChildStdout::from(out_read)),
-                stderr: Some(ChildStderr::from(err_read)),
-                enforcement: lane.enforcement,
-                registry: registry.clone(),
-                reaped: false,
-            })
-        }
-        Err(failure) => {
-            if let Some(pid) = failure.child {
-                // It has exited (CLONE_VFORK returned without an exec).
-                registry.forget(pid);
-                let _ = child::reap(pid);
+    })
+}
+
+/// Orphans the helper adopted as subreaper: a lane's descendants whose parent exited before
+/// them. With cgroups they died with their lane and only need reaping; without, they are the
+/// processes that left their lane's group, and are killed when a lane of their user ends.
+mod adopted {
+    use std::collections::BTreeSet;
+
+    pub(super) fn reap(tracked: &BTreeSet<libc::pid_t>, kill_uid: Option<libc::uid_t>) {
+        for pid in children().into_iter().filter(|pid| !tracked.contains(pid)) {
+            if let Some(uid) = kill_uid
+                && owner(pid) == Some(uid)
+            {
+                // Our unreaped child, so the pid cannot have been reused.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
-            Err(SandboxError::ChildStep {
-                step: failure.step,
-                error: failure.error,
-            })
+            // A killed one that has not died yet is reaped at a later lane's end.
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
         }
+    }
+
+    /// Children of every thread of the helper (each thread has its own list).
+    fn children() -> Vec<libc::pid_t> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Vec::new();
+        };
+        let mut pids = Vec::new();
+        for task in tasks.flatten() {
+            let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<libc::pid_t>().ok()),
+            );
+        }
+        pids
+    }
+
+    fn owner(pid: libc::pid_t) -> Option<libc::uid_t> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 }
 

@@ -2,7 +2,10 @@
 //! no_new_privs, seccomp and Landlock in force, and a forbidden write fails. The full escape
 //! suite runs through the real helper in the workspace's tests/escape.rs.
 
-use dispatch_sandbox::{LanePlan, LaneSpawner, SandboxPolicy, prepare, resolve_identity};
+use dispatch_sandbox::cgroup::{CgroupSetting, cgroup2_mount};
+use dispatch_sandbox::{
+    Containment, LanePlan, LaneSpawner, SandboxPolicy, prepare, resolve_identity,
+};
 use std::io::Read;
 use std::process::Command;
 
@@ -29,7 +32,47 @@ fn ensure_user(name: &str) -> bool {
     true
 }
 
+/// A cgroup tree of this test's own under the cgroup v2 mount, removed when dropped.
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> Option<TestCgroup> {
+        let mount = cgroup2_mount()?;
+        Some(TestCgroup(mount.join(format!(
+            "dispatch-sandbox-test-{}-{name}",
+            std::process::id()
+        ))))
+    }
+
+    fn containment(&self) -> Containment {
+        Containment::establish(&CgroupSetting::Path(self.0.clone())).unwrap()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0.join("lanes"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 fn run(script: &str) -> (i32, String, String) {
+    let (end, out, err) = run_contained(script, Containment::none("this test"));
+    (end.status.code().unwrap_or(-1), out, err)
+}
+
+fn run_contained(
+    script: &str,
+    containment: Containment,
+) -> (dispatch_sandbox::LaneEnd, String, String) {
+    run_contained_with(script, containment, &SandboxPolicy::default())
+}
+
+fn run_contained_with(
+    script: &str,
+    containment: Containment,
+    policy: &SandboxPolicy,
+) -> (dispatch_sandbox::LaneEnd, String, String) {
     let identity = resolve_identity(USER).unwrap();
     let work = tempfile::tempdir().unwrap();
     nix::unistd::chown(
@@ -39,13 +82,14 @@ fn run(script: &str) -> (i32, String, String) {
     )
     .unwrap();
     let plan = LanePlan {
+        name: "spawn-test".into(),
         identity,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         work_dir: work.path().to_owned(),
         change_uid: true,
     };
-    let prepared = prepare(plan, &SandboxPolicy::default()).unwrap();
-    let spawner = LaneSpawner::start(1).unwrap();
+    let prepared = prepare(plan, policy).unwrap();
+    let spawner = LaneSpawner::start(1, containment).unwrap();
     let mut lane = spawner.spawn(prepared).unwrap();
     let mut out = String::new();
     let mut err = String::new();
@@ -59,8 +103,53 @@ fn run(script: &str) -> (i32, String, String) {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let status = lane.wait().unwrap();
-    (status.code().unwrap_or(-1), out, err)
+    let end = lane.wait().unwrap();
+    (end, out, err)
+}
+
+#[test]
+fn a_descendant_that_leaves_the_lanes_group_dies_with_the_lane() {
+    if !ensure_user(USER) {
+        return;
+    }
+    let Some(cgroup) = TestCgroup::new("escape") else {
+        panic!("no cgroup v2 hierarchy is mounted");
+    };
+    let marker = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        marker.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    // A double-forked child in a new session (out of the lane's group), with its output
+    // detached so the lane's pipes close: it writes its pid, then lives on.
+    let pid_file = marker.path().join("pid");
+    let script = format!(
+        "setsid sh -c 'echo $$ > {}; exec sleep 300' </dev/null >/dev/null 2>&1 & sleep 0.3",
+        pid_file.display()
+    );
+    let mut policy = SandboxPolicy::default();
+    policy.read_write_paths.push(marker.path().to_owned());
+    let (end, _out, err) = run_contained_with(&script, cgroup.containment(), &policy);
+    assert!(end.status.success(), "{err}");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Its stat is gone or it is a zombie awaiting its reaper: not running.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(") ")
+                .next()
+                .map(|rest| rest.chars().next().unwrap())
+        });
+    assert!(
+        matches!(state, None | Some('Z')),
+        "BREACH: the setsid descendant {pid} outlived its lane (state {state:?})"
+    );
+    assert!(end.usage.cpu_user_ms + end.usage.cpu_system_ms < 10_000);
 }
 
 #[test]
@@ -104,6 +193,7 @@ fn work_dir_must_exist() {
         return;
     }
     let plan = LanePlan {
+        name: "spawn-test".into(),
         identity: resolve_identity(USER).unwrap(),
         argv: vec!["/bin/true".into()],
         work_dir: "/nonexistent/work".into(),
@@ -127,6 +217,7 @@ fn work_dir_must_be_the_lane_users_own_real_directory() {
     let identity = resolve_identity(USER).unwrap();
     let root_owned = tempfile::tempdir().unwrap();
     let plan = |work_dir: &std::path::Path| LanePlan {
+        name: "spawn-test".into(),
         identity: identity.clone(),
         argv: vec!["/bin/true".into()],
         work_dir: work_dir.to_owned(),
@@ -163,6 +254,7 @@ fn missing_landlock_path_is_an_error_not_a_skip() {
     )
     .unwrap();
     let plan = LanePlan {
+        name: "spawn-test".into(),
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),

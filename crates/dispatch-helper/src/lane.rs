@@ -1,0 +1,408 @@
+//! One running lane, from its start to its end: watched for its deadline, a stop request and its
+//! CPU budget ([`watch`]), then judged ([`outcome`]): what state it ended in, why, and what it cost.
+
+use dispatch_proto::{JobState, ResourceUsage};
+use dispatch_sandbox::{LaneEnd, Limits, SpawnedLane, bytes};
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Cancel,
+    Timeout,
+    Shutdown,
+    /// The whole lane used its CPU time (counted in its cgroup by the helper).
+    CpuTime,
+}
+
+/// How often a lane's cgroup counters are read: its CPU time against the budget, its task count
+/// for the report.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// What watching the lane saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Watched {
+    pub reason: Option<StopReason>,
+    /// Most tasks (processes and threads) seen at once in the lane's cgroup.
+    pub peak_tasks: usize,
+}
+
+pub struct WatchPlan {
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub cpu_budget: Duration,
+    /// The process limit, when `RLIMIT_NPROC` holds it: it counts every task of the lane's
+    /// user, so near it those are counted too.
+    pub user_process_limit: Option<u64>,
+    pub uid: u32,
+}
+
+/// Wait until the lane's first process exits, stopping the lane on its deadline, a stop
+/// request, or its CPU budget: SIGTERM to its group, SIGKILL to all of it after the grace period
+/// (at once for the CPU budget). Returns without reaping: [`SpawnedLane::wait`] does that.
+pub async fn watch(
+    lane: &SpawnedLane,
+    plan: WatchPlan,
+    stop: &mut mpsc::UnboundedReceiver<StopReason>,
+) -> Watched {
+    let pgid = nix::unistd::Pid::from_raw(lane.process_group());
+    let cgroup = lane.cgroup();
+    let leader = pgid.as_raw();
+    let mut exited = tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader));
+    let deadline = tokio::time::sleep(plan.timeout);
+    tokio::pin!(deadline);
+    let mut sample = tokio::time::interval(SAMPLE_EVERY);
+    let mut watched = Watched::default();
+    let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let terminate = |escalate: &mut Option<_>| {
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+        *escalate = Some(Box::pin(tokio::time::sleep(plan.grace)));
+    };
+    loop {
+        tokio::select! {
+            _ = &mut exited => break,
+            _ = &mut deadline, if watched.reason.is_none() => {
+                watched.reason = Some(StopReason::Timeout);
+                terminate(&mut escalate);
+            }
+            Some(why) = stop.recv(), if watched.reason.is_none() => {
+                watched.reason = Some(why);
+                terminate(&mut escalate);
+            }
+            _ = async { escalate.as_mut().unwrap().await }, if escalate.is_some() => {
+                lane.kill_all();
+                escalate = None;
+            }
+            _ = sample.tick(), if cgroup.is_some() => {
+                let Some(cgroup) = &cgroup else { continue };
+                let tasks = cgroup.task_count().unwrap_or(0);
+                watched.peak_tasks = watched.peak_tasks.max(tasks);
+                if let Some(limit) = plan.user_process_limit
+                    && tasks as u64 * 2 >= limit
+                {
+                    watched.peak_tasks = watched.peak_tasks.max(user_tasks(plan.uid));
+                }
+                let usage = cgroup.usage();
+                let used = Duration::from_micros(usage.cpu_user_usec + usage.cpu_system_usec);
+                if used >= plan.cpu_budget && watched.reason.is_none() {
+                    watched.reason = Some(StopReason::CpuTime);
+                    lane.kill_all();
+                }
+            }
+        }
+    }
+    // What the first process left running is still there until the wait kills it: count it.
+    if let Some(cgroup) = &cgroup {
+        watched.peak_tasks = watched.peak_tasks.max(cgroup.task_count().unwrap_or(0));
+    }
+    watched
+}
+
+/// Tasks (processes and threads) whose real uid is `uid`: what `RLIMIT_NPROC` counts. Read
+/// only while a lane is near its process limit: it walks /proc.
+fn user_tasks(uid: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|status| {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<usize>().ok())
+            };
+            (field("Uid:")? == uid as usize).then(|| field("Threads:").unwrap_or(1))
+        })
+        .sum()
+}
+
+/// The judged end of a lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: JobState,
+    pub detail: String,
+    pub stopped_by: Option<String>,
+    pub usage: ResourceUsage,
+}
+
+/// Decide the job's final state and say why, naming the limit that stopped it when one did.
+pub fn outcome(end: &LaneEnd, watched: Watched, limits: &Limits, timeout_seconds: u64) -> Outcome {
+    let status = end.status;
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "ended".to_owned(),
+    };
+    let limit = limit_reached(end, watched, limits);
+    let (state, detail, stopped_by) = match (watched.reason, limit) {
+        (Some(StopReason::Timeout), _) => (
+            JobState::TimedOut,
+            format!("timed out after {timeout_seconds} s and was stopped ({how})"),
+            Some("wall_clock".to_owned()),
+        ),
+        (Some(StopReason::Cancel), _) => (JobState::Cancelled, format!("cancelled ({how})"), None),
+        (Some(StopReason::Shutdown), _) => (
+            JobState::Cancelled,
+            format!("stopped because the helper shut down ({how})"),
+            None,
+        ),
+        (_, Some((name, why))) if !status.success() || name == "cpu_time" => (
+            JobState::Failed,
+            format!("{why} ({how})"),
+            Some(name.to_owned()),
+        ),
+        (_, Some((_, why))) => (JobState::Succeeded, format!("{how}; note: {why}"), None),
+        (None, None) if status.success() => (JobState::Succeeded, how, None),
+        (_, None) => (JobState::Failed, how, None),
+    };
+    let detail = match &end.cleanup_error {
+        Some(error) => format!("{detail}; the lane's cgroup could not be removed: {error}"),
+        None => detail,
+    };
+    Outcome {
+        state,
+        detail,
+        stopped_by,
+        usage: ResourceUsage {
+            cpu_user_ms: end.usage.cpu_user_ms,
+            cpu_system_ms: end.usage.cpu_system_ms,
+            peak_memory_bytes: end.usage.peak_memory_bytes,
+            peak_memory_whole_lane: end.usage.peak_memory_whole_lane,
+        },
+    }
+}
+
+/// Which limit the lane reached, if any, and a sentence a user can act on. Exact where a cgroup
+/// controller or the helper counted it; inferred from the lane's peaks where an rlimit held it.
+fn limit_reached(
+    end: &LaneEnd,
+    watched: Watched,
+    limits: &Limits,
+) -> Option<(&'static str, String)> {
+    let usage = &end.usage;
+    let cpu_ms = usage.cpu_user_ms + usage.cpu_system_ms;
+    let memory = bytes(limits.memory_bytes);
+    if watched.reason == Some(StopReason::CpuTime) {
+        return Some((
+            "cpu_time",
+            format!(
+                "CPU time limit {} s reached: the lane used {:.1} s in all and was stopped",
+                limits.cpu_seconds,
+                cpu_ms as f64 / 1000.0
+            ),
+        ));
+    }
+    if let Some(kills) = usage.oom_kills.filter(|&k| k > 0) {
+        return Some((
+            "memory",
+            format!(
+                "memory limit {memory} reached: the kernel killed {kills} of its processes (memory.max)"
+            ),
+        ));
+    }
+    if let Some(refused) = usage.pids_max_hits.filter(|&r| r > 0) {
+        return Some((
+            "processes",
+            format!(
+                "process limit {} reached: {refused} forks were refused (pids.max)",
+                limits.processes
+            ),
+        ));
+    }
+    // SIGKILL at the hard limit, SIGXCPU at the soft one (they are equal here).
+    let killed_by_cpu = matches!(end.status.signal(), Some(9 | 24));
+    if killed_by_cpu && cpu_ms + 500 >= limits.cpu_seconds * 1000 {
+        return Some((
+            "cpu_time",
+            format!(
+                "CPU time limit {} s reached by one process (RLIMIT_CPU)",
+                limits.cpu_seconds
+            ),
+        ));
+    }
+    if usage.pids_max_hits.is_none() && watched.peak_tasks as u64 >= limits.processes {
+        return Some((
+            "processes",
+            format!(
+                "process limit {} reached: {} tasks of the lane's user ran at once and \
+                 further forks failed (RLIMIT_NPROC)",
+                limits.processes, watched.peak_tasks
+            ),
+        ));
+    }
+    if !usage.peak_memory_whole_lane && usage.peak_memory_bytes * 10 >= limits.memory_bytes * 9 {
+        return Some((
+            "memory",
+            format!(
+                "memory limit {memory} reached: a process grew to {} and its next allocation \
+                 failed (RLIMIT_DATA, per process)",
+                bytes_rounded(usage.peak_memory_bytes)
+            ),
+        ));
+    }
+    None
+}
+
+fn bytes_rounded(value: u64) -> String {
+    format!("{} MiB", value >> 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dispatch_sandbox::LaneUsage;
+    use std::process::ExitStatus;
+
+    fn end(raw_status: i32, usage: LaneUsage) -> LaneEnd {
+        LaneEnd {
+            status: ExitStatus::from_raw(raw_status),
+            usage,
+            cleanup_error: None,
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            processes: 64,
+            memory_bytes: 256 << 20,
+            cpu_seconds: 10,
+            ..Limits::default()
+        }
+    }
+
+    const EXIT_1: i32 = 1 << 8;
+
+    #[test]
+    fn a_clean_exit_succeeds_and_reports_its_cost() {
+        let usage = LaneUsage {
+            cpu_user_ms: 120,
+            cpu_system_ms: 30,
+            peak_memory_bytes: 8 << 20,
+            ..LaneUsage::default()
+        };
+        let judged = outcome(&end(0, usage), Watched::default(), &limits(), 60);
+        assert_eq!(judged.state, JobState::Succeeded);
+        assert_eq!(judged.detail, "exited with status 0");
+        assert_eq!(judged.stopped_by, None);
+        assert_eq!(judged.usage.cpu_user_ms, 120);
+        assert_eq!(judged.usage.peak_memory_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn each_limit_is_named_when_it_stopped_the_lane() {
+        let cases = [
+            (
+                LaneUsage {
+                    oom_kills: Some(2),
+                    ..LaneUsage::default()
+                },
+                Watched::default(),
+                "memory",
+                "memory limit 256 MiB reached",
+            ),
+            (
+                LaneUsage {
+                    pids_max_hits: Some(40),
+                    ..LaneUsage::default()
+                },
+                Watched::default(),
+                "processes",
+                "process limit 64 reached: 40 forks were refused (pids.max)",
+            ),
+            (
+                LaneUsage::default(),
+                Watched {
+                    reason: None,
+                    peak_tasks: 64,
+                },
+                "processes",
+                "(RLIMIT_NPROC)",
+            ),
+            (
+                LaneUsage {
+                    peak_memory_bytes: 250 << 20,
+                    ..LaneUsage::default()
+                },
+                Watched::default(),
+                "memory",
+                "(RLIMIT_DATA, per process)",
+            ),
+        ];
+        for (usage, watched, limit, words) in cases {
+            let judged = outcome(&end(EXIT_1, usage), watched, &limits(), 60);
+            assert_eq!(judged.state, JobState::Failed, "{judged:?}");
+            assert_eq!(judged.stopped_by.as_deref(), Some(limit), "{judged:?}");
+            assert!(judged.detail.contains(words), "{judged:?}");
+            assert!(
+                judged.detail.ends_with("(exited with status 1)"),
+                "{judged:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cpu_budget_fails_the_lane_even_if_it_exits_cleanly_when_killed() {
+        let usage = LaneUsage {
+            cpu_user_ms: 10_400,
+            ..LaneUsage::default()
+        };
+        let watched = Watched {
+            reason: Some(StopReason::CpuTime),
+            peak_tasks: 3,
+        };
+        let judged = outcome(&end(9, usage), watched, &limits(), 60);
+        assert_eq!(judged.state, JobState::Failed);
+        assert_eq!(judged.stopped_by.as_deref(), Some("cpu_time"));
+        assert!(
+            judged.detail.starts_with("CPU time limit 10 s reached"),
+            "{judged:?}"
+        );
+        // One process killed at its own RLIMIT_CPU, without a cgroup.
+        let alone = LaneUsage {
+            cpu_user_ms: 9_900,
+            ..LaneUsage::default()
+        };
+        let judged = outcome(&end(9, alone), Watched::default(), &limits(), 60);
+        assert!(judged.detail.contains("RLIMIT_CPU"), "{judged:?}");
+    }
+
+    #[test]
+    fn stops_asked_for_keep_their_state_and_a_lane_under_its_limits_is_not_blamed() {
+        let timeout = Watched {
+            reason: Some(StopReason::Timeout),
+            peak_tasks: 1,
+        };
+        let judged = outcome(&end(15, LaneUsage::default()), timeout, &limits(), 60);
+        assert_eq!(judged.state, JobState::TimedOut);
+        assert_eq!(judged.stopped_by.as_deref(), Some("wall_clock"));
+        let cancel = Watched {
+            reason: Some(StopReason::Cancel),
+            peak_tasks: 1,
+        };
+        let judged = outcome(&end(15, LaneUsage::default()), cancel, &limits(), 60);
+        assert_eq!(judged.state, JobState::Cancelled);
+        let modest = LaneUsage {
+            peak_memory_bytes: 100 << 20,
+            ..LaneUsage::default()
+        };
+        let judged = outcome(
+            &end(EXIT_1, modest),
+            Watched {
+                reason: None,
+                peak_tasks: 5,
+            },
+            &limits(),
+            60,
+        );
+        assert_eq!((judged.state, judged.stopped_by), (JobState::Failed, None));
+    }
+}

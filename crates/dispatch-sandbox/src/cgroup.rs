@@ -1,0 +1,494 @@
+//! One cgroup v2 per lane, under a parent the helper owns.
+//!
+//! A process group is no boundary: a lane's descendant that calls `setsid` or `setpgid` leaves
+//! it, and once its parent exits it is reparented away from the helper. A cgroup is one: every
+//! descendant of a process in it stays in it (only someone with write access to another cgroup's
+//! `cgroup.procs` can move it out, and lanes have none), and writing `1` to `cgroup.kill` SIGKILLs
+//! all of them at once, however they re-parent or re-group themselves.
+//!
+//! The layout, set up once when the helper starts ([`CgroupTree::establish`]):
+//!
+//! ```text
+//! <base>/                 the helper's own cgroup (systemd Delegate=yes), or a configured one
+//! <base>/supervisor/      the helper and its reaper (only when <base> is the helper's own)
+//! <base>/lanes/           the parent of every lane; the reaper kills it whole if the helper dies
+//! <base>/lanes/<handle>/  one lane: its first process joins before it runs anything
+//! ```
+//!
+//! Controllers (`pids`, `memory`, `cpu`) are enabled for the lanes where the base has them; a
+//! limit whose controller is missing falls back to an rlimit (see `limits.rs`).
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where lane cgroups live, as the administrator configures it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CgroupSetting {
+    /// The helper's own cgroup, when it has one to itself (systemd's `Delegate=yes`).
+    #[default]
+    Auto,
+    /// A cgroup v2 directory, created if missing; the helper does not move into it.
+    Path(PathBuf),
+    /// No cgroups: process groups, the subreaper and rlimits only.
+    Off,
+}
+
+impl serde::Serialize for CgroupSetting {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            CgroupSetting::Auto => serializer.serialize_str("auto"),
+            CgroupSetting::Off => serializer.serialize_str("off"),
+            CgroupSetting::Path(path) => serializer.serialize_str(&path.display().to_string()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CgroupSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "auto" => Ok(CgroupSetting::Auto),
+            "off" => Ok(CgroupSetting::Off),
+            path if path.starts_with('/') && !path.split('/').any(|part| part == "..") => {
+                Ok(CgroupSetting::Path(PathBuf::from(path)))
+            }
+            other => Err(serde::de::Error::custom(format!(
+                "cgroup must be \"auto\", \"off\" or an absolute path without '..', not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The controllers lanes get limits from, where the base cgroup offers them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Controllers {
+    pub pids: bool,
+    pub memory: bool,
+    pub cpu: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {step} ({path}): {error}")]
+pub struct CgroupError {
+    pub step: &'static str,
+    pub path: String,
+    pub error: io::Error,
+}
+
+fn at<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |error| CgroupError {
+        step,
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+/// What [`CgroupTree::establish`] found.
+pub enum Established {
+    Tree(CgroupTree),
+    /// No cgroup can be used; the reason says why and what would give one.
+    Unavailable(String),
+}
+
+#[derive(Debug)]
+pub struct CgroupTree {
+    lanes: PathBuf,
+    controllers: Controllers,
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+impl CgroupTree {
+    /// Find or create the lanes' parent, in this order: find the base, move the helper out of
+    /// it (auto only), enable the controllers it has, create `lanes/`.
+    pub fn establish(setting: &CgroupSetting) -> Result<Established, CgroupError> {
+        let base = match setting {
+            CgroupSetting::Off => {
+                return Ok(Established::Unavailable(
+                    "cgroups are turned off in the configuration (sandbox.cgroup = \"off\")".into(),
+                ));
+            }
+            CgroupSetting::Path(path) => {
+                fs::create_dir_all(path).map_err(at("create the configured cgroup", path))?;
+                path.clone()
+            }
+            CgroupSetting::Auto => match own_delegated_cgroup()? {
+                Ok(base) => {
+                    let supervisor = base.join("supervisor");
+                    make_dir(&supervisor)?;
+                    write(&supervisor.join("cgroup.procs"), "0")?;
+                    base
+                }
+                Err(reason) => return Ok(Established::Unavailable(reason)),
+            },
+        };
+        require_cgroup2(&base)?;
+        let controllers = enable_controllers(&base)?;
+        let lanes = base.join("lanes");
+        make_dir(&lanes)?;
+        enable_controllers(&lanes)?;
+        if !lanes.join("cgroup.kill").exists() {
+            return Ok(Established::Unavailable(format!(
+                "{} has no cgroup.kill (the kernel is older than 5.14)",
+                lanes.display()
+            )));
+        }
+        Ok(Established::Tree(CgroupTree { lanes, controllers }))
+    }
+
+    pub fn lanes_dir(&self) -> &Path {
+        &self.lanes
+    }
+
+    pub fn controllers(&self) -> Controllers {
+        self.controllers
+    }
+
+    /// Open the parent's `cgroup.kill` for the lane reaper: writing `1` kills every lane.
+    pub(crate) fn open_kill_all(&self) -> Result<OwnedFd, CgroupError> {
+        let path = self.lanes.join("cgroup.kill");
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(at("open", &path))?;
+        Ok(OwnedFd::from(file))
+    }
+
+    /// Create a lane's cgroup with its limits written, ready for its first process to join.
+    pub fn create_lane(
+        &self,
+        name: &str,
+        values: &[(&str, String)],
+    ) -> Result<LaneCgroup, CgroupError> {
+        let dir = self.lanes.join(name);
+        fs::create_dir(&dir).map_err(at("create the lane's cgroup", &dir))?;
+        let lane = LaneCgroup {
+            procs: None,
+            dir,
+            controllers: self.controllers,
+        };
+        for (file, value) in values {
+            let path = lane.dir.join(file);
+            // Swap accounting can be compiled out; then there is no swap to limit.
+            if *file == "memory.swap.max" && !path.exists() {
+                continue;
+            }
+            if let Err(error) = write(&path, value) {
+                let _ = fs::remove_dir(&lane.dir);
+                return Err(error);
+            }
+        }
+        let procs = lane.dir.join("cgroup.procs");
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(at("open", &procs))?;
+        Ok(LaneCgroup {
+            procs: Some(OwnedFd::from(file)),
+            ..lane
+        })
+    }
+
+    /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed
+    /// with lanes running). Returns the names of those that held processes.
+    pub fn sweep(&self) -> Result<Vec<String>, CgroupError> {
+        let mut killed = Vec::new();
+        let entries = fs::read_dir(&self.lanes).map_err(at("list", &self.lanes))?;
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let lane = LaneCgroup {
+                dir: entry.path(),
+                procs: None,
+                controllers: self.controllers,
+            };
+            if lane.populated().unwrap_or(true) {
+                killed.push(entry.file_name().to_string_lossy().into_owned());
+            }
+            lane.end(Duration::from_secs(5))?;
+        }
+        Ok(killed)
+    }
+}
+
+/// The cgroup of a lane. Ended with [`LaneCgroup::end`]: killed, waited for, removed.
+#[derive(Debug)]
+pub struct LaneCgroup {
+    dir: PathBuf,
+    /// `cgroup.procs`, open for the lane's first process to write itself into.
+    procs: Option<OwnedFd>,
+    controllers: Controllers,
+}
+
+/// What a lane's cgroup counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    /// `memory.peak`, with the memory controller.
+    pub memory_peak: Option<u64>,
+    /// Times a fork was refused at `pids.max`, with the pids controller.
+    pub pids_max_hits: Option<u64>,
+    /// Processes the kernel killed at `memory.max`, with the memory controller.
+    pub oom_kills: Option<u64>,
+}
+
+impl LaneCgroup {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn procs_fd(&self) -> Option<i32> {
+        self.procs.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    /// The join is done (or failed): the helper no longer needs the fd.
+    pub(crate) fn close_procs(&mut self) {
+        self.procs = None;
+    }
+
+    /// SIGKILL every process in the lane, wherever in it they are.
+    pub fn kill(&self) -> io::Result<()> {
+        fs::write(self.dir.join("cgroup.kill"), "1")
+    }
+
+    pub fn populated(&self) -> io::Result<bool> {
+        let events = fs::read_to_string(self.dir.join("cgroup.events"))?;
+        Ok(keyed(&events, "populated") != Some(0))
+    }
+
+    /// How many tasks (processes and their threads: what `pids.max` and `RLIMIT_NPROC` count)
+    /// are in the lane now.
+    pub fn task_count(&self) -> io::Result<usize> {
+        Ok(fs::read_to_string(self.dir.join("cgroup.threads"))?
+            .lines()
+            .count())
+    }
+
+    pub fn usage(&self) -> CgroupUsage {
+        let read = |file: &str| fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        let cpu = read("cpu.stat");
+        let memory_peak = self
+            .controllers
+            .memory
+            .then(|| read("memory.peak").trim().parse().ok())
+            .flatten();
+        CgroupUsage {
+            cpu_user_usec: keyed(&cpu, "user_usec").unwrap_or(0),
+            cpu_system_usec: keyed(&cpu, "system_usec").unwrap_or(0),
+            memory_peak,
+            pids_max_hits: self
+                .controllers
+                .pids
+                .then(|| keyed(&read("pids.events"), "max"))
+                .flatten(),
+            oom_kills: self
+                .controllers
+                .memory
+                .then(|| keyed(&read("memory.events"), "oom_kill"))
+                .flatten(),
+        }
+    }
+
+    /// Kill whatever is left, wait until the cgroup is empty, remove it.
+    pub fn end(&self, limit: Duration) -> Result<(), CgroupError> {
+        self.kill_and_wait(limit)?;
+        self.remove()
+    }
+
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        fs::remove_dir(&self.dir).map_err(at("remove", &self.dir))
+    }
+
+    /// Kill whatever is left and wait until the cgroup is empty. Waits at most `limit` (a
+    /// process in uninterruptible sleep dies only when it wakes).
+    pub fn kill_and_wait(&self, limit: Duration) -> Result<(), CgroupError> {
+        let started = Instant::now();
+        while self
+            .populated()
+            .map_err(at("read cgroup.events", &self.dir))?
+        {
+            self.kill().map_err(at("write cgroup.kill", &self.dir))?;
+            if started.elapsed() > limit {
+                return Err(CgroupError {
+                    step: "wait until empty",
+                    path: self.dir.display().to_string(),
+                    error: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("processes remain after {limit:?}"),
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+}
+
+/// A `key value` line of a cgroup file (`cgroup.events`, `cpu.stat`, `pids.events`, …).
+fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.split_once(' ')?;
+        (name == key).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
+fn make_dir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+            Err(at("create", path)(error))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(at("write", path))
+}
+
+fn require_cgroup2(path: &Path) -> Result<(), CgroupError> {
+    let stat = nix::sys::statfs::statfs(path).map_err(|e| at("statfs", path)(e.into()))?;
+    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(at("check the filesystem", path)(io::Error::other(
+            "not a cgroup v2 directory",
+        )));
+    }
+    Ok(())
+}
+
+/// Enable, for the children of `dir`, each wanted controller that `dir` has. One at a time:
+/// one the kernel refuses must not stop the others.
+fn enable_controllers(dir: &Path) -> Result<Controllers, CgroupError> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers"))
+        .map_err(at("read cgroup.controllers", dir))?;
+    let has = |name: &str| available.split_whitespace().any(|c| c == name);
+    let control = dir.join("cgroup.subtree_control");
+    let enable = |name: &str| has(name) && fs::write(&control, format!("+{name}")).is_ok();
+    Ok(Controllers {
+        pids: enable("pids"),
+        memory: enable("memory"),
+        cpu: enable("cpu"),
+    })
+}
+
+/// Where the cgroup v2 hierarchy is mounted (the whole hierarchy, not a bind of part of it).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_mount_in(&mounts)
+}
+
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    // mountinfo: id parent major:minor root mount-point options … - fstype source super-options
+    mountinfo.lines().find_map(|line| {
+        let (fields, tail) = line.split_once(" - ")?;
+        let fields: Vec<&str> = fields.split(' ').collect();
+        let point = fields.get(4)?;
+        (tail.split(' ').next()? == "cgroup2" && fields.get(3) == Some(&"/"))
+            .then(|| PathBuf::from(point))
+    })
+}
+
+/// The helper's own cgroup v2 directory, if it has it to itself: not the root (that is nobody's
+/// to hand out), and no other process in it (systemd starts a `Delegate=yes` service alone in
+/// its cgroup; a helper started by an MCP front shares the front's). `Err` gives the reason.
+fn own_delegated_cgroup() -> Result<Result<PathBuf, String>, CgroupError> {
+    let proc_cgroup = Path::new("/proc/self/cgroup");
+    let own = fs::read_to_string(proc_cgroup).map_err(at("read", proc_cgroup))?;
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let mounts = fs::read_to_string(mountinfo).map_err(at("read", mountinfo))?;
+    Ok(delegated_cgroup(&own, &mounts, |dir| {
+        let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
+        let me = std::process::id().to_string();
+        let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok();
+        Ok(writable && procs.lines().all(|pid| pid == me))
+    }))
+}
+
+/// The decision of [`own_delegated_cgroup`] on the contents of `/proc/self/cgroup` and
+/// `/proc/self/mountinfo`; `alone_and_writable` looks at the candidate directory.
+fn delegated_cgroup(
+    proc_cgroup: &str,
+    mountinfo: &str,
+    alone_and_writable: impl Fn(&Path) -> io::Result<bool>,
+) -> Result<PathBuf, String> {
+    let Some(own) = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Err("the helper is in no cgroup v2 hierarchy".into());
+    };
+    let Some(mount) = cgroup2_mount_in(mountinfo) else {
+        return Err("no cgroup v2 filesystem is mounted".into());
+    };
+    if own == "/" {
+        return Err(format!(
+            "the helper runs in the root of the cgroup v2 hierarchy ({}), which is not delegated \
+             to it: run it under systemd with Delegate=yes, or set sandbox.cgroup",
+            mount.display()
+        ));
+    }
+    let dir = mount.join(own.trim_start_matches('/'));
+    match alone_and_writable(&dir) {
+        Ok(true) => Ok(dir),
+        Ok(false) => Err(format!(
+            "the helper's cgroup {} is shared with other processes or not writable, so it is not \
+             delegated to the helper: run it under systemd with Delegate=yes, or set sandbox.cgroup",
+            dir.display()
+        )),
+        Err(error) => Err(format!("cannot read {}: {error}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTS: &str = "30 24 0:26 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw\n\
+        41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+
+    #[test]
+    fn only_a_cgroup_the_helper_has_to_itself_is_used() {
+        let own = "1:cpu:/\n0::/system.slice/dispatch-helper.service\n";
+        let found = delegated_cgroup(own, MOUNTS, |_| Ok(true)).unwrap();
+        assert_eq!(
+            found,
+            Path::new("/sys/fs/cgroup/unified/system.slice/dispatch-helper.service")
+        );
+        let shared = delegated_cgroup(own, MOUNTS, |_| Ok(false)).unwrap_err();
+        assert!(shared.contains("Delegate=yes"), "{shared}");
+        let root = delegated_cgroup("0::/\n", MOUNTS, |_| Ok(true)).unwrap_err();
+        assert!(root.contains("root of the cgroup v2 hierarchy"), "{root}");
+        let v1_only = delegated_cgroup("1:cpu:/x\n", MOUNTS, |_| Ok(true)).unwrap_err();
+        assert!(v1_only.contains("no cgroup v2"), "{v1_only}");
+        let unmounted = delegated_cgroup(own, "", |_| Ok(true)).unwrap_err();
+        assert!(unmounted.contains("mounted"), "{unmounted}");
+    }
+
+    #[test]
+    fn keyed_files_are_read_by_key() {
+        let stat = "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n";
+        assert_eq!(keyed(stat, "user_usec"), Some(1000));
+        assert_eq!(keyed(stat, "usage"), None);
+        assert_eq!(keyed("populated 0\nfrozen 0\n", "populated"), Some(0));
+    }
+
+    #[test]
+    fn settings_parse_and_refuse_relative_or_escaping_paths() {
+        use serde::Deserialize;
+        use serde::de::IntoDeserializer;
+        let parse = |text: &str| {
+            let input: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                text.into_deserializer();
+            CgroupSetting::deserialize(input)
+        };
+        assert_eq!(parse("auto").unwrap(), CgroupSetting::Auto);
+        assert_eq!(parse("off").unwrap(), CgroupSetting::Off);
+        assert_eq!(
+            parse("/sys/fs/cgroup/x").unwrap(),
+            CgroupSetting::Path("/sys/fs/cgroup/x".into())
+        );
+        assert!(parse("relative").is_err());
+        assert!(parse("/sys/fs/cgroup/../etc").is_err());
+    }
+}
