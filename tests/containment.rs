@@ -85,11 +85,11 @@ async fn escaped_descendants_end_with_their_lane_however_it_ends() {
     };
     assert!(helper.cgroup.is_some());
     for how in ["escape-setsid", "escape-setpgid"] {
-        // The lane ends by itself (successfully).
+        // The lane ends by itself (successfully), a second after its descendant started.
         let t = tag("done");
         let mut client = helper.client().await;
         let job = client
-            .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:0"))
+            .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:1"))
             .await;
         let pid = escaped_pid(ALICE, &t);
         let done = client.result(&job.handle, 20_000).await;

@@ -176,10 +176,9 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
     )
     .unwrap();
     let reply = raw_exchange(&helper, &old, false);
-    assert!(
-        protocol_error_text(&reply)
-            .contains("wrong protocol version: peer speaks 99, this side speaks 1")
-    );
+    assert!(protocol_error_text(&reply).contains(&format!(
+        "wrong protocol version: peer speaks 99, this side speaks {PROTOCOL_VERSION}"
+    )));
 
     still_serves(&helper).await;
     wait_until(

@@ -186,7 +186,7 @@ impl Limits {
 /// `1536 MiB`-style figure for a byte count.
 pub fn bytes(value: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if value >= MIB && value % MIB == 0 {
+    if value >= MIB && value.is_multiple_of(MIB) {
         format!("{} MiB", value / MIB)
     } else {
         format!("{value} bytes")

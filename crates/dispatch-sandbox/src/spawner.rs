@@ -72,7 +72,8 @@ impl Containment {
                 )
             }
             None => format!(
-                "process group and subreaper only, no cgroup ({}): a descendant that leaves its                  lane's group is killed when a lane of its user ends",
+                "process group and subreaper only, no cgroup ({}): a descendant that leaves its \
+                 lane's group is killed when a lane of its user ends",
                 self.without
             ),
         }
