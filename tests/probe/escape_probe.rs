@@ -53,6 +53,29 @@ fn foreign_architecture_syscall() -> Value {
     report("foreign_arch_syscall", Err(libc::SIGSYS))
 }
 
+/// An x32 syscall (getpid with the x32 bit) from a forked child, which exits with the errno.
+/// Refused with EPERM by the lane's own filter; a systemd unit's `SystemCallArchitectures=native`
+/// kills the caller instead, reported as errno 1000 + the signal.
+fn x32_syscall() -> Value {
+    // SAFETY: fork in this single-threaded program; the child only makes the syscall and exits.
+    unsafe {
+        let child = libc::fork();
+        if child == 0 {
+            let rc = libc::syscall(0x4000_0000 | 39);
+            libc::_exit(if rc < 0 { errno().min(255) } else { 0 });
+        }
+        let mut status = 0;
+        libc::waitpid(child, &mut status, 0);
+        if libc::WIFSIGNALED(status) {
+            return report("x32_syscall", Err(1000 + libc::WTERMSIG(status)));
+        }
+        match libc::WEXITSTATUS(status) {
+            0 => report("x32_syscall", Ok(0)),
+            errno => report("x32_syscall", Err(errno)),
+        }
+    }
+}
+
 /// The helper's child named `dispatch-reaper`, from /proc/PID/stat (comm and parent pid).
 fn find_reaper(helper_pid: i64) -> Option<i64> {
     std::fs::read_dir("/proc")
@@ -481,7 +504,8 @@ fn escape(config: Value) {
             )),
         ));
         // x32 alias of getpid (39 | X32 bit).
-        checks.push(report("x32_syscall", sys(libc::syscall(0x4000_0000 | 39))));
+        // In a forked child: a unit with SystemCallArchitectures=native kills the caller.
+        checks.push(x32_syscall());
         // clone3 with a zero size: the kernel itself would answer EINVAL; the filter answers
         // ENOSYS before the kernel looks, so libc falls back to clone, whose flags it checks.
         checks.push(report(

@@ -320,6 +320,10 @@ impl Drop for TestHelper {
             }
             let _ = std::fs::remove_dir(&lanes);
             let _ = std::fs::remove_dir(base);
+            // The shared parent, once the last test's tree is gone.
+            if let Some(parent) = base.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 }
