@@ -154,8 +154,10 @@ impl SpawnedLane {
         self.registry.forget(self.pid);
         if exited.is_ok() {
             // The lane is over: nothing it started outlives it. The exited, unreaped leader
-            // still holds the group id, so the group kill reaches only this lane.
-            self.kill_all();
+            // still holds the group id, so the group kill reaches only this lane. The cgroup
+            // is killed below, only if anything is left in it.
+            let group = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         }
         let cleanup_error = self.end_cgroup();
         exited?;
@@ -637,6 +639,11 @@ mod adopted {
     use std::collections::BTreeSet;
 
     pub(super) fn reap(tracked: &BTreeSet<libc::pid_t>, kill_uid: Option<libc::uid_t>) {
+        // With cgroups only exited orphans need reaping: skip the walk of /proc when no child
+        // has exited, or only a lane leader that its own supervisor reaps.
+        if kill_uid.is_none() && exited_child().is_none_or(|pid| tracked.contains(&pid)) {
+            return;
+        }
         for pid in children().into_iter().filter(|pid| !tracked.contains(pid)) {
             if let Some(uid) = kill_uid
                 && owner(pid) == Some(uid)
@@ -652,6 +659,17 @@ mod adopted {
                 nix::unistd::Pid::from_raw(pid),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
+        }
+    }
+
+    /// A child that has exited and is not yet reaped, if any (it is left unreaped).
+    fn exited_child() -> Option<libc::pid_t> {
+        let flags = nix::sys::wait::WaitPidFlag::WEXITED
+            | nix::sys::wait::WaitPidFlag::WNOHANG
+            | nix::sys::wait::WaitPidFlag::WNOWAIT;
+        match nix::sys::wait::waitid(nix::sys::wait::Id::All, flags) {
+            Ok(status) => status.pid().map(|pid| pid.as_raw()),
+            Err(_) => None,
         }
     }
 
