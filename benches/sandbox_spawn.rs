@@ -7,7 +7,6 @@ use dispatch_sandbox::cgroup::{CgroupSetting, cgroup2_mount};
 use dispatch_sandbox::{
     Containment, LanePlan, LaneSpawner, Sandbox, SandboxPolicy, current_identity, resolve_identity,
 };
-use std::cell::Cell;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,9 +54,9 @@ fn main() {
     };
     println!("containment: {}", containment.describe());
     let spawner = LaneSpawner::start(1, containment).unwrap();
-    let lane_number = Cell::new(0u64);
+    // For comparison: the same spawn with no cgroup (process group and subreaper only).
+    let uncontained = LaneSpawner::start(1, Containment::none("comparison")).unwrap();
     let plan = LanePlan {
-        name: String::new(),
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
@@ -92,17 +91,18 @@ fn main() {
         assert!(command.status().unwrap().success());
         start.elapsed()
     };
-    let next_plan = || {
-        lane_number.set(lane_number.get() + 1);
-        LanePlan {
-            name: format!("bench-{}", lane_number.get()),
-            ..plan.clone()
-        }
+    let sandboxed_without_cgroup = || {
+        let prepared = sandbox.prepare(plan.clone()).unwrap();
+        let start = Instant::now();
+        let lane = uncontained.spawn(prepared).unwrap();
+        let end = lane.wait().unwrap();
+        assert!(end.status.success());
+        start.elapsed()
     };
     let sandboxed = |include_prepare: bool| {
-        let prepared_early = (!include_prepare).then(|| sandbox.prepare(next_plan()).unwrap());
+        let prepared_early = (!include_prepare).then(|| sandbox.prepare(plan.clone()).unwrap());
         let start = Instant::now();
-        let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(next_plan()).unwrap());
+        let prepared = prepared_early.unwrap_or_else(|| sandbox.prepare(plan.clone()).unwrap());
         let lane = spawner.spawn(prepared).unwrap();
         let end = lane.wait().unwrap();
         assert!(end.status.success());
@@ -114,7 +114,7 @@ fn main() {
     }
     let prepare_only = || {
         let start = Instant::now();
-        let prepared = sandbox.prepare(next_plan()).unwrap();
+        let prepared = sandbox.prepare(plan.clone()).unwrap();
         let elapsed = start.elapsed();
         drop(prepared);
         elapsed
@@ -122,11 +122,13 @@ fn main() {
     let (mut bare_samples, mut full_samples, mut spawn_samples) =
         (Vec::new(), Vec::new(), Vec::new());
     let (mut fork_samples, mut prepare_samples) = (Vec::new(), Vec::new());
+    let mut uncontained_samples = Vec::new();
     for _ in 0..ROUNDS {
         bare_samples.push(bare());
         fork_samples.push(bare_fork());
         full_samples.push(sandboxed(true));
         spawn_samples.push(sandboxed(false));
+        uncontained_samples.push(sandboxed_without_cgroup());
         prepare_samples.push(prepare_only());
     }
     let bare_p50 = percentile(&mut bare_samples, 0.5);
@@ -151,6 +153,13 @@ fn main() {
         percentile(&mut spawn_samples, 0.99).as_secs_f64() * 1e6,
         spawn_p50.as_secs_f64() / bare_p50.as_secs_f64()
     );
+    let uncontained_p50 = percentile(&mut uncontained_samples, 0.5);
+    println!(
+        "  the same without a cgroup (comparison)          p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",
+        uncontained_p50.as_secs_f64() * 1e6,
+        percentile(&mut uncontained_samples, 0.99).as_secs_f64() * 1e6,
+        uncontained_p50.as_secs_f64() / bare_p50.as_secs_f64()
+    );
     println!(
         "  prepare alone (Landlock ruleset, environment)   p50 {:>8.1} µs  p99 {:>8.1} µs  ratio {:.2}x",
         percentile(&mut prepare_samples, 0.5).as_secs_f64() * 1e6,
@@ -164,7 +173,17 @@ fn main() {
         full_p50.as_secs_f64() / bare_p50.as_secs_f64()
     );
     drop(spawner);
+    drop(uncontained);
     if let Some(base) = cgroup_base {
+        // The spare lane cgroups the spawner kept ready, then the tree.
+        std::thread::sleep(Duration::from_millis(100));
+        for spare in std::fs::read_dir(base.join("lanes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(spare.path());
+        }
         let _ = std::fs::remove_dir(base.join("lanes"));
         let _ = std::fs::remove_dir(base);
     }

@@ -143,16 +143,16 @@ async fn escaped_descendants_end_with_their_lane_however_it_ends() {
         let lost = client.result(&job.handle, 0).await;
         assert_eq!(lost.state, JobState::Lost, "{lost:?}");
         assert!(
-            helper.lane_cgroups().is_empty(),
+            helper.populated_lane_cgroups().is_empty(),
             "{:?}",
-            helper.lane_cgroups()
+            helper.populated_lane_cgroups()
         );
     }
     // Every lane's cgroup is removed once it has ended.
     assert!(
-        helper.lane_cgroups().is_empty(),
+        helper.populated_lane_cgroups().is_empty(),
         "{:?}",
-        helper.lane_cgroups()
+        helper.populated_lane_cgroups()
     );
 }
 

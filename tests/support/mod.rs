@@ -268,7 +268,22 @@ impl TestHelper {
 }
 
 impl TestHelper {
-    /// The lane cgroups that exist now (one per running lane).
+    /// Lane cgroups with processes in them now (the helper also keeps a few fresh, empty ones
+    /// ready, which do not count).
+    pub fn populated_lane_cgroups(&self) -> Vec<String> {
+        let Some(base) = &self.cgroup else {
+            return Vec::new();
+        };
+        self.lane_cgroups()
+            .into_iter()
+            .filter(|name| {
+                std::fs::read_to_string(base.join("lanes").join(name).join("cgroup.events"))
+                    .is_ok_and(|events| events.contains("populated 1"))
+            })
+            .collect()
+    }
+
+    /// Every lane cgroup directory that exists now.
     pub fn lane_cgroups(&self) -> Vec<String> {
         let Some(base) = &self.cgroup else {
             return Vec::new();

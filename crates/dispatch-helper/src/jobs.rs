@@ -263,7 +263,6 @@ impl Helper {
             tokio::task::spawn_blocking(move || {
                 let decision = Self::decide(&settings, &peer, &request, &handle)?;
                 let plan = LanePlan {
-                    name: handle.to_string(),
                     identity: decision.identity.clone(),
                     argv: decision.argv.clone(),
                     work_dir: decision.work_dir.clone(),

@@ -12,8 +12,13 @@
 //! <base>/                 the helper's own cgroup (systemd Delegate=yes), or a configured one
 //! <base>/supervisor/      the helper and its reaper (only when <base> is the helper's own)
 //! <base>/lanes/           the parent of every lane; the reaper kills it whole if the helper dies
-//! <base>/lanes/<handle>/  one lane: its first process joins before it runs anything
+//! <base>/lanes/lane-N/    one lane: its first process joins before it runs anything
 //! ```
+//!
+//! Making and removing a cgroup costs about a tenth of a bare spawn, so neither happens on a
+//! dispatch's path: a janitor thread keeps a few fresh, never-used lane cgroups ready (their
+//! `cgroup.procs` already open) and removes ended ones. Each lane gets a fresh one, so its
+//! counters start at zero.
 //!
 //! Controllers (`pids`, `memory`, `cpu`) are enabled for the lanes where the base has them; a
 //! limit whose controller is missing falls back to an rlimit (see `limits.rs`).
@@ -22,6 +27,8 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// Where lane cgroups live, as the administrator configures it.
@@ -97,7 +104,20 @@ pub enum Established {
 pub struct CgroupTree {
     lanes: PathBuf,
     controllers: Controllers,
+    spares: Arc<Mutex<Vec<LaneCgroup>>>,
+    janitor: Mutex<mpsc::Sender<Chore>>,
 }
+
+/// Work for the janitor thread.
+enum Chore {
+    /// Make fresh lane cgroups until [`SPARES`] are ready.
+    Refill,
+    /// Remove an ended (empty) lane cgroup.
+    Remove(PathBuf),
+}
+
+/// Fresh lane cgroups kept ready.
+const SPARES: usize = 4;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -136,7 +156,31 @@ impl CgroupTree {
                 lanes.display()
             )));
         }
-        Ok(Established::Tree(CgroupTree { lanes, controllers }))
+        Ok(Established::Tree(CgroupTree::with_janitor(
+            lanes,
+            controllers,
+        )))
+    }
+
+    fn with_janitor(lanes: PathBuf, controllers: Controllers) -> CgroupTree {
+        let spares = Arc::new(Mutex::new(Vec::new()));
+        let (janitor, chores) = mpsc::channel();
+        let (dir, ready) = (lanes.clone(), spares.clone());
+        // If the thread cannot start, every lane cgroup is made and removed inline instead.
+        let _ = std::thread::Builder::new()
+            .name("lane-cgroups".into())
+            .spawn(move || janitor_loop(&dir, controllers, &ready, &chores));
+        CgroupTree {
+            lanes,
+            controllers,
+            spares,
+            janitor: Mutex::new(janitor),
+        }
+    }
+
+    fn send(&self, chore: Chore) -> Result<(), Chore> {
+        let janitor = self.janitor.lock().unwrap_or_else(|p| p.into_inner());
+        janitor.send(chore).map_err(|e| e.0)
     }
 
     pub fn lanes_dir(&self) -> &Path {
@@ -157,19 +201,14 @@ impl CgroupTree {
         Ok(OwnedFd::from(file))
     }
 
-    /// Create a lane's cgroup with its limits written, ready for its first process to join.
-    pub fn create_lane(
-        &self,
-        name: &str,
-        values: &[(&str, String)],
-    ) -> Result<LaneCgroup, CgroupError> {
-        let dir = self.lanes.join(name);
-        fs::create_dir(&dir).map_err(at("create the lane's cgroup", &dir))?;
-        let lane = LaneCgroup {
-            procs: None,
-            dir,
-            controllers: self.controllers,
+    /// A fresh lane cgroup with its limits written, ready for its first process to join.
+    pub fn create_lane(&self, values: &[(&str, String)]) -> Result<LaneCgroup, CgroupError> {
+        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let lane = match spare {
+            Some(lane) => lane,
+            None => new_lane(&self.lanes, self.controllers)?,
         };
+        let _ = self.send(Chore::Refill);
         for (file, value) in values {
             let path = lane.dir.join(file);
             // Swap accounting can be compiled out; then there is no swap to limit.
@@ -177,19 +216,18 @@ impl CgroupTree {
                 continue;
             }
             if let Err(error) = write(&path, value) {
-                let _ = fs::remove_dir(&lane.dir);
+                self.release(&lane);
                 return Err(error);
             }
         }
-        let procs = lane.dir.join("cgroup.procs");
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .map_err(at("open", &procs))?;
-        Ok(LaneCgroup {
-            procs: Some(OwnedFd::from(file)),
-            ..lane
-        })
+        Ok(lane)
+    }
+
+    /// Remove an ended lane's (empty) cgroup, off the caller's path when the janitor runs.
+    pub fn release(&self, lane: &LaneCgroup) {
+        if let Err(Chore::Remove(dir)) = self.send(Chore::Remove(lane.dir.clone())) {
+            let _ = fs::remove_dir(dir);
+        }
     }
 
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed
@@ -212,6 +250,52 @@ impl CgroupTree {
             lane.end(Duration::from_secs(5))?;
         }
         Ok(killed)
+    }
+}
+
+static LANE_NUMBER: AtomicU64 = AtomicU64::new(0);
+
+/// Make a fresh lane cgroup (`lane-<helper pid>-<n>`) and open its `cgroup.procs`.
+fn new_lane(lanes: &Path, controllers: Controllers) -> Result<LaneCgroup, CgroupError> {
+    let number = LANE_NUMBER.fetch_add(1, Ordering::Relaxed);
+    let dir = lanes.join(format!("lane-{}-{number}", std::process::id()));
+    fs::create_dir(&dir).map_err(at("create the lane's cgroup", &dir))?;
+    let procs = dir.join("cgroup.procs");
+    match fs::OpenOptions::new().write(true).open(&procs) {
+        Ok(file) => Ok(LaneCgroup {
+            dir,
+            procs: Some(OwnedFd::from(file)),
+            controllers,
+        }),
+        Err(error) => {
+            let _ = fs::remove_dir(&dir);
+            Err(at("open", &procs)(error))
+        }
+    }
+}
+
+fn janitor_loop(
+    lanes: &Path,
+    controllers: Controllers,
+    spares: &Mutex<Vec<LaneCgroup>>,
+    chores: &mpsc::Receiver<Chore>,
+) {
+    while let Ok(chore) = chores.recv() {
+        match chore {
+            Chore::Remove(dir) => {
+                let _ = fs::remove_dir(dir);
+            }
+            Chore::Refill => loop {
+                if spares.lock().unwrap_or_else(|p| p.into_inner()).len() >= SPARES {
+                    break;
+                }
+                // A failure here only means the next lane makes its own, and reports why.
+                let Ok(lane) = new_lane(lanes, controllers) else {
+                    break;
+                };
+                spares.lock().unwrap_or_else(|p| p.into_inner()).push(lane);
+            },
+        }
     }
 }
 

@@ -97,8 +97,6 @@ impl Default for SandboxPolicy {
 /// One lane to start: all values already validated by the policy crate.
 #[derive(Debug, Clone)]
 pub struct LanePlan {
-    /// Names the lane's cgroup: the job's handle (letters, digits, `-`, `_`).
-    pub name: String,
     pub identity: LaneIdentity,
     /// argv[0] is absolute (the template resolved it at load time).
     pub argv: Vec<String>,
@@ -213,18 +211,6 @@ impl Sandbox {
             path: plan.work_dir.display().to_string(),
             reason,
         };
-        let name_ok = !plan.name.is_empty()
-            && plan.name.len() <= 64
-            && plan
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !name_ok {
-            return Err(SandboxError::Environment(format!(
-                "lane name {:?}: 1 to 64 letters, digits, '-' or '_'",
-                plan.name
-            )));
-        }
         let meta =
             std::fs::symlink_metadata(&plan.work_dir).map_err(|e| work_dir_error(e.to_string()))?;
         if meta.file_type().is_symlink() {

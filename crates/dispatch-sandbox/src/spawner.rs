@@ -87,6 +87,7 @@ pub struct SpawnedLane {
     pub stderr: Option<ChildStderr>,
     pub enforcement: Enforcement,
     cgroup: Option<Arc<LaneCgroup>>,
+    containment: Arc<Containment>,
     uid: libc::uid_t,
     registry: Arc<Registry>,
     reaped: bool,
@@ -182,12 +183,10 @@ impl SpawnedLane {
             .map(|e| e.to_string())
     }
 
+    /// The cgroup is empty: its removal is the janitor's (a leftover is swept at the next start).
     fn remove_cgroup(&self) {
-        if let Some(cgroup) = &self.cgroup
-            && let Err(error) = cgroup.remove()
-        {
-            // Swept at the next start; the lane's processes are gone either way.
-            let _ = error;
+        if let (Some(cgroup), Some(tree)) = (&self.cgroup, self.containment.tree()) {
+            tree.release(cgroup);
         }
     }
 }
@@ -502,7 +501,7 @@ fn lane_cgroup(
         return Ok(None);
     };
     let values = lane.limits.cgroup_values(tree.controllers());
-    Ok(Some(tree.create_lane(&lane.plan.name, &values)?))
+    Ok(Some(tree.create_lane(&values)?))
 }
 
 /// Start one lane: set-up in the helper (stdio, cgroup, credentials check, reaper), the child's
@@ -512,7 +511,7 @@ fn spawn_now(
     mut lane: PreparedLane,
     stack: &mut ChildStack,
     registry: &Arc<Registry>,
-    containment: &Containment,
+    containment: &Arc<Containment>,
 ) -> Result<SpawnedLane, SandboxError> {
     let stdio = capture_stdio().map_err(SandboxError::Spawn)?;
     if lane.plan.change_uid {
@@ -522,7 +521,7 @@ fn spawn_now(
     let reaper = match registry.reaper_for_next_lane() {
         Ok(reaper) => reaper,
         Err(error) => {
-            discard_cgroup(cgroup.as_ref());
+            discard_cgroup(cgroup.as_ref(), containment);
             return Err(error);
         }
     };
@@ -531,7 +530,7 @@ fn spawn_now(
         Ok(plan) => plan,
         Err(error) => {
             registry.abandon(None);
-            discard_cgroup(cgroup.as_ref());
+            discard_cgroup(cgroup.as_ref(), containment);
             return Err(error);
         }
     };
@@ -558,6 +557,7 @@ fn spawn_now(
                 stderr: Some(ChildStderr::from(stdio.err_read)),
                 enforcement: lane.enforcement,
                 cgroup: cgroup.map(Arc::new),
+                containment: containment.clone(),
                 uid: lane.plan.identity.uid,
                 registry: registry.clone(),
                 reaped: false,
@@ -566,7 +566,7 @@ fn spawn_now(
         Err(failure) => {
             // Its child, if any, has exited (CLONE_VFORK returned without an exec).
             registry.abandon(failure.child);
-            discard_cgroup(cgroup.as_ref());
+            discard_cgroup(cgroup.as_ref(), containment);
             Err(SandboxError::ChildStep {
                 step: failure.step,
                 error: failure.error,
@@ -575,9 +575,11 @@ fn spawn_now(
     }
 }
 
-fn discard_cgroup(cgroup: Option<&LaneCgroup>) {
-    if let Some(cgroup) = cgroup {
-        let _ = cgroup.end(Duration::from_secs(5));
+fn discard_cgroup(cgroup: Option<&LaneCgroup>, containment: &Containment) {
+    if let (Some(cgroup), Some(tree)) = (cgroup, containment.tree()) {
+        if cgroup.kill_and_wait(Duration::from_secs(5)).is_ok() {
+            tree.release(cgroup);
+        }
     }
 }
 

@@ -51,6 +51,15 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // The spare lane cgroups the spawner kept ready, then the tree.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for spare in std::fs::read_dir(self.0.join("lanes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(spare.path());
+        }
         let _ = std::fs::remove_dir(self.0.join("lanes"));
         let _ = std::fs::remove_dir(&self.0);
     }
@@ -82,7 +91,6 @@ fn run_contained_with(
     )
     .unwrap();
     let plan = LanePlan {
-        name: "spawn-test".into(),
         identity,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         work_dir: work.path().to_owned(),
@@ -193,7 +201,6 @@ fn work_dir_must_exist() {
         return;
     }
     let plan = LanePlan {
-        name: "spawn-test".into(),
         identity: resolve_identity(USER).unwrap(),
         argv: vec!["/bin/true".into()],
         work_dir: "/nonexistent/work".into(),
@@ -217,7 +224,6 @@ fn work_dir_must_be_the_lane_users_own_real_directory() {
     let identity = resolve_identity(USER).unwrap();
     let root_owned = tempfile::tempdir().unwrap();
     let plan = |work_dir: &std::path::Path| LanePlan {
-        name: "spawn-test".into(),
         identity: identity.clone(),
         argv: vec!["/bin/true".into()],
         work_dir: work_dir.to_owned(),
@@ -254,7 +260,6 @@ fn missing_landlock_path_is_an_error_not_a_skip() {
     )
     .unwrap();
     let plan = LanePlan {
-        name: "spawn-test".into(),
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
