@@ -213,6 +213,16 @@ async fn a_lane_cannot_escape() {
 
     // Signals and the helper.
     assert_denied(&checks, "kill_helper", None);
+    // The lane's cgroup is the boundary: it cannot leave it, raise its limits, nest in it, or
+    // kill the other lanes through their parent.
+    for name in [
+        "cgroup_leave",
+        "cgroup_raise_limit",
+        "cgroup_mkdir",
+        "cgroup_kill_others",
+    ] {
+        assert_denied(&checks, name, None);
+    }
     assert_denied(&checks, "connect_helper_socket", None);
 
     // Network (Landlock ABI ≥ 4).

@@ -11,7 +11,7 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 22] = [
+const REQUIRED: [&str; 25] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
@@ -30,9 +30,12 @@ const REQUIRED: [&str; 22] = [
     "restart_no_lane_left",
     "kill9_escaped_descendant_gone",
     "kill9_job_lost",
+    "kill9_nothing_left",
     "stop_kills_lanes",
+    "stop_job_final",
     "escape_probe_denied_under_the_unit",
     "journal_has_helper_logs",
+    "journal_has_containment",
     "security_exposure_at_most_2",
 ];
 

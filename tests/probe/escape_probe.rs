@@ -267,6 +267,56 @@ fn hog(mib: usize) {
     println!("{}", json!({"allocated_mib": mib}));
 }
 
+/// The lane's own cgroup directory (cgroup v2, wherever the hierarchy is mounted).
+fn own_cgroup_dir() -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim_start_matches('/');
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(|mount| std::path::Path::new(mount).join(path))
+        .find(|dir| dir.join("cgroup.procs").exists())
+}
+
+/// Each way out of (or around) the lane's cgroup; all must fail. Reported as failed with
+/// ENOENT when the lane has no cgroup to escape.
+fn cgroup_escapes() -> Vec<Value> {
+    let Some(dir) = own_cgroup_dir() else {
+        return [
+            "cgroup_leave",
+            "cgroup_raise_limit",
+            "cgroup_mkdir",
+            "cgroup_kill_others",
+        ]
+        .iter()
+        .map(|name| report(name, Err(libc::ENOENT)))
+        .collect();
+    };
+    let write = |path: std::path::PathBuf, value: &str| {
+        std::fs::write(path, value)
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1))
+    };
+    let parent = dir.parent().unwrap_or(&dir).to_owned();
+    vec![
+        report("cgroup_leave", write(parent.join("cgroup.procs"), "0")),
+        report(
+            "cgroup_raise_limit",
+            write(dir.join("pids.max"), "max")
+                .or_else(|_| write(dir.join("cgroup.max.descendants"), "max")),
+        ),
+        report(
+            "cgroup_mkdir",
+            std::fs::create_dir(dir.join("escape"))
+                .map(|_| 0)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ),
+        report("cgroup_kill_others", write(parent.join("cgroup.kill"), "1")),
+    ]
+}
+
 /// Spin on the CPU for `seconds` of wall time.
 fn burn(seconds: u64) {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
@@ -533,6 +583,9 @@ fn escape(config: Value) {
             .map(|_| 0)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
+
+    // Its own cgroup: leave it for its parent, raise its limits, make a sub-cgroup.
+    checks.extend(cgroup_escapes());
 
     // Network.
     checks.push(report(

@@ -311,7 +311,8 @@ checks = {d["check"]: d for d in (json.loads(l) for l in sys.stdin if l.startswi
 forbidden = ("write_outside_work_dir", "read_other_home", "setresuid_root", "ptrace_traceme",
     "process_vm_readv", "bpf", "mount", "unshare_newuser", "io_uring_setup", "keyctl", "tiocsti",
     "tiocsti_high_bits", "kill_helper", "connect_helper_socket", "x32_syscall", "tcp_bind",
-    "tcp_connect_denied_port")
+    "tcp_connect_denied_port", "cgroup_leave", "cgroup_raise_limit", "cgroup_mkdir",
+    "cgroup_kill_others")
 missing = [n for n in forbidden if n not in checks]
 breaches = [n for n in forbidden if checks.get(n, {}).get("succeeded") is not False]
 print("    %d checks reported; not denied: %s" % (len(checks), breaches or "none"))

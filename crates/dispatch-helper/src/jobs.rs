@@ -509,18 +509,8 @@ impl Helper {
             .take()
             .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
             .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
-        let plan = lane::WatchPlan {
-            timeout: settings.timeout(),
-            grace: settings.grace(),
-            cpu_budget: Duration::from_secs(limits.cpu_seconds),
-            user_process_limit: (!self
-                .spawner
-                .containment()
-                .controllers()
-                .is_some_and(|c| c.pids))
-            .then_some(limits.processes),
-            uid: lane.enforcement.uid,
-        };
+        let controllers = self.spawner.containment().controllers();
+        let plan = lane::WatchPlan::new(&settings, controllers, lane.enforcement.uid);
         let watched = lane::watch(&lane, plan, &mut stop).await;
         // Ends everything the lane left running (its cgroup, its group), reaps it, and counts.
         let ended = tokio::task::spawn_blocking(move || lane.wait()).await;

@@ -1,7 +1,9 @@
 //! One running lane, from its start to its end: watched for its deadline, a stop request and its
 //! CPU budget ([`watch`]), then judged ([`outcome`]): what state it ended in, why, and what it cost.
 
+use crate::config::Settings;
 use dispatch_proto::{JobState, ResourceUsage};
+use dispatch_sandbox::cgroup::Controllers;
 use dispatch_sandbox::{LaneEnd, Limits, SpawnedLane, bytes};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
@@ -24,8 +26,12 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Watched {
     pub reason: Option<StopReason>,
-    /// Most tasks (processes and threads) seen at once in the lane's cgroup.
+    /// Most tasks (processes and threads) seen at once in the lane's cgroup, or of the lane's
+    /// user where `RLIMIT_NPROC` holds the process limit.
     pub peak_tasks: usize,
+    /// `RLIMIT_DATA` holds the memory limit (no memory controller): a lane that reached it
+    /// can only be recognised by its peak.
+    pub memory_by_rlimit: bool,
 }
 
 pub struct WatchPlan {
@@ -35,7 +41,26 @@ pub struct WatchPlan {
     /// The process limit, when `RLIMIT_NPROC` holds it: it counts every task of the lane's
     /// user, so near it those are counted too.
     pub user_process_limit: Option<u64>,
+    pub memory_by_rlimit: bool,
     pub uid: u32,
+}
+
+impl WatchPlan {
+    /// The helper's settings for one lane, and which limits rlimits hold (no controller).
+    pub fn new(settings: &Settings, controllers: Option<Controllers>, uid: u32) -> WatchPlan {
+        let limits = &settings.file.sandbox.limits;
+        let pids_by_cgroup = controllers.is_some_and(|c| c.pids);
+        WatchPlan {
+            timeout: settings.timeout(),
+            grace: settings.grace(),
+            cpu_budget: Duration::from_secs(limits.cpu_seconds),
+            // Unprivileged lanes get no RLIMIT_NPROC (it would count the user's whole session).
+            user_process_limit: (!pids_by_cgroup && !settings.unprivileged)
+                .then_some(limits.processes),
+            memory_by_rlimit: !controllers.is_some_and(|c| c.memory),
+            uid,
+        }
+    }
 }
 
 /// Wait until the lane's first process exits, stopping the lane on its deadline, a stop
@@ -53,7 +78,10 @@ pub async fn watch(
     let deadline = tokio::time::sleep(plan.timeout);
     tokio::pin!(deadline);
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
-    let mut watched = Watched::default();
+    let mut watched = Watched {
+        memory_by_rlimit: plan.memory_by_rlimit,
+        ..Watched::default()
+    };
     let mut escalate: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let terminate = |escalate: &mut Option<_>| {
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
@@ -74,15 +102,15 @@ pub async fn watch(
                 lane.kill_all();
                 escalate = None;
             }
-            _ = sample.tick(), if cgroup.is_some() => {
-                let Some(cgroup) = &cgroup else { continue };
-                let tasks = cgroup.task_count().unwrap_or(0);
+            _ = sample.tick() => {
+                let tasks = cgroup.as_ref().map_or(0, |c| c.task_count().unwrap_or(0));
                 watched.peak_tasks = watched.peak_tasks.max(tasks);
                 if let Some(limit) = plan.user_process_limit
-                    && tasks as u64 * 2 >= limit
+                    && (cgroup.is_none() || tasks as u64 * 2 >= limit)
                 {
                     watched.peak_tasks = watched.peak_tasks.max(user_tasks(plan.uid));
                 }
+                let Some(cgroup) = &cgroup else { continue };
                 let usage = cgroup.usage();
                 let used = Duration::from_micros(usage.cpu_user_usec + usage.cpu_system_usec);
                 if used >= plan.cpu_budget && watched.reason.is_none() {
@@ -239,12 +267,12 @@ fn limit_reached(
             ),
         ));
     }
-    if !usage.peak_memory_whole_lane && usage.peak_memory_bytes * 10 >= limits.memory_bytes * 9 {
+    if watched.memory_by_rlimit && usage.peak_memory_bytes * 10 >= limits.memory_bytes * 9 {
         return Some((
             "memory",
             format!(
-                "memory limit {memory} reached: a process grew to {} and its next allocation \
-                 failed (RLIMIT_DATA, per process)",
+                "memory limit {memory} reached, judging by its peak: a process grew to {} \
+                 (RLIMIT_DATA holds the limit for each process; an allocation past it fails)",
                 bytes_rounded(usage.peak_memory_bytes)
             ),
         ));
@@ -323,6 +351,7 @@ mod tests {
                 Watched {
                     reason: None,
                     peak_tasks: 64,
+                    ..Watched::default()
                 },
                 "processes",
                 "(RLIMIT_NPROC)",
@@ -332,9 +361,12 @@ mod tests {
                     peak_memory_bytes: 250 << 20,
                     ..LaneUsage::default()
                 },
-                Watched::default(),
+                Watched {
+                    memory_by_rlimit: true,
+                    ..Watched::default()
+                },
                 "memory",
-                "(RLIMIT_DATA, per process)",
+                "RLIMIT_DATA holds the limit for each process",
             ),
         ];
         for (usage, watched, limit, words) in cases {
@@ -358,6 +390,7 @@ mod tests {
         let watched = Watched {
             reason: Some(StopReason::CpuTime),
             peak_tasks: 3,
+            ..Watched::default()
         };
         let judged = outcome(&end(9, usage), watched, &limits(), 60);
         assert_eq!(judged.state, JobState::Failed);
@@ -380,6 +413,7 @@ mod tests {
         let timeout = Watched {
             reason: Some(StopReason::Timeout),
             peak_tasks: 1,
+            ..Watched::default()
         };
         let judged = outcome(&end(15, LaneUsage::default()), timeout, &limits(), 60);
         assert_eq!(judged.state, JobState::TimedOut);
@@ -387,6 +421,7 @@ mod tests {
         let cancel = Watched {
             reason: Some(StopReason::Cancel),
             peak_tasks: 1,
+            ..Watched::default()
         };
         let judged = outcome(&end(15, LaneUsage::default()), cancel, &limits(), 60);
         assert_eq!(judged.state, JobState::Cancelled);
@@ -399,6 +434,7 @@ mod tests {
             Watched {
                 reason: None,
                 peak_tasks: 5,
+                ..Watched::default()
             },
             &limits(),
             60,

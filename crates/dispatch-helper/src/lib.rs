@@ -188,7 +188,7 @@ fn check(path: &Path) -> ExitCode {
 /// What contains lanes and holds each limit. `auto` is decided by the running helper (its own
 /// cgroup under systemd's Delegate=yes), so both possibilities are shown for it.
 fn print_containment(settings: &config::Settings) {
-    use dispatch_sandbox::cgroup::{CgroupSetting, CgroupTree, Established};
+    use dispatch_sandbox::cgroup::CgroupSetting;
     let sandbox = &settings.file.sandbox;
     let controllers = match &sandbox.cgroup {
         CgroupSetting::Off => None,
@@ -204,17 +204,13 @@ fn print_containment(settings: &config::Settings) {
             );
             None
         }
-        CgroupSetting::Path(path) => match CgroupTree::establish(&sandbox.cgroup) {
-            Ok(Established::Tree(tree)) => {
+        CgroupSetting::Path(path) => match dispatch_sandbox::cgroup::inspect(path) {
+            Ok(controllers) => {
                 println!(
-                    "containment: cgroup per lane under {}",
-                    tree.lanes_dir().display()
+                    "containment: cgroup per lane under {}/lanes",
+                    path.display()
                 );
-                Some(tree.controllers())
-            }
-            Ok(Established::Unavailable(why)) => {
-                println!("containment: none ({why})");
-                None
+                Some(controllers)
             }
             Err(error) => {
                 println!("containment: {} is unusable: {error}", path.display());
@@ -223,7 +219,7 @@ fn print_containment(settings: &config::Settings) {
         },
     };
     println!("limits (without a cgroup controller, the rlimit shown holds it):");
-    for limit in sandbox.limits.report(controllers) {
+    for limit in sandbox.limits.report(controllers, settings.unprivileged) {
         println!(
             "  {:<10} {:<16} {}",
             limit.limit, limit.value, limit.mechanism

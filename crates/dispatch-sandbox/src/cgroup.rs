@@ -74,6 +74,8 @@ impl<'de> serde::Deserialize<'de> for CgroupSetting {
 pub struct Controllers {
     pub pids: bool,
     pub memory: bool,
+    /// `memory.swap.max` exists (the kernel accounts swap).
+    pub swap: bool,
     pub cpu: bool,
 }
 
@@ -106,6 +108,8 @@ pub struct CgroupTree {
     controllers: Controllers,
     spares: Arc<Mutex<Vec<LaneCgroup>>>,
     janitor: Mutex<mpsc::Sender<Chore>>,
+    /// `lanes/`, locked for this helper's lifetime (see [`lock_for_this_helper`]).
+    _owner: nix::fcntl::Flock<fs::File>,
 }
 
 /// Work for the janitor thread.
@@ -132,6 +136,9 @@ impl CgroupTree {
                 ));
             }
             CgroupSetting::Path(path) => {
+                // Nothing is created outside a cgroup v2 hierarchy.
+                let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+                require_cgroup2(existing)?;
                 fs::create_dir_all(path).map_err(at("create the configured cgroup", path))?;
                 path.clone()
             }
@@ -146,10 +153,12 @@ impl CgroupTree {
             },
         };
         require_cgroup2(&base)?;
-        let controllers = enable_controllers(&base)?;
+        // What lanes get is what `lanes/` passes down, which it can only have from the base.
+        enable_controllers(&base)?;
         let lanes = base.join("lanes");
         make_dir(&lanes)?;
-        enable_controllers(&lanes)?;
+        let controllers = enable_controllers(&lanes)?;
+        let owner = lock_for_this_helper(&lanes)?;
         if !lanes.join("cgroup.kill").exists() {
             return Ok(Established::Unavailable(format!(
                 "{} has no cgroup.kill (the kernel is older than 5.14)",
@@ -159,10 +168,15 @@ impl CgroupTree {
         Ok(Established::Tree(CgroupTree::with_janitor(
             lanes,
             controllers,
+            owner,
         )))
     }
 
-    fn with_janitor(lanes: PathBuf, controllers: Controllers) -> CgroupTree {
+    fn with_janitor(
+        lanes: PathBuf,
+        controllers: Controllers,
+        owner: nix::fcntl::Flock<fs::File>,
+    ) -> CgroupTree {
         let spares = Arc::new(Mutex::new(Vec::new()));
         let (janitor, chores) = mpsc::channel();
         let (dir, ready) = (lanes.clone(), spares.clone());
@@ -175,6 +189,7 @@ impl CgroupTree {
             controllers,
             spares,
             janitor: Mutex::new(janitor),
+            _owner: owner,
         }
     }
 
@@ -430,6 +445,15 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// One helper per lanes tree: a second one (another instance on the same configuration) would
+/// sweep the first one's running lanes at its start, and its reaper would kill them with it.
+fn lock_for_this_helper(lanes: &Path) -> Result<nix::fcntl::Flock<fs::File>, CgroupError> {
+    let dir = fs::File::open(lanes).map_err(at("open", lanes))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| at("lock (is another helper using it?)", lanes)(io::Error::from(errno)),
+    )
+}
+
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     fs::write(path, value).map_err(at("write", path))
 }
@@ -452,10 +476,28 @@ fn enable_controllers(dir: &Path) -> Result<Controllers, CgroupError> {
     let has = |name: &str| available.split_whitespace().any(|c| c == name);
     let control = dir.join("cgroup.subtree_control");
     let enable = |name: &str| has(name) && fs::write(&control, format!("+{name}")).is_ok();
+    let memory = enable("memory");
     Ok(Controllers {
         pids: enable("pids"),
-        memory: enable("memory"),
+        memory,
+        swap: memory && dir.join("memory.swap.max").exists(),
         cpu: enable("cpu"),
+    })
+}
+
+/// What a configured cgroup directory would offer lanes, without creating or changing anything
+/// (for `dispatch-helper check`, which may run beside a serving helper).
+pub fn inspect(path: &Path) -> Result<Controllers, CgroupError> {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    require_cgroup2(existing)?;
+    let file = existing.join("cgroup.controllers");
+    let available = fs::read_to_string(&file).map_err(at("read", &file))?;
+    let has = |name: &str| available.split_whitespace().any(|c| c == name);
+    Ok(Controllers {
+        pids: has("pids"),
+        memory: has("memory"),
+        swap: has("memory") && existing.join("memory.swap.max").exists(),
+        cpu: has("cpu"),
     })
 }
 

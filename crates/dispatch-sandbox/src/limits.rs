@@ -73,8 +73,10 @@ impl Limits {
         }
     }
 
-    /// The rlimits a lane's first process sets (inherited by everything it starts).
-    pub(crate) fn rlimits(&self, cgroup: Option<Controllers>) -> Vec<Rlimit> {
+    /// The rlimits a lane's first process sets (inherited by everything it starts). `same_uid`:
+    /// the lane keeps the helper's own uid (unprivileged mode), whose processes
+    /// `RLIMIT_NPROC` would count across the user's whole session, so it is not set then.
+    pub(crate) fn rlimits(&self, cgroup: Option<Controllers>, same_uid: bool) -> Vec<Rlimit> {
         let controllers = cgroup.unwrap_or_default();
         let mut rlimits = vec![
             (libc::RLIMIT_CORE, 0),
@@ -83,7 +85,7 @@ impl Limits {
             // Always, as a backstop per process: with a cgroup the helper also counts the lane's total.
             (libc::RLIMIT_CPU, self.cpu_seconds),
         ];
-        if !controllers.pids {
+        if !controllers.pids && !same_uid {
             rlimits.push((libc::RLIMIT_NPROC, self.processes));
         }
         if !controllers.memory {
@@ -113,8 +115,9 @@ impl Limits {
         values
     }
 
-    /// What holds each limit, given the lanes' cgroup controllers (`None`: no cgroup).
-    pub fn report(&self, cgroup: Option<Controllers>) -> Vec<LimitReport> {
+    /// What holds each limit, given the lanes' cgroup controllers (`None`: no cgroup) and
+    /// whether lanes keep the helper's uid (see [`Limits::rlimits`]).
+    pub fn report(&self, cgroup: Option<Controllers>, same_uid: bool) -> Vec<LimitReport> {
         let c = cgroup.unwrap_or_default();
         let pick = |held: bool, cgroup: &str, fallback: &str| {
             if held { cgroup } else { fallback }.to_owned()
@@ -123,11 +126,16 @@ impl Limits {
             LimitReport {
                 limit: "processes".to_owned(),
                 value: self.processes.to_string(),
-                mechanism: pick(
-                    c.pids,
-                    "cgroup pids.max (the whole lane)",
-                    "RLIMIT_NPROC (counts every process of the lane's user, across its lanes)",
-                ),
+                mechanism: match (c.pids, same_uid) {
+                    (true, _) => "cgroup pids.max (the whole lane)".to_owned(),
+                    (false, false) => {
+                        "RLIMIT_NPROC (counts every process of the lane's user, across its lanes)"
+                            .to_owned()
+                    }
+                    (false, true) => "not enforced: no pids controller, and RLIMIT_NPROC would \
+                                      count every process of the helper's own user"
+                        .to_owned(),
+                },
             },
             LimitReport {
                 limit: "memory".to_owned(),
@@ -141,11 +149,13 @@ impl Limits {
             LimitReport {
                 limit: "swap".to_owned(),
                 value: bytes(self.swap_bytes),
-                mechanism: pick(
-                    c.memory,
-                    "cgroup memory.swap.max",
-                    "RLIMIT_DATA (swapped-out data still counts against each process's memory limit)",
-                ),
+                mechanism: match (c.memory, c.swap) {
+                    (true, true) => "cgroup memory.swap.max".to_owned(),
+                    (true, false) => "not limited: this kernel accounts no swap".to_owned(),
+                    (false, _) => "RLIMIT_DATA (swapped-out data still counts against each \
+                                   process's memory limit)"
+                        .to_owned(),
+                },
             },
             LimitReport {
                 limit: "cpu_time".to_owned(),
@@ -200,7 +210,9 @@ mod tests {
     #[test]
     fn a_missing_controller_falls_back_to_an_rlimit_and_says_so() {
         let limits = Limits::default();
-        let none = limits.rlimits(None);
+        let none = limits.rlimits(None, false);
+        let own_user = limits.rlimits(None, true);
+        assert!(!own_user.iter().any(|(r, _)| *r == libc::RLIMIT_NPROC));
         for resource in [libc::RLIMIT_NPROC, libc::RLIMIT_DATA, libc::RLIMIT_CPU] {
             assert!(none.iter().any(|(r, _)| *r == resource), "{resource}");
         }
@@ -208,19 +220,26 @@ mod tests {
         let all = Controllers {
             pids: true,
             memory: true,
+            swap: true,
             cpu: true,
         };
-        let full = limits.rlimits(Some(all));
+        let full = limits.rlimits(Some(all), false);
         assert!(!full.iter().any(|(r, _)| *r == libc::RLIMIT_NPROC));
         assert!(!full.iter().any(|(r, _)| *r == libc::RLIMIT_DATA));
         let files: Vec<&str> = limits.cgroup_values(all).iter().map(|(f, _)| *f).collect();
         assert!(files.contains(&"pids.max") && files.contains(&"memory.max"));
         assert!(files.contains(&"cpu.max"));
 
-        let report = limits.report(None);
+        let report = limits.report(None, false);
         let processes = report.iter().find(|r| r.limit == "processes").unwrap();
         assert!(processes.mechanism.contains("RLIMIT_NPROC"));
-        let report = limits.report(Some(all));
+        let report = limits.report(None, true);
+        let processes = report.iter().find(|r| r.limit == "processes").unwrap();
+        assert!(
+            processes.mechanism.starts_with("not enforced"),
+            "{processes:?}"
+        );
+        let report = limits.report(Some(all), false);
         let memory = report.iter().find(|r| r.limit == "memory").unwrap();
         assert!(memory.mechanism.contains("memory.max"), "{memory:?}");
         assert_eq!(memory.value, "2048 MiB");

@@ -61,6 +61,9 @@ impl Reaper {
         // Allocated before the fork: the child must not allocate.
         let mut table = vec![0 as libc::pid_t; 2 * CAPACITY].into_boxed_slice();
         let reader_fd = reader.as_raw_fd();
+        // Held across the fork, so the new reaper is known as the helper's own child before
+        // anything could look for orphans (the child never touches its copy of the lock).
+        let mut own = crate::spawner::own_children();
         // SAFETY: the child runs only `reaper_main`, which makes async-signal-safe calls on the
         // table allocated above and integers, and never returns; fork is safe to call here.
         let pid = unsafe { libc::fork() };
@@ -69,7 +72,7 @@ impl Reaper {
             // SAFETY: we are the forked child (see above).
             0 => unsafe { reaper_main(reader_fd, kill_all, &mut table) },
             pid => {
-                crate::spawner::own_children().insert(pid);
+                own.insert(pid);
                 Ok(Reaper {
                     pid,
                     writer,
@@ -139,92 +142,120 @@ impl Reaper {
     }
 }
 
+/// The reaper's whole life: keep only its two descriptors, learn which groups are live until the
+/// helper is gone, then kill them all (and every lane's cgroup) and exit.
+///
 /// # Safety
-/// Only in the freshly forked reaper child.
+/// Only in the freshly forked reaper child: it may only make async-signal-safe calls.
 unsafe fn reaper_main(reader: RawFd, kill_all: Option<RawFd>, table: &mut [libc::pid_t]) -> ! {
-    // SAFETY: (whole block) async-signal-safe calls on locals, integers and the pre-allocated
-    // table.
+    // SAFETY: (whole block) the callees make only async-signal-safe calls on locals, integers
+    // and the table allocated before the fork.
     unsafe {
-        // Only SIGKILL ends the reaper early: SIGINT from a terminal, SIGTERM or SIGHUP meant for
-        // the helper must not remove the guarantee while the helper still runs lanes.
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-        libc::prctl(
-            libc::PR_SET_NAME,
-            c"dispatch-reaper".as_ptr() as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
-        // Keep nothing of the helper's but the pipe: not its sockets, not the pipe's write end
-        // (or the reaper would never see end-of-file), not its stdio.
-        // If either step fails the reaper exits at once, and the next spawn replaces it.
-        // Keep the pipe as fd 0 and the cgroup.kill fd, if any, as fd 1. Both are first copied
-        // above the stdio range, so neither can overwrite the other whatever their numbers.
-        let reader = libc::fcntl(reader, libc::F_DUPFD, 10);
-        if reader == -1 || libc::dup3(reader, 0, 0) == -1 {
-            libc::_exit(1);
-        }
-        let keep = match kill_all {
-            Some(fd) => {
-                let fd = libc::fcntl(fd, libc::F_DUPFD, 10);
-                if fd == -1 || libc::dup3(fd, 1, 0) == -1 {
-                    libc::_exit(1);
-                }
-                2u32
-            }
-            None => 1u32,
-        };
-        if libc::syscall(libc::SYS_close_range, keep, u32::MAX, 0u32) == -1 {
-            libc::_exit(1);
-        }
-        let mut live = 0usize;
-        let mut buffer = [0u8; 512 * MESSAGE_LEN];
-        let mut pending = 0usize;
-        loop {
-            let read = libc::read(
-                0,
-                buffer.as_mut_ptr().add(pending).cast(),
-                buffer.len() - pending,
-            );
-            if read == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            if read <= 0 {
-                break;
-            }
-            pending += read as usize;
-            let whole = pending - pending % MESSAGE_LEN;
-            for chunk in buffer[..whole].chunks_exact(MESSAGE_LEN) {
-                let operation = i32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                let pgid = i32::from_ne_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
-                if pgid <= 1 {
-                    continue;
-                }
-                let position = table[..live].iter().position(|&known| known == pgid);
-                match (operation, position) {
-                    (REGISTER, None) if live < table.len() => {
-                        table[live] = pgid;
-                        live += 1;
-                    }
-                    (FORGET, Some(index)) => {
-                        live -= 1;
-                        table[index] = table[live];
-                    }
-                    _ => {}
-                }
-            }
-            buffer.copy_within(whole..pending, 0);
-            pending -= whole;
-        }
+        detach_from_helper();
+        let has_kill_all = keep_only(reader, kill_all);
+        let live = read_registrations(table);
         // End of file: the helper is gone.
         for &pgid in &table[..live] {
             libc::kill(-pgid, libc::SIGKILL);
         }
-        if kill_all.is_some() {
+        if has_kill_all {
             libc::write(1, b"1".as_ptr().cast(), 1);
         }
         libc::_exit(0)
+    }
+}
+
+/// Only SIGKILL ends the reaper early: SIGINT from a terminal, SIGTERM or SIGHUP meant for the
+/// helper must not remove the guarantee while the helper still runs lanes.
+///
+/// # Safety
+/// Only in the reaper child (see [`reaper_main`]).
+unsafe fn detach_from_helper() {
+    // SAFETY: sigset operations on a local; prctl with a static string.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        let name = c"dispatch-reaper".as_ptr() as libc::c_ulong;
+        libc::prctl(libc::PR_SET_NAME, name, 0, 0, 0);
+    }
+}
+
+/// Keep nothing of the helper's but the pipe, as fd 0, and the lanes' `cgroup.kill`, if any,
+/// as fd 1: not its sockets, not the pipe's write end (or the reaper would never see
+/// end-of-file), not its stdio. Both are first copied above the stdio range, so neither can
+/// overwrite the other whatever their numbers. If a step fails the reaper exits at once, and
+/// the next spawn replaces it. Returns whether fd 1 is the `cgroup.kill`.
+///
+/// # Safety
+/// Only in the reaper child (see [`reaper_main`]).
+unsafe fn keep_only(reader: RawFd, kill_all: Option<RawFd>) -> bool {
+    // SAFETY: fcntl, dup3 and close_range on descriptors, all async-signal-safe.
+    unsafe {
+        let reader = libc::fcntl(reader, libc::F_DUPFD, 10);
+        let kill_all = kill_all.map(|fd| libc::fcntl(fd, libc::F_DUPFD, 10));
+        if reader == -1 || kill_all == Some(-1) || libc::dup3(reader, 0, 0) == -1 {
+            libc::_exit(1);
+        }
+        if let Some(fd) = kill_all
+            && libc::dup3(fd, 1, 0) == -1
+        {
+            libc::_exit(1);
+        }
+        let first_closed: u32 = if kill_all.is_some() { 2 } else { 1 };
+        if libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) == -1 {
+            libc::_exit(1);
+        }
+        kill_all.is_some()
+    }
+}
+
+/// Read registrations from fd 0 until end-of-file; returns how many groups are live, at the
+/// front of `table`.
+///
+/// # Safety
+/// Only in the reaper child (see [`reaper_main`]).
+unsafe fn read_registrations(table: &mut [libc::pid_t]) -> usize {
+    let mut live = 0usize;
+    let mut buffer = [0u8; 512 * MESSAGE_LEN];
+    let mut pending = 0usize;
+    loop {
+        // SAFETY: raw read into the unused tail of a local buffer.
+        let read = unsafe {
+            libc::read(
+                0,
+                buffer.as_mut_ptr().add(pending).cast(),
+                buffer.len() - pending,
+            )
+        };
+        if read == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        if read <= 0 {
+            return live;
+        }
+        pending += read as usize;
+        let whole = pending - pending % MESSAGE_LEN;
+        for chunk in buffer[..whole].chunks_exact(MESSAGE_LEN) {
+            let operation = i32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let pgid = i32::from_ne_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+            if pgid <= 1 {
+                continue;
+            }
+            let position = table[..live].iter().position(|&known| known == pgid);
+            match (operation, position) {
+                (REGISTER, None) if live < table.len() => {
+                    table[live] = pgid;
+                    live += 1;
+                }
+                (FORGET, Some(index)) => {
+                    live -= 1;
+                    table[index] = table[live];
+                }
+                _ => {}
+            }
+        }
+        buffer.copy_within(whole..pending, 0);
+        pending -= whole;
     }
 }

@@ -160,14 +160,16 @@ impl SpawnedLane {
             let group = nix::unistd::Pid::from_raw(self.pid);
             let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         }
+        // Whatever happened to the wait, the cgroup is emptied and the leader forgotten.
         let cleanup_error = self.end_cgroup();
-        exited?;
-        let reaped = child::reap_with_usage(self.pid);
+        let reaped = exited.and_then(|()| child::reap_with_usage(self.pid));
         own_children().remove(self.pid);
-        let (status, rusage) = reaped?;
         let cgroup_usage = self.cgroup.as_ref().map(|c| c.usage());
-        self.remove_cgroup();
+        if cleanup_error.is_none() {
+            self.remove_cgroup();
+        }
         Registry::reap_adopted(self.cgroup.is_none().then_some(self.uid));
+        let (status, rusage) = reaped?;
         Ok(LaneEnd {
             status,
             usage: usage(rusage, cgroup_usage),
@@ -260,6 +262,16 @@ pub(crate) static OWN_CHILDREN: Mutex<OwnChildren> = Mutex::new(OwnChildren {
     in_flight: 0,
 });
 
+/// A spawn in flight (see [`OwnChildren::in_flight`]); panic-safe.
+struct InFlight;
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut own = own_children();
+        own.in_flight = own.in_flight.saturating_sub(1);
+    }
+}
+
 pub(crate) fn own_children() -> MutexGuard<'static, OwnChildren> {
     OWN_CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -288,6 +300,12 @@ impl Registry {
         }
     }
 
+    /// Count a spawn as in flight until the returned guard is dropped.
+    fn spawn_in_flight() -> InFlight {
+        own_children().in_flight += 1;
+        InFlight
+    }
+
     fn kill_all_fd(&self) -> Option<i32> {
         self.kill_all.as_ref().map(|fd| fd.as_raw_fd())
     }
@@ -302,7 +320,6 @@ impl Registry {
         if state.live.len() >= reaper::CAPACITY {
             return Err(SandboxError::TooManyLanes(reaper::CAPACITY));
         }
-        own_children().in_flight += 1;
         Ok(state.reaper.clone())
     }
 
@@ -312,8 +329,6 @@ impl Registry {
             self.forget(pid);
             let _ = child::reap(pid);
         }
-        let mut own = own_children();
-        own.in_flight = own.in_flight.saturating_sub(1);
     }
 
     /// Stop the current reaper if it still runs (one that missed a message must not act on
@@ -339,11 +354,7 @@ impl Registry {
 
     /// Record a started lane, which registered itself with `used`.
     fn track(&self, pgid: libc::pid_t, used: &Arc<Reaper>) {
-        {
-            let mut own = own_children();
-            own.in_flight = own.in_flight.saturating_sub(1);
-            own.insert(pgid);
-        }
+        own_children().insert(pgid);
         let mut state = self.lock();
         state.live.insert(pgid);
         // If the reaper was replaced while this lane started, the new one must hear of it too;
@@ -518,6 +529,8 @@ fn spawn_now(
         refuse_dumpable_credential_change()?;
     }
     let mut cgroup = lane_cgroup(&lane, containment)?;
+    // Until the child is tracked (or gone), orphan reaping leaves the helper's children alone.
+    let _in_flight = Registry::spawn_in_flight();
     let reaper = match registry.reaper_for_next_lane() {
         Ok(reaper) => reaper,
         Err(error) => {
@@ -550,7 +563,7 @@ fn spawn_now(
         Ok(pid) => {
             registry.track(pid, &reaper);
             lane.enforcement.containment = containment.describe();
-            lane.enforcement.limits = lane.limits.report(controllers);
+            lane.enforcement.limits = lane.limits.report(controllers, !lane.plan.change_uid);
             Ok(SpawnedLane {
                 pid,
                 stdout: Some(ChildStdout::from(stdio.out_read)),
@@ -576,10 +589,10 @@ fn spawn_now(
 }
 
 fn discard_cgroup(cgroup: Option<&LaneCgroup>, containment: &Containment) {
-    if let (Some(cgroup), Some(tree)) = (cgroup, containment.tree()) {
-        if cgroup.kill_and_wait(Duration::from_secs(5)).is_ok() {
-            tree.release(cgroup);
-        }
+    if let (Some(cgroup), Some(tree)) = (cgroup, containment.tree())
+        && cgroup.kill_and_wait(Duration::from_secs(5)).is_ok()
+    {
+        tree.release(cgroup);
     }
 }
 
@@ -613,7 +626,7 @@ fn child_plan(
         groups_readback: std::cell::UnsafeCell::new(vec![0; identity.groups.len() + 1]),
         rlimits: lane
             .limits
-            .rlimits(controllers)
+            .rlimits(controllers, !plan.change_uid)
             .into_iter()
             .map(|(resource, value)| {
                 let limit = libc::rlimit {
@@ -638,29 +651,37 @@ fn child_plan(
 /// them. With cgroups they died with their lane and only need reaping; without, they are the
 /// processes that left their lane's group, and are killed when a lane of their user ends.
 mod adopted {
+    use nix::unistd::Pid;
     use std::collections::BTreeSet;
 
-    pub(super) fn reap(tracked: &BTreeSet<libc::pid_t>, kill_uid: Option<libc::uid_t>) {
+    pub(super) fn reap(own: &BTreeSet<libc::pid_t>, kill_uid: Option<libc::uid_t>) {
         // With cgroups only exited orphans need reaping: skip the walk of /proc when no child
         // has exited, or only a lane leader that its own supervisor reaps.
-        if kill_uid.is_none() && exited_child().is_none_or(|pid| tracked.contains(&pid)) {
+        if kill_uid.is_none() && exited_child().is_none_or(|pid| own.contains(&pid)) {
             return;
         }
-        for pid in children().into_iter().filter(|pid| !tracked.contains(pid)) {
+        let helper_session = nix::unistd::getsid(None).ok();
+        for pid in children().into_iter().filter(|pid| !own.contains(pid)) {
+            let child = Pid::from_raw(pid);
+            // Lanes run in sessions of their own; a child in the helper's session was started
+            // some other way (a command the process ran itself) and is not ours to reap.
+            let session = nix::unistd::getsid(Some(child)).ok();
+            if session.is_none() || session == helper_session {
+                continue;
+            }
+            // Without a cgroup: a process that left a live lane's group is an escapee. Its pgid
+            // (or its uid, read from /proc) says whether it is one of the ending lane's user.
+            let in_live_lane =
+                nix::unistd::getpgid(Some(child)).is_ok_and(|group| own.contains(&group.as_raw()));
             if let Some(uid) = kill_uid
+                && !in_live_lane
                 && owner(pid) == Some(uid)
             {
                 // Our unreaped child, so the pid cannot have been reused.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
             }
             // A killed one that has not died yet is reaped at a later lane's end.
-            let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(pid),
-                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-            );
+            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
     }
 
