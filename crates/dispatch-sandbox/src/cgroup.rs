@@ -257,6 +257,8 @@ impl CgroupTree {
             let lane = LaneCgroup {
                 dir: entry.path(),
                 procs: None,
+                events: None,
+                cpu_stat: None,
                 controllers: self.controllers,
             };
             if lane.populated().unwrap_or(true) {
@@ -276,15 +278,25 @@ fn new_lane(lanes: &Path, controllers: Controllers) -> Result<LaneCgroup, Cgroup
     let dir = lanes.join(format!("lane-{}-{number}", std::process::id()));
     fs::create_dir(&dir).map_err(at("create the lane's cgroup", &dir))?;
     let procs = dir.join("cgroup.procs");
-    match fs::OpenOptions::new().write(true).open(&procs) {
-        Ok(file) => Ok(LaneCgroup {
+    let opened = (|| {
+        let procs = fs::OpenOptions::new().write(true).open(&procs)?;
+        Ok::<_, io::Error>((
+            procs,
+            fs::File::open(dir.join("cgroup.events"))?,
+            fs::File::open(dir.join("cpu.stat"))?,
+        ))
+    })();
+    match opened {
+        Ok((procs, events, cpu_stat)) => Ok(LaneCgroup {
             dir,
-            procs: Some(OwnedFd::from(file)),
+            procs: Some(OwnedFd::from(procs)),
+            events: Some(events),
+            cpu_stat: Some(cpu_stat),
             controllers,
         }),
         Err(error) => {
             let _ = fs::remove_dir(&dir);
-            Err(at("open", &procs)(error))
+            Err(at("open the files of", &procs)(error))
         }
     }
 }
@@ -320,6 +332,10 @@ pub struct LaneCgroup {
     dir: PathBuf,
     /// `cgroup.procs`, open for the lane's first process to write itself into.
     procs: Option<OwnedFd>,
+    /// `cgroup.events` and `cpu.stat`, opened ahead (off the dispatch's path) and re-read from
+    /// offset 0 at the lane's end; `None` for a cgroup found by the start-up sweep.
+    events: Option<fs::File>,
+    cpu_stat: Option<fs::File>,
     controllers: Controllers,
 }
 
@@ -356,7 +372,7 @@ impl LaneCgroup {
     }
 
     pub fn populated(&self) -> io::Result<bool> {
-        let events = fs::read_to_string(self.dir.join("cgroup.events"))?;
+        let events = reread(self.events.as_ref(), &self.dir.join("cgroup.events"))?;
         Ok(keyed(&events, "populated") != Some(0))
     }
 
@@ -370,7 +386,7 @@ impl LaneCgroup {
 
     pub fn usage(&self) -> CgroupUsage {
         let read = |file: &str| fs::read_to_string(self.dir.join(file)).unwrap_or_default();
-        let cpu = read("cpu.stat");
+        let cpu = reread(self.cpu_stat.as_ref(), &self.dir.join("cpu.stat")).unwrap_or_default();
         let memory_peak = self
             .controllers
             .memory
@@ -426,6 +442,18 @@ impl LaneCgroup {
         }
         Ok(())
     }
+}
+
+/// A small cgroup file's current contents: from its open file when there is one (a read at
+/// offset 0 makes the kernel generate it afresh), else by path.
+fn reread(open: Option<&fs::File>, path: &Path) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let Some(file) = open else {
+        return fs::read_to_string(path);
+    };
+    let mut buffer = [0u8; 1024];
+    let length = file.read_at(&mut buffer, 0)?;
+    Ok(String::from_utf8_lossy(&buffer[..length]).into_owned())
 }
 
 /// A `key value` line of a cgroup file (`cgroup.events`, `cpu.stat`, `pids.events`, …).

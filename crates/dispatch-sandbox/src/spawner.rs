@@ -23,24 +23,30 @@ pub struct Containment {
     tree: Option<CgroupTree>,
     /// Why there is no tree.
     without: String,
+    /// [`Containment::describe`], made once: every lane's report carries it.
+    description: String,
 }
 
 impl Containment {
     pub fn establish(setting: &CgroupSetting) -> Result<Containment, SandboxError> {
         Ok(match CgroupTree::establish(setting)? {
-            Established::Tree(tree) => Containment {
-                tree: Some(tree),
-                without: String::new(),
-            },
+            Established::Tree(tree) => Containment::described(Some(tree), String::new()),
             Established::Unavailable(reason) => Containment::none(reason),
         })
     }
 
     pub fn none(reason: impl Into<String>) -> Containment {
-        Containment {
-            tree: None,
-            without: reason.into(),
-        }
+        Containment::described(None, reason.into())
+    }
+
+    fn described(tree: Option<CgroupTree>, without: String) -> Containment {
+        let mut containment = Containment {
+            tree,
+            without,
+            description: String::new(),
+        };
+        containment.description = containment.explain();
+        containment
     }
 
     pub fn tree(&self) -> Option<&CgroupTree> {
@@ -53,6 +59,10 @@ impl Containment {
 
     /// One line for `check`, the log and every job's sandbox report.
     pub fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn explain(&self) -> String {
         match &self.tree {
             Some(tree) => {
                 let c = tree.controllers();
