@@ -53,9 +53,9 @@ fn main() {
         None => Containment::none("not root"),
     };
     println!("containment: {}", containment.describe());
-    let spawner = LaneSpawner::start(1, containment).unwrap();
+    let spawner = LaneSpawner::start(1, containment, &sandbox).unwrap();
     // For comparison: the same spawn with no cgroup (process group and subreaper only).
-    let uncontained = LaneSpawner::start(1, Containment::none("comparison")).unwrap();
+    let uncontained = LaneSpawner::start(1, Containment::none("comparison"), &sandbox).unwrap();
     let plan = LanePlan {
         identity,
         argv: vec!["/bin/true".into()],

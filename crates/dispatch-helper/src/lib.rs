@@ -306,8 +306,9 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("open job store: {e}"))?;
     let containment = establish_containment(&settings)?;
     tracing::info!(containment = %containment.describe(), "lane containment");
-    let spawner = dispatch_sandbox::LaneSpawner::start(LANE_SPAWNER_THREADS, containment)
-        .map_err(|e| format!("start the lane spawner thread: {e}"))?;
+    let spawner =
+        dispatch_sandbox::LaneSpawner::start(LANE_SPAWNER_THREADS, containment, &settings.sandbox)
+            .map_err(|e| format!("start the lane spawner thread: {e}"))?;
     let listener = take_or_bind_socket(&settings)
         .map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
     let socket_path = settings.file.socket.clone();
@@ -412,6 +413,13 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
                 settings.warnings.len()
             );
             tracing::info!(%detail, "configuration reloaded (socket and state paths keep their old values until restart)");
+            if !helper.settings().sandbox.same_seccomp(&settings.sandbox) {
+                tracing::warn!(
+                    "the seccomp policy changed (allow_unix_sockets): lanes run under both the \
+                     old and the new filter until the helper restarts, so a stricter one holds \
+                     now and a more lenient one from the restart"
+                );
+            }
             helper.replace_settings(settings);
             audit::AuditEvent {
                 event: "config_reloaded",

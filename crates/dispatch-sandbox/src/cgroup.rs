@@ -223,7 +223,6 @@ impl CgroupTree {
             Some(lane) => lane,
             None => new_lane(&self.lanes, self.controllers)?,
         };
-        let _ = self.send(Chore::Refill);
         for (file, value) in values {
             let path = lane.dir.join(file);
             // Swap accounting can be compiled out; then there is no swap to limit.
@@ -238,11 +237,15 @@ impl CgroupTree {
         Ok(lane)
     }
 
-    /// Remove an ended lane's (empty) cgroup, off the caller's path when the janitor runs.
+    /// Remove an ended lane's (empty) cgroup and make a fresh spare, off the caller's path when
+    /// the janitor runs. Spares are made here rather than when one is taken: making one then
+    /// would contend (for the cgroup lock and, on small machines, the CPU) with the very lane
+    /// that is joining its cgroup.
     pub fn release(&self, lane: &LaneCgroup) {
         if let Err(Chore::Remove(dir)) = self.send(Chore::Remove(lane.dir.clone())) {
             let _ = fs::remove_dir(dir);
         }
+        let _ = self.send(Chore::Refill);
     }
 
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed

@@ -126,6 +126,8 @@ pub(crate) struct ChildPlan {
     /// Write end of the reaper's registration pipe.
     pub reaper_fd: RawFd,
     pub landlock_fd: Option<RawFd>,
+    /// Programs the lane must add to those it inherits from its spawner thread: none unless
+    /// the policy changed since that thread started.
     pub seccomp: Vec<BpfProgram>,
     pub exec: ExecImage,
 }
@@ -376,7 +378,9 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         check(ChildStep::Landlock, rc)?;
     }
 
-    // 9. seccomp last, so that none of the steps above needed a syscall it denies.
+    // 9. seccomp: the lane inherited the spawner thread's filter at the clone (see
+    //    `restrict_spawner_thread`); only a lane whose policy changed since adds its own,
+    //    last, so that none of the steps above needed a syscall it denies.
     for program in &plan.seccomp {
         install_seccomp(program)?;
     }
@@ -549,6 +553,24 @@ fn verify_ids(plan: &ChildPlan) -> StepResult {
         if regained {
             return Err((ChildStep::RootNotRegainable, libc::EPERM));
         }
+    }
+    Ok(())
+}
+
+/// Put the calling thread (a spawner thread) under the lanes' seccomp programs, once: every
+/// lane it clones inherits them, so no spawn pays for attaching them. Attaching costs the
+/// kernel a verification, a JIT compilation and a syscall-cache computation per program; it was
+/// the largest single share of a sandboxed spawn. `no_new_privs` first, which seccomp requires
+/// of a thread without `CAP_SYS_ADMIN`; both are per-thread, and this thread never execs.
+/// Nothing the thread or a lane's steps before exec use is denied (the spawn tests would fail).
+pub(crate) fn restrict_spawner_thread(programs: &[BpfProgram]) -> io::Result<()> {
+    // SAFETY: plain integer arguments; affects only the calling thread.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    for program in programs {
+        install_seccomp(program).map_err(|(_, errno)| io::Error::from_raw_os_error(errno))?;
     }
     Ok(())
 }

@@ -16,7 +16,9 @@
 //! 6. every fd above 2 marked close-on-exec
 //! 7. `no_new_privs`
 //! 8. Landlock
-//! 9. seccomp, last
+//! 9. seccomp: inherited at the clone from the spawner thread, which put itself under the
+//!    policy's programs when it started (attaching them per lane was the largest share of a
+//!    spawn); a lane whose policy has changed since adds its own, last
 //! 10. exec of the fixed argv
 //!
 //! Any failing step aborts the spawn, and the error names the step.
@@ -200,6 +202,17 @@ impl Sandbox {
 
     pub fn policy(&self) -> &SandboxPolicy {
         &self.policy
+    }
+
+    pub(crate) fn seccomp(&self) -> &[seccompiler::BpfProgram] {
+        &self.seccomp
+    }
+
+    /// Whether both policies compile to the same seccomp programs. The spawner's threads keep
+    /// the programs they started with (see `LaneSpawner::start`): after a reload that changes
+    /// them, lanes run under both until the helper restarts.
+    pub fn same_seccomp(&self, other: &Sandbox) -> bool {
+        self.seccomp == other.seccomp
     }
 
     /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.

@@ -10,8 +10,8 @@
 //!   whose flags the deny list does inspect.
 //!
 //! The gate is hand-written because every program is attached (verified, translated and
-//! JIT-compiled by the kernel) once per lane: a third program cost a measurable share of every
-//! spawn for two instructions.
+//! JIT-compiled by the kernel) once per spawner thread, and was once per lane: a third program
+//! cost a measurable share of every spawn for two instructions.
 
 use crate::{SandboxError, SandboxPolicy};
 use seccompiler::{

@@ -8,7 +8,7 @@
 use crate::cgroup::{CgroupSetting, CgroupTree, Controllers, Established, LaneCgroup};
 use crate::child::{self, ChildPlan, ChildStack, ExecImage};
 use crate::reaper::{self, Reaper};
-use crate::{Enforcement, PreparedLane, SandboxError};
+use crate::{Enforcement, PreparedLane, Sandbox, SandboxError};
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -398,7 +398,11 @@ impl LaneSpawner {
     /// its exec, and the reaper is a copy of it, so neither may be readable through /proc by a
     /// lane user, even one running under the helper's own uid. It becomes a child subreaper, so
     /// a lane's orphaned descendants are reparented to it rather than to init.
-    pub fn start(threads: usize, containment: Containment) -> io::Result<LaneSpawner> {
+    pub fn start(
+        threads: usize,
+        containment: Containment,
+        sandbox: &Sandbox,
+    ) -> io::Result<LaneSpawner> {
         nix::sys::prctl::set_dumpable(false)?;
         nix::sys::prctl::set_child_subreaper(true)?;
         let kill_all = match containment.tree() {
@@ -416,21 +420,41 @@ impl LaneSpawner {
         let containment = Arc::new(containment);
         let (tx, rx) = mpsc::channel::<(PreparedLane, Reply)>();
         let rx = Arc::new(Mutex::new(rx));
+        let programs: Arc<Vec<seccompiler::BpfProgram>> = Arc::new(sandbox.seccomp().to_vec());
         for index in 0..threads.max(1) {
-            let rx = rx.clone();
-            let registry = registry.clone();
-            let containment = containment.clone();
+            let (rx, registry, containment) = (rx.clone(), registry.clone(), containment.clone());
+            let programs = programs.clone();
             let mut stack = ChildStack::new()?;
+            let (ready, started) = mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("lane-spawner-{index}"))
                 .spawn(move || {
+                    // Fail closed: a thread that cannot restrict itself spawns nothing.
+                    let restricted = child::restrict_spawner_thread(&programs);
+                    let failed = restricted.is_err();
+                    let _ = ready.send(restricted);
+                    if failed {
+                        return;
+                    }
                     loop {
                         // The lock is held only while waiting for the next request.
                         let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok((lane, reply)) = next else { return };
-                        let started = spawn_now(lane, &mut stack, &registry, &containment);
-                        let _ = reply.send(started);
+                        let context = SpawnContext {
+                            registry: &registry,
+                            containment: &containment,
+                            inherited_seccomp: &programs,
+                        };
+                        let _ = reply.send(spawn_now(lane, &mut stack, &context));
                     }
+                })?;
+            started
+                .recv()
+                .map_err(|_| io::Error::other("a lane spawner thread died at its start"))?
+                .map_err(|e| {
+                    io::Error::other(format!(
+                        "restrict a lane spawner thread with the lanes' seccomp programs: {e}"
+                    ))
                 })?;
         }
         Ok(LaneSpawner {
@@ -528,12 +552,20 @@ fn lane_cgroup(
 /// Start one lane: set-up in the helper (stdio, cgroup, credentials check, reaper), the child's
 /// fixed sequence, then either a tracked lane or a failure naming its step, with nothing left
 /// behind.
+/// What a spawner thread lends each spawn.
+struct SpawnContext<'a> {
+    registry: &'a Arc<Registry>,
+    containment: &'a Arc<Containment>,
+    /// The programs this thread runs under, which every lane it clones inherits.
+    inherited_seccomp: &'a [seccompiler::BpfProgram],
+}
+
 fn spawn_now(
     mut lane: PreparedLane,
     stack: &mut ChildStack,
-    registry: &Arc<Registry>,
-    containment: &Arc<Containment>,
+    context: &SpawnContext<'_>,
 ) -> Result<SpawnedLane, SandboxError> {
+    let (registry, containment) = (context.registry, context.containment);
     let stdio = capture_stdio().map_err(SandboxError::Spawn)?;
     if lane.plan.change_uid {
         refuse_dumpable_credential_change()?;
@@ -549,7 +581,15 @@ fn spawn_now(
         }
     };
     let controllers = containment.controllers();
-    let child_plan = match child_plan(&lane, &stdio, cgroup.as_ref(), &reaper, controllers) {
+    let inherited = context.inherited_seccomp;
+    let child_plan = match child_plan(
+        &lane,
+        &stdio,
+        cgroup.as_ref(),
+        &reaper,
+        controllers,
+        inherited,
+    ) {
         Ok(plan) => plan,
         Err(error) => {
             registry.abandon(None);
@@ -613,6 +653,7 @@ fn child_plan(
     cgroup: Option<&LaneCgroup>,
     reaper: &Reaper,
     controllers: Option<Controllers>,
+    inherited_seccomp: &[seccompiler::BpfProgram],
 ) -> Result<ChildPlan, SandboxError> {
     let plan = &lane.plan;
     let identity = &plan.identity;
@@ -652,7 +693,13 @@ fn child_plan(
         stdio: stdio.lane.each_ref().map(|fd| fd.as_raw_fd()),
         reaper_fd: reaper.writer.as_raw_fd(),
         landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
-        seccomp: lane.seccomp.clone(),
+        // A lane whose policy changed after this thread started (a reload) adds its own
+        // programs on top: it then runs under both, never under less than its own.
+        seccomp: if lane.seccomp == inherited_seccomp {
+            Vec::new()
+        } else {
+            lane.seccomp.clone()
+        },
         exec,
     })
 }

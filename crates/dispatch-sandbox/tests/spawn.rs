@@ -82,6 +82,17 @@ fn run_contained_with(
     containment: Containment,
     policy: &SandboxPolicy,
 ) -> (dispatch_sandbox::LaneEnd, String, String) {
+    run_reloaded(script, containment, policy, policy)
+}
+
+/// `script` as a lane prepared under `policy`, spawned by threads that started under
+/// `spawner_policy` (as after a reload).
+fn run_reloaded(
+    script: &str,
+    containment: Containment,
+    policy: &SandboxPolicy,
+    spawner_policy: &SandboxPolicy,
+) -> (dispatch_sandbox::LaneEnd, String, String) {
     let identity = resolve_identity(USER).unwrap();
     let work = tempfile::tempdir().unwrap();
     nix::unistd::chown(
@@ -96,8 +107,20 @@ fn run_contained_with(
         work_dir: work.path().to_owned(),
         change_uid: true,
     };
+    run_prepared(plan, containment, policy, spawner_policy)
+}
+
+/// Spawn `plan` prepared under `policy` from a spawner whose threads started under
+/// `spawner_policy` (they differ after a reload).
+fn run_prepared(
+    plan: LanePlan,
+    containment: Containment,
+    policy: &SandboxPolicy,
+    spawner_policy: &SandboxPolicy,
+) -> (dispatch_sandbox::LaneEnd, String, String) {
     let prepared = prepare(plan, policy).unwrap();
-    let spawner = LaneSpawner::start(1, containment).unwrap();
+    let spawner_sandbox = dispatch_sandbox::Sandbox::new(spawner_policy.clone()).unwrap();
+    let spawner = LaneSpawner::start(1, containment, &spawner_sandbox).unwrap();
     let mut lane = spawner.spawn(prepared).unwrap();
     let mut out = String::new();
     let mut err = String::new();
@@ -176,6 +199,36 @@ fn lane_runs_as_the_user_with_every_layer_on() {
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+}
+
+#[test]
+fn a_lane_runs_under_its_own_seccomp_policy_even_after_a_reload() {
+    if !ensure_user(USER) {
+        return;
+    }
+    let script = "python3 -c 'import socket; socket.socket(socket.AF_UNIX); print(\"made\")'";
+    let strict = SandboxPolicy::default();
+    let lenient = SandboxPolicy {
+        allow_unix_sockets: true,
+        ..SandboxPolicy::default()
+    };
+    // Threads started under the same policy: the inherited filter is the lane's.
+    let (end, out, _) = run_reloaded(script, Containment::none("test"), &strict, &strict);
+    assert!(
+        !end.status.success() && !out.contains("made"),
+        "BREACH: {out}"
+    );
+    let (end, out, err) = run_reloaded(script, Containment::none("test"), &lenient, &lenient);
+    assert!(end.status.success() && out.contains("made"), "{out} {err}");
+    // A reload to a stricter policy holds at once: the lane adds its own programs.
+    let (end, out, _) = run_reloaded(script, Containment::none("test"), &strict, &lenient);
+    assert!(
+        !end.status.success() && !out.contains("made"),
+        "BREACH after a reload: {out}"
+    );
+    // One to a more lenient policy holds from the next restart: the lane runs under both.
+    let (end, out, _) = run_reloaded(script, Containment::none("test"), &lenient, &strict);
+    assert!(!end.status.success(), "{out}");
 }
 
 #[test]
