@@ -11,7 +11,7 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 25] = [
+const REQUIRED: [&str; 28] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
@@ -24,6 +24,9 @@ const REQUIRED: [&str; 25] = [
     "proc_visible_without_protectproc",
     "escape-setsid_gone_with_its_lane",
     "escape-setpgid_gone_with_its_lane",
+    "escape-setsid_gone_when_cancelled",
+    "escape-setpgid_gone_when_cancelled",
+    "escape-setsid_gone_when_timed_out",
     "reload_bad_config_kept",
     "reload_still_serves",
     "restart_job_final",

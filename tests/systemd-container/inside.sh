@@ -211,15 +211,36 @@ gone_within_1s() { # gone_within_1s PID: it is gone (or a zombie) within a secon
 }
 
 step_setsid() {
-    local how out pid st
+    local how out pid st h
     for how in escape-setsid escape-setpgid; do
+        # The lane ends by itself a second after its descendant started.
+        rm -f "$LANES/nspawn-$how.pid"
         out=$(dispatch acme widgets "$how:nspawn-$how:1" 15)
         st=$(echo "$out" | pick 1 's.get("status")')
         pid=$(cat "$LANES/nspawn-$how.pid" 2>/dev/null)
         echo "$how: lane $st, escaped descendant ${pid:-none}"
         [ "$st" = succeeded ] && [ -n "$pid" ] && gone_within_1s "$pid"
         check "${how}_gone_with_its_lane" $? "descendant ${pid:-none} gone within 1 s of the lane's end"
+        # Cancelled while it runs.
+        rm -f "$LANES/nspawn-$how-cancel.pid"
+        h=$(start_lane acme widgets "$how:nspawn-$how-cancel:60")
+        pid=$(escaped_pid "nspawn-$how-cancel")
+        front alice "[{\"tool\":\"dispatch_cancel\",\"args\":{\"handle\":\"$h\"}}]" >/dev/null
+        st=$(status_of "$h")
+        [ "$st" = cancelled ] && [ -n "$pid" ] && gone_within_1s "$pid"
+        check "${how}_gone_when_cancelled" $? "job $st, descendant ${pid:-none} gone within 1 s"
     done
+    # Timed out: a 3 s timeout for this one check.
+    cp "$CONF" /root/helper.toml.pre-timeout
+    sed -i 's|^timeout_seconds = .*|timeout_seconds = 3|' "$CONF"
+    systemctl reload "$UNIT"; sleep 0.5
+    rm -f "$LANES/nspawn-timeout.pid"
+    out=$(dispatch acme widgets "escape-setsid:nspawn-timeout:60" 20)
+    st=$(echo "$out" | pick 1 's.get("status")')
+    pid=$(cat "$LANES/nspawn-timeout.pid" 2>/dev/null)
+    [ "$st" = timed_out ] && [ -n "$pid" ] && gone_within_1s "$pid"
+    check escape-setsid_gone_when_timed_out $? "job $st, descendant ${pid:-none} gone within 1 s"
+    cp /root/helper.toml.pre-timeout "$CONF"; systemctl reload "$UNIT"; sleep 0.5
 }
 
 step_reload() {
