@@ -202,6 +202,18 @@ async fn a_lane_cannot_escape() {
         "tiocsti_high_bits",
         "x32_syscall",
         "unix_socket",
+        "pidfd_getfd",
+        "kcmp",
+        "process_madvise",
+        "fanotify_init",
+        "listmount",
+        "statmount",
+        "open_tree_attr",
+        "lsm_list_modules",
+        "modify_ldt",
+        "netlink_socket",
+        "alg_socket",
+        "inet_socketpair",
     ] {
         assert_denied(&checks, name, Some(EPERM));
     }

@@ -469,3 +469,61 @@ async fn handles_are_private_to_the_uid_that_created_them() {
         error.message
     );
 }
+
+#[tokio::test]
+async fn a_lane_never_becomes_a_client_though_its_user_is_one() {
+    // The worst configuration for it: lanes may open Unix sockets, the socket is open to all,
+    // and the lane's own user is an admitted client.
+    let options = HelperOptions {
+        socket_mode: 0o666,
+        extra_toml: format!("[clients]\nusers = [\"{ALICE}\"]\n"),
+        sandbox_toml: "allow_unix_sockets = true\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("lane_as_client", options) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(helper.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let alice = user(ALICE);
+    // The same user from outside any lane is admitted: the refusal is about the process.
+    let output = Command::new(probe_bin())
+        .arg("connect")
+        .arg(&helper.socket)
+        .uid(alice.uid.as_raw())
+        .gid(alice.gid.as_raw())
+        .output()
+        .unwrap();
+    let outside: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        outside["hello"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Hello"),
+        "{outside}"
+    );
+    // From inside a lane: refused before any reply.
+    let mut client = helper.client().await;
+    let task = format!("connect {}", helper.socket.display());
+    let job = client.dispatch_ok("alice-org", "alice-repo", &task).await;
+    let done = client.result(&job.handle, 20_000).await;
+    let stdout = &done.stdout.as_ref().unwrap().text;
+    let inside: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(inside["connected"], true, "{inside}");
+    assert_eq!(
+        inside["hello"], "closed",
+        "BREACH: a lane spoke to the helper as a client: {inside}"
+    );
+    wait_until("the refusal to be audited", Duration::from_secs(5), || {
+        helper.audited("client_refused").iter().any(|r| {
+            r["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("belongs to a lane")
+        })
+    });
+    assert!(
+        helper.audited("dispatch_accepted").len() == 1,
+        "only the test's own dispatch"
+    );
+}

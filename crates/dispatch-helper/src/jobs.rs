@@ -150,6 +150,12 @@ impl Helper {
         })
     }
 
+    /// Whether process `pid` belongs to one of this helper's lanes (see
+    /// `Containment::holds_process`). Reads cgroupfs or /proc: blocking.
+    pub fn is_lane_process(&self, pid: i32) -> bool {
+        self.spawner.containment().holds_process(pid)
+    }
+
     /// What contains the lanes, in words.
     pub fn containment(&self) -> String {
         self.spawner.containment().describe()

@@ -72,6 +72,20 @@ fn admitted(helper: &Helper, peer: &Peer) -> bool {
             .any(|g| settings.admitted_gids.contains(g))
 }
 
+/// A lane never dispatches, whatever its uid and however the sandbox is configured (a lane
+/// allowed Unix sockets, run by a user who is also a client, could otherwise reach the socket):
+/// why the peer is refused, if its process belongs to a lane. Without a pid, refused too.
+async fn from_a_lane(helper: &Arc<Helper>, peer: &Peer) -> Option<String> {
+    let Some(pid) = peer.identity.pid else {
+        return Some("the peer's pid is unknown (SO_PEERCRED)".to_owned());
+    };
+    let lookup = helper.clone();
+    let is_lane = tokio::task::spawn_blocking(move || lookup.is_lane_process(pid))
+        .await
+        .unwrap_or(true);
+    is_lane.then(|| format!("process {pid} belongs to a lane, and lanes never dispatch"))
+}
+
 fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
     tracing::warn!(
         event,
@@ -144,6 +158,10 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
             peer.identity.uid,
             peer.user_name.as_deref().unwrap_or("no passwd entry")
         );
+        audit_violation(&helper, Some(&peer), "client_refused", &detail);
+        return;
+    }
+    if let Some(detail) = from_a_lane(&helper, &peer).await {
         audit_violation(&helper, Some(&peer), "client_refused", &detail);
         return;
     }

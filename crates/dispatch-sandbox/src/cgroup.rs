@@ -248,6 +248,20 @@ impl CgroupTree {
         let _ = self.send(Chore::Refill);
     }
 
+    /// Whether process `pid` is in one of the lanes' cgroups (read from cgroupfs, which
+    /// `ProtectProc=` does not hide).
+    pub fn holds_process(&self, pid: i32) -> bool {
+        let wanted = pid.to_string();
+        let Ok(entries) = fs::read_dir(&self.lanes) else {
+            // Unreadable: assume the worst.
+            return true;
+        };
+        entries.flatten().any(|entry| {
+            fs::read_to_string(entry.path().join("cgroup.procs"))
+                .is_ok_and(|procs| procs.lines().any(|p| p == wanted))
+        })
+    }
+
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed
     /// with lanes running). Returns the names of those that held processes.
     pub fn sweep(&self) -> Result<Vec<String>, CgroupError> {

@@ -57,6 +57,16 @@ impl Containment {
         self.tree.as_ref().map(CgroupTree::controllers)
     }
 
+    /// Whether process `pid` belongs to a lane: it is in a lane's cgroup, or, without cgroups,
+    /// this process (the helper, a subreaper) is among its ancestors. The helper refuses such
+    /// peers: a lane never dispatches.
+    pub fn holds_process(&self, pid: i32) -> bool {
+        match &self.tree {
+            Some(tree) => tree.holds_process(pid),
+            None => descends_from_this_process(pid),
+        }
+    }
+
     /// One line for `check`, the log and every job's sandbox report.
     pub fn describe(&self) -> String {
         self.description.clone()
@@ -88,6 +98,34 @@ impl Containment {
             ),
         }
     }
+}
+
+/// Whether this process is an ancestor of `pid`, by the parent links in /proc. Lanes are
+/// this process's children, and it is their subreaper, so whatever they start stays below it.
+fn descends_from_this_process(pid: i32) -> bool {
+    let me = std::process::id() as i32;
+    let mut current = pid;
+    // Bounded: a chain this deep (or a cycle through a reused pid) ends the walk.
+    for _ in 0..256 {
+        if current == me {
+            return true;
+        }
+        let Some(parent) = parent_of(current) else {
+            return false;
+        };
+        if parent <= 1 {
+            return false;
+        }
+        current = parent;
+    }
+    false
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A running lane. Its first process leads the lane's process group.
