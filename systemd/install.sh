@@ -54,7 +54,9 @@ done
 
 install -d -m 0755 "$DESTDIR$bindir" "$DESTDIR$UNITDIR" "$DESTDIR$docdir" \
     "$DESTDIR$SYSCONFDIR/sysusers.d" "$DESTDIR$SYSCONFDIR/tmpfiles.d"
-install -d -m 0755 "$DESTDIR$confdir"
+# The configuration and allowlist are root's alone: lanes (and local users) must not read
+# which org-users, unix users and repos exist, or how the helper is set up.
+install -d -m 0700 "$DESTDIR$confdir"
 for binary in dispatch-helper dispatch-mcp dispatch-demo-lane; do
     install -m 0755 "$BIN_SRC/$binary" "$DESTDIR$bindir/$binary"
 done
@@ -73,7 +75,7 @@ for file in helper.toml repos.json; do
         say "kept existing $confdir/$file"
     else
         sed -e "s|/etc/dispatch-mcp/|$confdir/|g" "$here/$file" > "$DESTDIR$confdir/$file"
-        chmod 0644 "$DESTDIR$confdir/$file"
+        chmod 0600 "$DESTDIR$confdir/$file"
     fi
 done
 install -m 0644 "$top/SECURITY.md" "$top/README.md" "$DESTDIR$docdir/"

@@ -102,8 +102,19 @@ async fn a_lane_cannot_escape() {
         "the helper should hold the 100 inherited fds, has {helper_fds}"
     );
 
+    // Where the deployed helper keeps its configuration: under /etc.
+    let etc_dir = tempfile::Builder::new()
+        .prefix("dispatch-mcp-escape-")
+        .tempdir_in("/etc")
+        .unwrap();
+    std::fs::set_permissions(etc_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let etc_config_file = etc_dir.path().join("repos.json");
+    std::fs::write(&etc_config_file, ALLOWLIST).unwrap();
+    std::fs::set_permissions(&etc_config_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+
     let work_dir = alice.dir.join("dispatch-work");
     let config = json!({
+        "etc_config_file": etc_config_file,
         "outside_file": outside,
         "other_home_file": other_home_file,
         "work_dir": work_dir,
@@ -168,6 +179,7 @@ async fn a_lane_cannot_escape() {
         "BREACH: the file outside the work dir changed"
     );
     assert_denied(&checks, "read_other_home", None);
+    assert_denied(&checks, "read_etc_config", Some(libc::EACCES as i64));
     assert_eq!(
         checks["reaper_found"]["succeeded"], true,
         "the lane reaper must be running: {}",

@@ -527,3 +527,56 @@ async fn a_lane_never_becomes_a_client_though_its_user_is_one() {
         "only the test's own dispatch"
     );
 }
+
+#[tokio::test]
+async fn lane_accounts_with_powers_beyond_their_own_are_refused_with_the_reason() {
+    // bob's own group stands in for a privileged one (docker, disk, …): the list is the
+    // administrator's. (Homes of / or of another owner: unit tests in lane_users.rs.)
+    let options = HelperOptions {
+        extra_toml: format!("forbidden_lane_groups = [{BOB:?}]\n"),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("lane_account_refusal", options) else {
+        return;
+    };
+    let check = Command::new(helper_bin())
+        .args(["check", "--config"])
+        .arg(&helper.config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        said.contains("org bob-org refused: unix user dispatch-t-bob is in the privileged group(s) dispatch-t-bob"),
+        "{said}"
+    );
+    let mut client = helper.client().await;
+    let refused = client
+        .error(Request::Dispatch(DispatchRequest {
+            orguser: "bob-org".into(),
+            repo: "bob-repo".into(),
+            task: "exit:0".into(),
+            description: None,
+        }))
+        .await;
+    assert_eq!(refused.kind, ErrorKind::NotPermitted, "{refused:?}");
+    assert!(
+        refused.message.contains("privileged group"),
+        "{}",
+        refused.message
+    );
+    // Not offered either; the others still are, and work.
+    match client.request(Request::Lanes).await {
+        Response::Lanes { lanes } => {
+            assert!(lanes.iter().all(|l| l.orguser != "bob-org"), "{lanes:?}");
+            assert!(lanes.iter().any(|l| l.orguser == "alice-org"), "{lanes:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    assert_eq!(
+        client.result(&job.handle, 20_000).await.state,
+        JobState::Succeeded
+    );
+}

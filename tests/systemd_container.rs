@@ -11,12 +11,16 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 28] = [
+const REQUIRED: [&str; 32] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
     "dispatch_in_its_own_cgroup",
     "dispatch_reports_usage",
+    "config_root_only",
+    "lane_cannot_read_helper.toml",
+    "lane_cannot_read_repos.json",
+    "lane_cannot_read_audit.jsonl",
     "eve_socket_denied",
     "bob_not_admitted",
     "bob_audited",

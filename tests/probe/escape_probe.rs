@@ -423,6 +423,16 @@ fn escape(config: Value) {
             .map(|_| 0)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
+    // A configuration file of the helper's kind under /etc, readable by everyone: only
+    // Landlock (which grants what lanes need of /etc, not /etc) stands in the way.
+    if let Some(config_file) = config["etc_config_file"].as_str() {
+        checks.push(report(
+            "read_etc_config",
+            std::fs::read(config_file)
+                .map(|b| b.len() as i64)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ));
+    }
     let other_home = str_of("other_home_file");
     checks.push(report(
         "read_other_home",

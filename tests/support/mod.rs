@@ -118,7 +118,7 @@ pub const ALLOWLIST: &str = r#"{
   "orgs": {
     "alice-org": {"unix_user": "dispatch-t-alice"},
     "bob-org": {"unix_user": "dispatch-t-bob"},
-    "restricted-org": {"unix_user": "dispatch-t-alice", "allowed_clients": {"users": ["dispatch-t-bob"]}}
+    "restricted-org": {"unix_user": "dispatch-t-mallory", "allowed_clients": {"users": ["dispatch-t-bob"]}}
   },
   "repos": {
     "alice-repo": {"org": "alice-org", "github": "alice/alice-repo"},

@@ -132,9 +132,11 @@ EOF
         -e 's|^kill_grace_seconds = .*|kill_grace_seconds = 1|' \
         -e 's|^groups = \["dispatch"\]|groups = []|' \
         -e 's|^users = \[\]|users = ["alice"]|' \
-        -e 's|^read_exec_paths = .*|read_exec_paths = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "'"$PREFIX"'"]|' \
+        -e 's|^read_exec_paths = .*|read_exec_paths = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "'"$PREFIX"'"]|' \
         "$CONF"
-    chmod 0644 "$CONF" /etc/dispatch-mcp/repos.json
+    chmod 0600 /etc/dispatch-mcp/repos.json
+    [ "$(stat -c %a /etc/dispatch-mcp)" = 700 ] && [ "$(stat -c %a "$CONF")" = 600 ]
+    check config_root_only $? "install.sh: /etc/dispatch-mcp $(stat -c %a /etc/dispatch-mcp), helper.toml $(stat -c %a "$CONF")"
     "$BIN/dispatch-helper" check; check helper_check $? "dispatch-helper check"
     systemctl enable --now dispatch-helper.socket
     [ -S "$SOCK" ] && [ "$(stat -c '%U:%G %a' "$SOCK")" = "root:dispatch 660" ]
@@ -153,6 +155,12 @@ step_dispatch() {
     check dispatch_in_its_own_cgroup $? "$(echo "$out" | pick 1 's["sandbox"]["containment"]')"
     echo "$out" | pick 1 's.get("usage") is not None and s["usage"]["peak_memory_bytes"] > 0' | grep -q True
     check dispatch_reports_usage $? "$(echo "$out" | pick 1 's.get("usage")')"
+    local file r
+    for file in "$CONF" /etc/dispatch-mcp/repos.json /var/log/dispatch-mcp/audit.jsonl; do
+        r=$(dispatch acme widgets "py:read $file" 10 | lane_out)
+        echo "$r" | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["ok"] is False else 1)'
+        check "lane_cannot_read_$(basename "$file")" $? "$r"
+    done
 }
 
 step_access() {

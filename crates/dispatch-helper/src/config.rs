@@ -53,6 +53,13 @@ pub struct ConfigFile {
     /// must exist.
     #[serde(default = "default_work_dir")]
     pub work_dir: String,
+    /// Groups an org-user's account must not be in (root mode): their powers would reach its
+    /// lanes. Default: `lane_users::DEFAULT_FORBIDDEN_GROUPS`.
+    #[serde(default = "default_forbidden_lane_groups")]
+    pub forbidden_lane_groups: Vec<String>,
+    /// Let several orgs run as one unix account (their `allowed_clients` then overlap).
+    #[serde(default)]
+    pub allow_shared_unix_users: bool,
     #[serde(default)]
     pub clients: ClientsConfig,
     #[serde(default)]
@@ -169,6 +176,8 @@ pub struct Settings {
     /// Per org-user: the gids of its `allowed_clients.groups`, resolved at load so that no
     /// request waits on a group lookup.
     pub org_client_gids: std::collections::BTreeMap<String, BTreeSet<u32>>,
+    /// Orgs whose unix account may not run lanes (root mode), with the reason (see `lane_users`).
+    pub refused_orgs: std::collections::BTreeMap<String, String>,
 }
 
 impl Settings {
@@ -301,7 +310,21 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    let refused_orgs = if running_as_root {
+        crate::lane_users::vet(
+            &loaded.allowlist,
+            &file.forbidden_lane_groups,
+            file.allow_shared_unix_users,
+            crate::lane_users::Account::lookup,
+        )
+    } else {
+        Default::default()
+    };
+    for (org, reason) in &refused_orgs {
+        warnings.push(format!("org {org} refused: {reason}"));
+    }
     Ok(Settings {
+        refused_orgs,
         file,
         template,
         allowlist: loaded.allowlist,
@@ -313,6 +336,13 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         sandbox,
         org_client_gids,
     })
+}
+
+fn default_forbidden_lane_groups() -> Vec<String> {
+    crate::lane_users::DEFAULT_FORBIDDEN_GROUPS
+        .iter()
+        .map(|g| g.to_string())
+        .collect()
 }
 
 fn apply_env(file: &mut ConfigFile, env: &EnvOverrides) -> Result<(), ConfigError> {

@@ -983,6 +983,12 @@ fn client_may_use(settings: &Settings, org: &OrgPolicy, peer: &Peer) -> bool {
 /// so an org that explicitly names another account cannot be served.
 fn lane_unix_user(settings: &Settings, org: &OrgPolicy) -> Result<String, String> {
     if !settings.unprivileged {
+        if let Some(reason) = settings.refused_orgs.get(org.orguser.as_str()) {
+            return Err(format!(
+                "orguser {} cannot run lanes: {reason}",
+                org.orguser
+            ));
+        }
         return Ok(org.unix_user.to_string());
     }
     if org.unix_user_explicit && org.unix_user.as_str() != settings.own_user {

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod config;
 pub mod jobs;
 pub mod lane;
+pub mod lane_users;
 pub mod output;
 pub mod server;
 pub mod store;
@@ -159,11 +160,15 @@ fn check(path: &Path) -> ExitCode {
                 "host: {}  max_iterations: {}  timeout: {} s",
                 settings.file.host, settings.file.max_iterations, settings.file.timeout_seconds
             );
+            let abi = dispatch_sandbox::kernel_landlock_abi().max(0) as u32;
             println!(
-                "landlock: kernel ABI {}, floor {}",
-                dispatch_sandbox::kernel_landlock_abi(),
+                "landlock: kernel ABI {abi}, floor {}",
                 settings.file.sandbox.landlock_min_abi
             );
+            let open = dispatch_sandbox::open_at_abi(abi);
+            if !open.is_empty() {
+                println!("  not restricted at this ABI: {}", open.join("; "));
+            }
             print_containment(&settings);
             println!("targets:");
             for target in settings.allowlist.targets() {

@@ -80,6 +80,12 @@ impl SharedPaths {
                 rules.push((path.clone(), fd, access));
             }
         }
+        for path in &policy.read_paths_if_present {
+            if path.symlink_metadata().is_ok() {
+                let (fd, access) = open_for_rule(path, read, abi, "read_if_present")?;
+                rules.push((path.clone(), fd, access));
+            }
+        }
         Ok(Some(SharedPaths { abi, rules }))
     }
 }
@@ -185,11 +191,39 @@ pub(crate) fn build(
     if has_scopes {
         features.push("signal and abstract-socket scoping");
     }
+    let open = open_at_abi(abi_number);
+    let mut description = format!("enforced (ABI {abi_number}: {})", features.join(", "));
+    if !open.is_empty() {
+        description.push_str(&format!(
+            "; not restricted at this ABI: {}",
+            open.join(", ")
+        ));
+    }
     Ok(BuiltRuleset {
         ruleset: Some(ruleset),
         abi: abi_number,
-        description: format!("enforced (ABI {abi_number}: {})", features.join(", ")),
+        description,
     })
+}
+
+/// What Landlock leaves unrestricted at `abi` that a newer kernel restricts: said in every
+/// job's sandbox report and by `dispatch-helper check`, so an administrator who keeps a low
+/// `landlock_min_abi` knows what that allows.
+pub fn open_at_abi(abi: u32) -> Vec<&'static str> {
+    [
+        (1, "everything (no Landlock)"),
+        (3, "truncating files (ABI 3)"),
+        (4, "TCP bind and connect to any port (ABI 4)"),
+        (5, "ioctl on device files (ABI 5)"),
+        (
+            6,
+            "signals to processes outside the lane and abstract Unix sockets (ABI 6)",
+        ),
+    ]
+    .into_iter()
+    .filter(|&(since, _)| abi < since)
+    .map(|(_, what)| what)
+    .collect()
 }
 
 /// The kernel's Landlock ABI version (0 without Landlock), capped by what the landlock crate
@@ -208,4 +242,22 @@ pub fn kernel_landlock_abi() -> i32 {
         )
     };
     version.max(0) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_abi_says_what_it_leaves_open() {
+        assert_eq!(open_at_abi(7), Vec::<&str>::new());
+        assert_eq!(open_at_abi(6), Vec::<&str>::new());
+        let at_five = open_at_abi(5);
+        assert_eq!(at_five.len(), 1);
+        assert!(at_five[0].starts_with("signals"));
+        let at_one = open_at_abi(1);
+        assert!(at_one.iter().any(|gap| gap.starts_with("TCP")));
+        assert!(at_one.iter().any(|gap| gap.starts_with("truncating")));
+        assert!(open_at_abi(0)[0].contains("no Landlock"));
+    }
 }

@@ -33,7 +33,7 @@ pub mod cgroup;
 mod child;
 mod identity;
 mod landlock_rules;
-pub use landlock_rules::kernel_landlock_abi;
+pub use landlock_rules::{kernel_landlock_abi, open_at_abi};
 mod limits;
 pub use limits::{LimitReport, Limits, bytes};
 mod reaper;
@@ -58,6 +58,9 @@ pub struct SandboxPolicy {
     pub read_exec_paths: Vec<PathBuf>,
     /// Read only, in addition to the org-user's home.
     pub read_paths: Vec<PathBuf>,
+    /// Read only where they exist (what lanes need of `/etc`, which differs between systems).
+    /// Not `/etc` itself: it holds the helper's own configuration and allowlist.
+    pub read_paths_if_present: Vec<PathBuf>,
     /// Read and write, in addition to the lane work directory and /dev/null.
     pub read_write_paths: Vec<PathBuf>,
     /// TCP ports lanes may connect to (where the kernel has Landlock ABI ≥ 4). TCP bind is never allowed.
@@ -79,12 +82,13 @@ impl Default for SandboxPolicy {
     fn default() -> Self {
         SandboxPolicy {
             landlock_min_abi: 1,
-            read_exec_paths: ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"]
+            read_exec_paths: ["/usr", "/bin", "/sbin", "/lib", "/lib64"]
                 .iter()
                 .map(PathBuf::from)
                 .filter(|p| p.exists())
                 .collect(),
             read_paths: vec![PathBuf::from("/proc"), PathBuf::from("/dev/urandom")],
+            read_paths_if_present: ETC_FOR_LANES.iter().map(PathBuf::from).collect(),
             read_write_paths: Vec::new(),
             tcp_connect_ports: vec![22, 443],
             allow_unix_sockets: false,
@@ -174,6 +178,34 @@ pub enum SandboxError {
     #[error("{0}")]
     Cgroup(#[from] cgroup::CgroupError),
 }
+
+/// What lanes read of `/etc` by default: accounts and name service, the resolver, the dynamic
+/// linker, time zone, certificates, and the ssh, git and tmux system configuration.
+pub const ETC_FOR_LANES: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/pki",
+    "/etc/ssh",
+    "/etc/gitconfig",
+    "/etc/tmux.conf",
+    "/etc/alternatives",
+    "/etc/mime.types",
+];
 
 /// Fixed PATH for lanes: never the helper's own.
 pub const LANE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
