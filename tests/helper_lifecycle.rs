@@ -999,3 +999,83 @@ async fn sighup_reloads_the_allowlist() {
         JobState::Succeeded
     );
 }
+
+#[tokio::test]
+async fn a_second_helper_on_the_same_state_refuses_to_start() {
+    let Some(helper) = start_helper("single instance", HelperOptions::default()) else {
+        return;
+    };
+    let second = Command::new(helper_bin())
+        .args(["serve", "--config"])
+        .arg(&helper.config)
+        .env_remove("LISTEN_FDS")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second helper started: {said}");
+    assert!(
+        said.contains(&format!("another dispatch-helper (pid {})", helper.pid())),
+        "{said}"
+    );
+    // The first one is untouched: it still serves, and its audit chain is whole.
+    let mut client = helper.client().await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    assert_eq!(
+        client.result(&job.handle, 20_000).await.state,
+        JobState::Succeeded
+    );
+    let verify = Command::new(helper_bin())
+        .args(["audit", "verify"])
+        .arg(&helper.audit)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_job_record_that_cannot_be_saved_refuses_the_dispatch_and_nothing_runs() {
+    let Some(helper) = start_helper("record_fail_closed", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    // Root ignores file modes, so make the record impossible to write: the jobs directory
+    // becomes a file.
+    let jobs = helper.state.join("jobs");
+    std::fs::rename(&jobs, jobs.with_extension("moved")).unwrap();
+    std::fs::write(&jobs, "not a directory").unwrap();
+    let tag = marker("recordfail");
+    let error = match client
+        .dispatch("alice-org", "alice-repo", &format!("sleep:30 {tag}"))
+        .await
+    {
+        Response::Error(error) => error,
+        other => panic!("a lane started with no record to mark lost after a crash: {other:?}"),
+    };
+    assert!(
+        error
+            .message
+            .contains("could not be saved, so its lane was not started"),
+        "{}",
+        error.message
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        processes_with(&tag).is_empty(),
+        "a lane ran without a durable record"
+    );
+    // The audit log says the accepted dispatch ended there.
+    wait_until("the failure to be audited", Duration::from_secs(5), || {
+        helper.audited("spawn_failed").iter().any(|r| {
+            r["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("could not be saved")
+        })
+    });
+}

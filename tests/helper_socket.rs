@@ -580,3 +580,45 @@ async fn lane_accounts_with_powers_beyond_their_own_are_refused_with_the_reason(
         JobState::Succeeded
     );
 }
+
+#[tokio::test]
+async fn concurrent_deletes_of_one_job_delete_it_once_and_fail_no_other_way() {
+    let Some(helper) = start_helper("concurrent_deletes", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    client.result(&job.handle, 20_000).await;
+    // Six deletes in flight on one connection at once.
+    for id in 100..106 {
+        let frame = RequestEnvelope {
+            id,
+            body: Request::Delete {
+                handle: job.handle.clone(),
+            },
+        };
+        write_frame(&mut client.stream, &frame, FrameLimit::REQUEST)
+            .await
+            .unwrap();
+    }
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let response: ResponseEnvelope = read_frame(&mut client.stream, FrameLimit::RESPONSE)
+            .await
+            .unwrap()
+            .unwrap();
+        answers.push(response.body);
+    }
+    let deleted = answers
+        .iter()
+        .filter(|a| matches!(a, Response::Deleted { .. }))
+        .count();
+    let unknown = answers
+        .iter()
+        .filter(|a| matches!(a, Response::Error(e) if e.kind == ErrorKind::UnknownHandle))
+        .count();
+    assert_eq!((deleted, unknown), (1, 5), "{answers:#?}");
+    assert_eq!(helper.audited("deleted").len(), 1);
+}

@@ -240,10 +240,17 @@ fn last_link(file: &mut File) -> std::io::Result<(u64, String)> {
     }
     let start = len.saturating_sub(256 * 1024);
     file.seek(SeekFrom::Start(start))?;
-    let mut tail = String::new();
-    file.take(len - start).read_to_string(&mut tail)?;
-    for line in tail.lines().rev() {
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+    // Bytes, not a string: the window may begin inside a multibyte character (any client's
+    // claimed name can put emoji in a record), which must not stop the helper from starting.
+    let mut tail = Vec::new();
+    file.take(len - start).read_to_end(&mut tail)?;
+    let mut lines: Vec<&[u8]> = tail.split(|&b| b == b'\n').collect();
+    if start > 0 {
+        // The first line of the window is (most likely) the end of an earlier record.
+        lines.remove(0);
+    }
+    for line in lines.into_iter().rev() {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(line)
             && let (Some(seq), Some(hash)) = (value["seq"].as_u64(), value["hash"].as_str())
         {
             return Ok((seq, hash.to_owned()));
@@ -329,6 +336,29 @@ pub fn verify(path: &Path) -> Result<u64, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_link_is_found_when_the_window_starts_inside_a_character() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // A record full of four-byte characters, then a short one: for every offset of the
+        // window's start within a character, the chain's last link is still found.
+        for shift in 0..4 {
+            let pad = "x".repeat(shift);
+            let first = format!(
+                "{{\"seq\":1,\"hash\":\"aa\",\"claimed_client\":\"{pad}{}\"}}\n",
+                "😀".repeat(70_000)
+            );
+            let last = "{\"seq\":2,\"hash\":\"bb\"}\n";
+            std::fs::write(&path, format!("{first}{last}")).unwrap();
+            let mut file = File::open(&path).unwrap();
+            assert_eq!(
+                last_link(&mut file).unwrap(),
+                (2, "bb".to_owned()),
+                "shift {shift}"
+            );
+        }
+    }
 
     fn write_log(dir: &Path, n: usize) -> PathBuf {
         let path = dir.join("audit.jsonl");

@@ -377,6 +377,13 @@ impl Helper {
             ));
         }
 
+        if let Err(refusal) = self
+            .record_before_start(&mut record, peer.identity.uid)
+            .await
+        {
+            self.insert(record, None);
+            return Err(refusal);
+        }
         let spawner = self.spawner.clone();
         let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
             .await
@@ -416,6 +423,32 @@ impl Helper {
         });
         tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
         Ok(view)
+    }
+
+    /// The job's record is durable before its lane may start: a helper that dies after the
+    /// spawn finds it at its next start and marks it lost. If it cannot be saved, nothing runs,
+    /// and the audit log says so after the `dispatch_accepted` record.
+    async fn record_before_start(
+        &self,
+        record: &mut JobRecord,
+        uid: u32,
+    ) -> Result<(), ErrorReply> {
+        let Err(error) = self.store.save_async(record).await else {
+            return Ok(());
+        };
+        self.release(uid);
+        record.job.state = JobState::Failed;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail =
+            format!("the job's record could not be saved, so its lane was not started: {error}");
+        self.persist_and_audit_finish(record, "spawn_failed").await;
+        Err(reply(
+            ErrorKind::Internal,
+            format!(
+                "dispatch {} refused: {}",
+                record.job.handle, record.job.detail
+            ),
+        ))
     }
 
     /// Validate and resolve a request against the helper's own settings. Blocking (NSS
@@ -740,16 +773,25 @@ impl Helper {
                 format!("job {handle} is still running; cancel it first, then delete it"),
             ));
         }
-        self.store.remove_async(handle).await.map_err(|e| {
-            reply(
-                ErrorKind::Internal,
-                format!("could not delete the record of {handle}: {e}"),
-            )
-        })?;
-        self.jobs
+        // Exactly one of several concurrent deletes takes the entry; the others find no such
+        // handle, as they would a moment later.
+        let entry = self
+            .jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(handle);
+            .remove(handle)
+            .ok_or_else(|| unknown_handle(handle))?;
+        if let Err(error) = self.store.remove_async(handle).await {
+            // Not deleted after all: the job stays listed, as its record does.
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(handle.to_owned(), entry);
+            return Err(reply(
+                ErrorKind::Internal,
+                format!("could not delete the record of {handle}: {error}"),
+            ));
+        }
         let _ = self
             .audit
             .append(AuditEvent {

@@ -305,6 +305,8 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         create_private_dir(parent)
             .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
     }
+    // Before the audit log is opened (and perhaps repaired) or the socket taken over.
+    let _instance = lock_single_instance(&settings.file.state_dir)?;
     let (audit, audit_repair) = audit::AuditLog::open(&settings.file.audit_log)
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
@@ -445,6 +447,36 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
     };
     let _ = helper.audit.append(outcome).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+}
+
+/// One helper per state directory: a second one would take over the socket path and append to
+/// the same audit log, breaking its chain. Held (and released by the kernel) with the process.
+fn lock_single_instance(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::io::{Read, Seek, Write};
+    let path = state_dir.join("helper.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(mut file, errno)| {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            format!(
+                "another dispatch-helper (pid {}) already serves {} ({}): refusing to start \
+                     a second one on the same state, socket and audit log",
+                holder.trim(),
+                state_dir.display(),
+                errno.desc()
+            )
+        })?;
+    let _ = lock.set_len(0);
+    let _ = lock.rewind();
+    let _ = write!(lock, "{}", std::process::id());
+    Ok(lock)
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
