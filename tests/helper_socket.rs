@@ -203,6 +203,14 @@ async fn hostile_frames_close_only_their_connection_and_are_audited() {
     assert!(helper.audited("dispatch_accepted").is_empty());
 }
 
+/// How many more refusals a coalesced audit record stands for.
+fn held_back(detail: &str) -> u64 {
+    detail
+        .split_once("(and ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn a_thousand_dropped_connections_do_not_stop_the_helper() {
     let Some(helper) = start_helper("thousand_connections", HelperOptions::default()) else {
@@ -212,10 +220,16 @@ async fn a_thousand_dropped_connections_do_not_stop_the_helper() {
         drop(UnixStream::connect(&helper.socket).unwrap());
     }
     still_serves(&helper).await;
-    // Each is audited as closed before the handshake, or refused at the connection limit.
-    support::wait_until("1000 audit records", Duration::from_secs(30), || {
-        helper.audited("protocol_violation").len() + helper.audited("connection_refused").len()
-            >= 1000
+    // Each is audited as closed before the handshake, or refused at the connection limit:
+    // one record each for a burst, then records that count the ones held back.
+    support::wait_until("1000 audited refusals", Duration::from_secs(30), || {
+        let mut records = helper.audited("protocol_violation");
+        records.extend(helper.audited("connection_refused"));
+        let counted: u64 = records
+            .iter()
+            .map(|r| 1 + held_back(r["detail"].as_str().unwrap_or_default()))
+            .sum();
+        counted >= 1000
     });
 }
 
@@ -621,4 +635,92 @@ async fn concurrent_deletes_of_one_job_delete_it_once_and_fail_no_other_way() {
         .count();
     assert_eq!((deleted, unknown), (1, 5), "{answers:#?}");
     assert_eq!(helper.audited("deleted").len(), 1);
+}
+
+#[tokio::test]
+async fn a_flooding_client_hurts_only_itself() {
+    let options = HelperOptions {
+        socket_mode: 0o666,
+        extra_toml: format!("[clients]\nusers = [{MALLORY:?}, {BOB:?}]\n"),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("connect_flood", options) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(helper.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_user = |name: &str, args: &[String]| {
+        let account = user(name);
+        Command::new(probe_bin())
+            .args(args)
+            .uid(account.uid.as_raw())
+            .gid(account.gid.as_raw())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let socket = helper.socket.display().to_string();
+    // mallory, an admitted client, connects and closes as fast as it can for 1.5 s...
+    let flood = as_user(MALLORY, &["flood".into(), socket.clone(), "1500".into()]);
+    std::thread::sleep(Duration::from_millis(200));
+    // ...while bob, another admitted client, handshakes twelve times.
+    let mut refused = Vec::new();
+    for _ in 0..12 {
+        let output = as_user(BOB, &["connect".into(), socket.clone()])
+            .wait_with_output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        if !report["hello"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("Hello")
+        {
+            refused.push(report);
+        }
+    }
+    let flooded: serde_json::Value =
+        serde_json::from_slice(&flood.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        refused.is_empty(),
+        "bob was refused during mallory's flood ({flooded}): {refused:?}"
+    );
+    let attempts = flooded["connected"].as_u64().unwrap();
+    assert!(
+        attempts > 500,
+        "the flood was too weak to show anything: {flooded}"
+    );
+    // Its refusals and violations are coalesced: a record a second per kind, each counting.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mallory_uid = user(MALLORY).uid.as_raw();
+    let records: Vec<serde_json::Value> = helper
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["peer"]["uid"] == mallory_uid)
+        .collect();
+    // Per kind (closed before the handshake, refused at its limit): a burst of 20, then about
+    // 5 a second.
+    assert!(
+        records.len() <= 80,
+        "{} audit records for one flood of {attempts} connections",
+        records.len()
+    );
+    let counted: u64 = records
+        .iter()
+        .map(|r| 1 + held_back(r["detail"].as_str().unwrap_or_default()))
+        .sum();
+    assert!(
+        counted >= attempts,
+        "the records count {counted} of {attempts} refusals"
+    );
+    assert!(
+        records.iter().any(|r| r["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more of this kind")),
+        "{records:#?}"
+    );
+    println!(
+        "flood: {attempts} connections by mallory, {} audit records, bob admitted 12 of 12",
+        records.len()
+    );
 }

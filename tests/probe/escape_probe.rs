@@ -155,6 +155,7 @@ fn main() {
         _ if mode.starts_with("burn:") => burn(mode[5..].parse().unwrap_or(10)),
         "escape" => escape(serde_json::from_str(rest).expect("escape takes a JSON object")),
         "connect" => connect(rest),
+        "flood" => flood(rest),
         _ => println!("{}", json!({"argv": args})),
     }
 }
@@ -325,6 +326,25 @@ fn burn(seconds: u64) {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
     }
     println!("{}", json!({"burned": x % 2}));
+}
+
+/// `SOCKET MILLIS`: connect and close at once, as fast as it can, for MILLIS; print how often.
+fn flood(rest: &str) {
+    let mut words = rest.split_whitespace();
+    let socket = words.next().unwrap_or_default();
+    let millis: u64 = words.next().and_then(|m| m.parse().ok()).unwrap_or(1000);
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(millis);
+    let (mut connected, mut failed) = (0u64, 0u64);
+    while std::time::Instant::now() < until {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(stream) => {
+                connected += 1;
+                drop(stream);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", json!({"connected": connected, "failed": failed}));
 }
 
 /// Connect to the helper socket as whoever runs this, handshake, optionally ask for the status

@@ -95,6 +95,8 @@ struct JobEntry {
 pub struct Helper {
     settings: RwLock<Arc<Settings>>,
     pub audit: AuditLog,
+    /// Refused connections and protocol violations, coalesced per uid before they are audited.
+    pub refusals: crate::admission::RefusalAudit,
     store: JobStore,
     jobs: Mutex<HashMap<String, JobEntry>>,
     spawner: Arc<LaneSpawner>,
@@ -140,6 +142,7 @@ impl Helper {
     ) -> Arc<Helper> {
         Arc::new(Helper {
             settings: RwLock::new(Arc::new(settings)),
+            refusals: crate::admission::RefusalAudit::new(audit.clone()),
             audit,
             store,
             jobs: Mutex::new(HashMap::new()),

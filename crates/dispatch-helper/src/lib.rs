@@ -3,6 +3,7 @@
 //! chooses the argv, the host, the limits and the sandbox.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod audit;
 pub mod config;
 pub mod jobs;

@@ -2,7 +2,8 @@
 //! concurrent requests per connection under per-connection and global limits. Any malformed,
 //! oversized or unexpected frame closes that connection only; every such event is audited.
 
-use crate::audit::AuditEvent;
+use crate::admission::Refusal;
+use crate::audit::PeerIdentity;
 use crate::jobs::{Helper, Peer};
 use dispatch_proto::{
     CodecError, ErrorKind, ErrorReply, FrameLimit, HelloReply, PROTOCOL_VERSION, Request,
@@ -28,31 +29,46 @@ pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
                 continue;
             }
         };
+        // Who it is comes from the kernel at once; the account lookup waits until it holds slots.
+        let Ok(cred) = stream.peer_cred() else {
+            audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable");
+            continue;
+        };
+        let identity = PeerIdentity {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        };
+        // The peer's own limit first: a uid that floods uses up its own slots, never the others'.
+        let per_client = helper.settings().file.limits.max_connections_per_client;
+        let Some(uid_slot) = helper.connection_slot(identity.uid, per_client) else {
+            let detail = format!(
+                "uid {} already holds {per_client} connections (the per-client limit)",
+                identity.uid
+            );
+            refuse(&helper, identity, "connection_refused", detail);
+            continue;
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            // Refused at once; who it was is looked up and audited off the accept path.
-            let cred = stream.peer_cred().ok();
-            drop(stream);
-            let helper = helper.clone();
-            tokio::spawn(async move {
-                let peer = match cred {
-                    Some(cred) => resolve_peer(cred).await,
-                    None => None,
-                };
-                audit_violation(
-                    &helper,
-                    peer.as_ref(),
-                    "connection_refused",
-                    "the helper's connection limit was reached",
-                );
-            });
+            let detail = "the helper's connection limit was reached".to_owned();
+            refuse(&helper, identity, "connection_refused", detail);
             continue;
         };
         let helper = helper.clone();
         tokio::spawn(async move {
-            serve_connection(helper, stream).await;
+            serve_connection(helper, stream, cred, uid_slot).await;
             drop(permit);
         });
     }
+}
+
+fn refuse(helper: &Helper, peer: PeerIdentity, event: &'static str, detail: String) {
+    helper.refusals.record(Refusal {
+        event,
+        peer: Some(peer),
+        claimed_client: None,
+        detail,
+    });
 }
 
 /// The kernel's view of the peer, plus its account's name and groups (an NSS lookup, so off
@@ -86,28 +102,14 @@ async fn from_a_lane(helper: &Arc<Helper>, peer: &Peer) -> Option<String> {
     is_lane.then(|| format!("process {pid} belongs to a lane, and lanes never dispatch"))
 }
 
+/// Audited coalesced per uid and kind (see `admission`): a connection that misbehaves or is
+/// refused is closed at once, and a flood of them costs the audit log a record a second.
 fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, detail: &str) {
-    tracing::warn!(
-        event,
-        detail,
-        uid = peer.map(|p| p.identity.uid),
-        "connection closed"
-    );
-    let record = AuditEvent {
+    helper.refusals.record(Refusal {
         event,
         peer: peer.map(|p| p.identity),
         claimed_client: peer.and_then(|p| p.claimed_client.clone()),
-        outcome: "closed".into(),
-        detail: Some(detail.to_owned()),
-        ..Default::default()
-    };
-    // Written in the background: the connection (and its slot under the connection limit) is
-    // released now, so a flood of misbehaving connections cannot hold slots while fsyncs queue.
-    let audit = helper.audit.clone();
-    tokio::spawn(async move {
-        if let Err(error) = audit.append(record).await {
-            tracing::error!(%error, "could not audit a protocol violation");
-        }
+        detail: detail.to_owned(),
     });
 }
 
@@ -143,13 +145,19 @@ fn describe(error: &CodecError) -> String {
     }
 }
 
-async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
-    let peer = match stream.peer_cred() {
-        Ok(cred) => resolve_peer(cred).await,
-        Err(_) => None,
-    };
-    let Some(mut peer) = peer else {
-        audit_violation(&helper, None, "client_refused", "SO_PEERCRED unavailable");
+async fn serve_connection(
+    helper: Arc<Helper>,
+    stream: UnixStream,
+    cred: tokio::net::unix::UCred,
+    _uid_slot: crate::jobs::ConnectionSlot,
+) {
+    let Some(mut peer) = resolve_peer(cred).await else {
+        audit_violation(
+            &helper,
+            None,
+            "client_refused",
+            "the peer's account could not be looked up",
+        );
         return;
     };
     if !admitted(&helper, &peer) {
@@ -166,16 +174,6 @@ async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
         return;
     }
     let limits = helper.settings().file.limits.clone();
-    // Held for the connection's lifetime: one client cannot take every connection.
-    let Some(_slot) = helper.connection_slot(peer.identity.uid, limits.max_connections_per_client)
-    else {
-        let detail = format!(
-            "uid {} already holds {} connections (the per-client limit)",
-            peer.identity.uid, limits.max_connections_per_client
-        );
-        audit_violation(&helper, Some(&peer), "connection_refused", &detail);
-        return;
-    };
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
     let (mut reader, mut writer) = stream.into_split();
 
