@@ -371,6 +371,54 @@ async fn the_front_reconnects_after_the_helper_restarts() {
 }
 
 #[tokio::test]
+async fn calls_beyond_what_the_helper_serves_at_once_wait_their_turn() {
+    // The helper serves two requests at once on a connection; the front has 26 at once.
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_in_flight_per_connection = 2\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("front queue", options) else {
+        return;
+    };
+    let client = std::sync::Arc::new(front(&helper.socket, TestClient::default()).await);
+    let sleeper = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:2"}),
+    )
+    .await);
+    let handle = sleeper["handle"].as_str().unwrap().to_owned();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..26 {
+        let (client, handle) = (client.clone(), handle.clone());
+        calls.spawn(async move {
+            let (tool, arguments) = match n % 13 {
+                // Waits for the result: they may hold at most half the places.
+                0 => ("dispatch_result", json!({"handle": handle, "wait_seconds": 10})),
+                1 => (
+                    "dispatch_unit",
+                    json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"}),
+                ),
+                _ => ("dispatch_status", json!({"handle": handle})),
+            };
+            let result = call(&client, tool, arguments).await;
+            (tool, result.is_error == Some(true), text(&result))
+        });
+    }
+    let mut refused = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        let (tool, failed, said) = done.unwrap();
+        if failed {
+            refused.push(format!("{tool}: {said}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "calls refused instead of queued: {refused:#?}"
+    );
+}
+
+#[tokio::test]
 async fn result_waits_report_progress_and_stop_when_cancelled() {
     let Some(helper) = start_helper("front progress", HelperOptions::default()) else {
         return;

@@ -362,6 +362,7 @@ impl Client {
                 helper_version: String::new(),
                 peer_uid: 0,
                 unprivileged: false,
+                max_in_flight: 8,
             },
         };
         match client

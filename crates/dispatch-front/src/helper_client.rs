@@ -1,6 +1,9 @@
 //! The front's connection to the helper: one Unix-socket connection, multiplexed (each request
 //! carries an id, responses are routed back by id), re-established on the next call after the
-//! helper restarts. A call made while the helper is down gets a clear error; nothing is queued.
+//! helper restarts. A call made while the helper is down gets a clear error. Calls beyond what
+//! the helper serves at once on a connection (it says how many at the handshake) wait their
+//! turn here, first come first served, instead of being refused by the helper; waits for a
+//! result may hold at most half of the places, so quick calls always get through.
 
 use dispatch_proto::{
     FrameLimit, HelloReply, PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope,
@@ -55,6 +58,10 @@ struct Connection {
     outbox: mpsc::Sender<Vec<u8>>,
     shared: Arc<Mutex<Shared>>,
     hello: HelloReply,
+    /// Places for requests in flight: as many as the helper serves at once on a connection.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Of those, the ones a waiting `Result` may hold.
+    waits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Connection {
@@ -122,6 +129,13 @@ impl HelperClient {
             _ => Duration::ZERO,
         } + Duration::from_secs(60);
         let connection = self.connection().await?;
+        // Our turn first (held until the answer): the helper would refuse more than this.
+        let waiting = matches!(body, Request::Result { wait_ms, .. } if wait_ms > 0);
+        let _wait_place = match waiting {
+            true => Some(place(&connection.waits).await?),
+            false => None,
+        };
+        let _place = place(&connection.in_flight).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST)
             .map_err(|e| HelperError::Protocol(e.to_string()))?;
@@ -230,10 +244,23 @@ impl HelperClient {
             }
             lock(&reader_shared).close();
         });
+        let places = (hello.max_in_flight as usize).max(1);
         Ok(Connection {
             outbox,
             shared,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(places)),
+            waits: Arc::new(tokio::sync::Semaphore::new((places / 2).max(1))),
             hello,
         })
     }
+}
+
+async fn place(
+    places: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, HelperError> {
+    places
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| HelperError::Disconnected)
 }

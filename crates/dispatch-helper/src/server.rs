@@ -236,6 +236,7 @@ async fn serve_connection(
         helper_version: env!("CARGO_PKG_VERSION").to_owned(),
         peer_uid: peer.identity.uid,
         unprivileged: settings.unprivileged,
+        max_in_flight: settings.file.limits.max_in_flight_per_connection as u32,
     });
     if write_frame(
         &mut writer,

@@ -86,6 +86,9 @@ pub struct HelloReply {
     pub peer_uid: u32,
     /// True when the helper runs without root and every lane runs as the helper's own user.
     pub unprivileged: bool,
+    /// Requests the helper serves at once on one connection: a client keeps at most this many
+    /// in flight and queues the rest, rather than having them refused.
+    pub max_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,6 +90,7 @@ fn every_response() -> Vec<Response> {
             helper_version: "0.1.0".into(),
             peer_uid: 1000,
             unprivileged: true,
+            max_in_flight: 8,
         }),
         Response::Job(Box::new(job())),
         Response::List {
