@@ -156,6 +156,7 @@ fn main() {
         "escape" => escape(serde_json::from_str(rest).expect("escape takes a JSON object")),
         "connect" => connect(rest),
         "flood" => flood(rest),
+        "hand-over" => hand_over(rest),
         _ => println!("{}", json!({"argv": args})),
     }
 }
@@ -326,6 +327,46 @@ fn burn(seconds: u64) {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
     }
     println!("{}", json!({"burned": x % 2}));
+}
+
+/// `SOCKET`: a process of the lane connects, hands the connection to its own child and exits,
+/// so the pid the helper sees is gone when it checks; the child then tries the handshake and
+/// prints the answer. The lane's first process waits for it.
+fn hand_over(rest: &str) {
+    use dispatch_proto::{FrameLimit, Request, RequestEnvelope, encode_frame};
+    let socket = rest
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    // SAFETY: fork in a single-threaded program; each child makes plain calls and exits.
+    unsafe {
+        if libc::fork() == 0 {
+            let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) else {
+                libc::_exit(1);
+            };
+            if libc::fork() != 0 {
+                libc::_exit(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let hello = Request::Hello {
+                version: dispatch_proto::PROTOCOL_VERSION,
+                client_name: Some("handed-over".into()),
+            };
+            let frame =
+                encode_frame(&RequestEnvelope { id: 1, body: hello }, FrameLimit::REQUEST).unwrap();
+            let _ = stream.write_all(&frame);
+            let mut prefix = [0u8; 4];
+            let answer = if stream.read_exact(&mut prefix).is_ok() {
+                "answered"
+            } else {
+                "closed"
+            };
+            println!("{}", json!({"hello": answer}));
+            libc::_exit(0);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
 }
 
 /// `SOCKET MILLIS`: connect and close at once, as fast as it can, for MILLIS; print how often.

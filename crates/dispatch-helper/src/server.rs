@@ -90,16 +90,40 @@ fn admitted(helper: &Helper, peer: &Peer) -> bool {
 
 /// A lane never dispatches, whatever its uid and however the sandbox is configured (a lane
 /// allowed Unix sockets, run by a user who is also a client, could otherwise reach the socket):
-/// why the peer is refused, if its process belongs to a lane. Without a pid, refused too.
-async fn from_a_lane(helper: &Arc<Helper>, peer: &Peer) -> Option<String> {
+/// why the peer is refused, if its process belongs to a lane. The peer's pidfd, taken before the
+/// check, tells whether the process that connected is still the one that was checked: one that
+/// connected and exited (leaving the socket to a child, or its pid to another process) cannot
+/// be judged, and is refused too.
+async fn from_a_lane(helper: &Arc<Helper>, peer: &Peer, stream: &UnixStream) -> Option<String> {
     let Some(pid) = peer.identity.pid else {
         return Some("the peer's pid is unknown (SO_PEERCRED)".to_owned());
     };
+    let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok();
     let lookup = helper.clone();
     let is_lane = tokio::task::spawn_blocking(move || lookup.is_lane_process(pid))
         .await
         .unwrap_or(true);
-    is_lane.then(|| format!("process {pid} belongs to a lane, and lanes never dispatch"))
+    if is_lane {
+        return Some(format!(
+            "process {pid} belongs to a lane, and lanes never dispatch"
+        ));
+    }
+    let gone = match &pidfd {
+        Some(pidfd) => has_exited(pidfd),
+        None => {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH)
+        }
+    };
+    gone.then(|| format!("process {pid} exited before it could be checked; refused"))
+}
+
+/// A pidfd becomes readable when its process exits.
+fn has_exited(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
 }
 
 /// Audited coalesced per uid and kind (see `admission`): a connection that misbehaves or is
@@ -169,7 +193,7 @@ async fn serve_connection(
         audit_violation(&helper, Some(&peer), "client_refused", &detail);
         return;
     }
-    if let Some(detail) = from_a_lane(&helper, &peer).await {
+    if let Some(detail) = from_a_lane(&helper, &peer, &stream).await {
         audit_violation(&helper, Some(&peer), "client_refused", &detail);
         return;
     }

@@ -248,18 +248,25 @@ impl CgroupTree {
         let _ = self.send(Chore::Refill);
     }
 
-    /// Whether process `pid` is in one of the lanes' cgroups (read from cgroupfs, which
-    /// `ProtectProc=` does not hide).
+    /// Whether process `pid` is in one of the lanes' cgroups, at any depth (a lane whose cgroup
+    /// is its own user's, in unprivileged mode, could make sub-cgroups). Read from cgroupfs,
+    /// which `ProtectProc=` does not hide. Unreadable counts as yes.
     pub fn holds_process(&self, pid: i32) -> bool {
-        let wanted = pid.to_string();
-        let Ok(entries) = fs::read_dir(&self.lanes) else {
-            // Unreadable: assume the worst.
-            return true;
-        };
-        entries.flatten().any(|entry| {
-            fs::read_to_string(entry.path().join("cgroup.procs"))
-                .is_ok_and(|procs| procs.lines().any(|p| p == wanted))
-        })
+        fn walk(dir: &Path, wanted: &str, depth: usize) -> bool {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return true;
+            };
+            entries.flatten().any(|entry| {
+                let path = entry.path();
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    return false;
+                }
+                let here = fs::read_to_string(path.join("cgroup.procs"))
+                    .is_ok_and(|procs| procs.lines().any(|p| p == wanted));
+                here || (depth > 0 && walk(&path, wanted, depth - 1))
+            })
+        }
+        walk(&self.lanes, &pid.to_string(), 8)
     }
 
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed

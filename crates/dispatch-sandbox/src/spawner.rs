@@ -59,11 +59,15 @@ impl Containment {
 
     /// Whether process `pid` belongs to a lane: it is in a lane's cgroup, or, without cgroups,
     /// this process (the helper, a subreaper) is among its ancestors. The helper refuses such
-    /// peers: a lane never dispatches.
+    /// peers: a lane never dispatches. What cannot be told counts as yes.
     pub fn holds_process(&self, pid: i32) -> bool {
+        if pid <= 0 {
+            // Not a process of this pid namespace: nothing can be checked.
+            return true;
+        }
         match &self.tree {
             Some(tree) => tree.holds_process(pid),
-            None => descends_from_this_process(pid),
+            None => descends_from_this_process(pid).unwrap_or(true),
         }
     }
 
@@ -100,25 +104,24 @@ impl Containment {
     }
 }
 
-/// Whether this process is an ancestor of `pid`, by the parent links in /proc. Lanes are
-/// this process's children, and it is their subreaper, so whatever they start stays below it.
-fn descends_from_this_process(pid: i32) -> bool {
+/// Whether this process is an ancestor of `pid`, by the parent links in /proc (`None`: a link
+/// could not be read). Lanes are this process's children, and it is their subreaper, so
+/// whatever they start stays below it.
+fn descends_from_this_process(pid: i32) -> Option<bool> {
     let me = std::process::id() as i32;
     let mut current = pid;
     // Bounded: a chain this deep (or a cycle through a reused pid) ends the walk.
     for _ in 0..256 {
         if current == me {
-            return true;
+            return Some(true);
         }
-        let Some(parent) = parent_of(current) else {
-            return false;
-        };
-        if parent <= 1 {
-            return false;
+        // Checked after the comparison: the helper itself may be pid 1 (a container's init).
+        if current <= 1 {
+            return Some(false);
         }
-        current = parent;
+        current = parent_of(current)?;
     }
-    false
+    None
 }
 
 fn parent_of(pid: i32) -> Option<i32> {
