@@ -72,6 +72,8 @@ install -m 0644 "$here/tmpfiles.conf" "$DESTDIR$SYSCONFDIR/tmpfiles.d/dispatch-m
 # Never overwrite an administrator's configuration.
 for file in helper.toml repos.json; do
     if [ -e "$DESTDIR$confdir/$file" ]; then
+        # Kept, but made root's alone as a fresh install would (earlier versions used 0644).
+        chmod 0600 "$DESTDIR$confdir/$file"
         say "kept existing $confdir/$file"
     else
         sed -e "s|/etc/dispatch-mcp/|$confdir/|g" "$here/$file" > "$DESTDIR$confdir/$file"

@@ -225,6 +225,8 @@ async fn a_lane_cannot_escape() {
         "modify_ldt",
         "netlink_socket",
         "alg_socket",
+        "sctp_socket",
+        "dccp_socket",
         "inet_socketpair",
     ] {
         assert_denied(&checks, name, Some(EPERM));

@@ -276,10 +276,12 @@ fn own_cgroup_dir() -> Option<std::path::PathBuf> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))?
         .trim_start_matches('/');
+    // The hierarchy's root is readable; the lane's own directory may not even be reachable.
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
-        .map(|mount| std::path::Path::new(mount).join(path))
-        .find(|dir| dir.join("cgroup.procs").exists())
+        .map(std::path::Path::new)
+        .find(|mount| mount.join("cgroup.controllers").exists())
+        .map(|mount| mount.join(path))
 }
 
 /// Each way out of (or around) the lane's cgroup; all must fail. Reported as failed with
@@ -649,6 +651,15 @@ fn escape(config: Value) {
             "alg_socket",
             sys(libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0) as i64),
         ));
+        // Internet sockets of kinds and protocols no lane needs (module autoloading).
+        checks.push(report(
+            "sctp_socket",
+            sys(libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) as i64),
+        ));
+        checks.push(report(
+            "dccp_socket",
+            sys(libc::socket(libc::AF_INET6, libc::SOCK_DCCP, libc::IPPROTO_DCCP) as i64),
+        ));
         let mut pair = [0i32; 2];
         checks.push(report(
             "inet_socketpair",
@@ -656,7 +667,7 @@ fn escape(config: Value) {
         ));
         // Whatever these opened (a breach, reported above) must not look like an inherited fd.
         libc::close(pidfd as i32);
-        for check in checks.iter().rev().take(12) {
+        for check in checks.iter().rev().take(14) {
             if check["succeeded"] == true
                 && let Some(fd) = check["value"].as_i64().filter(|&fd| fd > 2)
             {

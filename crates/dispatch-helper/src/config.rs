@@ -242,6 +242,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         check_strict_modes(template.program())?;
     }
     let mut warnings = loaded.warnings;
+    refuse_grants_of_own_files(&file, path)?;
     let sandbox = dispatch_sandbox::Sandbox::new(file.sandbox.clone())
         .map_err(|e| ConfigError::Invalid(format!("config {}: sandbox: {e}", path.display())))?;
 
@@ -298,17 +299,6 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
                 }
             }
         }
-        if running_as_root
-            && User::from_name(org.unix_user.as_str())
-                .ok()
-                .flatten()
-                .is_none()
-        {
-            warnings.push(format!(
-                "org {}: unix user {} does not exist; dispatches to it will fail",
-                org.orguser, org.unix_user
-            ));
-        }
     }
     let refused_orgs = if running_as_root {
         crate::lane_users::vet(
@@ -336,6 +326,39 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         sandbox,
         org_client_gids,
     })
+}
+
+/// Lanes must not read the helper's own files: a configuration (such as one kept from before
+/// `/etc` stopped being granted) whose sandbox paths contain the configuration, the allowlist,
+/// the state directory or the audit log is refused, naming both.
+fn refuse_grants_of_own_files(file: &ConfigFile, config_path: &Path) -> Result<(), ConfigError> {
+    let real = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let own = [
+        ("this configuration", real(config_path)),
+        ("the allowlist", real(&file.allowlist)),
+        ("the state directory", real(&file.state_dir)),
+        ("the audit log", real(&file.audit_log)),
+    ];
+    let sandbox = &file.sandbox;
+    let granted = sandbox
+        .read_exec_paths
+        .iter()
+        .chain(&sandbox.read_paths)
+        .chain(&sandbox.read_write_paths)
+        .chain(&sandbox.read_paths_if_present);
+    for grant in granted {
+        let grant_real = real(grant);
+        if let Some((what, path)) = own.iter().find(|(_, path)| path.starts_with(&grant_real)) {
+            return Err(ConfigError::Invalid(format!(
+                "the sandbox grants lanes {}, which contains {what} ({}): lanes must not read \
+                 the helper's files; grant the entries they need instead (see \
+                 read_paths_if_present in the shipped helper.toml)",
+                grant.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn default_forbidden_lane_groups() -> Vec<String> {
@@ -468,6 +491,29 @@ mod tests {
         assert_eq!(file.socket, PathBuf::from("/run/dispatch-mcp/helper.sock"));
         assert_eq!(file.sandbox.tcp_connect_ports, [22, 443]);
         assert!(!file.allow_option_like_tasks);
+        // Its sandbox grants nothing of the helper's own files.
+        refuse_grants_of_own_files(&file, Path::new(DEFAULT_CONFIG)).unwrap();
+    }
+
+    #[test]
+    fn a_sandbox_that_grants_the_helpers_own_files_is_refused() {
+        let mut file: ConfigFile =
+            toml::from_str(include_str!("../../../systemd/helper.toml")).unwrap();
+        // A configuration kept from before /etc stopped being granted.
+        file.sandbox.read_exec_paths.push("/etc".into());
+        let error = refuse_grants_of_own_files(&file, Path::new(DEFAULT_CONFIG))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("grants lanes /etc, which contains this configuration"),
+            "{error}"
+        );
+        file.sandbox.read_exec_paths.pop();
+        file.sandbox.read_write_paths.push("/var/log".into());
+        let error = refuse_grants_of_own_files(&file, Path::new(DEFAULT_CONFIG))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("the audit log"), "{error}");
     }
 
     #[test]

@@ -159,6 +159,11 @@ impl Helper {
         self.spawner.containment().holds_process(pid)
     }
 
+    /// See `LaneSpawner::inherits_exactly`.
+    pub fn spawner_inherits_exactly(&self, sandbox: &dispatch_sandbox::Sandbox) -> bool {
+        self.spawner.inherits_exactly(sandbox)
+    }
+
     /// What contains the lanes, in words.
     pub fn containment(&self) -> String {
         self.spawner.containment().describe()
@@ -1028,9 +1033,13 @@ fn client_may_use(settings: &Settings, org: &OrgPolicy, peer: &Peer) -> bool {
 /// so an org that explicitly names another account cannot be served.
 fn lane_unix_user(settings: &Settings, org: &OrgPolicy) -> Result<String, String> {
     if !settings.unprivileged {
-        if let Some(reason) = settings.refused_orgs.get(org.orguser.as_str()) {
+        // The reason (which may name other orgs and accounts) is the administrator's, in the
+        // log and `dispatch-helper check`; the client learns only that the lane is refused.
+        if settings.refused_orgs.contains_key(org.orguser.as_str()) {
             return Err(format!(
-                "orguser {} cannot run lanes: {reason}",
+                "orguser {} cannot run lanes on this host: its account was refused when the \
+                 helper loaded its configuration (the administrator's `dispatch-helper check` \
+                 says why)",
                 org.orguser
             ));
         }

@@ -28,6 +28,8 @@ pub const DEFAULT_FORBIDDEN_GROUPS: &[&str] = &[
     "shadow",
     "systemd-journal",
     "staff",
+    "ssl-cert",
+    "ssh_keys",
 ];
 
 /// What NSS and the filesystem say about an account.
@@ -38,24 +40,42 @@ pub struct Account {
     pub home: PathBuf,
     /// Owner of the home directory, if it exists.
     pub home_owner: Option<u32>,
-    /// Names of the account's primary and supplementary groups.
+    /// The account's primary and supplementary groups, by name (a gid without one by number).
     pub groups: Vec<String>,
 }
 
 impl Account {
-    /// Look the account up (NSS, stat). `None` if it does not exist.
-    pub fn lookup(name: &str) -> Option<Account> {
-        let user = nix::unistd::User::from_name(name).ok().flatten()?;
-        let cname = std::ffi::CString::new(name).ok()?;
-        let gids = nix::unistd::getgrouplist(&cname, user.gid).unwrap_or_default();
+    /// Look the account up (NSS, stat). Anything that cannot be told is an error, so the
+    /// account is refused rather than trusted.
+    pub fn lookup(name: &str) -> Result<Account, String> {
+        let user = match nix::unistd::User::from_name(name) {
+            Ok(Some(user)) => user,
+            Ok(None) => return Err(format!("unix user {name} does not exist")),
+            Err(error) => return Err(format!("unix user {name} could not be looked up: {error}")),
+        };
+        let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+        let gids = nix::unistd::getgrouplist(&cname, user.gid)
+            .map_err(|e| format!("the groups of unix user {name} could not be listed: {e}"))?;
         let groups = gids
             .into_iter()
             .chain(std::iter::once(user.gid))
-            .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
-            .map(|group| group.name)
+            .map(|gid| match nix::unistd::Group::from_gid(gid) {
+                Ok(Some(group)) => group.name,
+                _ => gid.to_string(),
+            })
             .collect();
-        Some(Account {
-            home_owner: std::fs::metadata(&user.dir).ok().map(|m| m.uid()),
+        let home_owner = match std::fs::metadata(&user.dir) {
+            Ok(meta) => Some(meta.uid()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => {
+                return Err(format!(
+                    "the home {} of unix user {name} cannot be examined: {error}",
+                    user.dir.display()
+                ));
+            }
+        };
+        Ok(Account {
+            home_owner,
             name: user.name,
             uid: user.uid.as_raw(),
             home: user.dir,
@@ -107,31 +127,43 @@ pub fn vet(
     allowlist: &Allowlist,
     forbidden_groups: &[String],
     allow_shared: bool,
-    lookup: impl Fn(&str) -> Option<Account>,
+    lookup: impl Fn(&str) -> Result<Account, String>,
 ) -> BTreeMap<String, String> {
-    let mut orgs_by_account: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for org in allowlist.orgs() {
-        orgs_by_account
-            .entry(org.unix_user.as_str())
-            .or_default()
-            .push(org.orguser.as_str());
-    }
     let mut refused = BTreeMap::new();
-    for (account, orgs) in &orgs_by_account {
-        let reason = if orgs.len() > 1 && !allow_shared {
-            Some(format!(
-                "unix user {account} runs the lanes of {} orgs ({}): each org's allowed_clients \
-                 would apply to the others' lanes; give each its own account, or set \
+    // Shared accounts by uid, not by name: two passwd names can carry one uid.
+    let mut orgs_by_uid: BTreeMap<u32, Vec<(&str, &str)>> = BTreeMap::new();
+    for org in allowlist.orgs() {
+        let (orguser, account) = (org.orguser.as_str(), org.unix_user.as_str());
+        match lookup(account) {
+            Err(reason) => {
+                refused.insert(orguser.to_owned(), reason);
+            }
+            Ok(facts) => match refusal(&facts, forbidden_groups) {
+                Some(reason) => {
+                    refused.insert(orguser.to_owned(), reason);
+                }
+                None => orgs_by_uid
+                    .entry(facts.uid)
+                    .or_default()
+                    .push((orguser, account)),
+            },
+        }
+    }
+    for (uid, orgs) in orgs_by_uid {
+        if orgs.len() > 1 && !allow_shared {
+            let names: Vec<String> = orgs
+                .iter()
+                .map(|(org, user)| format!("{org} ({user})"))
+                .collect();
+            let reason = format!(
+                "uid {uid} runs the lanes of {} orgs: {}; each org's allowed_clients would apply \
+                 to the others' lanes: give each its own account, or set \
                  allow_shared_unix_users = true",
                 orgs.len(),
-                orgs.join(", ")
-            ))
-        } else {
-            lookup(account).and_then(|facts| refusal(&facts, forbidden_groups))
-        };
-        if let Some(reason) = reason {
-            for org in orgs {
-                refused.insert((*org).to_owned(), reason.clone());
+                names.join(", ")
+            );
+            for (org, _) in orgs {
+                refused.insert(org.to_owned(), reason.clone());
             }
         }
     }
@@ -204,13 +236,24 @@ mod tests {
         )
         .unwrap()
         .allowlist;
-        let lookup = |name: &str| Some(account(name, 1000, "/home/x", Some(1000), &[]));
+        let lookup = |name: &str| {
+            let uid = if name == "shared" { 1000 } else { 1001 };
+            Ok(account(name, uid, "/home/x", Some(uid), &[]))
+        };
         let refused = vet(&allowlist, &forbidden(), false, lookup);
         assert_eq!(refused.keys().collect::<Vec<_>>(), ["a", "b"]);
         assert!(
-            refused["a"].contains("runs the lanes of 2 orgs (a, b)"),
+            refused["a"].contains("runs the lanes of 2 orgs: a (shared), b (shared)"),
             "{refused:?}"
         );
         assert!(vet(&allowlist, &forbidden(), true, lookup).is_empty());
+        // Two names, one uid: still shared.
+        let same_uid = |name: &str| Ok(account(name, 1000, "/home/x", Some(1000), &[]));
+        assert_eq!(vet(&allowlist, &forbidden(), false, same_uid).len(), 3);
+        // What cannot be looked up is refused, not trusted.
+        let broken = |name: &str| Err(format!("unix user {name} could not be looked up"));
+        let refused = vet(&allowlist, &forbidden(), false, broken);
+        assert_eq!(refused.len(), 3);
+        assert!(refused["c"].contains("could not be looked up"));
     }
 }

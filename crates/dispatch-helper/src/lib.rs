@@ -397,6 +397,8 @@ fn establish_containment(
             if !swept.is_empty() {
                 tracing::warn!(lanes = ?swept, "killed lanes a previous helper left running");
             }
+            // Only now: the sweep would have removed spares made before it.
+            tree.prefill();
         }
         None if !settings.unprivileged && !sandbox.allow_uncontained => {
             return Err(format!(
@@ -421,7 +423,7 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
                 settings.warnings.len()
             );
             tracing::info!(%detail, "configuration reloaded (socket and state paths keep their old values until restart)");
-            if !helper.settings().sandbox.same_seccomp(&settings.sandbox) {
+            if !helper.spawner_inherits_exactly(&settings.sandbox) {
                 tracing::warn!(
                     "the seccomp policy changed (allow_unix_sockets): lanes run under both the \
                      old and the new filter until the helper restarts, so a stricter one holds \
@@ -454,14 +456,20 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
 /// the same audit log, breaking its chain. Held (and released by the kernel) with the process.
 fn lock_single_instance(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
     use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("helper.lock");
+    // Root's alone (a lock anyone could open, anyone could hold), and never through a link.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&path)
         .map_err(|e| format!("open {}: {e}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("restrict {}: {e}", path.display()))?;
     let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(mut file, errno)| {
             let mut holder = String::new();

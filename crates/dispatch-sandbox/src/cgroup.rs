@@ -157,6 +157,11 @@ impl CgroupTree {
         enable_controllers(&base)?;
         let lanes = base.join("lanes");
         make_dir(&lanes)?;
+        // Root's (or, unprivileged, the user's) alone: nobody else may open it, so nobody else
+        // can take the lock below and keep the helper from starting.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&lanes, fs::Permissions::from_mode(0o700))
+            .map_err(at("restrict", &lanes))?;
         let controllers = enable_controllers(&lanes)?;
         let owner = lock_for_this_helper(&lanes)?;
         if !lanes.join("cgroup.kill").exists() {
@@ -214,6 +219,11 @@ impl CgroupTree {
             .open(&path)
             .map_err(at("open", &path))?;
         Ok(OwnedFd::from(file))
+    }
+
+    /// Have the janitor make the spares now (after the start-up sweep, which would remove them).
+    pub fn prefill(&self) {
+        let _ = self.send(Chore::Refill);
     }
 
     /// A fresh lane cgroup with its limits written, ready for its first process to join.

@@ -80,12 +80,6 @@ impl SharedPaths {
                 rules.push((path.clone(), fd, access));
             }
         }
-        for path in &policy.read_paths_if_present {
-            if path.symlink_metadata().is_ok() {
-                let (fd, access) = open_for_rule(path, read, abi, "read_if_present")?;
-                rules.push((path.clone(), fd, access));
-            }
-        }
         Ok(Some(SharedPaths { abi, rules }))
     }
 }
@@ -171,6 +165,21 @@ pub(crate) fn build(
         grant(&plan.identity.home, read, "home")?;
     }
     grant(&plan.work_dir, read_write, "work_dir")?;
+    // Opened per lane, not once: a rule holds the inode it was opened on, and these files are
+    // replaced by rename all the time (useradd, ldconfig, the resolver, `git config --system`).
+    // One that does not exist now (or is a dangling link) is simply not granted.
+    for path in &policy.read_paths_if_present {
+        if let Ok(fd) = PathFd::new(path) {
+            let is_dir = nix::sys::stat::fstat(&fd)
+                .is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR);
+            let access = if is_dir {
+                read
+            } else {
+                read & AccessFs::from_file(abi)
+            };
+            add(path, &fd, access)?;
+        }
+    }
     if has_net {
         for &port in &policy.tcp_connect_ports {
             (&mut created)

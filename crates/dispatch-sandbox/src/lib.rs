@@ -58,8 +58,9 @@ pub struct SandboxPolicy {
     pub read_exec_paths: Vec<PathBuf>,
     /// Read only, in addition to the org-user's home.
     pub read_paths: Vec<PathBuf>,
-    /// Read only where they exist (what lanes need of `/etc`, which differs between systems).
-    /// Not `/etc` itself: it holds the helper's own configuration and allowlist.
+    /// Read only where they exist (what lanes need of `/etc`, which differs between systems),
+    /// looked up afresh for every lane. Not `/etc` itself: it holds the helper's own
+    /// configuration and allowlist.
     pub read_paths_if_present: Vec<PathBuf>,
     /// Read and write, in addition to the lane work directory and /dev/null.
     pub read_write_paths: Vec<PathBuf>,
@@ -205,6 +206,17 @@ pub const ETC_FOR_LANES: &[&str] = &[
     "/etc/tmux.conf",
     "/etc/alternatives",
     "/etc/mime.types",
+    "/etc/crypto-policies",
+    "/etc/gnutls",
+    "/etc/krb5.conf",
+    "/etc/krb5.conf.d",
+    "/etc/profile",
+    "/etc/profile.d",
+    "/etc/bash.bashrc",
+    "/etc/environment",
+    "/etc/inputrc",
+    "/etc/gitattributes",
+    "/etc/terminfo",
 ];
 
 /// Fixed PATH for lanes: never the helper's own.
@@ -238,13 +250,6 @@ impl Sandbox {
 
     pub(crate) fn seccomp(&self) -> &[seccompiler::BpfProgram] {
         &self.seccomp
-    }
-
-    /// Whether both policies compile to the same seccomp programs. The spawner's threads keep
-    /// the programs they started with (see `LaneSpawner::start`): after a reload that changes
-    /// them, lanes run under both until the helper restarts.
-    pub fn same_seccomp(&self, other: &Sandbox) -> bool {
-        self.seccomp == other.seccomp
     }
 
     /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.

@@ -28,6 +28,10 @@ const SYS_LSM_GET_SELF_ATTR: i64 = 459;
 const SYS_LSM_SET_SELF_ATTR: i64 = 460;
 const SYS_LSM_LIST_MODULES: i64 = 461;
 const SYS_OPEN_TREE_ATTR: i64 = 467;
+/// Protocols and a socket type the libc crate does not name (or only as deprecated).
+const IPPROTO_L2TP: i32 = 115;
+const IPPROTO_SMC: i32 = 256;
+const SOCK_PACKET: i32 = 10;
 
 /// Syscalls no lane has a reason to make: debugging other processes, kernel attack surface,
 /// namespaces and mounts (sandbox escapes), keys, and host-wide settings. Checked against the
@@ -176,7 +180,34 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
         .iter()
         .map(|&family| cond(0, Len::Dword, Op::Ne, family as u64))
         .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_socket, vec![rule(not_allowed)?]);
+    let mut socket_rules = vec![rule(not_allowed)?];
+    // Within the Internet families, only the stream and datagram sockets ssh, git and the
+    // resolver use: raw, reliable-datagram, seqpacket (SCTP), DCCP and packet sockets, and the
+    // protocols that load rarely used kernel modules, are refused.
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for kind in [
+            libc::SOCK_RAW,
+            libc::SOCK_RDM,
+            libc::SOCK_SEQPACKET,
+            libc::SOCK_DCCP,
+            SOCK_PACKET,
+        ] {
+            socket_rules.push(rule(vec![
+                cond(0, Len::Dword, Op::Eq, family as u64)?,
+                cond(1, Len::Dword, Op::MaskedEq(0xf), kind as u64)?,
+            ])?);
+        }
+    }
+    for protocol in [
+        libc::IPPROTO_DCCP,
+        IPPROTO_L2TP,
+        libc::IPPROTO_SCTP,
+        IPPROTO_SMC,
+        libc::IPPROTO_MPTCP,
+    ] {
+        socket_rules.push(rule(vec![cond(2, Len::Dword, Op::Eq, protocol as u64)?])?);
+    }
+    rules.insert(libc::SYS_socket, socket_rules);
     // A connected pair reaches nothing outside the lane: only AF_UNIX, always.
     rules.insert(
         libc::SYS_socketpair,

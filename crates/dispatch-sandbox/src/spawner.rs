@@ -430,6 +430,8 @@ type Reply = mpsc::SyncSender<Result<SpawnedLane, SandboxError>>;
 pub struct LaneSpawner {
     requests: Mutex<mpsc::Sender<(PreparedLane, Reply)>>,
     containment: Arc<Containment>,
+    /// The seccomp programs the spawner threads run under (and every lane inherits).
+    programs: Arc<Vec<seccompiler::BpfProgram>>,
 }
 
 impl LaneSpawner {
@@ -501,7 +503,14 @@ impl LaneSpawner {
         Ok(LaneSpawner {
             requests: Mutex::new(tx),
             containment,
+            programs,
         })
+    }
+
+    /// Whether lanes of `sandbox`'s policy run under exactly the spawner threads' programs (if
+    /// not, after a reload, they run under both until the helper restarts).
+    pub fn inherits_exactly(&self, sandbox: &Sandbox) -> bool {
+        self.programs.as_slice() == sandbox.seccomp()
     }
 
     pub fn containment(&self) -> &Containment {
