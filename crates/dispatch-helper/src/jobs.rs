@@ -1061,7 +1061,6 @@ fn new_handle() -> Handle {
     Handle::parse(&format!("d-{}", crate::audit::hex(&bytes))).expect("hex handles are valid names")
 }
 
-/// Start time of a process, from /proc/<pid>/stat (field 22), to recognise it later.
 /// What the sandbox enforces on a lane, with the helper's own wall-clock limit beside the rest.
 fn sandbox_report(
     enforcement: &dispatch_sandbox::Enforcement,
@@ -1098,6 +1097,7 @@ fn sandbox_report(
     }
 }
 
+/// Start time of a process, from /proc/<pid>/stat (field 22), to recognise it later.
 fn process_start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after the last ')'.

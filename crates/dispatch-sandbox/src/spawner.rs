@@ -472,24 +472,12 @@ impl LaneSpawner {
             std::thread::Builder::new()
                 .name(format!("lane-spawner-{index}"))
                 .spawn(move || {
-                    // Fail closed: a thread that cannot restrict itself spawns nothing.
-                    let restricted = child::restrict_spawner_thread(&programs);
-                    let failed = restricted.is_err();
-                    let _ = ready.send(restricted);
-                    if failed {
-                        return;
-                    }
-                    loop {
-                        // The lock is held only while waiting for the next request.
-                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((lane, reply)) = next else { return };
-                        let context = SpawnContext {
-                            registry: &registry,
-                            containment: &containment,
-                            inherited_seccomp: &programs,
-                        };
-                        let _ = reply.send(spawn_now(lane, &mut stack, &context));
-                    }
+                    let context = SpawnContext {
+                        registry: &registry,
+                        containment: &containment,
+                        inherited_seccomp: &programs,
+                    };
+                    spawner_thread(&rx, &mut stack, &context, ready);
                 })?;
             started
                 .recv()
@@ -599,9 +587,28 @@ fn lane_cgroup(
     Ok(Some(tree.create_lane(&values)?))
 }
 
-/// Start one lane: set-up in the helper (stdio, cgroup, credentials check, reaper), the child's
-/// fixed sequence, then either a tracked lane or a failure naming its step, with nothing left
-/// behind.
+/// A spawner thread's life: put itself under the lanes' seccomp programs (reporting whether it
+/// could: one that cannot spawns nothing), then serve spawn requests until the spawner is gone.
+fn spawner_thread(
+    requests: &Mutex<mpsc::Receiver<(PreparedLane, Reply)>>,
+    stack: &mut ChildStack,
+    context: &SpawnContext<'_>,
+    ready: mpsc::SyncSender<io::Result<()>>,
+) {
+    let restricted = child::restrict_spawner_thread(context.inherited_seccomp);
+    let failed = restricted.is_err();
+    let _ = ready.send(restricted);
+    if failed {
+        return;
+    }
+    loop {
+        // The lock is held only while waiting for the next request.
+        let next = requests.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok((lane, reply)) = next else { return };
+        let _ = reply.send(spawn_now(lane, stack, context));
+    }
+}
+
 /// What a spawner thread lends each spawn.
 struct SpawnContext<'a> {
     registry: &'a Arc<Registry>,
@@ -610,6 +617,9 @@ struct SpawnContext<'a> {
     inherited_seccomp: &'a [seccompiler::BpfProgram],
 }
 
+/// Start one lane: set-up in the helper (stdio, cgroup, credentials check, reaper), the child's
+/// fixed sequence, then either a tracked lane or a failure naming its step, with nothing left
+/// behind.
 fn spawn_now(
     mut lane: PreparedLane,
     stack: &mut ChildStack,
