@@ -18,6 +18,37 @@ use std::path::{Path, PathBuf};
 pub(crate) struct SharedPaths {
     abi: ABI,
     rules: Vec<(PathBuf, PathFd, BitFlags<AccessFs>)>,
+    /// `read_paths_if_present`, as last opened: each is checked against the path (one `stat`)
+    /// for every lane and opened again if the path now names another file (see [`build`]).
+    if_present: std::sync::Mutex<Vec<IfPresent>>,
+}
+
+struct IfPresent {
+    path: PathBuf,
+    /// The open file and its identity (device, inode), or nothing while the path names none.
+    opened: Option<(PathFd, (u64, u64), BitFlags<AccessFs>)>,
+}
+
+impl IfPresent {
+    /// Bring the opened file in line with what the path names now.
+    fn refresh(&mut self, read: BitFlags<AccessFs>, abi: ABI) {
+        let now = nix::sys::stat::stat(&self.path).ok();
+        let current = now.map(|stat| (stat.st_dev, stat.st_ino));
+        let same = matches!((&self.opened, current), (Some((_, id, _)), Some(now)) if *id == now);
+        if !same {
+            self.opened = current.and_then(|_| {
+                let fd = PathFd::new(&self.path).ok()?;
+                let stat = nix::sys::stat::fstat(&fd).ok()?;
+                let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                let access = if is_dir {
+                    read
+                } else {
+                    read & AccessFs::from_file(abi)
+                };
+                Some((fd, (stat.st_dev, stat.st_ino), access))
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for SharedPaths {
@@ -80,7 +111,19 @@ impl SharedPaths {
                 rules.push((path.clone(), fd, access));
             }
         }
-        Ok(Some(SharedPaths { abi, rules }))
+        let if_present = policy
+            .read_paths_if_present
+            .iter()
+            .map(|path| IfPresent {
+                path: path.clone(),
+                opened: None,
+            })
+            .collect();
+        Ok(Some(SharedPaths {
+            abi,
+            rules,
+            if_present: std::sync::Mutex::new(if_present),
+        }))
     }
 }
 
@@ -165,21 +208,17 @@ pub(crate) fn build(
         grant(&plan.identity.home, read, "home")?;
     }
     grant(&plan.work_dir, read_write, "work_dir")?;
-    // Opened per lane, not once: a rule holds the inode it was opened on, and these files are
-    // replaced by rename all the time (useradd, ldconfig, the resolver, `git config --system`).
-    // One that does not exist now (or is a dangling link) is simply not granted.
-    for path in &policy.read_paths_if_present {
-        if let Ok(fd) = PathFd::new(path) {
-            let is_dir = nix::sys::stat::fstat(&fd)
-                .is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR);
-            let access = if is_dir {
-                read
-            } else {
-                read & AccessFs::from_file(abi)
-            };
-            add(path, &fd, access)?;
+    // Checked for every lane, not once: a rule holds the inode it was opened on, and these
+    // files are replaced by rename all the time (useradd, ldconfig, the resolver, `git config
+    // --system`). One that does not exist now (or is a dangling link) is simply not granted.
+    let mut if_present = shared.if_present.lock().unwrap_or_else(|p| p.into_inner());
+    for entry in if_present.iter_mut() {
+        entry.refresh(read, abi);
+        if let Some((fd, _, access)) = &entry.opened {
+            add(&entry.path, fd, *access)?;
         }
     }
+    drop(if_present);
     if has_net {
         for &port in &policy.tcp_connect_ports {
             (&mut created)

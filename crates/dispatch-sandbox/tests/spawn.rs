@@ -232,6 +232,67 @@ fn a_lane_runs_under_its_own_seccomp_policy_even_after_a_reload() {
 }
 
 #[test]
+fn a_granted_etc_file_replaced_by_rename_stays_readable_and_a_new_one_becomes_so() {
+    if !ensure_user(USER) {
+        return;
+    }
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        etc.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let passwd = etc.path().join("passwd");
+    let later = etc.path().join("gitconfig");
+    std::fs::write(&passwd, "first\n").unwrap();
+    let policy = SandboxPolicy {
+        read_paths_if_present: vec![passwd.clone(), later.clone()],
+        ..SandboxPolicy::default()
+    };
+    // One sandbox for every lane, as the helper holds it.
+    let sandbox = dispatch_sandbox::Sandbox::new(policy).unwrap();
+    let spawner = LaneSpawner::start(1, Containment::none("test"), &sandbox).unwrap();
+    let identity = resolve_identity(USER).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    nix::unistd::chown(
+        work.path(),
+        Some(identity.uid.into()),
+        Some(identity.gid.into()),
+    )
+    .unwrap();
+    let run = |script: String| {
+        let plan = LanePlan {
+            identity: identity.clone(),
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            work_dir: work.path().to_owned(),
+            change_uid: true,
+        };
+        let mut lane = spawner.spawn(sandbox.prepare(plan).unwrap()).unwrap();
+        let mut out = String::new();
+        lane.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        (lane.wait().unwrap().status.success(), out)
+    };
+    let cat = format!("cat {} {}", passwd.display(), later.display());
+    let (_, out) = run(cat.clone());
+    assert_eq!(out, "first\n", "only the file that exists is granted");
+    // Replaced by rename (as useradd does), and the other one created.
+    let fresh = etc.path().join("passwd.new");
+    std::fs::write(&fresh, "second\n").unwrap();
+    std::fs::rename(&fresh, &passwd).unwrap();
+    std::fs::write(&later, "[user]\n").unwrap();
+    for path in [&passwd, &later] {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+    }
+    let (ok, out) = run(cat);
+    assert!(ok && out == "second\n[user]\n", "{out:?}");
+}
+
+#[test]
 fn write_outside_the_work_dir_is_denied_by_landlock() {
     if !ensure_user(USER) {
         return;
