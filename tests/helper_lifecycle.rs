@@ -885,17 +885,21 @@ fn a_dispatch_program_others_can_change_is_refused_at_load() {
 #[tokio::test]
 async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
     let options = HelperOptions {
-        extra_toml: "[limits]\nmax_running_jobs_per_client = 1\nmax_connections_per_client = 2\nmax_finished_jobs_per_client = 2\n".into(),
+        extra_toml: "[limits]\nmax_running_jobs_per_client = 1\nmax_queued_per_client = 1\nmax_connections_per_client = 2\nmax_finished_jobs_per_client = 2\n".into(),
         ..Default::default()
     };
     let Some(helper) = start_helper("per-client limits", options) else {
         return;
     };
-    // Running lanes.
+    // Running lanes: one runs, the next waits for its slot, the one after that is refused.
     let mut client = helper.client().await;
     let first = client
         .dispatch_ok("alice-org", "alice-repo", "sleep:30")
         .await;
+    let waiting = client
+        .dispatch_ok("alice-org", "alice-repo", "sleep:30")
+        .await;
+    assert_eq!(waiting.state, JobState::Queued, "{waiting:?}");
     let error = client
         .error(Request::Dispatch(DispatchRequest {
             orguser: "alice-org".into(),
@@ -908,13 +912,34 @@ async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
     assert!(
         error
             .message
-            .contains("already has 1 running dispatches (the per-client limit)"),
+            .contains("this client has 1 running (its limit)")
+            && error.message.contains("its share of the queue"),
         "{}",
         error.message
     );
+    // The slot frees: the waiting one starts.
     client
         .request(Request::Cancel {
             handle: first.handle.clone(),
+        })
+        .await;
+    wait_until_async(
+        "the queued dispatch to start",
+        Duration::from_secs(10),
+        || {
+            helper.audited("dispatch_accepted").len() >= 2
+                && std::fs::read_to_string(
+                    helper.state.join(format!("jobs/{}.json", waiting.handle)),
+                )
+                .ok()
+                .and_then(|record| serde_json::from_str::<serde_json::Value>(&record).ok())
+                .is_some_and(|record| record["state"] == "Running")
+        },
+    )
+    .await;
+    client
+        .request(Request::Cancel {
+            handle: waiting.handle.clone(),
         })
         .await;
 
@@ -950,8 +975,9 @@ async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
         let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
         client.result(&job.handle, 20_000).await;
     }
+    // Five finished (two cancelled above, three here): the three oldest go.
     wait_until("pruning", Duration::from_secs(5), || {
-        helper.audited("pruned").len() >= 2
+        helper.audited("pruned").len() >= 3
     });
     assert_eq!(client.total(None).await, 2);
     let error = client
@@ -1078,4 +1104,66 @@ async fn a_job_record_that_cannot_be_saved_refuses_the_dispatch_and_nothing_runs
                 .contains("could not be saved")
         })
     });
+}
+
+#[tokio::test]
+async fn dispatches_past_the_caps_wait_in_line_survive_a_restart_and_can_be_cancelled() {
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs = 1\n".into(),
+        ..Default::default()
+    };
+    let Some(mut helper) = start_helper("queue", options) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let running = client
+        .dispatch_ok("alice-org", "alice-repo", "sleep:60")
+        .await;
+    assert_eq!(running.state, JobState::Running);
+    let mut waiting = Vec::new();
+    for task in ["exit:0", "exit:3", "exit:0"] {
+        let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
+        assert_eq!(job.state, JobState::Queued, "{job:?}");
+        assert!(
+            job.detail.contains("waiting for a lane slot"),
+            "{}",
+            job.detail
+        );
+        waiting.push(job.handle);
+    }
+    // Cancelled while it waits: it never runs.
+    match client
+        .request(Request::Cancel {
+            handle: waiting[1].clone(),
+        })
+        .await
+    {
+        Response::Job(job) => {
+            assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+            assert!(job.detail.contains("never ran"), "{}", job.detail);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The helper dies with one running and two waiting: the running one is lost, the waiting
+    // ones are not, and start (in order) once it is back.
+    drop(client);
+    helper.kill9();
+    helper.launch();
+    let mut client = helper.client().await;
+    assert_eq!(
+        client.result(&running.handle, 0).await.state,
+        JobState::Lost
+    );
+    for handle in [&waiting[0], &waiting[2]] {
+        let done = client.result(handle, 20_000).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert!(done.started_at.is_some());
+    }
+    let first = client.result(&waiting[0], 0).await.started_at.unwrap();
+    let third = client.result(&waiting[2], 0).await.started_at.unwrap();
+    assert!(first <= third, "first in, first out: {first} vs {third}");
+    assert_eq!(
+        client.result(&waiting[1], 0).await.state,
+        JobState::Cancelled
+    );
 }

@@ -145,7 +145,7 @@ pub struct DispatchOutput {
     pub repo: String,
     /// `owner/repo` on GitHub.
     pub github: String,
-    /// running, succeeded, failed, timed_out, cancelled or lost.
+    /// queued, running, succeeded, failed, timed_out, cancelled or lost.
     pub status: String,
     /// RFC 3339 UTC.
     pub requested_at: String,

@@ -88,6 +88,12 @@ pub struct LimitsConfig {
     pub max_running_jobs: usize,
     /// Per client uid, so one client cannot take every slot.
     pub max_running_jobs_per_client: usize,
+    /// Per lane (org-user and repo), as a dispatcher of one repo would allow.
+    pub max_running_jobs_per_lane: usize,
+    /// Dispatches that wait for a slot when the caps above are reached, per client and in all;
+    /// past these a dispatch is refused.
+    pub max_queued_per_client: usize,
+    pub max_queued: usize,
     pub max_connections_per_client: usize,
     /// Older finished records of a client are pruned beyond this many (audited).
     pub max_finished_jobs_per_client: usize,
@@ -104,6 +110,9 @@ impl Default for LimitsConfig {
             idle_timeout_seconds: 300,
             max_running_jobs: 32,
             max_running_jobs_per_client: 8,
+            max_running_jobs_per_lane: 8,
+            max_queued_per_client: 64,
+            max_queued: 1024,
             max_connections_per_client: 16,
             max_finished_jobs_per_client: 1000,
             output_tail_bytes: 16 * 1024,

@@ -52,6 +52,8 @@ impl Peer {
 
 use crate::lane::{self, StopReason};
 
+mod start;
+
 struct Decision {
     argv: Vec<String>,
     github: String,
@@ -61,10 +63,14 @@ struct Decision {
     work_dir: std::path::PathBuf,
 }
 
+/// Running lanes (in all, per client uid, per lane) and the dispatches waiting for one, under
+/// one lock: a slot that frees is never missed by a dispatch about to queue.
 #[derive(Default)]
 struct Capacity {
     total: usize,
     by_uid: HashMap<u32, usize>,
+    by_lane: HashMap<String, usize>,
+    queue: crate::queue::Queue,
 }
 
 /// One open connection of a client; frees its place when dropped.
@@ -89,8 +95,17 @@ struct JobEntry {
     /// Terminal records drop their output tails here; `result` reads them from disk.
     record: JobRecord,
     finished: watch::Sender<bool>,
+    /// Stops the job's lane; given to a job from its acceptance, so a cancel that comes while
+    /// it waits or starts is not lost.
     stop: Option<mpsc::UnboundedSender<StopReason>>,
+    /// The other end, until the lane's supervisor takes it.
+    stop_receiver: Option<mpsc::UnboundedReceiver<StopReason>>,
 }
+
+type StopChannel = (
+    mpsc::UnboundedSender<StopReason>,
+    mpsc::UnboundedReceiver<StopReason>,
+);
 
 pub struct Helper {
     settings: RwLock<Arc<Settings>>,
@@ -214,15 +229,35 @@ impl Helper {
             }
             record.job.stdout = None;
             record.job.stderr = None;
-            let (finished, _) = watch::channel(true);
+            let (finished, _) = watch::channel(record.job.state.is_terminal());
             jobs.insert(
                 record.job.handle.clone(),
                 JobEntry {
                     record,
                     finished,
                     stop: None,
+                    stop_receiver: None,
                 },
             );
+        }
+        // What waited for a slot waits again, oldest first (not bounded: it was all accepted).
+        let mut queued: Vec<&JobRecord> = jobs
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| r.job.state == JobState::Queued)
+            .collect();
+        queued.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
+        {
+            let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+            for record in queued {
+                let waiting = crate::queue::Waiting {
+                    handle: record.job.handle.clone(),
+                    lane: lane_key(&record.job),
+                };
+                let _ = capacity
+                    .queue
+                    .push(record.owner_uid, waiting, usize::MAX, usize::MAX);
+            }
         }
         *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;
         Ok(warnings)
@@ -245,218 +280,6 @@ impl Helper {
                 })
             })
             .collect()
-    }
-
-    pub async fn dispatch(
-        self: &Arc<Self>,
-        peer: &Peer,
-        request: DispatchRequest,
-    ) -> Result<JobView, ErrorReply> {
-        let settings = self.settings();
-        let rejected = |reason: &ErrorReply| AuditEvent {
-            event: "dispatch_rejected",
-            peer: Some(peer.identity),
-            claimed_client: peer.claimed_client.clone(),
-            orguser: Some(dispatch_policy::escape_value(&request.orguser)),
-            repo: Some(dispatch_policy::escape_value(&request.repo)),
-            task_sha256: Some(sha256_hex(&request.task)),
-            outcome: "rejected".into(),
-            detail: Some(reason.message.clone()),
-            ..Default::default()
-        };
-        let handle = new_handle();
-        // Validation asks NSS (users, groups) and preparation opens paths for Landlock: both
-        // block, so neither runs on a runtime worker.
-        let work = {
-            let (settings, peer, request, handle) = (
-                settings.clone(),
-                peer.clone(),
-                request.clone(),
-                handle.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                let decision = Self::decide(&settings, &peer, &request, &handle)?;
-                let plan = LanePlan {
-                    identity: decision.identity.clone(),
-                    argv: decision.argv.clone(),
-                    work_dir: decision.work_dir.clone(),
-                    change_uid: !settings.unprivileged,
-                };
-                let prepared = settings.sandbox.prepare(plan).map_err(|error| {
-                    reply(
-                        ErrorKind::SpawnFailed,
-                        format!("sandbox preparation failed, nothing ran: {error}"),
-                    )
-                })?;
-                Ok((decision, prepared))
-            })
-            .await
-            .unwrap_or_else(|join| {
-                Err(reply(
-                    ErrorKind::Internal,
-                    format!("validation failed: {join}"),
-                ))
-            })
-        };
-        let (decision, prepared) = match work {
-            Ok(done) => done,
-            Err(reason) => {
-                if let Err(audit_error) = self.audit.append(rejected(&reason)).await {
-                    tracing::error!(%audit_error, "could not audit a rejected dispatch");
-                }
-                return Err(reason);
-            }
-        };
-        let Decision {
-            argv,
-            github: target_github,
-            task,
-            unix_user,
-            ..
-        } = decision;
-        let enforcement = prepared.enforcement().clone();
-        let mut record = JobRecord {
-            owner_uid: peer.identity.uid,
-            claimed_client: peer.claimed_client.clone(),
-            pgid: None,
-            pgid_start_ticks: None,
-            job: JobView {
-                handle: handle.to_string(),
-                orguser: request.orguser.clone(),
-                repo: request.repo.clone(),
-                github: target_github,
-                unix_user,
-                description: request.description.clone().filter(|d| !d.trim().is_empty()),
-                task_preview: task.preview(),
-                task_sha256: sha256_hex(task.as_str()),
-                argv: Some(argv),
-                state: JobState::Running,
-                requested_at: now_rfc3339(),
-                started_at: None,
-                finished_at: None,
-                exit_code: None,
-                signal: None,
-                detail: "running".into(),
-                stdout: None,
-                stderr: None,
-                sandbox: Some(sandbox_report(&enforcement, &settings)),
-                usage: None,
-                stopped_by: None,
-            },
-        };
-
-        // Capacity is claimed before the audit record so a refused dispatch is never "accepted".
-        let claimed = if self.draining.load(Ordering::SeqCst) {
-            Err("the helper is shutting down; retry once it is back".to_owned())
-        } else {
-            self.claim(peer.identity.uid, &settings.file.limits)
-        };
-        if let Err(why) = claimed {
-            let reason = reply(ErrorKind::Busy, why);
-            let _ = self.audit.append(rejected(&reason)).await;
-            return Err(reason);
-        }
-
-        // The accepted record is durable before anything runs: no audit, no lane.
-        let accepted = AuditEvent {
-            event: "dispatch_accepted",
-            peer: Some(peer.identity),
-            claimed_client: peer.claimed_client.clone(),
-            handle: Some(record.job.handle.clone()),
-            orguser: Some(record.job.orguser.clone()),
-            repo: Some(record.job.repo.clone()),
-            github: Some(record.job.github.clone()),
-            unix_user: Some(record.job.unix_user.clone()),
-            task_preview: Some(record.job.task_preview.clone()),
-            task_sha256: Some(record.job.task_sha256.clone()),
-            argv: record.job.argv.clone(),
-            outcome: "accepted".into(),
-            detail: Some(format!(
-                "sandbox: uid {} gid {}, landlock {}, seccomp on",
-                enforcement.uid, enforcement.gid, enforcement.landlock
-            )),
-        };
-        if let Err(error) = self.audit.append(accepted).await {
-            self.release(peer.identity.uid);
-            tracing::error!(%error, "audit write failed; dispatch refused");
-            return Err(reply(
-                ErrorKind::AuditUnavailable,
-                format!("the audit log could not be written, so nothing ran: {error}"),
-            ));
-        }
-
-        if let Err(refusal) = self
-            .record_before_start(&mut record, peer.identity.uid)
-            .await
-        {
-            self.insert(record, None);
-            return Err(refusal);
-        }
-        let spawner = self.spawner.clone();
-        let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
-            .await
-            .unwrap_or_else(|_| Err(dispatch_sandbox::SandboxError::SpawnerGone));
-        let lane = match spawned {
-            Ok(lane) => lane,
-            Err(error) => {
-                self.release(peer.identity.uid);
-                record.job.state = JobState::Failed;
-                record.job.finished_at = Some(now_rfc3339());
-                record.job.detail = format!("the lane did not start: {error}");
-                let message = format!(
-                    "dispatch {} failed before the lane ran: {error}",
-                    record.job.handle
-                );
-                self.persist_and_audit_finish(&record, "spawn_failed").await;
-                self.insert(record, None);
-                return Err(reply(ErrorKind::SpawnFailed, message));
-            }
-        };
-        record.job.started_at = Some(now_rfc3339());
-        record.job.sandbox = Some(sandbox_report(&lane.enforcement, &settings));
-        record.pgid = Some(lane.process_group());
-        record.pgid_start_ticks = process_start_ticks(lane.process_group());
-        if let Err(error) = self.store.save_async(&record).await {
-            tracing::error!(%error, handle = %record.job.handle, "could not persist a started job");
-        }
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let view = record.view(Detail::Summary);
-        self.insert(record, Some(stop_tx));
-        let helper = self.clone();
-        let owner_uid = peer.identity.uid;
-        tokio::spawn(async move {
-            helper
-                .supervise(handle.to_string(), owner_uid, lane, stop_rx)
-                .await
-        });
-        tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
-        Ok(view)
-    }
-
-    /// The job's record is durable before its lane may start: a helper that dies after the
-    /// spawn finds it at its next start and marks it lost. If it cannot be saved, nothing runs,
-    /// and the audit log says so after the `dispatch_accepted` record.
-    async fn record_before_start(
-        &self,
-        record: &mut JobRecord,
-        uid: u32,
-    ) -> Result<(), ErrorReply> {
-        let Err(error) = self.store.save_async(record).await else {
-            return Ok(());
-        };
-        self.release(uid);
-        record.job.state = JobState::Failed;
-        record.job.finished_at = Some(now_rfc3339());
-        record.job.detail =
-            format!("the job's record could not be saved, so its lane was not started: {error}");
-        self.persist_and_audit_finish(record, "spawn_failed").await;
-        Err(reply(
-            ErrorKind::Internal,
-            format!(
-                "dispatch {} refused: {}",
-                record.job.handle, record.job.detail
-            ),
-        ))
     }
 
     /// Validate and resolve a request against the helper's own settings. Blocking (NSS
@@ -524,16 +347,95 @@ impl Helper {
         })
     }
 
-    fn insert(&self, record: JobRecord, stop: Option<mpsc::UnboundedSender<StopReason>>) {
+    /// A job about to start, with the sender that stops it: its entry is updated in place (so
+    /// waiters on a queued job keep waiting), or made.
+    fn enter_starting(&self, record: JobRecord, stop: mpsc::UnboundedSender<StopReason>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        match jobs.get_mut(&record.job.handle) {
+            Some(entry) => {
+                entry.record = record;
+                entry.stop = Some(stop);
+            }
+            None => {
+                let (finished, _) = watch::channel(false);
+                jobs.insert(
+                    record.job.handle.clone(),
+                    JobEntry {
+                        record,
+                        finished,
+                        stop: Some(stop),
+                        stop_receiver: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The running record of a job already in the table (its stop channel stays).
+    fn update_entry(&self, record: JobRecord) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = jobs.get_mut(&record.job.handle) {
+            entry.record = record;
+        }
+    }
+
+    /// A finished job that may or may not be in the table yet.
+    fn finish_or_insert(&self, record: JobRecord) {
+        let known = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&record.job.handle);
+        if known {
+            self.finish_entry(record);
+        } else {
+            self.insert(record, None);
+        }
+    }
+
+    /// A job that ended without a lane (a queued one cancelled or refused at its turn): its
+    /// entry takes the final record, and waiters for its result are woken.
+    fn finish_entry(&self, mut record: JobRecord) {
+        record.job.stdout = None;
+        record.job.stderr = None;
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = jobs.get_mut(&record.job.handle) {
+            entry.record = record;
+            entry.stop = None;
+            let _ = entry.finished.send(true);
+        }
+    }
+
+    /// Enter a job in the table: a finished one, or (with its stop channel) one that waits or
+    /// runs.
+    fn insert(&self, record: JobRecord, stop: Option<StopChannel>) {
         let (finished, _) = watch::channel(record.job.state.is_terminal());
+        let (stop, stop_receiver) = match stop {
+            Some((sender, receiver)) => (Some(sender), Some(receiver)),
+            None => (None, None),
+        };
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
             record.job.handle.clone(),
             JobEntry {
                 record,
                 finished,
                 stop,
+                stop_receiver,
             },
         );
+    }
+
+    /// The stop channel of a job about to start: the one it was given when it was queued, or a
+    /// new one. Its sender stays in the table, so a cancel reaches the lane from now on.
+    fn stop_channel_for(&self, record: &JobRecord) -> StopChannel {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = jobs.get_mut(&record.job.handle);
+        if let Some(entry) = entry
+            && let (Some(sender), Some(receiver)) = (entry.stop.clone(), entry.stop_receiver.take())
+        {
+            return (sender, receiver);
+        }
+        mpsc::unbounded_channel()
     }
 
     async fn supervise(
@@ -562,7 +464,9 @@ impl Helper {
         // Ends everything the lane left running (its cgroup, its group), reaps it, and counts.
         let ended = tokio::task::spawn_blocking(move || lane.wait()).await;
         // The lane's capacity is free as soon as its processes are gone.
-        self.release(owner_uid);
+        if let Some(record) = self.record(&handle) {
+            self.release(owner_uid, &lane_key(&record.job));
+        }
         let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
             let mut task = task?;
             // A process outside any cgroup can hold the pipe open forever: bounded wait.
@@ -748,6 +652,9 @@ impl Helper {
         if record.job.state.is_terminal() {
             return Ok(record.view(Detail::Summary));
         }
+        if record.job.state == JobState::Queued && self.cancel_queued(handle).await {
+            return Ok(self.owned(peer, handle)?.view(Detail::Summary));
+        }
         let (stop, receiver) = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let entry = jobs.get(handle).ok_or_else(|| unknown_handle(handle))?;
@@ -812,37 +719,6 @@ impl Helper {
             })
             .await;
         Ok(handle.to_owned())
-    }
-
-    fn claim(&self, uid: u32, limits: &crate::config::LimitsConfig) -> Result<(), String> {
-        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-        if capacity.total >= limits.max_running_jobs {
-            return Err(format!(
-                "{} lanes are already running (the limit); try again later",
-                limits.max_running_jobs
-            ));
-        }
-        let mine = capacity.by_uid.get(&uid).copied().unwrap_or(0);
-        if mine >= limits.max_running_jobs_per_client {
-            return Err(format!(
-                "this client already has {mine} running dispatches (the per-client limit); \
-                 wait for one to finish or cancel one"
-            ));
-        }
-        capacity.total += 1;
-        *capacity.by_uid.entry(uid).or_default() += 1;
-        Ok(())
-    }
-
-    fn release(&self, uid: u32) {
-        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-        capacity.total = capacity.total.saturating_sub(1);
-        if let Some(mine) = capacity.by_uid.get_mut(&uid) {
-            *mine = mine.saturating_sub(1);
-            if *mine == 0 {
-                capacity.by_uid.remove(&uid);
-            }
-        }
     }
 
     /// A connection slot for `uid`, or None if it already holds `max` connections.
@@ -1098,6 +974,11 @@ fn sandbox_report(
 }
 
 /// Start time of a process, from /proc/<pid>/stat (field 22), to recognise it later.
+/// The lane a job runs in, for the per-lane cap.
+fn lane_key(job: &JobView) -> String {
+    format!("{}/{}", job.orguser, job.repo)
+}
+
 fn process_start_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after the last ')'.

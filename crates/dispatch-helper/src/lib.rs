@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod lane;
 pub mod lane_users;
 pub mod output;
+pub mod queue;
 pub mod server;
 pub mod store;
 
@@ -328,6 +329,8 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     for warning in warnings {
         tracing::warn!(%warning, "job store");
     }
+    // Dispatches that were waiting for a slot when the last helper stopped start now.
+    helper.start_queued();
     if let Some(note) = audit_repair {
         tracing::warn!(%note, "audit log repaired");
         helper

@@ -21,6 +21,15 @@ pub struct JobRecord {
     /// /proc), so a stale group is only ever signalled if it is still the same process.
     pub pgid: Option<i32>,
     pub pgid_start_ticks: Option<u64>,
+    /// While queued: the request in full, to be validated again and started when a slot
+    /// frees (the helper's own state, root-only like the rest of this record).
+    #[serde(default)]
+    pub queued: Option<QueuedRequest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueuedRequest {
+    pub task: String,
 }
 
 /// How much of a record a view carries.

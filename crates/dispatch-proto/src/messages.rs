@@ -134,11 +134,14 @@ pub enum JobState {
     Cancelled,
     /// The helper restarted while the job ran; its outcome is unknown.
     Lost,
+    /// Accepted, and waiting for a lane slot (the running caps were reached); it starts, first
+    /// in first out for its client and in turn with other clients, when one frees.
+    Queued,
 }
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        !matches!(self, JobState::Running)
+        !matches!(self, JobState::Running | JobState::Queued)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -149,6 +152,7 @@ impl JobState {
             JobState::TimedOut => "timed_out",
             JobState::Cancelled => "cancelled",
             JobState::Lost => "lost",
+            JobState::Queued => "queued",
         }
     }
 }

@@ -1,0 +1,547 @@
+//! From a dispatch request to a running lane, step by step: validate and prepare; admit (a slot
+//! now, a place in the queue, or a refusal); audit the acceptance; save the record; spawn;
+//! supervise. A queued dispatch is validated and prepared again, against the settings of the
+//! moment, when a slot frees ([`Helper::start_queued`]).
+
+use super::*;
+use crate::config::LimitsConfig;
+use crate::queue::Waiting;
+use crate::store::QueuedRequest;
+
+/// What admission decided.
+enum Admitted {
+    /// A lane slot is claimed for it.
+    Now,
+    /// It waits for one (it fits in the queue).
+    Queued,
+}
+
+impl Capacity {
+    fn may_claim(&self, uid: u32, lane: &str, limits: &LimitsConfig) -> Result<(), String> {
+        if self.total >= limits.max_running_jobs {
+            return Err(format!(
+                "{} lanes are running (the limit)",
+                limits.max_running_jobs
+            ));
+        }
+        let mine = self.by_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.max_running_jobs_per_client {
+            return Err(format!("this client has {mine} running (its limit)"));
+        }
+        let on_lane = self.by_lane.get(lane).copied().unwrap_or(0);
+        if on_lane >= limits.max_running_jobs_per_lane {
+            return Err(format!("lane {lane} has {on_lane} running (its limit)"));
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, uid: u32, lane: &str) {
+        self.total += 1;
+        *self.by_uid.entry(uid).or_default() += 1;
+        *self.by_lane.entry(lane.to_owned()).or_default() += 1;
+    }
+
+    fn give_back(&mut self, uid: u32, lane: &str) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.by_uid.get_mut(&uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_uid.remove(&uid);
+            }
+        }
+        if let Some(n) = self.by_lane.get_mut(lane) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_lane.remove(lane);
+            }
+        }
+    }
+}
+
+impl Helper {
+    pub async fn dispatch(
+        self: &Arc<Self>,
+        peer: &Peer,
+        request: DispatchRequest,
+    ) -> Result<JobView, ErrorReply> {
+        let settings = self.settings();
+        let handle = new_handle();
+        let owner = peer.identity.uid;
+        let (decision, prepared) = match validate(&settings, peer, &request, &handle).await {
+            Ok(done) => done,
+            Err(reason) => return Err(self.rejected(peer, &request, reason).await),
+        };
+        let enforcement = prepared.enforcement().clone();
+        let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
+        let lane = lane_key(&record.job);
+        // Decided before the audit record, so that a refused dispatch is never "accepted".
+        let admitted = match self.admit(owner, &lane, &settings.file.limits) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                return Err(self
+                    .rejected(peer, &request, reply(ErrorKind::Busy, why))
+                    .await);
+            }
+        };
+        if let Admitted::Queued = admitted {
+            record.job.state = JobState::Queued;
+            record.job.detail = "queued: waiting for a lane slot".into();
+            record.queued = Some(QueuedRequest {
+                task: request.task.clone(),
+            });
+        }
+        if let Err(error) = self.audit_accepted(peer, &record, &enforcement).await {
+            if let Admitted::Now = admitted {
+                self.release(owner, &lane);
+            }
+            tracing::error!(%error, "audit write failed; dispatch refused");
+            return Err(reply(
+                ErrorKind::AuditUnavailable,
+                format!("the audit log could not be written, so nothing ran: {error}"),
+            ));
+        }
+        match admitted {
+            Admitted::Now => self.launch(record, prepared).await,
+            Admitted::Queued => self.enqueue(record).await,
+        }
+    }
+
+    /// A slot now, else a place in the queue, else why neither.
+    fn admit(&self, uid: u32, lane: &str, limits: &LimitsConfig) -> Result<Admitted, String> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("the helper is shutting down; retry once it is back".into());
+        }
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        match capacity.may_claim(uid, lane, limits) {
+            Ok(()) => {
+                capacity.take(uid, lane);
+                Ok(Admitted::Now)
+            }
+            // Only checked here; the place is taken once the record is saved (`enqueue`).
+            Err(busy) => {
+                match capacity
+                    .queue
+                    .room_for(uid, limits.max_queued_per_client, limits.max_queued)
+                {
+                    Ok(()) => Ok(Admitted::Queued),
+                    Err(full) => Err(format!("{busy}; {full}")),
+                }
+            }
+        }
+    }
+
+    /// Save a queued dispatch and put it in line; a slot may have freed meanwhile.
+    async fn enqueue(self: &Arc<Self>, mut record: JobRecord) -> Result<JobView, ErrorReply> {
+        if let Err(refusal) = self.record_before_start(&mut record).await {
+            self.finish_or_insert(record);
+            return Err(refusal);
+        }
+        let limits = self.settings().file.limits.clone();
+        let waiting = Waiting {
+            handle: record.job.handle.clone(),
+            lane: lane_key(&record.job),
+        };
+        let placed = self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .push(
+                record.owner_uid,
+                waiting,
+                limits.max_queued_per_client,
+                limits.max_queued,
+            );
+        if let Err(why) = placed {
+            record.job.state = JobState::Failed;
+            record.job.finished_at = Some(now_rfc3339());
+            record.job.detail = format!("not queued: {why}");
+            record.queued = None;
+            self.persist_and_audit_finish(&record, "spawn_failed").await;
+            self.insert(record, None);
+            return Err(reply(ErrorKind::Busy, why));
+        }
+        let view = record.view(Detail::Summary);
+        self.insert(record, Some(mpsc::unbounded_channel()));
+        self.start_queued();
+        Ok(view)
+    }
+
+    /// Start waiting dispatches while slots are free: clients in turn, each first in first out.
+    pub fn start_queued(self: &Arc<Self>) {
+        loop {
+            let next = {
+                if self.draining.load(Ordering::SeqCst) {
+                    return;
+                }
+                let limits = self.settings().file.limits.clone();
+                let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+                let capacity = &mut *capacity;
+                let counts = (&capacity.by_uid, &capacity.by_lane, capacity.total);
+                let next = capacity.queue.next(|uid, waiting| {
+                    let (by_uid, by_lane, total) = counts;
+                    total < limits.max_running_jobs
+                        && by_uid.get(&uid).copied().unwrap_or(0)
+                            < limits.max_running_jobs_per_client
+                        && by_lane.get(&waiting.lane).copied().unwrap_or(0)
+                            < limits.max_running_jobs_per_lane
+                });
+                if let Some((uid, waiting)) = &next {
+                    capacity.take(*uid, &waiting.lane);
+                }
+                next
+            };
+            let Some((uid, waiting)) = next else { return };
+            let helper = self.clone();
+            tokio::spawn(async move { helper.start_waiting(uid, waiting).await });
+        }
+    }
+
+    /// Start one dispatch that waited, holding the slot claimed for it: validated and prepared
+    /// again, as its owner, against today's settings.
+    async fn start_waiting(self: Arc<Self>, owner: u32, waiting: Waiting) {
+        let Some(mut record) = self.record(&waiting.handle) else {
+            return self.release(owner, &waiting.lane);
+        };
+        let Some(queued) = record
+            .queued
+            .clone()
+            .filter(|_| record.job.state == JobState::Queued)
+        else {
+            return self.release(owner, &waiting.lane);
+        };
+        let request = DispatchRequest {
+            orguser: record.job.orguser.clone(),
+            repo: record.job.repo.clone(),
+            task: queued.task,
+            description: record.job.description.clone(),
+        };
+        let Ok(mut peer) = tokio::task::spawn_blocking(move || owner_as_peer(owner)).await else {
+            return self.release(owner, &waiting.lane);
+        };
+        peer.claimed_client = record.claimed_client.clone();
+        let settings = self.settings();
+        let handle = Handle::parse(&waiting.handle).expect("queued handles were valid");
+        match validate(&settings, &peer, &request, &handle).await {
+            Ok((decision, prepared)) => {
+                let fresh = new_record(
+                    &peer,
+                    &request,
+                    &handle,
+                    decision,
+                    prepared.enforcement(),
+                    &settings,
+                );
+                record.job.argv = fresh.job.argv;
+                record.job.sandbox = fresh.job.sandbox;
+                record.job.unix_user = fresh.job.unix_user;
+                record.job.state = JobState::Running;
+                record.job.detail = "running".into();
+                record.queued = None;
+                // Its turn is audited with the argv it runs with now (settings may have changed
+                // since it was accepted); no audit, no lane.
+                if let Err(error) = self.audit_turn(&record).await {
+                    self.release(owner, &waiting.lane);
+                    record.job.state = JobState::Failed;
+                    record.job.finished_at = Some(now_rfc3339());
+                    record.job.detail =
+                        format!("the audit log could not be written, so it did not start: {error}");
+                    self.persist_and_audit_finish(&record, "spawn_failed").await;
+                    return self.finish_entry(record);
+                }
+                if let Err(refusal) = self.launch(record, prepared).await {
+                    tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
+                }
+            }
+            Err(reason) => {
+                self.release(owner, &waiting.lane);
+                record.queued = None;
+                record.job.state = JobState::Failed;
+                record.job.finished_at = Some(now_rfc3339());
+                record.job.detail = format!("not started when its turn came: {}", reason.message);
+                self.persist_and_audit_finish(&record, "spawn_failed").await;
+                self.finish_entry(record);
+            }
+        }
+    }
+
+    /// Take a queued dispatch out of line: cancelled before it ran. False if it has started.
+    pub(super) async fn cancel_queued(&self, handle: &str) -> bool {
+        let removed = self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .remove(handle);
+        let Some(mut record) = self.record(handle).filter(|_| removed) else {
+            return false;
+        };
+        record.queued = None;
+        record.job.state = JobState::Cancelled;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail = "cancelled while it waited for a lane; it never ran".into();
+        self.persist_and_audit_finish(&record, "cancelled").await;
+        self.finish_entry(record);
+        true
+    }
+
+    /// Spawn the lane of an admitted dispatch (its slot claimed), after saving its record, and
+    /// supervise it. On failure the slot is released and the record says why.
+    async fn launch(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        prepared: dispatch_sandbox::PreparedLane,
+    ) -> Result<JobView, ErrorReply> {
+        if let Err(refusal) = self.record_before_start(&mut record).await {
+            self.finish_or_insert(record);
+            return Err(refusal);
+        }
+        // In the table (with its stop channel) before the lane exists: a cancel from now on
+        // reaches the lane's supervisor, which stops the lane as soon as it runs.
+        let (stop, stop_receiver) = self.stop_channel_for(&record);
+        self.enter_starting(record.clone(), stop);
+        let spawner = self.spawner.clone();
+        let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
+            .await
+            .unwrap_or_else(|_| Err(dispatch_sandbox::SandboxError::SpawnerGone));
+        let lane = match spawned {
+            Ok(lane) => lane,
+            Err(error) => {
+                self.release(record.owner_uid, &lane_key(&record.job));
+                record.job.state = JobState::Failed;
+                record.job.finished_at = Some(now_rfc3339());
+                record.job.detail = format!("the lane did not start: {error}");
+                let message = format!(
+                    "dispatch {} failed before the lane ran: {error}",
+                    record.job.handle
+                );
+                self.persist_and_audit_finish(&record, "spawn_failed").await;
+                self.finish_entry(record);
+                return Err(reply(ErrorKind::SpawnFailed, message));
+            }
+        };
+        let settings = self.settings();
+        record.job.started_at = Some(now_rfc3339());
+        record.job.sandbox = Some(sandbox_report(&lane.enforcement, &settings));
+        record.pgid = Some(lane.process_group());
+        record.pgid_start_ticks = process_start_ticks(lane.process_group());
+        if let Err(error) = self.store.save_async(&record).await {
+            tracing::error!(%error, handle = %record.job.handle, "could not persist a started job");
+        }
+        let view = record.view(Detail::Summary);
+        let (handle, owner) = (record.job.handle.clone(), record.owner_uid);
+        self.update_entry(record);
+        let helper = self.clone();
+        tokio::spawn(async move { helper.supervise(handle, owner, lane, stop_receiver).await });
+        tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
+        Ok(view)
+    }
+
+    /// The job's record is durable before its lane may start: a helper that dies after the
+    /// spawn finds it at its next start and marks it lost. If it cannot be saved, nothing runs
+    /// (and a claimed slot is released), and the audit log says so after the acceptance.
+    async fn record_before_start(
+        self: &Arc<Self>,
+        record: &mut JobRecord,
+    ) -> Result<(), ErrorReply> {
+        let Err(error) = self.store.save_async(record).await else {
+            return Ok(());
+        };
+        if record.job.state == JobState::Running {
+            self.release(record.owner_uid, &lane_key(&record.job));
+        }
+        record.queued = None;
+        record.job.state = JobState::Failed;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail =
+            format!("the job's record could not be saved, so its lane was not started: {error}");
+        self.persist_and_audit_finish(record, "spawn_failed").await;
+        Err(reply(
+            ErrorKind::Internal,
+            format!(
+                "dispatch {} refused: {}",
+                record.job.handle, record.job.detail
+            ),
+        ))
+    }
+
+    /// A lane's slot is free: give it back and start whatever waited for one.
+    pub(super) fn release(self: &Arc<Self>, uid: u32, lane: &str) {
+        self.capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .give_back(uid, lane);
+        self.start_queued();
+    }
+
+    async fn audit_accepted(
+        &self,
+        peer: &Peer,
+        record: &JobRecord,
+        enforcement: &dispatch_sandbox::Enforcement,
+    ) -> Result<(), crate::audit::AuditError> {
+        let queued = record.job.state == JobState::Queued;
+        self.audit
+            .append(AuditEvent {
+                event: "dispatch_accepted",
+                peer: Some(peer.identity),
+                claimed_client: peer.claimed_client.clone(),
+                handle: Some(record.job.handle.clone()),
+                orguser: Some(record.job.orguser.clone()),
+                repo: Some(record.job.repo.clone()),
+                github: Some(record.job.github.clone()),
+                unix_user: Some(record.job.unix_user.clone()),
+                task_preview: Some(record.job.task_preview.clone()),
+                task_sha256: Some(record.job.task_sha256.clone()),
+                argv: record.job.argv.clone(),
+                outcome: if queued { "queued" } else { "accepted" }.into(),
+                detail: Some(format!(
+                    "sandbox: uid {} gid {}, landlock {}, seccomp on{}",
+                    enforcement.uid,
+                    enforcement.gid,
+                    enforcement.landlock,
+                    if queued {
+                        "; queued for a lane slot"
+                    } else {
+                        ""
+                    }
+                )),
+            })
+            .await
+    }
+
+    async fn audit_turn(&self, record: &JobRecord) -> Result<(), crate::audit::AuditError> {
+        self.audit
+            .append(AuditEvent {
+                event: "queued_dispatch_started",
+                handle: Some(record.job.handle.clone()),
+                orguser: Some(record.job.orguser.clone()),
+                repo: Some(record.job.repo.clone()),
+                unix_user: Some(record.job.unix_user.clone()),
+                argv: record.job.argv.clone(),
+                outcome: "starting".into(),
+                ..Default::default()
+            })
+            .await
+    }
+
+    /// Audit a refused dispatch and hand back the reason.
+    async fn rejected(
+        &self,
+        peer: &Peer,
+        request: &DispatchRequest,
+        reason: ErrorReply,
+    ) -> ErrorReply {
+        let record = AuditEvent {
+            event: "dispatch_rejected",
+            peer: Some(peer.identity),
+            claimed_client: peer.claimed_client.clone(),
+            orguser: Some(dispatch_policy::escape_value(&request.orguser)),
+            repo: Some(dispatch_policy::escape_value(&request.repo)),
+            task_sha256: Some(sha256_hex(&request.task)),
+            outcome: "rejected".into(),
+            detail: Some(reason.message.clone()),
+            ..Default::default()
+        };
+        if let Err(audit_error) = self.audit.append(record).await {
+            tracing::error!(%audit_error, "could not audit a rejected dispatch");
+        }
+        reason
+    }
+}
+
+/// Validation asks NSS (users, groups) and preparation opens paths for Landlock: both block, so
+/// neither runs on a runtime worker.
+async fn validate(
+    settings: &Arc<Settings>,
+    peer: &Peer,
+    request: &DispatchRequest,
+    handle: &Handle,
+) -> Result<(Decision, dispatch_sandbox::PreparedLane), ErrorReply> {
+    let (settings, peer, request, handle) = (
+        settings.clone(),
+        peer.clone(),
+        request.clone(),
+        handle.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let decision = Helper::decide(&settings, &peer, &request, &handle)?;
+        let plan = LanePlan {
+            identity: decision.identity.clone(),
+            argv: decision.argv.clone(),
+            work_dir: decision.work_dir.clone(),
+            change_uid: !settings.unprivileged,
+        };
+        let prepared = settings.sandbox.prepare(plan).map_err(|error| {
+            reply(
+                ErrorKind::SpawnFailed,
+                format!("sandbox preparation failed, nothing ran: {error}"),
+            )
+        })?;
+        Ok((decision, prepared))
+    })
+    .await
+    .unwrap_or_else(|join| {
+        Err(reply(
+            ErrorKind::Internal,
+            format!("validation failed: {join}"),
+        ))
+    })
+}
+
+/// The record of a dispatch just accepted (running until admission says otherwise).
+fn new_record(
+    peer: &Peer,
+    request: &DispatchRequest,
+    handle: &Handle,
+    decision: Decision,
+    enforcement: &dispatch_sandbox::Enforcement,
+    settings: &Settings,
+) -> JobRecord {
+    let Decision {
+        argv,
+        github,
+        task,
+        unix_user,
+        ..
+    } = decision;
+    JobRecord {
+        owner_uid: peer.identity.uid,
+        claimed_client: peer.claimed_client.clone(),
+        pgid: None,
+        pgid_start_ticks: None,
+        queued: None,
+        job: JobView {
+            handle: handle.to_string(),
+            orguser: request.orguser.clone(),
+            repo: request.repo.clone(),
+            github,
+            unix_user,
+            description: request.description.clone().filter(|d| !d.trim().is_empty()),
+            task_preview: task.preview(),
+            task_sha256: sha256_hex(task.as_str()),
+            argv: Some(argv),
+            state: JobState::Running,
+            requested_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            detail: "running".into(),
+            stdout: None,
+            stderr: None,
+            sandbox: Some(sandbox_report(enforcement, settings)),
+            usage: None,
+            stopped_by: None,
+        },
+    }
+}
+
+/// The owner of a queued dispatch, as a peer: its account's groups, from NSS now.
+fn owner_as_peer(uid: u32) -> Peer {
+    let gid = User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map_or(uid, |user| user.gid.as_raw());
+    Peer::from_cred(uid, gid, None)
+}
