@@ -72,7 +72,7 @@ async fn main() {
     ensure_users();
     let helper = TestHelper::start(HelperOptions {
         argv: vec!["/bin/true".into(), "{task}".into()],
-        extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_running_jobs_per_client = 1024\nmax_connections_per_client = 64\n".into(),
+        extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_running_jobs_per_client = 1024\nmax_running_jobs_per_lane = 1024\nmax_connections_per_client = 64\n".into(),
         ..Default::default()
     });
 

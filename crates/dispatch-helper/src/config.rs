@@ -234,6 +234,22 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     })?;
     apply_env(&mut file, env)?;
     validate_host(&file.host)?;
+    let caps = [
+        ("max_running_jobs", file.limits.max_running_jobs),
+        (
+            "max_running_jobs_per_client",
+            file.limits.max_running_jobs_per_client,
+        ),
+        (
+            "max_running_jobs_per_lane",
+            file.limits.max_running_jobs_per_lane,
+        ),
+    ];
+    if let Some((name, _)) = caps.iter().find(|(_, cap)| *cap == 0) {
+        return Err(ConfigError::Invalid(format!(
+            "limits.{name} must be at least 1 (at 0 every dispatch would wait forever)"
+        )));
+    }
     if file.timeout_seconds == 0 {
         return Err(ConfigError::Invalid(
             "timeout_seconds must be at least 1".into(),

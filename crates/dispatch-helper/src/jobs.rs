@@ -102,6 +102,12 @@ struct JobEntry {
     stop_receiver: Option<mpsc::UnboundedReceiver<StopReason>>,
 }
 
+impl JobEntry {
+    fn is_running(&self) -> bool {
+        self.stop.is_some() && self.record.job.state == JobState::Running
+    }
+}
+
 type StopChannel = (
     mpsc::UnboundedSender<StopReason>,
     mpsc::UnboundedReceiver<StopReason>,
@@ -230,13 +236,21 @@ impl Helper {
             record.job.stdout = None;
             record.job.stderr = None;
             let (finished, _) = watch::channel(record.job.state.is_terminal());
+            // A queued job gets its stop channel back: a cancel during its start must reach it.
+            let (stop, stop_receiver) = match record.job.state {
+                JobState::Queued => {
+                    let (sender, receiver) = mpsc::unbounded_channel();
+                    (Some(sender), Some(receiver))
+                }
+                _ => (None, None),
+            };
             jobs.insert(
                 record.job.handle.clone(),
                 JobEntry {
                     record,
                     finished,
-                    stop: None,
-                    stop_receiver: None,
+                    stop,
+                    stop_receiver,
                 },
             );
         }
@@ -402,6 +416,7 @@ impl Helper {
         if let Some(entry) = jobs.get_mut(&record.job.handle) {
             entry.record = record;
             entry.stop = None;
+            entry.stop_receiver = None;
             let _ = entry.finished.send(true);
         }
     }
@@ -527,6 +542,10 @@ impl Helper {
         if let Err(error) = self.store.save_async(record).await {
             tracing::error!(%error, handle = %record.job.handle, "could not persist a finished job");
         }
+        self.audit_finish(record, event).await;
+    }
+
+    async fn audit_finish(&self, record: &JobRecord, event: &'static str) {
         let audit = AuditEvent {
             event,
             handle: Some(record.job.handle.clone()),
@@ -647,7 +666,11 @@ impl Helper {
         ))
     }
 
-    pub async fn cancel(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
+    pub async fn cancel(
+        self: &Arc<Self>,
+        peer: &Peer,
+        handle: &str,
+    ) -> Result<JobView, ErrorReply> {
         let record = self.owned(peer, handle)?;
         if record.job.state.is_terminal() {
             return Ok(record.view(Detail::Summary));
@@ -782,9 +805,11 @@ impl Helper {
         }
     }
 
+    /// Jobs with a lane (or about to have one): queued ones wait for none and are kept, so a
+    /// restart starts them.
     fn registered_running(&self) -> usize {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.values().filter(|e| e.stop.is_some()).count()
+        jobs.values().filter(|e| e.is_running()).count()
     }
 
     /// Stop every running lane (SIGTERM, then SIGKILL after the grace period) and wait for
@@ -807,6 +832,7 @@ impl Helper {
         let receivers: Vec<_> = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             jobs.values()
+                .filter(|e| e.is_running())
                 .filter_map(|e| {
                     let stop = e.stop.as_ref()?;
                     let _ = stop.send(StopReason::Shutdown);

@@ -434,6 +434,8 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
                 );
             }
             helper.replace_settings(settings);
+            // Raised caps may let waiting dispatches start.
+            helper.start_queued();
             audit::AuditEvent {
                 event: "config_reloaded",
                 outcome: "reloaded".into(),

@@ -28,6 +28,13 @@ impl Queue {
         self.len == 0
     }
 
+    /// Whether `client` has dispatches waiting.
+    pub fn has_waiting(&self, client: u32) -> bool {
+        self.by_client
+            .get(&client)
+            .is_some_and(|waiting| !waiting.is_empty())
+    }
+
     /// Whether `client` could queue one more, or why not (the queue or its share is full).
     pub fn room_for(&self, client: u32, per_client: usize, total: usize) -> Result<(), String> {
         if self.len >= total {

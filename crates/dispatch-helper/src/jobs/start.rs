@@ -112,7 +112,14 @@ impl Helper {
             return Err("the helper is shutting down; retry once it is back".into());
         }
         let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-        match capacity.may_claim(uid, lane, limits) {
+        // First in, first out for each client: behind its own waiting dispatches, a new one waits.
+        let behind_own = capacity.queue.has_waiting(uid);
+        let claim = if behind_own {
+            Err("this client's earlier dispatches are waiting".to_owned())
+        } else {
+            capacity.may_claim(uid, lane, limits)
+        };
+        match claim {
             Ok(()) => {
                 capacity.take(uid, lane);
                 Ok(Admitted::Now)
@@ -136,35 +143,64 @@ impl Helper {
             self.finish_or_insert(record);
             return Err(refusal);
         }
-        let limits = self.settings().file.limits.clone();
+        // In the table before it is in line: whoever takes it from the line finds it.
+        let view = record.view(Detail::Summary);
+        let (owner, handle) = (record.owner_uid, record.job.handle.clone());
         let waiting = Waiting {
-            handle: record.job.handle.clone(),
+            handle: handle.clone(),
             lane: lane_key(&record.job),
         };
+        self.insert(record, Some(mpsc::unbounded_channel()));
+        let limits = self.settings().file.limits.clone();
         let placed = self
             .capacity
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .queue
             .push(
-                record.owner_uid,
+                owner,
                 waiting,
                 limits.max_queued_per_client,
                 limits.max_queued,
             );
         if let Err(why) = placed {
-            record.job.state = JobState::Failed;
-            record.job.finished_at = Some(now_rfc3339());
-            record.job.detail = format!("not queued: {why}");
-            record.queued = None;
-            self.persist_and_audit_finish(&record, "spawn_failed").await;
-            self.insert(record, None);
+            if let Some(record) = self.record(&handle) {
+                self.end_without_lane(
+                    record,
+                    JobState::Failed,
+                    format!("not queued: {why}"),
+                    "spawn_failed",
+                )
+                .await;
+            }
             return Err(reply(ErrorKind::Busy, why));
         }
-        let view = record.view(Detail::Summary);
-        self.insert(record, Some(mpsc::unbounded_channel()));
         self.start_queued();
         Ok(view)
+    }
+
+    /// A job that ends without ever having a lane (cancelled while it waited, refused at its
+    /// turn, or not queued after all). Its final record must reach the store: one left saying
+    /// `queued` would run at the next start. If it cannot be saved it is removed instead.
+    async fn end_without_lane(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        state: JobState,
+        detail: String,
+        event: &'static str,
+    ) {
+        record.queued = None;
+        record.job.state = state;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail = detail;
+        if let Err(error) = self.store.save_async(&record).await {
+            tracing::error!(%error, handle = %record.job.handle, "could not record the end of a queued job; removing its record");
+            let _ = self.store.remove_async(&record.job.handle).await;
+        }
+        self.audit_finish(&record, event).await;
+        let owner = record.owner_uid;
+        self.finish_entry(record);
+        self.prune_finished(owner).await;
     }
 
     /// Start waiting dispatches while slots are free: clients in turn, each first in first out.
@@ -198,90 +234,101 @@ impl Helper {
     }
 
     /// Start one dispatch that waited, holding the slot claimed for it: validated and prepared
-    /// again, as its owner, against today's settings.
+    /// again, as its owner, against today's settings. A helper shutting down leaves it queued in
+    /// the store, for the next start.
     async fn start_waiting(self: Arc<Self>, owner: u32, waiting: Waiting) {
-        let Some(mut record) = self.record(&waiting.handle) else {
+        let Some(record) = self.record(&waiting.handle) else {
             return self.release(owner, &waiting.lane);
         };
-        let Some(queued) = record
-            .queued
-            .clone()
-            .filter(|_| record.job.state == JobState::Queued)
-        else {
+        if self.draining.load(Ordering::SeqCst) {
             return self.release(owner, &waiting.lane);
+        }
+        let fail = |reason: String| (reason, JobState::Failed);
+        let turn = match (record.queued.clone(), Handle::parse(&waiting.handle)) {
+            (Some(queued), Ok(handle)) if record.job.state == JobState::Queued => {
+                self.take_turn(&record, queued, handle).await
+            }
+            _ => Err(fail("its record is not a waiting dispatch".into())),
         };
+        match turn {
+            Ok((fresh, prepared)) => {
+                if let Err(refusal) = self.launch(fresh, prepared).await {
+                    tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
+                }
+            }
+            Err((reason, state)) => {
+                self.release(owner, &waiting.lane);
+                let detail = format!("not started when its turn came: {reason}");
+                self.end_without_lane(record, state, detail, "spawn_failed")
+                    .await;
+            }
+        }
+    }
+
+    /// Validate and prepare a waiting dispatch as its owner now, and audit its turn (no audit,
+    /// no lane): its record as it will run, or why it will not.
+    async fn take_turn(
+        self: &Arc<Self>,
+        record: &JobRecord,
+        queued: QueuedRequest,
+        handle: Handle,
+    ) -> Result<(JobRecord, dispatch_sandbox::PreparedLane), (String, JobState)> {
+        let failed = |reason: String| (reason, JobState::Failed);
+        let owner = record.owner_uid;
+        let mut peer = tokio::task::spawn_blocking(move || owner_as_peer(owner))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| failed(format!("its owner, uid {owner}, no longer has an account")))?;
+        peer.claimed_client = record.claimed_client.clone();
         let request = DispatchRequest {
             orguser: record.job.orguser.clone(),
             repo: record.job.repo.clone(),
             task: queued.task,
             description: record.job.description.clone(),
         };
-        let Ok(mut peer) = tokio::task::spawn_blocking(move || owner_as_peer(owner)).await else {
-            return self.release(owner, &waiting.lane);
-        };
-        peer.claimed_client = record.claimed_client.clone();
         let settings = self.settings();
-        let handle = Handle::parse(&waiting.handle).expect("queued handles were valid");
-        match validate(&settings, &peer, &request, &handle).await {
-            Ok((decision, prepared)) => {
-                let fresh = new_record(
-                    &peer,
-                    &request,
-                    &handle,
-                    decision,
-                    prepared.enforcement(),
-                    &settings,
-                );
-                record.job.argv = fresh.job.argv;
-                record.job.sandbox = fresh.job.sandbox;
-                record.job.unix_user = fresh.job.unix_user;
-                record.job.state = JobState::Running;
-                record.job.detail = "running".into();
-                record.queued = None;
-                // Its turn is audited with the argv it runs with now (settings may have changed
-                // since it was accepted); no audit, no lane.
-                if let Err(error) = self.audit_turn(&record).await {
-                    self.release(owner, &waiting.lane);
-                    record.job.state = JobState::Failed;
-                    record.job.finished_at = Some(now_rfc3339());
-                    record.job.detail =
-                        format!("the audit log could not be written, so it did not start: {error}");
-                    self.persist_and_audit_finish(&record, "spawn_failed").await;
-                    return self.finish_entry(record);
-                }
-                if let Err(refusal) = self.launch(record, prepared).await {
-                    tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
-                }
-            }
-            Err(reason) => {
-                self.release(owner, &waiting.lane);
-                record.queued = None;
-                record.job.state = JobState::Failed;
-                record.job.finished_at = Some(now_rfc3339());
-                record.job.detail = format!("not started when its turn came: {}", reason.message);
-                self.persist_and_audit_finish(&record, "spawn_failed").await;
-                self.finish_entry(record);
-            }
-        }
+        let (decision, prepared) = validate(&settings, &peer, &request, &handle)
+            .await
+            .map_err(|reason| failed(reason.message))?;
+        let fresh = new_record(
+            &peer,
+            &request,
+            &handle,
+            decision,
+            prepared.enforcement(),
+            &settings,
+        );
+        let mut record = record.clone();
+        record.job.argv = fresh.job.argv;
+        record.job.github = fresh.job.github;
+        record.job.sandbox = fresh.job.sandbox;
+        record.job.unix_user = fresh.job.unix_user;
+        record.job.state = JobState::Running;
+        record.job.detail = "running".into();
+        record.queued = None;
+        self.audit_turn(&record)
+            .await
+            .map_err(|error| failed(format!("the audit log could not be written: {error}")))?;
+        Ok((record, prepared))
     }
 
     /// Take a queued dispatch out of line: cancelled before it ran. False if it has started.
-    pub(super) async fn cancel_queued(&self, handle: &str) -> bool {
+    pub(super) async fn cancel_queued(self: &Arc<Self>, handle: &str) -> bool {
         let removed = self
             .capacity
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .queue
             .remove(handle);
-        let Some(mut record) = self.record(handle).filter(|_| removed) else {
+        let Some(record) = self.record(handle).filter(|_| removed) else {
             return false;
         };
-        record.queued = None;
-        record.job.state = JobState::Cancelled;
-        record.job.finished_at = Some(now_rfc3339());
-        record.job.detail = "cancelled while it waited for a lane; it never ran".into();
-        self.persist_and_audit_finish(&record, "cancelled").await;
-        self.finish_entry(record);
+        let detail = "cancelled while it waited for a lane; it never ran".to_owned();
+        self.end_without_lane(record, JobState::Cancelled, detail, "cancelled")
+            .await;
+        // Behind it, its client's next dispatch may now be startable.
+        self.start_queued();
         true
     }
 
@@ -298,8 +345,21 @@ impl Helper {
         }
         // In the table (with its stop channel) before the lane exists: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
-        let (stop, stop_receiver) = self.stop_channel_for(&record);
+        let (stop, mut stop_receiver) = self.stop_channel_for(&record);
         self.enter_starting(record.clone(), stop);
+        // A cancel that came while it started, or a shutdown: no lane at all.
+        let stopped_early =
+            stop_receiver.try_recv().is_ok() || self.draining.load(Ordering::SeqCst);
+        if stopped_early {
+            self.release(record.owner_uid, &lane_key(&record.job));
+            let view_state = JobState::Cancelled;
+            let detail = "cancelled before its lane started; it never ran".to_owned();
+            self.end_without_lane(record.clone(), view_state, detail, "cancelled")
+                .await;
+            return Ok(self
+                .record(&record.job.handle)
+                .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
+        }
         let spawner = self.spawner.clone();
         let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
             .await
@@ -537,11 +597,9 @@ fn new_record(
     }
 }
 
-/// The owner of a queued dispatch, as a peer: its account's groups, from NSS now.
-fn owner_as_peer(uid: u32) -> Peer {
-    let gid = User::from_uid(uid.into())
-        .ok()
-        .flatten()
-        .map_or(uid, |user| user.gid.as_raw());
-    Peer::from_cred(uid, gid, None)
+/// The owner of a queued dispatch, as a peer: its account's groups, from NSS now. `None` if
+/// the account is gone (its dispatch does not start).
+fn owner_as_peer(uid: u32) -> Option<Peer> {
+    let user = User::from_uid(uid.into()).ok().flatten()?;
+    Some(Peer::from_cred(uid, user.gid.as_raw(), None))
 }
