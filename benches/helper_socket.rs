@@ -37,7 +37,8 @@ fn status_kib(pid: i32, field: &str) -> u64 {
 async fn dispatch_rtt(client: &mut Client) -> Duration {
     let start = Instant::now();
     match client.dispatch("alice-org", "alice-repo", "bench").await {
-        Response::Job(job) => assert_eq!(job.state, JobState::Running),
+        // Accepted: started, or (past the running caps) waiting for a slot.
+        Response::Job(job) => assert!(matches!(job.state, JobState::Running | JobState::Queued)),
         other => panic!("dispatch failed: {other:?}"),
     }
     start.elapsed()

@@ -592,13 +592,9 @@ async fn a_bad_reload_keeps_the_old_config() {
         "{failure}"
     );
     let mut client = helper.client().await;
-    let job = client
-        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+    client
+        .runs_to_success("alice-org", "alice-repo", "exit:0")
         .await;
-    assert_eq!(
-        client.result(&job.handle, 20_000).await.state,
-        JobState::Succeeded
-    );
 }
 
 #[test]
@@ -1016,11 +1012,9 @@ async fn sighup_reloads_the_allowlist() {
         }
         other => panic!("{other:?}"),
     }
-    let job = client.dispatch_ok("bob-org", "bob-second", "exit:0").await;
-    assert_eq!(
-        client.result(&job.handle, 20_000).await.state,
-        JobState::Succeeded
-    );
+    client
+        .runs_to_success("bob-org", "bob-second", "exit:0")
+        .await;
 }
 
 #[tokio::test]
@@ -1042,23 +1036,10 @@ async fn a_second_helper_on_the_same_state_refuses_to_start() {
     );
     // The first one is untouched: it still serves, and its audit chain is whole.
     let mut client = helper.client().await;
-    let job = client
-        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+    client
+        .runs_to_success("alice-org", "alice-repo", "exit:0")
         .await;
-    assert_eq!(
-        client.result(&job.handle, 20_000).await.state,
-        JobState::Succeeded
-    );
-    let verify = Command::new(helper_bin())
-        .args(["audit", "verify"])
-        .arg(&helper.audit)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    helper.assert_audit_chain_intact();
 }
 
 #[tokio::test]

@@ -254,6 +254,20 @@ impl TestHelper {
             .collect()
     }
 
+    /// `dispatch-helper audit verify` passes on this helper's audit log.
+    pub fn assert_audit_chain_intact(&self) {
+        let verify = Command::new(helper_bin())
+            .args(["audit", "verify"])
+            .arg(&self.audit)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+
     /// Audit records of one event kind.
     pub fn audited(&self, event: &str) -> Vec<serde_json::Value> {
         self.audit_lines()
@@ -407,6 +421,13 @@ impl Client {
             description: Some(format!("test {task}").chars().take(100).collect()),
         }))
         .await
+    }
+
+    /// Dispatch `task` and wait for it to succeed (the helper serves, and its lanes run).
+    pub async fn runs_to_success(&mut self, orguser: &str, repo: &str, task: &str) {
+        let job = self.dispatch_ok(orguser, repo, task).await;
+        let done = self.result(&job.handle, 20_000).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
     }
 
     pub async fn dispatch_ok(&mut self, orguser: &str, repo: &str, task: &str) -> JobView {
