@@ -12,7 +12,7 @@ use rmcp::service::{NotificationContext, PeerRequestOptions, RunningService};
 use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::*;
@@ -593,42 +593,17 @@ async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
 
 #[tokio::test]
 async fn embedded_drop_in_mode_honours_the_python_servers_environment() {
-    if !is_root() {
-        return skip(
-            "embedded drop-in",
-            "needs root so the lane can run as a test user's org",
-        );
-    }
-    ensure_users();
-    // A stand-in for dotfiles-dispatch, found on PATH, that prints the argv it received.
-    let bin = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin.path().join("dotfiles-dispatch");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\nfor arg in \"$@\"; do printf '<%s>' \"$arg\"; done\necho\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let repos = bin.path().join("repos.json");
-    std::fs::write(&repos, format!(r#"{{"orgs": {{"{ALICE}": {{}}}}, "repos": {{"widgets": {{"org": "{ALICE}", "github": "acme/widgets"}}}}}}"#)).unwrap();
-    std::fs::set_permissions(&repos, std::fs::Permissions::from_mode(0o644)).unwrap();
-
-    let command = tokio::process::Command::new(front_bin()).configure(|cmd| {
-        cmd.args(["serve", "--embedded-helper"])
-            .env("DISPATCH_REPOS_JSON", &repos)
-            .env("DISPATCH_SSH_HOST", "build-host")
-            .env("DISPATCH_MAX_ITERATIONS", "7")
-            .env("DISPATCH_TIMEOUT", "30")
-            .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()));
-    });
-    let client = TestClient::default()
-        .serve(TokioChildProcess::new(command).unwrap())
-        .await
-        .unwrap();
+    let Some((client, bin, fake)) = drop_in_front(&[
+        ("DISPATCH_SSH_HOST", "build-host"),
+        ("DISPATCH_MAX_ITERATIONS", "7"),
+        ("DISPATCH_TIMEOUT", "30"),
+    ])
+    .await
+    else {
+        return;
+    };
     let lanes = ok(call(&client, "dispatch_lanes", json!({})).await);
-    assert_eq!(lanes["lanes"][0]["repo"], "widgets");
+    assert_eq!(lanes["lanes"][0]["repo"], "gizmos");
     let job = ok(call(
         &client,
         "dispatch_unit",
@@ -652,4 +627,92 @@ async fn embedded_drop_in_mode_honours_the_python_servers_environment() {
         "argv[0] resolved through PATH at load"
     );
     client.cancel().await.unwrap();
+    drop(bin);
+}
+
+/// The Python server's defaults and leniency, each as its README and code had them.
+#[tokio::test]
+async fn drop_in_mode_keeps_the_python_servers_defaults_and_leniency() {
+    // A malformed number is a warning and the default, never a dead server.
+    let Some((client, bin, _)) = drop_in_front(&[("DISPATCH_TIMEOUT", "abc")]).await else {
+        return;
+    };
+    // Surrounding whitespace is stripped; a Markdown list item is a task, not an option; a repo
+    // without "github" is known by its name.
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": format!(" {ALICE} "), "repo": "gizmos\n", "task_description": "- fix the flaky test "}),
+    )
+    .await);
+    assert_eq!(job["github"], "gizmos");
+    // A handle copied with a trailing newline still names the dispatch.
+    let handle = format!("{}\n", job["handle"].as_str().unwrap());
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 20}),
+    )
+    .await);
+    assert_eq!(result["status"], "succeeded", "{result}");
+    // Max iterations 50 by default (DISPATCH_MAX_ITERATIONS unset), as in Python.
+    assert_eq!(
+        result["stdout"]["text"].as_str().unwrap().trim(),
+        format!("<{ALICE}><gizmos><- fix the flaky test><--host><localhost><--max><50>")
+    );
+    // A real option is still refused, naming the rule.
+    let refused = tool_error(
+        call(
+            &client,
+            "dispatch_unit",
+            json!({"orguser": ALICE, "repo": "gizmos", "task_description": "--help"}),
+        )
+        .await,
+    );
+    assert!(refused.contains("option"), "{refused}");
+    client.cancel().await.unwrap();
+    drop(bin);
+}
+
+/// The front in drop-in mode (`--embedded-helper` with `DISPATCH_REPOS_JSON`), with a stand-in
+/// for dotfiles-dispatch on PATH that prints the argv it received, and an allowlist of two
+/// repos of the test user's org, one without "github". `None` (skipped) without root.
+async fn drop_in_front(env: &[(&str, &str)]) -> Option<(Client, tempfile::TempDir, PathBuf)> {
+    if !is_root() {
+        skip(
+            "embedded drop-in",
+            "needs root so the lane can run as a test user's org",
+        );
+        return None;
+    }
+    ensure_users();
+    let bin = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fake = bin.path().join("dotfiles-dispatch");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor arg in \"$@\"; do printf '<%s>' \"$arg\"; done\necho\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repos = bin.path().join("repos.json");
+    std::fs::write(&repos, format!(r#"{{"orgs": {{"{ALICE}": {{}}}}, "repos": {{"widgets": {{"org": "{ALICE}", "github": "acme/widgets"}}, "gizmos": {{"org": "{ALICE}"}}}}}}"#)).unwrap();
+    std::fs::set_permissions(&repos, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let path = format!("{}:/usr/bin:/bin", bin.path().display());
+    let command = tokio::process::Command::new(front_bin()).configure(|cmd| {
+        cmd.args(["serve", "--embedded-helper"])
+            .env("DISPATCH_REPOS_JSON", &repos)
+            .envs(env)
+            .env("PATH", path);
+    });
+    let client = TestClient::default()
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .unwrap();
+    Some((client, bin, fake))
 }

@@ -134,7 +134,7 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         &config,
         &format!(
             "# Written by dispatch-mcp for its embedded helper.\nallowlist = {}\nargv = {argv}\nsearch_path = {}\n\
-             state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n\
+             state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n{}\
              # No delegated cgroup here: lanes are contained by their process group and the\n\
              # helper as subreaper (each job's sandbox report says so).\n\
              [sandbox]\nallow_uncontained = true\n",
@@ -144,6 +144,13 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
             toml_string(&audit_log.display().to_string()),
             toml_string(&socket.display().to_string()),
             toml_string(&work_dir),
+            // The Python server's defaults (DISPATCH_MAX_ITERATIONS and DISPATCH_TIMEOUT
+            // override them, as they did there).
+            if drop_in {
+                "max_iterations = 50\ntimeout_seconds = 60\n"
+            } else {
+                ""
+            },
         ),
     )?;
     let mut child = tokio::process::Command::new(&helper_bin)

@@ -354,22 +354,26 @@ impl DispatchService {
         }
     }
 
+    /// As the Python server did, surrounding whitespace of the names, the handle and the task
+    /// is stripped before anything is checked (the helper then validates what is left).
     pub async fn dispatch(&self, args: DispatchArgs) -> Result<DispatchOutput, ToolFailure> {
         let request = Request::Dispatch(DispatchRequest {
-            orguser: args.orguser,
-            repo: args.repo,
-            task: args.task_description,
+            orguser: args.orguser.trim().to_owned(),
+            repo: args.repo.trim().to_owned(),
+            task: args.task_description.trim().to_owned(),
             description: args.description,
         });
         self.job(request).await.map(Into::into)
     }
 
     pub async fn status(&self, handle: String) -> Result<DispatchOutput, ToolFailure> {
+        let handle = stripped(handle);
         self.job(Request::Status { handle }).await.map(Into::into)
     }
 
     /// One result request; `wait_ms` is passed to the helper, which caps it.
     pub async fn result_once(&self, handle: String, wait_ms: u32) -> Result<JobView, ToolFailure> {
+        let handle = stripped(handle);
         self.job(Request::Result { handle, wait_ms }).await
     }
 
@@ -392,10 +396,12 @@ impl DispatchService {
     }
 
     pub async fn cancel(&self, handle: String) -> Result<DispatchOutput, ToolFailure> {
+        let handle = stripped(handle);
         self.job(Request::Cancel { handle }).await.map(Into::into)
     }
 
     pub async fn delete(&self, handle: String) -> Result<DeleteOutput, ToolFailure> {
+        let handle = stripped(handle);
         match self.call(Request::Delete { handle }).await? {
             Response::Deleted { handle } => Ok(DeleteOutput {
                 handle,
@@ -432,6 +438,11 @@ impl DispatchService {
 }
 
 /// True for a state the job will not leave.
+/// A handle without surrounding whitespace (a copied one often ends in a newline).
+fn stripped(handle: String) -> String {
+    handle.trim().to_owned()
+}
+
 pub fn is_terminal(state: JobState) -> bool {
     state.is_terminal()
 }

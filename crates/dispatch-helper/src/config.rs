@@ -232,7 +232,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    apply_env(&mut file, env)?;
+    let env_warnings = apply_env(&mut file, env);
     validate_host(&file.host)?;
     let caps = [
         ("max_running_jobs", file.limits.max_running_jobs),
@@ -267,6 +267,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         check_strict_modes(template.program())?;
     }
     let mut warnings = loaded.warnings;
+    warnings.extend(env_warnings);
     refuse_grants_of_own_files(&file, path)?;
     let sandbox = dispatch_sandbox::Sandbox::new(file.sandbox.clone())
         .map_err(|e| ConfigError::Invalid(format!("config {}: sandbox: {e}", path.display())))?;
@@ -393,36 +394,49 @@ fn default_forbidden_lane_groups() -> Vec<String> {
         .collect()
 }
 
-fn apply_env(file: &mut ConfigFile, env: &EnvOverrides) -> Result<(), ConfigError> {
+/// The Python server's environment, as it read it: a path may start with `~`, and a number it
+/// cannot read is a warning and the setting's value, never a dead server.
+fn apply_env(file: &mut ConfigFile, env: &EnvOverrides) -> Vec<String> {
+    let mut warnings = Vec::new();
     if let Some(path) = &env.repos_json {
-        file.allowlist = PathBuf::from(path);
+        file.allowlist = expand_home(path);
     }
     if let Some(host) = &env.ssh_host {
         file.host = host.clone();
     }
     if let Some(value) = &env.max_iterations {
-        file.max_iterations = value.trim().parse().map_err(|_| ConfigError::Env {
-            name: "DISPATCH_MAX_ITERATIONS",
-            value: value.clone(),
-            message: "must be a whole number".into(),
-        })?;
+        match value.trim().parse() {
+            Ok(max) => file.max_iterations = max,
+            Err(_) => warnings.push(format!(
+                "DISPATCH_MAX_ITERATIONS={value:?} is not a whole number; using {}",
+                file.max_iterations
+            )),
+        }
     }
     if let Some(value) = &env.timeout {
-        let seconds: f64 = value.trim().parse().map_err(|_| ConfigError::Env {
-            name: "DISPATCH_TIMEOUT",
-            value: value.clone(),
-            message: "must be a number of seconds".into(),
-        })?;
-        if !(seconds.is_finite() && seconds >= 1.0) {
-            return Err(ConfigError::Env {
-                name: "DISPATCH_TIMEOUT",
-                value: value.clone(),
-                message: "must be at least 1 second".into(),
-            });
+        match value.trim().parse::<f64>() {
+            Ok(seconds) if seconds.is_finite() && seconds >= 1.0 => {
+                file.timeout_seconds = seconds.ceil() as u64;
+            }
+            _ => warnings.push(format!(
+                "DISPATCH_TIMEOUT={value:?} is not a number of seconds of at least 1; using {}",
+                file.timeout_seconds
+            )),
         }
-        file.timeout_seconds = seconds.ceil() as u64;
     }
-    Ok(())
+    warnings
+}
+
+/// `~` and `~/…` name the home of the user the helper runs as (`$HOME`), as a shell would.
+fn expand_home(path: &str) -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    match (path.strip_prefix('~'), home) {
+        (Some(""), Some(home)) => home,
+        (Some(rest), Some(home)) if rest.starts_with('/') => {
+            home.join(rest.trim_start_matches('/'))
+        }
+        _ => PathBuf::from(path),
+    }
 }
 
 /// The host lands in argv after `--host`: refuse anything an ssh-like program could read as
@@ -562,7 +576,7 @@ mod tests {
             max_iterations: Some("7".into()),
             timeout: Some("2.5".into()),
         };
-        apply_env(&mut file, &env).unwrap();
+        assert!(apply_env(&mut file, &env).is_empty());
         assert_eq!(file.allowlist, PathBuf::from("/r.json"));
         assert_eq!(
             (
@@ -572,12 +586,22 @@ mod tests {
             ),
             ("h2", 7, 3)
         );
+        // As the Python server: a number it cannot read is a warning and the current value.
         let bad = EnvOverrides {
             timeout: Some("soon".into()),
+            max_iterations: Some("abc".into()),
+            repos_json: Some("~/.repos.json".into()),
             ..Default::default()
         };
-        let err = apply_env(&mut file, &bad).unwrap_err().to_string();
-        assert!(err.contains("DISPATCH_TIMEOUT=\"soon\""), "{err}");
+        let warnings = apply_env(&mut file, &bad).join("\n");
+        assert!(warnings.contains("DISPATCH_TIMEOUT=\"soon\""), "{warnings}");
+        assert!(
+            warnings.contains("DISPATCH_MAX_ITERATIONS=\"abc\""),
+            "{warnings}"
+        );
+        assert_eq!((file.max_iterations, file.timeout_seconds), (7, 3));
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+        assert_eq!(file.allowlist, home.join(".repos.json"));
     }
 
     #[test]

@@ -279,15 +279,19 @@ fn parse_repo(
             escape_value(org)
         ));
     }
-    let github = entry
-        .get("github")
-        .and_then(Value::as_str)
-        .ok_or("\"github\" is missing or not a string")?;
-    validate_github(github)?;
+    // As the Python server did: a repo without "github" is known by its own name there.
+    let github = match entry.get("github") {
+        None | Some(Value::Null) => repo.to_string(),
+        Some(Value::String(github)) => {
+            validate_github(github)?;
+            github.clone()
+        }
+        Some(_) => return Err("\"github\" must be a string".into()),
+    };
     Ok(Target {
         repo,
         orguser,
-        github: github.to_owned(),
+        github,
     })
 }
 
@@ -338,21 +342,24 @@ mod tests {
             .targets()
             .map(|t| t.repo.to_string())
             .collect();
-        assert_eq!(targets, ["gadgets", "widgets"]);
+        assert_eq!(targets, ["broken", "gadgets", "widgets"]);
+        // Without "github" a repo is known there by its own name, as the Python server had it.
+        let broken = loaded
+            .allowlist
+            .targets()
+            .find(|t| t.repo.as_str() == "broken")
+            .unwrap();
+        assert_eq!(broken.github, "broken");
         let warnings = loaded.warnings.join("\n");
         assert!(
             warnings.contains("repo \"orphan\" skipped: its org \"initech\" is not declared"),
             "{warnings}"
         );
         assert!(
-            warnings.contains("repo \"broken\" skipped: \"github\" is missing"),
-            "{warnings}"
-        );
-        assert!(
             warnings.contains("repo \"notobject\" skipped: the entry must be a JSON object"),
             "{warnings}"
         );
-        assert_eq!(loaded.warnings.len(), 3, "{warnings}");
+        assert_eq!(loaded.warnings.len(), 2, "{warnings}");
     }
 
     #[test]
@@ -402,7 +409,7 @@ mod tests {
             .to_string();
         assert_eq!(
             err,
-            "unknown repo \"nope\"; known targets: globex/gadgets, acme/widgets"
+            "unknown repo \"nope\"; known targets: acme/broken, globex/gadgets, acme/widgets"
         );
     }
 
@@ -419,7 +426,7 @@ mod tests {
             .resolve_visible("acme", "gadgets", only_acme)
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "unknown repo \"gadgets\"; known targets: acme/widgets");
+        assert_eq!(err, "unknown repo \"gadgets\"; known targets: acme/broken, acme/widgets");
         assert!(
             allowlist
                 .resolve_visible("acme", "widgets", only_acme)
@@ -434,10 +441,8 @@ mod tests {
             allowlist.resolve("initech", "orphan"),
             Err(PolicyError::UnknownOrgUser { .. })
         ));
-        assert!(matches!(
-            allowlist.resolve("acme", "broken"),
-            Err(PolicyError::UnknownRepo { .. })
-        ));
+        // A repo without "github" is a target, named by itself there.
+        assert!(allowlist.resolve("acme", "broken").is_ok());
     }
 
     #[test]

@@ -42,9 +42,12 @@ impl Task {
 
     /// Whether the task looks like a command-line option. It is always passed as one argv
     /// element, but a program that parses options (getopt, argparse, clap) could still read
-    /// `--help` or `--host=x` at that position as an option rather than as data.
+    /// `--help`, `-x` or `--host=x` at that position as an option rather than as data. A dash
+    /// followed by a space (a Markdown list item, `- fix the flaky test`) or a lone dash is not
+    /// an option to any of them.
     pub fn is_option_like(&self) -> bool {
-        self.0.starts_with('-')
+        let mut chars = self.0.chars();
+        chars.next() == Some('-') && chars.next().is_some_and(|second| !second.is_whitespace())
     }
 
     /// The rejection for an option-like task, naming the rule.
@@ -137,6 +140,10 @@ mod tests {
             );
         }
         assert!(!Task::parse("build it --fast").unwrap().is_option_like());
+        // What no option parser reads as an option: a Markdown list item, a lone dash.
+        for data in ["- fix the flaky test", "-\tindented", "-"] {
+            assert!(!Task::parse(data).unwrap().is_option_like(), "{data:?}");
+        }
     }
 
     #[test]
