@@ -426,7 +426,10 @@ mod tests {
             .resolve_visible("acme", "gadgets", only_acme)
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "unknown repo \"gadgets\"; known targets: acme/broken, acme/widgets");
+        assert_eq!(
+            err,
+            "unknown repo \"gadgets\"; known targets: acme/broken, acme/widgets"
+        );
         assert!(
             allowlist
                 .resolve_visible("acme", "widgets", only_acme)
