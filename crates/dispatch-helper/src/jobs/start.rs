@@ -3,6 +3,7 @@
 //! supervise. A queued dispatch is validated and prepared again, against the settings of the
 //! moment, when a slot frees ([`Helper::start_queued`]).
 
+use super::recover::process_start_ticks;
 use super::*;
 use crate::config::LimitsConfig;
 use crate::queue::Waiting;

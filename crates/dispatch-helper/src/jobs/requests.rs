@@ -1,0 +1,239 @@
+//! The requests that read or change a job: status, result (waiting for the end), list, cancel
+//! and delete. Each checks ownership first; another uid's job is unknown to the caller.
+
+use super::*;
+
+impl Helper {
+    pub fn status(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
+        Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    }
+
+    pub async fn result(
+        &self,
+        peer: &Peer,
+        handle: &str,
+        wait_ms: u32,
+    ) -> Result<JobView, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if !record.job.state.is_terminal() && wait_ms > 0 {
+            let cap = Duration::from_secs(self.settings().file.limits.max_result_wait_seconds);
+            let wait = Duration::from_millis(u64::from(wait_ms)).min(cap);
+            let receiver = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(handle)
+                .map(|e| e.finished.subscribe());
+            if let Some(mut receiver) = receiver {
+                let _ = tokio::time::timeout(wait, receiver.wait_for(|done| *done)).await;
+            }
+        }
+        let record = self.owned(peer, handle)?;
+        if record.job.state.is_terminal() {
+            // Output tails live on disk only.
+            if let Ok(full) = self.store.load_async(handle).await {
+                return Ok(full.view(Detail::Full));
+            }
+        }
+        Ok(record.view(Detail::Full))
+    }
+
+    pub fn list(
+        &self,
+        peer: &Peer,
+        filter: Option<&str>,
+        detail: bool,
+        limit: u32,
+    ) -> Result<(u64, Vec<JobView>), ErrorReply> {
+        let matcher = match filter.filter(|f| !f.is_empty()) {
+            None => None,
+            Some(pattern) => Some(compile_filter(pattern)?),
+        };
+        let max = self.settings().file.limits.max_list;
+        let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut matching: Vec<&JobRecord> = jobs
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| r.owner_uid == peer.identity.uid)
+            .filter(|r| {
+                matcher.as_ref().is_none_or(|m| {
+                    m.is_match(r.job.description.as_deref().unwrap_or(&r.job.task_preview))
+                })
+            })
+            .collect();
+        matching.sort_by(|a, b| {
+            b.job
+                .requested_at
+                .cmp(&a.job.requested_at)
+                .then(b.job.handle.cmp(&a.job.handle))
+        });
+        let level = if detail {
+            Detail::Argv
+        } else {
+            Detail::Summary
+        };
+        // Stop well inside one response frame, however long the argvs are; `total` still counts
+        // every match, so the caller can see that the list was cut.
+        let mut budget = LIST_BYTE_BUDGET;
+        Ok((
+            matching.len() as u64,
+            matching
+                .into_iter()
+                .take(limit)
+                .map(|r| r.view(level))
+                .take_while(|view| {
+                    let size = approximate_size(view);
+                    let fits = size <= budget;
+                    budget = budget.saturating_sub(size);
+                    fits
+                })
+                .collect(),
+        ))
+    }
+
+    pub async fn cancel(
+        self: &Arc<Self>,
+        peer: &Peer,
+        handle: &str,
+    ) -> Result<JobView, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if record.job.state.is_terminal() {
+            return Ok(record.view(Detail::Summary));
+        }
+        if record.job.state == JobState::Queued && self.cancel_queued(handle).await {
+            return Ok(self.owned(peer, handle)?.view(Detail::Summary));
+        }
+        let (stop, receiver) = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = jobs.get(handle).ok_or_else(|| unknown_handle(handle))?;
+            (entry.stop.clone(), entry.finished.subscribe())
+        };
+        let _ = self
+            .audit
+            .append(AuditEvent {
+                event: "cancel_requested",
+                peer: Some(peer.identity),
+                claimed_client: peer.claimed_client.clone(),
+                handle: Some(handle.to_owned()),
+                outcome: "requested".into(),
+                ..Default::default()
+            })
+            .await;
+        if let Some(stop) = stop {
+            let _ = stop.send(StopReason::Cancel);
+        }
+        let grace = self.settings().grace() + Duration::from_secs(3);
+        let mut receiver = receiver;
+        let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    }
+
+    pub async fn delete(&self, peer: &Peer, handle: &str) -> Result<String, ErrorReply> {
+        let record = self.owned(peer, handle)?;
+        if !record.job.state.is_terminal() {
+            return Err(reply(
+                ErrorKind::NotTerminal,
+                format!("job {handle} is still running; cancel it first, then delete it"),
+            ));
+        }
+        // Exactly one of several concurrent deletes takes the entry; the others find no such
+        // handle, as they would a moment later.
+        let entry = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle)
+            .ok_or_else(|| unknown_handle(handle))?;
+        if let Err(error) = self.store.remove_async(handle).await {
+            // Not deleted after all: the job stays listed, as its record does.
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(handle.to_owned(), entry);
+            return Err(reply(
+                ErrorKind::Internal,
+                format!("could not delete the record of {handle}: {error}"),
+            ));
+        }
+        let _ = self
+            .audit
+            .append(AuditEvent {
+                event: "deleted",
+                peer: Some(peer.identity),
+                claimed_client: peer.claimed_client.clone(),
+                handle: Some(handle.to_owned()),
+                outcome: "deleted".into(),
+                ..Default::default()
+            })
+            .await;
+        Ok(handle.to_owned())
+    }
+}
+
+/// What a list response may carry, well below the response frame limit.
+const LIST_BYTE_BUDGET: usize = dispatch_proto::MAX_RESPONSE_FRAME as usize / 2;
+
+/// An upper bound on a view's encoded size (postcard adds at most a few bytes per field).
+fn approximate_size(view: &JobView) -> usize {
+    let strings = [
+        &view.handle,
+        &view.orguser,
+        &view.repo,
+        &view.github,
+        &view.unix_user,
+        &view.task_preview,
+        &view.task_sha256,
+        &view.requested_at,
+        &view.detail,
+    ];
+    let argv: usize = view.argv.iter().flatten().map(|a| a.len() + 5).sum();
+    let sandbox = view
+        .sandbox
+        .as_ref()
+        .map_or(0, |s| s.landlock.len() + s.groups.len() * 5 + 64);
+    strings.iter().map(|s| s.len() + 5).sum::<usize>()
+        + view.description.as_ref().map_or(0, String::len)
+        + argv
+        + sandbox
+        + 256
+}
+
+/// A list filter from a client: short and shallow, compiled without panicking.
+fn compile_filter(pattern: &str) -> Result<globset::GlobSet, ErrorReply> {
+    const MAX_FILTER_CHARS: usize = 200;
+    const MAX_ALTERNATION_DEPTH: usize = 4;
+    let invalid = |why: String| {
+        reply(
+            ErrorKind::Invalid,
+            format!(
+                "invalid filter {}: {why}",
+                dispatch_policy::escape_value(pattern)
+            ),
+        )
+    };
+    if pattern.chars().count() > MAX_FILTER_CHARS {
+        return Err(invalid(format!(
+            "longer than {MAX_FILTER_CHARS} characters"
+        )));
+    }
+    let mut depth = 0usize;
+    for c in pattern.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_ALTERNATION_DEPTH {
+            return Err(invalid(format!(
+                "alternations nested deeper than {MAX_ALTERNATION_DEPTH}"
+            )));
+        }
+    }
+    let glob = globset::Glob::new(pattern).map_err(|e| invalid(e.to_string()))?;
+    // GlobSetBuilder reports a regex that cannot be built; Glob::compile_matcher would panic.
+    globset::GlobSetBuilder::new()
+        .add(glob)
+        .build()
+        .map_err(|e| invalid(e.to_string()))
+}

@@ -1,0 +1,202 @@
+//! A started lane's life on the helper's side: watched until it ends, judged, persisted and
+//! audited, its slot released; finished records pruned per client; and every lane stopped at
+//! shutdown.
+
+use super::*;
+
+impl Helper {
+    pub(super) async fn supervise(
+        self: Arc<Self>,
+        handle: String,
+        owner_uid: u32,
+        mut lane: SpawnedLane,
+        mut stop: mpsc::UnboundedReceiver<StopReason>,
+    ) {
+        let settings = self.settings();
+        let limits = settings.file.sandbox.limits;
+        let tail_limit = settings.file.limits.output_tail_bytes;
+        let stdout = lane
+            .stdout
+            .take()
+            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
+            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
+        let stderr = lane
+            .stderr
+            .take()
+            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
+            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
+        let controllers = self.spawner.containment().controllers();
+        let plan = lane::WatchPlan::new(&settings, controllers, lane.enforcement.uid);
+        let watched = lane::watch(&lane, plan, &mut stop).await;
+        // Ends everything the lane left running (its cgroup, its group), reaps it, and counts.
+        let ended = tokio::task::spawn_blocking(move || lane.wait()).await;
+        // The lane's capacity is free as soon as its processes are gone.
+        if let Some(record) = self.record(&handle) {
+            self.release(owner_uid, &lane_key(&record.job));
+        }
+        let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
+            let mut task = task?;
+            // A process outside any cgroup can hold the pipe open forever: bounded wait.
+            match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
+                Ok(Ok(tail)) => Some(tail),
+                _ => {
+                    task.abort();
+                    None
+                }
+            }
+        };
+        let stdout = collect(stdout).await;
+        let stderr = collect(stderr).await;
+
+        let Some(mut record) = self.record(&handle) else {
+            return;
+        };
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.stdout = stdout;
+        record.job.stderr = stderr;
+        record.pgid = None;
+        match ended {
+            Ok(Ok(end)) => {
+                let judged = lane::outcome(&end, watched, &limits, settings.file.timeout_seconds);
+                use std::os::unix::process::ExitStatusExt;
+                record.job.exit_code = end.status.code();
+                record.job.signal = end.status.signal();
+                record.job.state = judged.state;
+                record.job.detail = judged.detail;
+                record.job.stopped_by = judged.stopped_by;
+                record.job.usage = Some(judged.usage);
+            }
+            other => {
+                record.job.state = JobState::Failed;
+                record.job.detail = format!("could not wait for the lane: {other:?}");
+            }
+        }
+        let event = match record.job.state {
+            JobState::TimedOut => "timed_out",
+            JobState::Cancelled => "cancelled",
+            _ => "finished",
+        };
+        self.persist_and_audit_finish(&record, event).await;
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(entry) = jobs.get_mut(&handle) {
+                record.job.stdout = None;
+                record.job.stderr = None;
+                entry.record = record;
+                entry.stop = None;
+                let _ = entry.finished.send(true);
+            }
+        }
+        self.prune_finished(owner_uid).await;
+    }
+
+    pub(super) async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
+        if let Err(error) = self.store.save_async(record).await {
+            tracing::error!(%error, handle = %record.job.handle, "could not persist a finished job");
+        }
+        self.audit_finish(record, event).await;
+    }
+
+    pub(super) async fn audit_finish(&self, record: &JobRecord, event: &'static str) {
+        let audit = AuditEvent {
+            event,
+            handle: Some(record.job.handle.clone()),
+            orguser: Some(record.job.orguser.clone()),
+            repo: Some(record.job.repo.clone()),
+            outcome: record.job.state.as_str().into(),
+            detail: Some(record.job.detail.clone()),
+            ..Default::default()
+        };
+        if let Err(error) = self.audit.append(audit).await {
+            tracing::error!(%error, handle = %record.job.handle, "could not audit a job's end");
+        }
+    }
+
+    /// Keep at most `max_finished_jobs_per_client` finished records per client: the oldest go,
+    /// and each removal is audited.
+    pub(super) async fn prune_finished(&self, owner_uid: u32) {
+        let keep = self.settings().file.limits.max_finished_jobs_per_client;
+        let doomed: Vec<String> = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut finished: Vec<&JobRecord> = jobs
+                .values()
+                .filter(|e| e.stop.is_none() && e.record.owner_uid == owner_uid)
+                .map(|e| &e.record)
+                .filter(|r| r.job.state.is_terminal())
+                .collect();
+            if finished.len() <= keep {
+                return;
+            }
+            finished.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
+            let excess = finished.len() - keep;
+            finished
+                .into_iter()
+                .take(excess)
+                .map(|r| r.job.handle.clone())
+                .collect()
+        };
+        for handle in doomed {
+            if let Err(error) = self.store.remove_async(&handle).await {
+                tracing::error!(%error, %handle, "could not prune a finished job");
+                continue;
+            }
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&handle);
+            let _ = self
+                .audit
+                .append(AuditEvent {
+                    event: "pruned",
+                    handle: Some(handle),
+                    outcome: "deleted".into(),
+                    detail: Some(format!(
+                        "more than {keep} finished dispatches were kept for uid {owner_uid}"
+                    )),
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+
+    /// Jobs with a lane (or about to have one): queued ones wait for none and are kept, so a
+    /// restart starts them.
+    fn registered_running(&self) -> usize {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.values().filter(|e| e.is_running()).count()
+    }
+
+    /// Stop every running lane (SIGTERM, then SIGKILL after the grace period) and wait for
+    /// their records to be written.
+    pub async fn shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        // A dispatch that claimed capacity just before the flag was set registers its job right
+        // after spawning; give it a moment to appear in the snapshot below.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+            > self.registered_running()
+            && tokio::time::Instant::now() < settle
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let receivers: Vec<_> = {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.values()
+                .filter(|e| e.is_running())
+                .filter_map(|e| {
+                    let stop = e.stop.as_ref()?;
+                    let _ = stop.send(StopReason::Shutdown);
+                    Some(e.finished.subscribe())
+                })
+                .collect()
+        };
+        let grace = self.settings().grace() + Duration::from_secs(3);
+        for mut receiver in receivers {
+            let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        }
+    }
+}
