@@ -176,11 +176,16 @@ fn check(path: &Path) -> ExitCode {
             for target in settings.allowlist.targets() {
                 let org = settings.allowlist.org(&target.orguser);
                 println!(
-                    "  {}/{} -> github {} (runs as {})",
+                    "  {}/{} -> github {} (runs as {}){}",
                     target.orguser,
                     target.repo,
                     target.github,
-                    org.map(|o| o.unix_user.to_string()).unwrap_or_default()
+                    org.map(|o| o.unix_user.to_string()).unwrap_or_default(),
+                    if settings.refused_orgs.contains_key(target.orguser.as_str()) {
+                        "  REFUSED: see the warning below"
+                    } else {
+                        ""
+                    }
                 );
             }
             for warning in &settings.warnings {
