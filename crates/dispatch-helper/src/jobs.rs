@@ -106,6 +106,20 @@ struct JobEntry {
 }
 
 impl JobEntry {
+    fn new(record: JobRecord, stop: Option<StopChannel>) -> Self {
+        let (finished, _) = watch::channel(record.job.state.is_terminal());
+        let (stop, stop_receiver) = match stop {
+            Some((sender, receiver)) => (Some(sender), Some(receiver)),
+            None => (None, None),
+        };
+        JobEntry {
+            record,
+            finished,
+            stop,
+            stop_receiver,
+        }
+    }
+
     fn is_running(&self) -> bool {
         self.stop.is_some() && self.record.job.state == JobState::Running
     }
@@ -351,20 +365,10 @@ impl Helper {
     /// Enter a job in the table: a finished one, or (with its stop channel) one that waits or
     /// runs.
     fn insert(&self, record: JobRecord, stop: Option<StopChannel>) {
-        let (finished, _) = watch::channel(record.job.state.is_terminal());
-        let (stop, stop_receiver) = match stop {
-            Some((sender, receiver)) => (Some(sender), Some(receiver)),
-            None => (None, None),
-        };
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            record.job.handle.clone(),
-            JobEntry {
-                record,
-                finished,
-                stop,
-                stop_receiver,
-            },
-        );
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.job.handle.clone(), JobEntry::new(record, stop));
     }
 
     /// The stop channel of a job about to start: the one it was given when it was queued, or a

@@ -39,24 +39,9 @@ impl Helper {
             }
             record.job.stdout = None;
             record.job.stderr = None;
-            let (finished, _) = watch::channel(record.job.state.is_terminal());
             // A queued job gets its stop channel back: a cancel during its start must reach it.
-            let (stop, stop_receiver) = match record.job.state {
-                JobState::Queued => {
-                    let (sender, receiver) = mpsc::unbounded_channel();
-                    (Some(sender), Some(receiver))
-                }
-                _ => (None, None),
-            };
-            jobs.insert(
-                record.job.handle.clone(),
-                JobEntry {
-                    record,
-                    finished,
-                    stop,
-                    stop_receiver,
-                },
-            );
+            let stop = (record.job.state == JobState::Queued).then(mpsc::unbounded_channel);
+            jobs.insert(record.job.handle.clone(), JobEntry::new(record, stop));
         }
         // What waited for a slot waits again, oldest first (not bounded: it was all accepted).
         let mut queued: Vec<&JobRecord> = jobs
