@@ -256,16 +256,7 @@ impl TestHelper {
 
     /// `dispatch-helper audit verify` passes on this helper's audit log.
     pub fn assert_audit_chain_intact(&self) {
-        let verify = Command::new(helper_bin())
-            .args(["audit", "verify"])
-            .arg(&self.audit)
-            .output()
-            .unwrap();
-        assert!(
-            verify.status.success(),
-            "{}",
-            String::from_utf8_lossy(&verify.stderr)
-        );
+        assert_audit_log_verifies(&self.audit);
     }
 
     /// Audit records of one event kind.
@@ -546,4 +537,18 @@ pub fn start_helper(test: &str, options: HelperOptions) -> Option<TestHelper> {
     }
     ensure_users();
     Some(TestHelper::start(options))
+}
+
+/// `dispatch-helper audit verify` passes on the audit log at `path`.
+pub fn assert_audit_log_verifies(path: impl AsRef<std::ffi::OsStr>) {
+    let verify = Command::new(helper_bin())
+        .args(["audit", "verify"])
+        .arg(path.as_ref())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
