@@ -60,6 +60,8 @@ fn main() {
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
         change_uid,
     };
 

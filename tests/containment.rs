@@ -23,18 +23,28 @@ fn tag(name: &str) -> String {
     format!("contain-{name}-{}-{nanos}", std::process::id())
 }
 
-fn work_dir(user_name: &str) -> PathBuf {
-    user(user_name).dir.join("dispatch-work")
+/// Where a lane of `user_name` wrote `file`: in its job's own directory, one of those under
+/// the user's work area (tags are unique, so the first found is the one).
+fn in_job_dir(user_name: &str, file: &str) -> PathBuf {
+    let area = user(user_name).dir.join("dispatch-work");
+    std::fs::read_dir(&area)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join(file))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| area.join(file))
 }
 
 /// The pid the escaped descendant wrote, once it is running.
 fn escaped_pid(user_name: &str, tag: &str) -> i32 {
-    let file = work_dir(user_name).join(format!("{tag}.pid"));
+    let file = format!("{tag}.pid");
     wait_until(
         "the escaped descendant to start",
         Duration::from_secs(10),
-        || std::fs::read_to_string(&file).is_ok_and(|s| !s.is_empty()),
+        || std::fs::read_to_string(in_job_dir(user_name, &file)).is_ok_and(|s| !s.is_empty()),
     );
+    let file = in_job_dir(user_name, &file);
     let pid = std::fs::read_to_string(&file)
         .unwrap()
         .trim()
@@ -54,7 +64,7 @@ fn assert_gone(pid: i32, user_name: &str, tag: &str, after: &str) {
         !alive(pid),
         "BREACH: the lane's escaped descendant {pid} still runs 1 s after {after}"
     );
-    let alive_file = work_dir(user_name).join(format!("{tag}.alive"));
+    let alive_file = in_job_dir(user_name, &format!("{tag}.alive"));
     let size = || std::fs::metadata(&alive_file).map(|m| m.len()).unwrap_or(0);
     let before = size();
     std::thread::sleep(Duration::from_millis(300));
@@ -64,7 +74,7 @@ fn assert_gone(pid: i32, user_name: &str, tag: &str, after: &str) {
         "BREACH: something still writes {tag}.alive after {after}"
     );
     let _ = std::fs::remove_file(alive_file);
-    let _ = std::fs::remove_file(work_dir(user_name).join(format!("{tag}.pid")));
+    let _ = std::fs::remove_file(in_job_dir(user_name, &format!("{tag}.pid")));
 }
 
 fn start(test: &str, sandbox: &str, timeout_seconds: u64) -> Option<TestHelper> {

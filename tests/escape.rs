@@ -179,6 +179,13 @@ async fn a_lane_cannot_escape() {
         "BREACH: the file outside the work dir changed"
     );
     assert_denied(&checks, "read_other_home", None);
+    for planted in [
+        "write_home_bashrc",
+        "write_home_authorized_keys",
+        "write_home_systemd_user_unit",
+    ] {
+        assert_denied(&checks, planted, None);
+    }
     assert_denied(&checks, "read_etc_config", Some(libc::EACCES as i64));
     assert_eq!(
         checks["reaper_found"]["succeeded"], true,

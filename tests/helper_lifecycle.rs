@@ -902,6 +902,7 @@ async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
             repo: "alice-repo".into(),
             task: "sleep:30".into(),
             description: None,
+            lane_env: Vec::new(),
         }))
         .await;
     assert_eq!(error.kind, ErrorKind::Busy);

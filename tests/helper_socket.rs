@@ -577,6 +577,7 @@ async fn lane_accounts_with_powers_beyond_their_own_are_refused_with_the_reason(
             repo: "bob-repo".into(),
             task: "exit:0".into(),
             description: None,
+            lane_env: Vec::new(),
         }))
         .await;
     assert_eq!(refused.kind, ErrorKind::NotPermitted, "{refused:?}");

@@ -486,6 +486,31 @@ fn escape(config: Value) {
             .map(|_| 0)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
+    // The lane user's own files, which DAC lets it write: only Landlock keeps a lane from
+    // planting what would run later, outside any sandbox.
+    let home = std::env::var("HOME").unwrap_or_default();
+    for (check, file) in [
+        ("write_home_bashrc", format!("{home}/.bashrc")),
+        (
+            "write_home_authorized_keys",
+            format!("{home}/.ssh/authorized_keys"),
+        ),
+        (
+            "write_home_systemd_user_unit",
+            format!("{home}/.config/systemd/user/escape.service"),
+        ),
+    ] {
+        checks.push(report(
+            check,
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&file)
+                .and_then(|mut f| f.write_all(b"BREACH\n"))
+                .map(|_| 0)
+                .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+        ));
+    }
     // A configuration file of the helper's kind under /etc, readable by everyone: only
     // Landlock (which grants what lanes need of /etc, not /etc) stands in the way.
     if let Some(config_file) = config["etc_config_file"].as_str() {
@@ -527,7 +552,11 @@ fn escape(config: Value) {
             _ => Err(libc::ESRCH),
         },
     ));
-    let work_file = format!("{}/probe-write-ok", str_of("work_dir"));
+    // The job's own directory, where the helper starts the lane.
+    let here = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let work_file = format!("{here}/probe-write-ok");
     checks.push(report(
         "write_inside_work_dir",
         std::fs::write(&work_file, "ok")
@@ -809,10 +838,10 @@ fn escape(config: Value) {
     drop(opened);
     // SAFETY: ignoring SIGXFSZ so an over-limit write returns EFBIG instead of killing us.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let big = format!("{}/probe-big", str_of("work_dir"));
+    let big = "probe-big";
     let fsize = config["fsize"].as_u64().unwrap_or(0) as usize;
-    let written = std::fs::write(&big, vec![b'x'; fsize + 4096]);
-    let size = std::fs::metadata(&big).map(|m| m.len()).unwrap_or(0);
+    let written = std::fs::write(big, vec![b'x'; fsize + 4096]);
+    let size = std::fs::metadata(big).map(|m| m.len()).unwrap_or(0);
     checks.push(json!({"check": "fsize", "write_ok": written.is_ok(), "size": size}));
 
     for check in checks {

@@ -74,9 +74,19 @@ pub fn ensure_users() {
         std::fs::create_dir_all(&user.dir).unwrap();
         std::fs::set_permissions(&user.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         nix::unistd::chown(&user.dir, Some(user.uid), Some(user.gid)).unwrap();
-        let work = user.dir.join("dispatch-work");
-        std::fs::create_dir_all(&work).unwrap();
-        nix::unistd::chown(&work, Some(user.uid), Some(user.gid)).unwrap();
+        // Where a lane would plant what runs later: present and the user's own, so that only
+        // the sandbox can stop a lane that writes there.
+        for dir in [
+            "dispatch-work",
+            ".ssh",
+            ".config",
+            ".config/systemd",
+            ".config/systemd/user",
+        ] {
+            let dir = user.dir.join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).unwrap();
+        }
     }
 }
 
@@ -368,6 +378,7 @@ impl Client {
                 peer_uid: 0,
                 unprivileged: false,
                 max_in_flight: 8,
+                pass_env: Vec::new(),
             },
         };
         match client
@@ -410,6 +421,7 @@ impl Client {
             repo: repo.into(),
             task: task.into(),
             description: Some(format!("test {task}").chars().take(100).collect()),
+            lane_env: Vec::new(),
         }))
         .await
     }

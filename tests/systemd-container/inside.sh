@@ -202,11 +202,16 @@ step_proc() {
 }
 
 LANES=/var/lib/dispatch-mcp/lanes/acme
-# escaped_pid TAG: the pid the probe's escaped descendant wrote in acme's work dir
+# pid_of TAG: what the probe's escaped descendant wrote in its job's own directory (one of
+# acme's under $LANES; tags are unique)
+pid_of() {
+    cat "$LANES"/*/"$1.pid" 2>/dev/null | head -n 1
+}
+# escaped_pid TAG: that pid, once it is there
 escaped_pid() {
     local i
-    for i in $(seq 100); do [ -s "$LANES/$1.pid" ] && break; sleep 0.05; done
-    cat "$LANES/$1.pid" 2>/dev/null
+    for i in $(seq 100); do [ -n "$(pid_of "$1")" ] && break; sleep 0.05; done
+    pid_of "$1"
 }
 gone_within_1s() { # gone_within_1s PID: it is gone (or a zombie) within a second
     local i
@@ -222,15 +227,13 @@ step_setsid() {
     local how out pid st h
     for how in escape-setsid escape-setpgid; do
         # The lane ends by itself a second after its descendant started.
-        rm -f "$LANES/nspawn-$how.pid"
         out=$(dispatch acme widgets "$how:nspawn-$how:1" 15)
         st=$(echo "$out" | pick 1 's.get("status")')
-        pid=$(cat "$LANES/nspawn-$how.pid" 2>/dev/null)
+        pid=$(pid_of "nspawn-$how")
         echo "$how: lane $st, escaped descendant ${pid:-none}"
         [ "$st" = succeeded ] && [ -n "$pid" ] && gone_within_1s "$pid"
         check "${how}_gone_with_its_lane" $? "descendant ${pid:-none} gone within 1 s of the lane's end"
         # Cancelled while it runs.
-        rm -f "$LANES/nspawn-$how-cancel.pid"
         h=$(start_lane acme widgets "$how:nspawn-$how-cancel:60")
         pid=$(escaped_pid "nspawn-$how-cancel")
         front alice "[{\"tool\":\"dispatch_cancel\",\"args\":{\"handle\":\"$h\"}}]" >/dev/null
@@ -242,10 +245,9 @@ step_setsid() {
     cp "$CONF" /root/helper.toml.pre-timeout
     sed -i 's|^timeout_seconds = .*|timeout_seconds = 3|' "$CONF"
     systemctl reload "$UNIT"; sleep 0.5
-    rm -f "$LANES/nspawn-timeout.pid"
     out=$(dispatch acme widgets "escape-setsid:nspawn-timeout:60" 20)
     st=$(echo "$out" | pick 1 's.get("status")')
-    pid=$(cat "$LANES/nspawn-timeout.pid" 2>/dev/null)
+    pid=$(pid_of "nspawn-timeout")
     [ "$st" = timed_out ] && [ -n "$pid" ] && gone_within_1s "$pid"
     check escape-setsid_gone_when_timed_out $? "job $st, descendant ${pid:-none} gone within 1 s"
     cp /root/helper.toml.pre-timeout "$CONF"; systemctl reload "$UNIT"; sleep 0.5
@@ -285,7 +287,6 @@ step_restart() {
 
 step_kill9() {
     local h p st esc
-    rm -f "$LANES/nspawn-kill9.pid"
     h=$(start_lane acme widgets "escape-setsid:nspawn-kill9:60")
     esc=$(escaped_pid nspawn-kill9)
     echo "lane $h, escaped descendant $esc; SIGKILL to the helper's main process only"
@@ -337,7 +338,8 @@ time.sleep(3600)'
     echo "$out" | pick 1 '(s.get("stdout") or {}).get("text","")' | python3 -c '
 import json, sys
 checks = {d["check"]: d for d in (json.loads(l) for l in sys.stdin if l.startswith("{")) if "check" in d}
-forbidden = ("write_outside_work_dir", "read_other_home", "setresuid_root", "ptrace_traceme",
+forbidden = ("write_outside_work_dir", "write_home_bashrc", "write_home_authorized_keys",
+    "write_home_systemd_user_unit", "read_other_home", "setresuid_root", "ptrace_traceme",
     "process_vm_readv", "bpf", "mount", "unshare_newuser", "io_uring_setup", "keyctl", "tiocsti",
     "tiocsti_high_bits", "kill_helper", "connect_helper_socket", "x32_syscall", "tcp_bind",
     "tcp_connect_denied_port", "cgroup_leave", "cgroup_raise_limit", "cgroup_mkdir",

@@ -1,5 +1,5 @@
 //! `dispatch-mcp demo`: the whole path on a fresh machine, no root, no config. It starts the real
-//! front (`dispatch-mcp serve --embedded-helper`, which starts a real helper) as a child process
+//! front (`dispatch-mcp serve --demo-helper`, which starts a real helper) as a child process
 //! and drives it over stdio as an MCP client, printing each step.
 
 use crate::embedded::{DEMO_ORGUSER, DEMO_REPO, new_private_dir};
@@ -32,7 +32,7 @@ pub async fn run() -> Result<(), String> {
     let front_log = dir.join("front.log");
     let log = std::fs::File::create(&front_log).map_err(|e| e.to_string())?;
     let command = tokio::process::Command::new(&exe).configure(|cmd| {
-        cmd.args(["serve", "--embedded-helper"])
+        cmd.args(["serve", "--demo-helper"])
             .env("DISPATCH_EMBEDDED_DIR", &dir)
             .env_remove("DISPATCH_REPOS_JSON");
     });

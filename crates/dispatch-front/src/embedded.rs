@@ -1,12 +1,8 @@
-//! The embedded helper: a real `dispatch-helper` process started by the front on a private
-//! socket, for trying dispatch-mcp without systemd. Without root it runs in unprivileged mode
-//! (every lane runs as the current user, still sandboxed); as root the demo lane runs as
-//! `nobody`.
-//!
-//! Two flavours:
-//! - demo (default): a demo allowlist and the harmless `dispatch-demo-lane` program;
-//! - drop-in (DISPATCH_REPOS_JSON is set): the Python server's environment, allowlist and
-//!   `dotfiles-dispatch` from PATH, so an existing MCP client entry keeps working.
+//! The demo helper: a real `dispatch-helper` process started by the front on a private socket
+//! for `dispatch-mcp demo`, with a demo allowlist and the harmless `dispatch-demo-lane`
+//! program. Without root it runs in unprivileged mode (every lane runs as the current user,
+//! still sandboxed); as root the demo lane runs as `nobody`. It is never served in place of a
+//! missing allowlist: `serve` without a system helper uses the personal helper (`personal`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,11 +16,10 @@ pub struct EmbeddedHelper {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub audit_log: PathBuf,
-    pub drop_in: bool,
     _child: tokio::process::Child,
 }
 
-fn sibling(name: &str, env: &str) -> Result<PathBuf, String> {
+pub fn sibling(name: &str, env: &str) -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
@@ -81,14 +76,9 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
     };
     let root = nix::unistd::geteuid().is_root();
     let helper_bin = sibling("dispatch-helper", "DISPATCH_HELPER_BIN")?;
-    let drop_in = std::env::var_os("DISPATCH_REPOS_JSON").is_some_and(|v| !v.is_empty());
     let socket = dir.join("helper.sock");
     let audit_log = dir.join("audit.jsonl");
-    let (allowlist, argv, work_dir) = if drop_in {
-        let allowlist = std::env::var("DISPATCH_REPOS_JSON").unwrap_or_default();
-        let argv = r#"["dotfiles-dispatch", "{orguser}", "{repo}", "{task}", "--host", "{host}", "--max", "{max_iterations}"]"#.to_owned();
-        (PathBuf::from(allowlist), argv, "{home}".to_owned())
-    } else {
+    let (allowlist, argv, work_dir) = {
         let lane = sibling("dispatch-demo-lane", "DISPATCH_DEMO_LANE_BIN")?;
         let lane = if root {
             // nobody cannot traverse most install locations (e.g. /root/.cargo/bin).
@@ -144,13 +134,7 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
             toml_string(&audit_log.display().to_string()),
             toml_string(&socket.display().to_string()),
             toml_string(&work_dir),
-            // The Python server's defaults (DISPATCH_MAX_ITERATIONS and DISPATCH_TIMEOUT
-            // override them, as they did there).
-            if drop_in {
-                "max_iterations = 50\ntimeout_seconds = 60\n"
-            } else {
-                ""
-            },
+            "",
         ),
     )?;
     let mut child = tokio::process::Command::new(&helper_bin)
@@ -165,7 +149,9 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         .map_err(|e| format!("start {}: {e}", helper_bin.display()))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        // Bound means listening (bind and listen are one step there); a probe connection
+        // would be audited as a client that said nothing.
+        if std::fs::symlink_metadata(&socket).is_ok() {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -186,7 +172,6 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         dir,
         socket,
         audit_log,
-        drop_in,
         _child: child,
     })
 }

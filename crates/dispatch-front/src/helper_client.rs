@@ -33,7 +33,7 @@ pub enum HelperError {
 }
 
 /// How long connecting and the handshake may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// What a connection's reader and writer share with callers. `alive` and `pending` change
 /// together under one lock, so a request is either registered on a live connection (and will
@@ -76,6 +76,11 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 
 pub struct HelperClient {
     socket: PathBuf,
+    /// Personal mode: starts the user's helper when none answers.
+    launcher: Option<crate::personal::Launcher>,
+    /// The caller's values of the variables the helper passes to lanes (`HelloReply::pass_env`):
+    /// this front's own environment, read once.
+    lane_env: Vec<(String, String)>,
     client_name: Mutex<Option<String>>,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
     next_id: AtomicU64,
@@ -85,10 +90,40 @@ impl HelperClient {
     pub fn new(socket: PathBuf) -> HelperClient {
         HelperClient {
             socket,
+            launcher: None,
+            lane_env: Vec::new(),
             client_name: Mutex::new(None),
             connection: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// A client of the user's personal helper, which it starts when none answers.
+    pub fn personal(launcher: crate::personal::Launcher) -> HelperClient {
+        let mut client = HelperClient::new(launcher.socket.clone());
+        client.launcher = Some(launcher);
+        client
+    }
+
+    /// Offer this environment's values to lanes (only the names the helper passes are sent).
+    pub fn with_lane_env(mut self, env: Vec<(String, String)>) -> HelperClient {
+        self.lane_env = env;
+        self
+    }
+
+    /// The values to send with a dispatch: those of the names this helper passes.
+    pub async fn lane_env(&self) -> Result<Vec<(String, String)>, HelperError> {
+        let hello = self.hello().await?;
+        Ok(self
+            .lane_env
+            .iter()
+            .filter(|(name, _)| hello.pass_env.contains(name))
+            .cloned()
+            .collect())
+    }
+
+    pub fn is_personal(&self) -> bool {
+        self.launcher.is_some()
     }
 
     pub fn socket(&self) -> &Path {
@@ -184,9 +219,12 @@ impl HelperClient {
             socket: self.socket.display().to_string(),
             reason,
         };
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let stream = match &self.launcher {
+            Some(launcher) => launcher.connect_or_start().await.map_err(unreachable)?,
+            None => UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?,
+        };
         let (mut reader, mut writer) = stream.into_split();
         let client_name = self
             .client_name

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod embedded;
 pub mod helper_client;
 pub mod mcp;
+pub mod personal;
 pub mod service;
 
 use clap::{Parser, Subcommand};
@@ -29,15 +30,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve MCP on stdio (the default).
+    /// Serve MCP on stdio (the default). Uses the system helper when its socket answers, else
+    /// the user's personal helper (started on demand, shared by all of the user's fronts, and
+    /// configured from this environment as the Python server was: DISPATCH_REPOS_JSON, default
+    /// ~/.repos.json; DISPATCH_SSH_HOST; DISPATCH_MAX_ITERATIONS; DISPATCH_TIMEOUT; PATH).
     Serve {
-        /// Start a private helper process for this session (no systemd, no root needed).
-        /// Honours DISPATCH_REPOS_JSON, DISPATCH_SSH_HOST, DISPATCH_MAX_ITERATIONS,
-        /// DISPATCH_TIMEOUT and PATH like the Python server; without DISPATCH_REPOS_JSON it
-        /// serves a demo allowlist and a harmless demo lane.
+        /// Use the personal helper even if a system helper answers.
         #[arg(long)]
         embedded_helper: bool,
-        /// Helper socket (default: DISPATCH_HELPER_SOCKET, else /run/dispatch-mcp/helper.sock).
+        /// A private demo helper for this session only (used by `dispatch-mcp demo`).
+        #[arg(long, hide = true)]
+        demo_helper: bool,
+        /// Helper socket (default: DISPATCH_HELPER_SOCKET, else the system helper's
+        /// /run/dispatch-mcp/helper.sock if it answers, else the personal helper).
         #[arg(long)]
         socket: Option<PathBuf>,
     },
@@ -67,12 +72,14 @@ pub fn main() -> ExitCode {
     };
     let outcome = match cli.command.unwrap_or(Command::Serve {
         embedded_helper: false,
+        demo_helper: false,
         socket: None,
     }) {
         Command::Serve {
             embedded_helper,
+            demo_helper,
             socket,
-        } => runtime.block_on(serve(embedded_helper, socket)),
+        } => runtime.block_on(serve(embedded_helper, demo_helper, socket)),
         Command::Demo => runtime.block_on(demo::run()),
     };
     match outcome {
@@ -84,34 +91,59 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn serve(embedded_helper: bool, socket: Option<PathBuf>) -> Result<(), String> {
-    let mut _embedded = None;
-    let socket = if embedded_helper {
+/// The helper this front talks to: the socket it was told, else the system helper if it
+/// answers, else the user's personal one.
+async fn choose_helper(
+    personal: bool,
+    demo: bool,
+    socket: Option<PathBuf>,
+) -> Result<
+    (
+        helper_client::HelperClient,
+        Option<embedded::EmbeddedHelper>,
+    ),
+    String,
+> {
+    if demo {
         let dir = std::env::var_os("DISPATCH_EMBEDDED_DIR").map(PathBuf::from);
         let helper = embedded::start(dir).await?;
         eprintln!(
-            "dispatch-mcp: embedded helper ({}) on {}; audit log {}",
-            if helper.drop_in {
-                "drop-in: DISPATCH_REPOS_JSON and dotfiles-dispatch"
-            } else {
-                "demo lanes"
-            },
+            "dispatch-mcp: demo helper on {}; audit log {}",
             helper.socket.display(),
             helper.audit_log.display()
         );
-        let socket = helper.socket.clone();
-        _embedded = Some(helper);
-        socket
-    } else {
-        socket
-            .or_else(|| {
-                std::env::var_os("DISPATCH_HELPER_SOCKET")
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from)
-            })
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-    };
-    let service = service::DispatchService::new(helper_client::HelperClient::new(socket));
+        let client = helper_client::HelperClient::new(helper.socket.clone());
+        return Ok((client, Some(helper)));
+    }
+    let told = socket.or_else(|| {
+        std::env::var_os("DISPATCH_HELPER_SOCKET")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    let lane_env = personal::lane_env_of_this_process();
+    if let Some(socket) = told {
+        let client = helper_client::HelperClient::new(socket).with_lane_env(lane_env);
+        return Ok((client, None));
+    }
+    if !personal {
+        // A real handshake, not a bare connect: the helper audits connections that say nothing.
+        let system = helper_client::HelperClient::new(PathBuf::from(DEFAULT_SOCKET))
+            .with_lane_env(lane_env.clone());
+        if std::path::Path::new(DEFAULT_SOCKET).exists() && system.hello().await.is_ok() {
+            return Ok((system, None));
+        }
+    }
+    personal::warn_about_numbers();
+    let launcher = personal::Launcher::prepare()?;
+    Ok((
+        helper_client::HelperClient::personal(launcher).with_lane_env(lane_env),
+        None,
+    ))
+}
+
+async fn serve(personal: bool, demo: bool, socket: Option<PathBuf>) -> Result<(), String> {
+    let (client, _demo) = choose_helper(personal, demo, socket).await?;
+    let service = service::DispatchService::new(client);
     let running = mcp::DispatchServer::new(service)
         .serve(rmcp::transport::stdio())
         .await

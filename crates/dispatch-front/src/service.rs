@@ -151,8 +151,12 @@ pub struct DispatchOutput {
     pub requested_at: String,
     /// Exit code of the dispatch command, once it has exited.
     pub returncode: Option<i32>,
-    /// What happened, in words (or why it failed).
+    /// As the Python server's: once the command has exited, a short summary of its output
+    /// (the end of stdout, else of stderr); otherwise, and when it printed nothing or a limit
+    /// stopped it, the same words as `outcome`.
     pub detail: String,
+    /// What happened, in words (or why it failed).
+    pub outcome: String,
     pub description: Option<String>,
     pub task_preview: String,
     pub task_sha256: String,
@@ -177,6 +181,33 @@ pub struct DispatchOutput {
     pub stopped_by: Option<String>,
 }
 
+/// At most this much of a command's output goes into `detail`.
+const SUMMARY_CHARS: usize = 500;
+
+/// The end of what the command printed (stdout, else stderr), once it exited by itself: what
+/// the Python server's `detail` carried.
+fn output_summary(job: &JobView) -> Option<String> {
+    let exited = job.exit_code.is_some() && job.stopped_by.is_none();
+    let printed = |tail: &Option<dispatch_proto::OutputTail>| {
+        tail.as_ref()
+            .map(|t| t.text.trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let text = printed(&job.stdout).or_else(|| printed(&job.stderr))?;
+    exited.then(|| {
+        let count = text.chars().count();
+        let end: String = text
+            .chars()
+            .skip(count.saturating_sub(SUMMARY_CHARS))
+            .collect();
+        if count > SUMMARY_CHARS {
+            format!("…{end}")
+        } else {
+            end
+        }
+    })
+}
+
 impl From<JobView> for DispatchOutput {
     fn from(job: JobView) -> Self {
         let tail = |t: dispatch_proto::OutputTail| OutputTail {
@@ -184,6 +215,7 @@ impl From<JobView> for DispatchOutput {
             total_bytes: t.total_bytes,
             truncated: t.truncated,
         };
+        let summary = output_summary(&job);
         DispatchOutput {
             handle: job.handle,
             orguser: job.orguser,
@@ -192,7 +224,8 @@ impl From<JobView> for DispatchOutput {
             status: job.state.as_str().to_owned(),
             requested_at: job.requested_at,
             returncode: job.exit_code,
-            detail: job.detail,
+            detail: summary.unwrap_or_else(|| job.detail.clone()),
+            outcome: job.detail,
             description: job.description,
             task_preview: job.task_preview,
             task_sha256: job.task_sha256,
@@ -288,11 +321,16 @@ impl DispatchService {
 
     fn helper_failure(&self, error: HelperError) -> ToolFailure {
         ToolFailure(match error {
+            HelperError::Unreachable { .. } if self.helper.is_personal() => format!(
+                "{error}. This is your personal dispatch helper (no system helper answered at \
+                 {}).",
+                crate::DEFAULT_SOCKET
+            ),
             HelperError::Unreachable { .. } => format!(
                 "{error}. The dispatch helper must be running: start it with `systemctl start \
-                 dispatch-helper.socket` (or run this server as `dispatch-mcp serve \
-                 --embedded-helper` to try it without systemd), then retry. If it runs, check \
-                 DISPATCH_HELPER_SOCKET (now {}).",
+                 dispatch-helper.socket`, or run this server without --socket and \
+                 DISPATCH_HELPER_SOCKET to use your personal helper, then retry. If it runs, \
+                 check DISPATCH_HELPER_SOCKET (now {}).",
                 self.helper.socket().display()
             ),
             HelperError::Disconnected => format!(
@@ -357,11 +395,17 @@ impl DispatchService {
     /// As the Python server did, surrounding whitespace of the names, the handle and the task
     /// is stripped before anything is checked (the helper then validates what is left).
     pub async fn dispatch(&self, args: DispatchArgs) -> Result<DispatchOutput, ToolFailure> {
+        let lane_env = self
+            .helper
+            .lane_env()
+            .await
+            .map_err(|e| self.helper_failure(e))?;
         let request = Request::Dispatch(DispatchRequest {
             orguser: args.orguser.trim().to_owned(),
             repo: args.repo.trim().to_owned(),
             task: args.task_description.trim().to_owned(),
             description: args.description,
+            lane_env,
         });
         self.job(request).await.map(Into::into)
     }

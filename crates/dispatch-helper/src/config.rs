@@ -49,10 +49,28 @@ pub struct ConfigFile {
     pub socket_group: Option<String>,
     #[serde(default = "default_socket_mode")]
     pub socket_mode: u32,
-    /// Lane working directory; `{home}`, `{unix_user}` and `{orguser}` are substituted. It
-    /// must exist.
-    #[serde(default = "default_work_dir")]
+    /// Where a lane user's job directories are made: `{home}`, `{unix_user}` and `{orguser}`
+    /// are substituted. Each job runs in its own directory beneath it, made by the helper and
+    /// owned by the lane user; nothing else of the home is writable. Default (empty):
+    /// `<state_dir>/lanes/{unix_user}`, made by the helper when missing.
+    #[serde(default)]
     pub work_dir: String,
+    /// Keep a job's directory when its record is deleted or pruned (default: removed with it).
+    #[serde(default)]
+    pub keep_work_dirs: bool,
+    /// Environment variables a caller may pass to its lanes (their values come with each
+    /// dispatch, are never recorded, and override the lane's defaults). Default: none. `PATH`
+    /// also lets lanes run programs beneath each of its absolute directories.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+    /// Stop after this many seconds with no connection, no running lane and nothing queued
+    /// (0: never). For a helper started on demand, such as a user's personal one.
+    #[serde(default)]
+    pub exit_when_idle_seconds: u64,
+    /// The Python server's variables, as values (the process environment overrides them):
+    /// how a personal helper keeps the settings of the MCP client entry that started it.
+    #[serde(default)]
+    pub environment: EnvironmentTable,
     /// Groups an org-user's account must not be in (root mode): their powers would reach its
     /// lanes. Default: `lane_users::DEFAULT_FORBIDDEN_GROUPS`.
     #[serde(default = "default_forbidden_lane_groups")]
@@ -143,8 +161,19 @@ fn default_grace() -> u64 {
 fn default_socket_mode() -> u32 {
     0o660
 }
-fn default_work_dir() -> String {
-    "{home}".into()
+
+/// `[environment]`: the same variables the process environment may set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentTable {
+    #[serde(rename = "DISPATCH_REPOS_JSON")]
+    pub repos_json: Option<String>,
+    #[serde(rename = "DISPATCH_SSH_HOST")]
+    pub ssh_host: Option<String>,
+    #[serde(rename = "DISPATCH_MAX_ITERATIONS")]
+    pub max_iterations: Option<String>,
+    #[serde(rename = "DISPATCH_TIMEOUT")]
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +261,15 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let env_warnings = apply_env(&mut file, env);
+    let table = &file.environment;
+    let env = EnvOverrides {
+        repos_json: env.repos_json.clone().or(table.repos_json.clone()),
+        ssh_host: env.ssh_host.clone().or(table.ssh_host.clone()),
+        max_iterations: env.max_iterations.clone().or(table.max_iterations.clone()),
+        timeout: env.timeout.clone().or(table.timeout.clone()),
+    };
+    let env_warnings = apply_env(&mut file, &env);
+    check_pass_env(&file.pass_env)?;
     validate_host(&file.host)?;
     let caps = [
         ("max_running_jobs", file.limits.max_running_jobs),
@@ -509,8 +546,38 @@ fn check_owner_and_mode(
     Ok(())
 }
 
-/// Resolve the work dir template for a lane.
-pub fn work_dir(template: &str, home: &Path, unix_user: &str, orguser: &str) -> PathBuf {
+/// Names a caller may pass: plain variable names, never the loader's (`LD_*`) nor the ones
+/// the sandbox sets for the lane's own identity and work directory.
+fn check_pass_env(names: &[String]) -> Result<(), ConfigError> {
+    const OWN: &[&str] = &["HOME", "USER", "LOGNAME", "TMPDIR", "PWD", "SHELL"];
+    for name in names {
+        let plain = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain || name.starts_with("LD_") || OWN.contains(&name.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "pass_env entry {name:?}: a name must be [A-Za-z_][A-Za-z0-9_]*, not LD_* and \
+                 not one the sandbox sets ({})",
+                OWN.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Resolve the work area template for a lane user (its jobs' directories are made beneath it).
+pub fn work_dir(
+    template: &str,
+    state_dir: &Path,
+    home: &Path,
+    unix_user: &str,
+    orguser: &str,
+) -> PathBuf {
+    let template = if template.is_empty() {
+        format!("{}/lanes/{{unix_user}}", state_dir.display())
+    } else {
+        template.to_owned()
+    };
     PathBuf::from(
         template
             .replace("{home}", &home.display().to_string())

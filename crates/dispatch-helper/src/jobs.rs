@@ -63,6 +63,8 @@ struct Decision {
     task: Task,
     unix_user: String,
     identity: dispatch_sandbox::LaneIdentity,
+    /// The lane user's area, and the job's own directory in it.
+    work_area: std::path::PathBuf,
     work_dir: std::path::PathBuf,
 }
 
@@ -144,6 +146,9 @@ pub struct Helper {
     connections: Arc<Mutex<HashMap<u32, usize>>>,
     /// Set once shutdown begins: no new lane may start after its snapshot of running ones.
     draining: std::sync::atomic::AtomicBool,
+    /// The passed environment of queued dispatches, by handle: in memory only, as its values
+    /// (tokens) are never written down. A dispatch queued before a restart starts without it.
+    queued_env: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
 
 fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
@@ -188,6 +193,7 @@ impl Helper {
             capacity: Mutex::new(Capacity::default()),
             connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            queued_env: Mutex::default(),
         })
     }
 
@@ -286,8 +292,9 @@ impl Helper {
             max_iterations: settings.file.max_iterations,
             handle,
         });
-        let work_dir = work_dir(
+        let work_area = work_dir(
             &settings.file.work_dir,
+            &settings.file.state_dir,
             &identity.home,
             &unix_user,
             org.orguser.as_str(),
@@ -297,8 +304,9 @@ impl Helper {
             github: target.github.clone(),
             task,
             unix_user,
+            work_dir: work_area.join(handle.to_string()),
             identity,
-            work_dir,
+            work_area,
         })
     }
 
@@ -400,6 +408,18 @@ impl Helper {
             Some(record) if record.owner_uid == peer.identity.uid => Ok(record),
             _ => Err(unknown_handle(handle)),
         }
+    }
+
+    /// No client connected, no lane running, nothing waiting: a helper started on demand may
+    /// stop (see `exit_when_idle_seconds`).
+    pub fn is_idle(&self) -> bool {
+        let no_clients = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        let capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        no_clients && capacity.total == 0 && capacity.queue.is_empty()
     }
 
     /// A connection slot for `uid`, or None if it already holds `max` connections.

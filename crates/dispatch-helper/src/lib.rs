@@ -13,6 +13,7 @@ pub mod output;
 pub mod queue;
 pub mod server;
 pub mod store;
+pub mod workdirs;
 
 use clap::{Parser, Subcommand};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -312,6 +313,16 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         create_private_dir(parent)
             .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
     }
+    if settings.file.work_dir.is_empty() {
+        // The default work areas' parent: lanes pass through it to their own, nothing more.
+        let lanes = settings.file.state_dir.join("lanes");
+        if !lanes.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o711)
+                .create(&lanes)
+                .map_err(|e| format!("create {}: {e}", lanes.display()))?;
+        }
+    }
     // Before the audit log is opened (and perhaps repaired) or the socket taken over.
     let _instance = lock_single_instance(&settings.file.state_dir)?;
     let (audit, audit_repair) = audit::AuditLog::open(&settings.file.audit_log)
@@ -368,25 +379,54 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     tracing::info!(socket = %socket_path.display(), "serving");
 
     let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
-    loop {
+    let mut idle = IdleWatch::default();
+    let why = loop {
         tokio::select! {
             _ = hangup.recv() => reload(&helper, config_path).await,
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = tokio::time::sleep(IDLE_CHECK) => {
+                let limit = helper.settings().file.exit_when_idle_seconds;
+                if idle.long_enough(helper.is_idle(), limit) {
+                    break "idle: no client, no lane and nothing queued";
+                }
+            }
         }
-    }
+    };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
     helper.shutdown().await;
+    tracing::info!(why, "stopping");
     let _ = helper
         .audit
         .append(audit::AuditEvent {
             event: "helper_stopped",
             outcome: "stopped".into(),
+            detail: Some(why.to_owned()),
             ..Default::default()
         })
         .await;
     Ok(())
+}
+
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Since when the helper has been idle, as seen by its periodic checks.
+#[derive(Default)]
+struct IdleWatch {
+    since: Option<std::time::Instant>,
+}
+
+impl IdleWatch {
+    /// Whether it has been idle for `limit_seconds` (never, at 0).
+    fn long_enough(&mut self, idle_now: bool, limit_seconds: u64) -> bool {
+        if limit_seconds == 0 || !idle_now {
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        since.elapsed() >= std::time::Duration::from_secs(limit_seconds)
+    }
 }
 
 /// Set up the lanes' cgroup tree and end whatever a previous helper's lanes left in it. In root

@@ -261,6 +261,7 @@ async fn serve_connection(
         peer_uid: peer.identity.uid,
         unprivileged: settings.unprivileged,
         max_in_flight: settings.file.limits.max_in_flight_per_connection as u32,
+        pass_env: settings.file.pass_env.clone(),
     });
     if write_frame(
         &mut writer,

@@ -25,6 +25,10 @@ pub struct JobRecord {
     /// frees (the helper's own state, root-only like the rest of this record).
     #[serde(default)]
     pub queued: Option<QueuedRequest>,
+    /// The job's own directory (made by the helper; removed with this record unless the
+    /// configuration keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

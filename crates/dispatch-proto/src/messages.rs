@@ -66,6 +66,10 @@ pub struct DispatchRequest {
     pub repo: String,
     pub task: String,
     pub description: Option<String>,
+    /// Values of the caller's environment for the lane (its identity: agent socket, tokens,
+    /// PATH). The front sends only the names the helper listed in its [`HelloReply`]; the
+    /// helper accepts only names its own configuration passes, and never records a value.
+    pub lane_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +93,9 @@ pub struct HelloReply {
     /// Requests the helper serves at once on one connection: a client keeps at most this many
     /// in flight and queues the rest, rather than having them refused.
     pub max_in_flight: u32,
+    /// The environment variables the helper's configuration passes from the caller to lanes
+    /// (`pass_env`); the front sends the values it has of these, and nothing else.
+    pub pass_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

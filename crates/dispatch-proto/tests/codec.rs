@@ -66,6 +66,7 @@ fn every_request() -> Vec<Request> {
             repo: "widgets".into(),
             task: "é".repeat(8000),
             description: None,
+            lane_env: Vec::new(),
         }),
         Request::Status { handle: "h".into() },
         Request::Result {
@@ -91,6 +92,7 @@ fn every_response() -> Vec<Response> {
             peer_uid: 1000,
             unprivileged: true,
             max_in_flight: 8,
+            pass_env: Vec::new(),
         }),
         Response::Job(Box::new(job())),
         Response::List {
@@ -150,6 +152,7 @@ fn largest_legal_task_in_four_byte_utf8_fits_a_request_frame() {
             repo: "b".repeat(128),
             task: "𝔘".repeat(8000),
             description: Some("c".repeat(512)),
+            lane_env: Vec::new(),
         }),
     };
     encode_frame(&request, FrameLimit::REQUEST).expect("an 8,000-character task must fit");

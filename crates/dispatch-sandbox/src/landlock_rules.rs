@@ -208,6 +208,9 @@ pub(crate) fn build(
         grant(&plan.identity.home, read, "home")?;
     }
     grant(&plan.work_dir, read_write, "work_dir")?;
+    for path in &plan.exec_paths {
+        grant(path, read_exec, "PATH")?;
+    }
     // Checked for every lane, not once: a rule holds the inode it was opened on, and these
     // files are replaced by rename all the time (useradd, ldconfig, the resolver, `git config
     // --system`). One that does not exist now (or is a dangling link) is simply not granted.

@@ -108,6 +108,12 @@ pub struct LanePlan {
     /// argv[0] is absolute (the template resolved it at load time).
     pub argv: Vec<String>,
     pub work_dir: PathBuf,
+    /// The caller's values of the variables the helper passes (`pass_env`), checked by it:
+    /// set after the lane's defaults, before the administrator's `extra_env`.
+    pub passed_env: Vec<(String, String)>,
+    /// Directories beneath which the lane may run programs besides the system paths (those of
+    /// a passed PATH).
+    pub exec_paths: Vec<PathBuf>,
     /// Change uid/gid/groups to the identity's. False in unprivileged mode, where the identity
     /// must be the helper's own user.
     pub change_uid: bool,
@@ -324,6 +330,10 @@ fn build_env(
         ("LANG".to_owned(), "C.UTF-8".to_owned()),
         ("TMPDIR".to_owned(), plan.work_dir.display().to_string()),
     ];
+    for (name, value) in &plan.passed_env {
+        env.retain(|(existing, _)| existing != name);
+        env.push((name.clone(), value.clone()));
+    }
     for entry in &policy.extra_env {
         let (name, value) = entry.split_once('=').ok_or_else(|| {
             SandboxError::Environment(format!("extra_env entry {entry:?} is not NAME=value"))

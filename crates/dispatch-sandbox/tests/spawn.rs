@@ -105,6 +105,8 @@ fn run_reloaded(
         identity,
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         work_dir: work.path().to_owned(),
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
         change_uid: true,
     };
     run_prepared(plan, containment, policy, spawner_policy)
@@ -265,6 +267,8 @@ fn a_granted_etc_file_replaced_by_rename_stays_readable_and_a_new_one_becomes_so
             identity: identity.clone(),
             argv: vec!["/bin/sh".into(), "-c".into(), script],
             work_dir: work.path().to_owned(),
+            passed_env: Vec::new(),
+            exec_paths: Vec::new(),
             change_uid: true,
         };
         let mut lane = spawner.spawn(sandbox.prepare(plan).unwrap()).unwrap();
@@ -318,6 +322,8 @@ fn work_dir_must_exist() {
         identity: resolve_identity(USER).unwrap(),
         argv: vec!["/bin/true".into()],
         work_dir: "/nonexistent/work".into(),
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
         change_uid: true,
     };
     let err = prepare(plan, &SandboxPolicy::default())
@@ -341,6 +347,8 @@ fn work_dir_must_be_the_lane_users_own_real_directory() {
         identity: identity.clone(),
         argv: vec!["/bin/true".into()],
         work_dir: work_dir.to_owned(),
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
         change_uid: true,
     };
     let err = prepare(plan(root_owned.path()), &SandboxPolicy::default())
@@ -377,6 +385,8 @@ fn missing_landlock_path_is_an_error_not_a_skip() {
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
         change_uid: true,
     };
     let policy = SandboxPolicy {

@@ -90,6 +90,10 @@ impl Helper {
             record.queued = Some(QueuedRequest {
                 task: request.task.clone(),
             });
+            self.queued_env
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(handle.to_string(), request.lane_env.clone());
         }
         if let Err(error) = self.audit_accepted(peer, &record, &enforcement).await {
             if let Admitted::Now = admitted {
@@ -287,6 +291,12 @@ impl Helper {
             repo: record.job.repo.clone(),
             task: queued.task,
             description: record.job.description.clone(),
+            lane_env: self
+                .queued_env
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&record.job.handle)
+                .unwrap_or_default(),
         };
         let settings = self.settings();
         let (decision, prepared) = validate(&settings, &peer, &request, &handle)
@@ -325,6 +335,10 @@ impl Helper {
         let Some(record) = self.record(handle).filter(|_| removed) else {
             return false;
         };
+        self.queued_env
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle);
         let detail = "cancelled while it waited for a lane; it never ran".to_owned();
         self.end_without_lane(record, JobState::Cancelled, detail, "cancelled")
             .await;
@@ -527,10 +541,25 @@ async fn validate(
     );
     tokio::task::spawn_blocking(move || {
         let decision = Helper::decide(&settings, &peer, &request, &handle)?;
+        let own = [
+            settings.file.state_dir.as_path(),
+            settings.file.audit_log.as_path(),
+        ];
+        let (passed_env, exec_paths) =
+            passed_env(&settings.file.pass_env, &request.lane_env, &own)?;
+        crate::workdirs::make(&decision.work_area, &handle.to_string(), &decision.identity)
+            .map_err(|error| {
+                reply(
+                    ErrorKind::SpawnFailed,
+                    format!("the job's directory could not be made, nothing ran: {error}"),
+                )
+            })?;
         let plan = LanePlan {
             identity: decision.identity.clone(),
             argv: decision.argv.clone(),
             work_dir: decision.work_dir.clone(),
+            passed_env,
+            exec_paths,
             change_uid: !settings.unprivileged,
         };
         let prepared = settings.sandbox.prepare(plan).map_err(|error| {
@@ -550,6 +579,73 @@ async fn validate(
     })
 }
 
+/// The variables passed to a lane, and the directories of its PATH it may run programs from.
+type PassedEnv = (Vec<(String, String)>, Vec<std::path::PathBuf>);
+
+/// The caller's values for the variables this helper passes, checked: only names in
+/// `pass_env`, bounded, no NUL. A PATH keeps its absolute entries, and the directories among
+/// them are where the lane may also run programs, except any that holds the helper's own files
+/// (its state, its audit log). Values are never logged or recorded.
+fn passed_env(
+    pass: &[String],
+    sent: &[(String, String)],
+    own: &[&std::path::Path],
+) -> Result<PassedEnv, ErrorReply> {
+    const MAX_VALUE: usize = 4096;
+    const MAX_TOTAL: usize = 16 * 1024;
+    let invalid = |message: String| reply(ErrorKind::Invalid, message);
+    let mut total = 0;
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut exec_paths = Vec::new();
+    for (name, value) in sent {
+        if !pass.iter().any(|p| p == name) {
+            return Err(invalid(format!(
+                "lane_env: {} is not passed to lanes by this helper (its pass_env: {})",
+                dispatch_policy::escape_value(name),
+                if pass.is_empty() {
+                    "none".to_owned()
+                } else {
+                    pass.join(", ")
+                }
+            )));
+        }
+        if env.iter().any(|(seen, _)| seen == name) {
+            return Err(invalid(format!("lane_env: {name} is given twice")));
+        }
+        total += name.len() + value.len();
+        if value.len() > MAX_VALUE || total > MAX_TOTAL || value.contains('\0') {
+            return Err(invalid(format!(
+                "lane_env: the value of {name} must have no NUL and at most {MAX_VALUE} bytes \
+                 ({MAX_TOTAL} bytes in all)"
+            )));
+        }
+        let value = if name == "PATH" {
+            let absolute: Vec<&str> = value.split(':').filter(|d| d.starts_with('/')).collect();
+            exec_paths.extend(
+                absolute
+                    .iter()
+                    .map(std::path::PathBuf::from)
+                    .filter(|dir| dir.is_dir())
+                    .filter(|dir| {
+                        let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                        !own.iter().any(|own| {
+                            own.canonicalize()
+                                .unwrap_or_else(|_| own.to_path_buf())
+                                .starts_with(&dir)
+                        })
+                    }),
+            );
+            absolute.join(":")
+        } else {
+            value.clone()
+        };
+        env.push((name.clone(), value));
+    }
+    exec_paths.sort();
+    exec_paths.dedup();
+    Ok((env, exec_paths))
+}
+
 /// The record of a dispatch just accepted (running until admission says otherwise).
 fn new_record(
     peer: &Peer,
@@ -564,9 +660,11 @@ fn new_record(
         github,
         task,
         unix_user,
+        work_dir,
         ..
     } = decision;
     JobRecord {
+        work_dir: Some(work_dir),
         owner_uid: peer.identity.uid,
         claimed_client: peer.claimed_client.clone(),
         pgid: None,

@@ -112,11 +112,25 @@ impl Helper {
         }
     }
 
+    /// A job's directory goes with its record, unless the configuration keeps them.
+    pub(super) async fn remove_work_dir(&self, work_dir: Option<std::path::PathBuf>) {
+        let Some(path) = work_dir.filter(|_| !self.settings().file.keep_work_dirs) else {
+            return;
+        };
+        let removed = tokio::task::spawn_blocking(move || {
+            crate::workdirs::remove(&path).map_err(|e| (path, e))
+        })
+        .await;
+        if let Ok(Err((path, error))) = removed {
+            tracing::warn!(%error, path = %path.display(), "could not remove a job's directory");
+        }
+    }
+
     /// Keep at most `max_finished_jobs_per_client` finished records per client: the oldest go,
     /// and each removal is audited.
     pub(super) async fn prune_finished(&self, owner_uid: u32) {
         let keep = self.settings().file.limits.max_finished_jobs_per_client;
-        let doomed: Vec<String> = {
+        let doomed: Vec<(String, Option<std::path::PathBuf>)> = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let mut finished: Vec<&JobRecord> = jobs
                 .values()
@@ -132,10 +146,10 @@ impl Helper {
             finished
                 .into_iter()
                 .take(excess)
-                .map(|r| r.job.handle.clone())
+                .map(|r| (r.job.handle.clone(), r.work_dir.clone()))
                 .collect()
         };
-        for handle in doomed {
+        for (handle, work_dir) in doomed {
             if let Err(error) = self.store.remove_async(&handle).await {
                 tracing::error!(%error, %handle, "could not prune a finished job");
                 continue;
@@ -144,6 +158,7 @@ impl Helper {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&handle);
+            self.remove_work_dir(work_dir).await;
             let _ = self
                 .audit
                 .append(AuditEvent {

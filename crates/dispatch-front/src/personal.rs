@@ -1,0 +1,371 @@
+//! Personal mode: one durable helper per user, for those who run no system service. Every front
+//! of the user shares it; it outlives them (lanes keep running, jobs and results survive
+//! client restarts), and stops by itself once idle with no lane and no client. The first
+//! front that finds no helper answering starts one; the helper's own lock keeps it to one.
+//!
+//! - socket: `$XDG_RUNTIME_DIR/dispatch-mcp/helper.sock` (else in the state dir);
+//! - state, audit log, job directories, `helper.toml`, `helper.log`:
+//!   `$XDG_STATE_HOME/dispatch-mcp` (default `~/.local/state/dispatch-mcp`).
+//!
+//! Its configuration is written from the MCP client entry's environment, with the Python
+//! server's defaults: allowlist `~/.repos.json`, `dotfiles-dispatch` from PATH, 50 iterations,
+//! a 60 s timeout, and the caller's identity (`DISPATCH_PASS_ENV`, default `SSH_AUTH_SOCK`,
+//! `GH_TOKEN`, `GITHUB_TOKEN`, `PATH`) passed to lanes. A front whose environment differs
+//! rewrites it and asks the running helper to reload (SIGHUP).
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::net::UnixStream;
+
+/// The Python server's variables, written into the helper's `[environment]`.
+const PYTHON_VARIABLES: [&str; 4] = [
+    "DISPATCH_REPOS_JSON",
+    "DISPATCH_SSH_HOST",
+    "DISPATCH_MAX_ITERATIONS",
+    "DISPATCH_TIMEOUT",
+];
+const DEFAULT_PASS_ENV: [&str; 4] = ["SSH_AUTH_SOCK", "GH_TOKEN", "GITHUB_TOKEN", "PATH"];
+/// How long a personal helper waits with no client, lane or queued dispatch before it stops.
+const DEFAULT_IDLE_EXIT_SECONDS: u64 = 600;
+/// How long a start (or a wait for another front's start) may take.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// helper.log is started afresh (the old one kept as helper.log.1) beyond this size.
+const MAX_LOG_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    helper_bin: PathBuf,
+    config_text: String,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn toml_string(value: &str) -> String {
+    // TOML basic strings share JSON's escapes for everything written here.
+    serde_json::to_string(value).expect("strings serialize")
+}
+
+fn home() -> Result<PathBuf, String> {
+    if let Some(home) = env_nonempty("HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|user| user.dir)
+        .ok_or_else(|| "personal mode needs a home directory (HOME is not set)".to_owned())
+}
+
+/// Where the user's helper keeps its state, and where its socket is.
+pub fn paths() -> Result<(PathBuf, PathBuf), String> {
+    let state_base = match env_nonempty("XDG_STATE_HOME").filter(|p| p.starts_with('/')) {
+        Some(dir) => PathBuf::from(dir),
+        None => home()?.join(".local/state"),
+    };
+    let state_dir = state_base.join("dispatch-mcp");
+    let runtime = env_nonempty("XDG_RUNTIME_DIR")
+        .filter(|p| p.starts_with('/') && Path::new(p).is_dir())
+        .map(|dir| PathBuf::from(dir).join("dispatch-mcp"))
+        .unwrap_or_else(|| state_dir.clone());
+    Ok((state_dir, runtime.join("helper.sock")))
+}
+
+/// The names passed to lanes: `DISPATCH_PASS_ENV` (comma or space separated; empty for none),
+/// else the default.
+fn pass_env() -> Vec<String> {
+    match std::env::var("DISPATCH_PASS_ENV") {
+        Ok(list) => list
+            .split([',', ' '])
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// This front's environment, of which only the names a helper passes (its handshake says
+/// which) are ever sent.
+pub fn lane_env_of_this_process() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+/// As the Python server did: a number it cannot read is a warning and the default. The helper
+/// says so in its log; the front says it where the MCP client shows a server's messages.
+pub fn warn_about_numbers() {
+    for (name, whole) in [
+        ("DISPATCH_MAX_ITERATIONS", true),
+        ("DISPATCH_TIMEOUT", false),
+    ] {
+        let Some(value) = env_nonempty(name) else {
+            continue;
+        };
+        let readable = if whole {
+            value.trim().parse::<u32>().is_ok()
+        } else {
+            value
+                .trim()
+                .parse::<f64>()
+                .is_ok_and(|s| s.is_finite() && s >= 1.0)
+        };
+        if !readable {
+            eprintln!(
+                "dispatch-mcp: warning: {name}={value:?} is not a valid number; using the default"
+            );
+        }
+    }
+}
+
+impl Launcher {
+    /// The user's helper as this front's environment configures it. Writes `helper.toml` when
+    /// it differs, and asks a running helper to reload it.
+    pub fn prepare() -> Result<Launcher, String> {
+        let (state_dir, socket) = paths()?;
+        let helper_bin = crate::embedded::sibling("dispatch-helper", "DISPATCH_HELPER_BIN")?;
+        // Root's personal helper runs lanes as other accounts, which must reach their job
+        // directories in its state: traversable, not listable.
+        let state_mode = if nix::unistd::geteuid().is_root() {
+            0o711
+        } else {
+            0o700
+        };
+        for (dir, mode) in [
+            (&state_dir, state_mode),
+            (&socket.parent().unwrap_or(&state_dir).to_path_buf(), 0o700),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
+        let config_text = config_text(&state_dir, &socket)?;
+        let launcher = Launcher {
+            config: state_dir.join("helper.toml"),
+            log: state_dir.join("helper.log"),
+            state_dir,
+            socket,
+            helper_bin,
+            config_text,
+        };
+        if launcher.write_config_if_changed()?
+            && let Some(pid) = launcher.running_helper()
+        {
+            // The running helper serves the new settings from its next dispatch.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+            eprintln!(
+                "dispatch-mcp: the personal helper's configuration changed; asked it (pid {pid}) to reload"
+            );
+        }
+        Ok(launcher)
+    }
+
+    fn write_config_if_changed(&self) -> Result<bool, String> {
+        if std::fs::read_to_string(&self.config).is_ok_and(|old| old == self.config_text) {
+            return Ok(false);
+        }
+        // Several fronts may start at once: each writes its own file and renames it in place.
+        let temporary = self
+            .config
+            .with_extension(format!("toml.{}.new", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)?;
+            file.write_all(self.config_text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &self.config)
+        };
+        write().map_err(|e| format!("write {}: {e}", self.config.display()))?;
+        Ok(true)
+    }
+
+    /// The pid of the helper holding the state's lock, if it is alive and a dispatch-helper.
+    fn running_helper(&self) -> Option<nix::unistd::Pid> {
+        let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let name = exe.file_name()?.to_string_lossy().into_owned();
+        name.starts_with("dispatch-helper")
+            .then(|| nix::unistd::Pid::from_raw(pid))
+    }
+
+    /// A connection to the user's helper, starting it if none answers: the caller does the
+    /// handshake on it. Another front starting one at the same moment is waited for.
+    pub async fn connect_or_start(&self) -> Result<UnixStream, String> {
+        if let Ok(stream) = UnixStream::connect(&self.socket).await {
+            return Ok(stream);
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut ours: Option<tokio::process::Child> = None;
+        loop {
+            if let Ok(stream) = UnixStream::connect(&self.socket).await {
+                if let Some(child) = ours.take() {
+                    reap_in_background(child);
+                }
+                return Ok(stream);
+            }
+            let ours_running = match ours.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) => true,
+                Some(Ok(Some(status))) => {
+                    ours = None;
+                    // Lost the race to another front's helper (its lock), or failed.
+                    if self.running_helper().is_none() {
+                        return Err(format!(
+                            "the personal helper exited ({status}) before serving: {} \
+                             (configuration {}, log {})",
+                            self.last_log_line(),
+                            self.config.display(),
+                            self.log.display()
+                        ));
+                    }
+                    false
+                }
+                _ => false,
+            };
+            if !ours_running && self.running_helper().is_none() {
+                ours = Some(self.spawn()?);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the personal helper did not open {} within {} s (log {})",
+                    self.socket.display(),
+                    START_TIMEOUT.as_secs(),
+                    self.log.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start the helper in its own process group, with its stderr in `helper.log`, so that it
+    /// outlives this front and the MCP client's signals to it.
+    fn spawn(&self) -> Result<tokio::process::Child, String> {
+        if std::fs::metadata(&self.log).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+            let _ = std::fs::rename(&self.log, self.log.with_extension("log.1"));
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.log)
+            .map_err(|e| format!("open {}: {e}", self.log.display()))?;
+        let mut command = tokio::process::Command::new(&self.helper_bin);
+        command
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .current_dir(&self.state_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .env(
+                "DISPATCH_LOG",
+                std::env::var("DISPATCH_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        // Its configuration carries these; a later front's values must not lose to the ones
+        // frozen in the environment of whichever front started it.
+        for name in PYTHON_VARIABLES
+            .iter()
+            .chain(&["LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET"])
+        {
+            command.env_remove(name);
+        }
+        command
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", self.helper_bin.display()))
+    }
+
+    fn last_log_line(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .ok()
+            .and_then(|log| {
+                log.lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "it wrote nothing".into())
+    }
+}
+
+fn reap_in_background(mut child: tokio::process::Child) {
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+}
+
+fn config_text(state_dir: &Path, socket: &Path) -> Result<String, String> {
+    let home = home()?;
+    let pass = pass_env();
+    let idle = match env_nonempty("DISPATCH_IDLE_EXIT_SECONDS") {
+        Some(value) => value.trim().parse().unwrap_or_else(|_| {
+            eprintln!(
+                "dispatch-mcp: warning: DISPATCH_IDLE_EXIT_SECONDS={value:?} is not a whole number; using {DEFAULT_IDLE_EXIT_SECONDS}"
+            );
+            DEFAULT_IDLE_EXIT_SECONDS
+        }),
+        None => DEFAULT_IDLE_EXIT_SECONDS,
+    };
+    let search_path =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|s| toml_string(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut environment = String::new();
+    for name in PYTHON_VARIABLES {
+        if let Some(value) = env_nonempty(name) {
+            environment.push_str(&format!("{name} = {}\n", toml_string(&value)));
+        }
+    }
+    let path = |p: &Path| toml_string(&p.display().to_string());
+    Ok(format!(
+        "# Written by dispatch-mcp for {user}'s personal helper, from the MCP client entry's\n\
+         # environment; rewritten (and the helper reloaded) when a front's environment differs.\n\
+         allowlist = {allowlist}\n\
+         argv = [\"dotfiles-dispatch\", \"{{orguser}}\", \"{{repo}}\", \"{{task}}\", \"--host\", \"{{host}}\", \"--max\", \"{{max_iterations}}\"]\n\
+         search_path = {search_path}\n\
+         max_iterations = 50\n\
+         timeout_seconds = 60\n\
+         state_dir = {state}\n\
+         audit_log = {audit}\n\
+         socket = {socket}\n\
+         socket_mode = 0o600\n\
+         pass_env = [{pass}]\n\
+         exit_when_idle_seconds = {idle}\n\
+         \n[environment]\n{environment}\n\
+         [sandbox]\n\
+         # No delegated cgroup for a user's own helper: lanes are contained by their process\n\
+         # group and the helper as subreaper (each job's sandbox report says so).\n\
+         allow_uncontained = true\n\
+         # Only for the agent socket (SSH_AUTH_SOCK); see SECURITY.md on what it allows.\n\
+         allow_unix_sockets = {unix}\n",
+        user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| nix::unistd::geteuid().to_string()),
+        allowlist = path(&home.join(".repos.json")),
+        search_path = toml_string(&search_path),
+        state = path(state_dir),
+        audit = path(&state_dir.join("audit.jsonl")),
+        socket = path(socket),
+        pass = list(&pass),
+        unix = pass.iter().any(|name| name == "SSH_AUTH_SOCK"),
+    ))
+}

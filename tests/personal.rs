@@ -1,0 +1,454 @@
+//! Personal mode as a user runs it: a real non-root account starts `dispatch-mcp` with no
+//! arguments (the Python server's MCP entry), no system helper, and the Python project's
+//! environment. Its fronts come and go as MCP clients restart them; its helper is shared,
+//! durable, and stops when idle. Lanes run the user's `dotfiles-dispatch` (a stand-in here)
+//! with the user's identity passed through, and can write nothing of the home.
+
+mod support;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::*;
+
+type Client = RunningService<RoleClient, ()>;
+
+const TOKEN: &str = "ghp_personal_mode_secret_0123456789";
+
+/// The stand-in for `dotfiles-dispatch ORGUSER REPO TASK --host H --max N`: prints its argv,
+/// then does what the task names.
+const FAKE_DISPATCH: &str = r#"#!/bin/sh
+for arg in "$@"; do printf '<%s>' "$arg"; done; echo
+echo $$ > lane.pid
+case "$3" in
+  sleep*) sleep "${3#sleep }"; echo slept ;;
+  identity)
+    echo "SSH_AUTH_SOCK=$SSH_AUTH_SOCK"
+    echo "GH_TOKEN_LENGTH=${#GH_TOKEN}"
+    echo "PATH=$PATH"
+    beside-dispatch ;;
+  plant)
+    for f in "$HOME/.bashrc" "$HOME/.ssh/authorized_keys"; do
+      if (echo planted >> "$f") 2>/dev/null; then echo "WROTE $f"; else echo "denied $f"; fi
+    done
+    echo mine > made-here && echo "work dir $(pwd) writable" ;;
+esac
+"#;
+
+/// One user's world: binaries it can run, a home for the front (allowlist, state), a runtime
+/// dir, and a PATH with the dispatch command and a tool beside it.
+struct World {
+    user: nix::unistd::User,
+    root: tempfile::TempDir,
+}
+
+impl World {
+    fn new(test: &str) -> Option<World> {
+        if !is_root() {
+            skip(
+                test,
+                "needs root to run the front as a real non-root test user",
+            );
+            return None;
+        }
+        ensure_users();
+        let user = user(ALICE);
+        let root = tempfile::Builder::new()
+            .prefix("dispatch-personal-")
+            .tempdir()
+            .unwrap();
+        let world = World { user, root };
+        std::fs::set_permissions(world.root.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        for dir in ["bin", "home", "run", "tmp"] {
+            std::fs::create_dir(world.path(dir)).unwrap();
+        }
+        for binary in [front_bin(), helper_bin()] {
+            let name = Path::new(binary).file_name().unwrap();
+            std::fs::copy(binary, world.path("bin").join(name)).unwrap();
+        }
+        std::fs::write(world.path("bin/dotfiles-dispatch"), FAKE_DISPATCH).unwrap();
+        std::fs::write(
+            world.path("bin/beside-dispatch"),
+            "#!/bin/sh\necho beside-dispatch ran\n",
+        )
+        .unwrap();
+        for tool in ["dotfiles-dispatch", "beside-dispatch"] {
+            let path = world.path("bin").join(tool);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // The Python server's default allowlist: ~/.repos.json, one repo without "github".
+        std::fs::write(
+            world.path("home/.repos.json"),
+            r#"{"orgs": {"acme": {}}, "repos": {"widgets": {"org": "acme"}}}"#,
+        )
+        .unwrap();
+        for dir in ["home", "run", "tmp"] {
+            let path = world.path(dir);
+            nix::unistd::chown(&path, Some(world.user.uid), Some(world.user.gid)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        nix::unistd::chown(
+            &world.path("home/.repos.json"),
+            Some(world.user.uid),
+            Some(world.user.gid),
+        )
+        .unwrap();
+        Some(world)
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.root.path().join(relative)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("home/.local/state/dispatch-mcp")
+    }
+
+    /// `dispatch-mcp` with no arguments, as the user, with the MCP entry's environment.
+    async fn front(&self, env: &[(&str, &str)]) -> Client {
+        let path = format!("{}:/usr/bin:/bin", self.path("bin").display());
+        let command =
+            tokio::process::Command::new(self.path("bin/dispatch-mcp")).configure(|cmd| {
+                cmd.env_clear()
+                    .env("HOME", self.path("home"))
+                    .env("XDG_RUNTIME_DIR", self.path("run"))
+                    .env("TMPDIR", self.path("tmp"))
+                    .env("PATH", path)
+                    .env("SSH_AUTH_SOCK", "/run/user/agent.sock")
+                    .env("GH_TOKEN", TOKEN)
+                    .envs(env.iter().copied())
+                    .current_dir(self.path("home"))
+                    .uid(self.user.uid.as_raw())
+                    .gid(self.user.gid.as_raw());
+            });
+        ().serve(TokioChildProcess::new(command).unwrap())
+            .await
+            .expect("MCP initialize with the personal front")
+    }
+
+    /// The pid of the user's helper, from its lock, if it is alive.
+    fn helper_pid(&self) -> Option<i32> {
+        let pid = std::fs::read_to_string(self.state().join("helper.lock"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid).then_some(pid)
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.state().join("audit.jsonl")).unwrap_or_default()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(pid) = self.helper_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+async fn call(client: &Client, tool: &str, arguments: Value) -> CallToolResult {
+    client
+        .call_tool(
+            CallToolRequestParams::new(tool.to_owned())
+                .with_arguments(arguments.as_object().unwrap().clone()),
+        )
+        .await
+        .expect("tools/call")
+}
+
+fn ok(result: CallToolResult) -> Value {
+    assert_ne!(result.is_error, Some(true), "tool error: {result:?}");
+    result.structured_content.expect("structured content")
+}
+
+fn error_text(result: CallToolResult) -> String {
+    assert_eq!(
+        result.is_error,
+        Some(true),
+        "expected a tool error: {result:?}"
+    );
+    result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default()
+}
+
+async fn dispatch(client: &Client, task: &str) -> String {
+    let job = ok(call(
+        client,
+        "dispatch_unit",
+        json!({"orguser": "acme", "repo": "widgets", "task_description": task}),
+    )
+    .await);
+    job["handle"].as_str().unwrap().to_owned()
+}
+
+async fn result(client: &Client, handle: &str) -> Value {
+    ok(call(
+        client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 30}),
+    )
+    .await)
+}
+
+fn stdout(result: &Value) -> String {
+    result["stdout"]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Handles in `dispatch_list`.
+async fn listed(client: &Client) -> Vec<String> {
+    let list = ok(call(client, "dispatch_list", json!({})).await);
+    list["dispatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["handle"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_outlives_its_front_and_a_new_front_follows_it() {
+    let Some(world) = World::new("personal mode: restart of the front") else {
+        return;
+    };
+    let first = world.front(&[]).await;
+    let handle = dispatch(&first, "sleep 3").await;
+    let helper = world.helper_pid().expect("the personal helper runs");
+    let lane_pid_file = world
+        .state()
+        .join(format!("lanes/{ALICE}/{handle}/lane.pid"));
+    wait_until_async("the lane to start", Duration::from_secs(10), || {
+        lane_pid_file.exists()
+    })
+    .await;
+    // The MCP client restarts its server: the front goes (killed with its stdio).
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lane: i32 = std::fs::read_to_string(&lane_pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(lane), "the lane must not die with the front");
+    assert_eq!(
+        world.helper_pid(),
+        Some(helper),
+        "the helper outlives the front"
+    );
+
+    let second = world.front(&[]).await;
+    assert!(
+        listed(&second).await.contains(&handle),
+        "the job is listed by the new front"
+    );
+    let done = result(&second, &handle).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(stdout(&done).contains("slept"), "{done}");
+    // Python's defaults: the repo name for github, localhost, 50 iterations.
+    assert!(
+        stdout(&done).starts_with("<acme><widgets><sleep 3><--host><localhost><--max><50>"),
+        "{done}"
+    );
+    assert_eq!(done["github"], "widgets");
+    assert_eq!(
+        world.helper_pid(),
+        Some(helper),
+        "one helper served both fronts"
+    );
+    drop(second);
+    // No temp dir of ours is left anywhere, and no front was audited as a broken client.
+    assert_eq!(std::fs::read_dir(world.path("tmp")).unwrap().count(), 0);
+    assert!(
+        !world.audit().contains("protocol_violation"),
+        "{}",
+        world.audit()
+    );
+    assert_audit_log_verifies(world.state().join("audit.jsonl"));
+}
+
+#[tokio::test]
+async fn two_fronts_share_one_helper_which_stops_when_idle_and_comes_back() {
+    let Some(world) = World::new("personal mode: sharing and idle exit") else {
+        return;
+    };
+    let idle = [("DISPATCH_IDLE_EXIT_SECONDS", "1")];
+    let (a, b) = tokio::join!(world.front(&idle), world.front(&idle));
+    let (from_a, from_b) = tokio::join!(dispatch(&a, "from a"), dispatch(&b, "from b"));
+    let helper = world.helper_pid().expect("the personal helper runs");
+    for client in [&a, &b] {
+        let handles = listed(client).await;
+        assert!(
+            handles.contains(&from_a) && handles.contains(&from_b),
+            "both fronts see both jobs: {handles:?}"
+        );
+    }
+    result(&a, &from_a).await;
+    result(&b, &from_b).await;
+    // Still in use: the helper stays.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        world.helper_pid(),
+        Some(helper),
+        "a helper with clients stays"
+    );
+    drop(a);
+    drop(b);
+    wait_until_async("the idle helper to stop", Duration::from_secs(10), || {
+        !alive(helper)
+    })
+    .await;
+    assert!(
+        world
+            .audit()
+            .contains("idle: no client, no lane and nothing queued")
+    );
+
+    // The next front starts it again, with every job still there.
+    let c = world.front(&idle).await;
+    let handles = listed(&c).await;
+    assert!(
+        handles.contains(&from_a) && handles.contains(&from_b),
+        "{handles:?}"
+    );
+    assert_ne!(world.helper_pid(), Some(helper));
+    drop(c);
+    assert_audit_log_verifies(world.state().join("audit.jsonl"));
+}
+
+#[tokio::test]
+async fn a_killed_helper_leaves_a_stale_socket_that_the_next_front_recovers() {
+    let Some(world) = World::new("personal mode: stale socket") else {
+        return;
+    };
+    let front = world.front(&[]).await;
+    let handle = dispatch(&front, "sleep 30").await;
+    let helper = world.helper_pid().expect("the personal helper runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until_async("the helper to die", Duration::from_secs(5), || {
+        !alive(helper)
+    })
+    .await;
+    assert!(
+        world.path("run/dispatch-mcp/helper.sock").exists(),
+        "the dead helper's socket is still there"
+    );
+    // The same front's next call: the socket refuses, a new helper takes over.
+    let status = ok(call(&front, "dispatch_status", json!({"handle": handle})).await);
+    assert_eq!(status["status"], "lost", "{status}");
+    let again = world.helper_pid().expect("a new helper runs");
+    assert_ne!(again, helper);
+    let next = dispatch(&front, "after the crash").await;
+    assert_eq!(result(&front, &next).await["status"], "succeeded");
+    drop(front);
+}
+
+#[tokio::test]
+async fn the_users_identity_reaches_the_lane_but_no_record() {
+    let Some(world) = World::new("personal mode: identity pass-through") else {
+        return;
+    };
+    let front = world.front(&[]).await;
+    let handle = dispatch(&front, "identity").await;
+    let done = result(&front, &handle).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let out = stdout(&done);
+    assert!(out.contains("SSH_AUTH_SOCK=/run/user/agent.sock"), "{out}");
+    assert!(
+        out.contains(&format!("GH_TOKEN_LENGTH={}", TOKEN.len())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "PATH={}:/usr/bin:/bin",
+            world.path("bin").display()
+        )),
+        "{out}"
+    );
+    // A tool installed beside dotfiles-dispatch runs (its directory is on the passed PATH).
+    assert!(out.contains("beside-dispatch ran"), "{out}");
+    // The token's value is in no record: not the audit log, not the job's record or result.
+    let mut record = done.clone();
+    record["stdout"] = Value::Null;
+    assert!(!record.to_string().contains(TOKEN), "{record}");
+    assert!(!world.audit().contains(TOKEN));
+    let jobs = std::fs::read_dir(world.state().join("jobs")).unwrap();
+    for job in jobs.flatten() {
+        let text = std::fs::read_to_string(job.path()).unwrap_or_default();
+        assert!(!text.contains(TOKEN), "{}", job.path().display());
+    }
+    drop(front);
+}
+
+#[tokio::test]
+async fn a_lane_cannot_plant_anything_in_the_home() {
+    let Some(world) = World::new("personal mode: home read-only") else {
+        return;
+    };
+    let home = world.user.dir.clone();
+    let before = |name: &str| std::fs::read(home.join(name)).unwrap_or_default();
+    let (bashrc, keys) = (before(".bashrc"), before(".ssh/authorized_keys"));
+    let front = world.front(&[]).await;
+    let handle = dispatch(&front, "plant").await;
+    let done = result(&front, &handle).await;
+    let out = stdout(&done);
+    assert!(!out.contains("WROTE"), "BREACH: {out}");
+    assert!(
+        out.contains(&format!("denied {}/.bashrc", home.display())),
+        "{out}"
+    );
+    assert!(out.contains("authorized_keys"), "{out}");
+    assert_eq!(before(".bashrc"), bashrc, "BREACH: ~/.bashrc changed");
+    assert_eq!(
+        before(".ssh/authorized_keys"),
+        keys,
+        "BREACH: authorized_keys changed"
+    );
+    // Its own directory is writable, and goes with its record.
+    let job_dir = world.state().join(format!("lanes/{ALICE}/{handle}"));
+    assert!(out.contains("writable"), "{out}");
+    assert!(job_dir.join("made-here").exists());
+    ok(call(&front, "dispatch_delete", json!({"handle": handle})).await);
+    assert!(
+        !job_dir.exists(),
+        "the job's directory is removed with its record"
+    );
+    drop(front);
+}
+
+#[tokio::test]
+async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
+    let Some(world) = World::new("personal mode: no allowlist") else {
+        return;
+    };
+    std::fs::remove_file(world.path("home/.repos.json")).unwrap();
+    let front = world.front(&[]).await;
+    let error = error_text(call(&front, "dispatch_lanes", json!({})).await);
+    assert!(
+        error.contains(&world.path("home/.repos.json").display().to_string()),
+        "the error names ~/.repos.json: {error}"
+    );
+    assert!(!error.contains("demo"), "{error}");
+    drop(front);
+}
