@@ -268,6 +268,9 @@ async fn a_job_outlives_its_front_and_a_new_front_follows_it() {
         "{done}"
     );
     assert_eq!(done["github"], "widgets");
+    // Python's detail: what the command printed; our words beside it.
+    assert_eq!(done["detail"], stdout(&done).trim());
+    assert_eq!(done["outcome"], "exited with status 0");
     assert_eq!(
         world.helper_pid(),
         Some(helper),
@@ -361,6 +364,16 @@ async fn a_killed_helper_leaves_a_stale_socket_that_the_next_front_recovers() {
     assert_ne!(again, helper);
     let next = dispatch(&front, "after the crash").await;
     assert_eq!(result(&front, &next).await["status"], "succeeded");
+    // Documented differences from Python: newest first (a durable list that `limit` cuts),
+    // and handles that are random and never reused.
+    assert_eq!(listed(&front).await, [next.clone(), handle.clone()]);
+    for h in [&handle, &next] {
+        let hex = h.strip_prefix("d-").unwrap();
+        assert!(
+            hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{h}"
+        );
+    }
     drop(front);
 }
 

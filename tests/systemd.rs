@@ -106,6 +106,36 @@ fn units_verify_clean_and_the_service_meets_its_exposure_goal() {
     );
 }
 
+/// The personal helper's `systemd --user` pair verifies clean (as the user manager loads it).
+/// Their behaviour is the personal helper's, tested in `tests/personal.rs` without systemd.
+#[test]
+fn the_user_units_verify_clean() {
+    if !have("systemd-analyze") {
+        return skip("systemd user units", "systemd-analyze is not installed");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let units = repo().join("systemd/user");
+    for unit in ["dispatch-mcp-helper.socket", "dispatch-mcp-helper.service"] {
+        let text = std::fs::read_to_string(units.join(unit))
+            .unwrap()
+            .replace("/usr/local/bin/dispatch-helper", helper_bin());
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let output = Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .arg(dir.path().join("dispatch-mcp-helper.socket"))
+        .arg(dir.path().join("dispatch-mcp-helper.service"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && text.trim().is_empty(),
+        "systemd-analyze --user verify is not clean:\n{text}"
+    );
+}
+
 #[test]
 fn the_install_script_puts_what_the_units_reference_where_they_reference_it() {
     let dest = tempfile::tempdir().unwrap();

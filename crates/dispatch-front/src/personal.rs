@@ -88,6 +88,8 @@ fn pass_env() -> Vec<String> {
             .filter(|name| !name.is_empty())
             .map(str::to_owned)
             .collect(),
+        // Root's personal helper runs lanes as other accounts: root's identity stays with root.
+        Err(_) if nix::unistd::geteuid().is_root() => Vec::new(),
         Err(_) => DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -95,7 +97,10 @@ fn pass_env() -> Vec<String> {
 /// This front's environment, of which only the names a helper passes (its handshake says
 /// which) are ever sent.
 pub fn lane_env_of_this_process() -> Vec<(String, String)> {
-    std::env::vars().collect()
+    // `vars()` would panic on a value that is not UTF-8; such a variable is simply not passed.
+    std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .collect()
 }
 
 /// As the Python server did: a number it cannot read is a warning and the default. The helper
@@ -221,7 +226,8 @@ impl Launcher {
                 Some(Ok(Some(status))) => {
                     ours = None;
                     // Lost the race to another front's helper (its lock), or failed.
-                    if self.running_helper().is_none() {
+                    let lost_race = self.last_log_line().contains("another dispatch-helper");
+                    if !lost_race && self.running_helper().is_none() {
                         return Err(format!(
                             "the personal helper exited ({status}) before serving: {} \
                              (configuration {}, log {})",

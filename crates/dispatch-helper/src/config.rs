@@ -269,7 +269,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         timeout: env.timeout.clone().or(table.timeout.clone()),
     };
     let env_warnings = apply_env(&mut file, &env);
-    check_pass_env(&file.pass_env)?;
+    check_pass_env(&file.pass_env, running_as_root)?;
     validate_host(&file.host)?;
     let caps = [
         ("max_running_jobs", file.limits.max_running_jobs),
@@ -548,8 +548,16 @@ fn check_owner_and_mode(
 
 /// Names a caller may pass: plain variable names, never the loader's (`LD_*`) nor the ones
 /// the sandbox sets for the lane's own identity and work directory.
-fn check_pass_env(names: &[String]) -> Result<(), ConfigError> {
+fn check_pass_env(names: &[String], running_as_root: bool) -> Result<(), ConfigError> {
     const OWN: &[&str] = &["HOME", "USER", "LOGNAME", "TMPDIR", "PWD", "SHELL"];
+    if running_as_root && names.iter().any(|name| name == "PATH") {
+        return Err(ConfigError::Invalid(
+            "pass_env: PATH is passed only by a helper that runs as its own user (personal \
+             mode): as root it would let a caller choose where lanes of other accounts find \
+             and run programs"
+                .into(),
+        ));
+    }
     for name in names {
         let plain = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())
@@ -620,6 +628,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("the audit log"), "{error}");
+    }
+
+    #[test]
+    fn pass_env_names_are_checked() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        check_pass_env(&names(&["SSH_AUTH_SOCK", "GH_TOKEN", "PATH"]), false).unwrap();
+        check_pass_env(&names(&["GH_TOKEN"]), true).unwrap();
+        let error = check_pass_env(&names(&["PATH"]), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("PATH is passed only by a helper that runs as its own user"),
+            "{error}"
+        );
+        for bad in ["LD_PRELOAD", "HOME", "TMPDIR", "A-B", "1X", ""] {
+            assert!(check_pass_env(&names(&[bad]), false).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

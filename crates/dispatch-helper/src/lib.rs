@@ -51,7 +51,8 @@ enum Command {
     /// Run the daemon: bind the socket (or take it from systemd), serve until SIGTERM.
     /// SIGHUP reloads the configuration and allowlist (a bad new config keeps the old one).
     Serve {
-        /// Stop when the parent process exits (used by `dispatch-mcp serve --embedded-helper`).
+        /// Stop when the parent process exits (the demo's private helper; a personal helper
+        /// outlives the front that started it).
         #[arg(long, hide = true)]
         die_with_parent: bool,
     },

@@ -72,6 +72,8 @@ impl Helper {
             Ok(done) => done,
             Err(reason) => return Err(self.rejected(peer, &request, reason).await),
         };
+        // From here a refusal also takes back the job directory made for it.
+        let job_dir = decision.work_dir.clone();
         let enforcement = prepared.enforcement().clone();
         let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
         let lane = lane_key(&record.job);
@@ -79,6 +81,7 @@ impl Helper {
         let admitted = match self.admit(owner, &lane, &settings.file.limits) {
             Ok(admitted) => admitted,
             Err(why) => {
+                discard_job_dir(job_dir).await;
                 return Err(self
                     .rejected(peer, &request, reply(ErrorKind::Busy, why))
                     .await);
@@ -99,6 +102,8 @@ impl Helper {
             if let Admitted::Now = admitted {
                 self.release(owner, &lane);
             }
+            self.forget_queued_env(&record.job.handle);
+            discard_job_dir(job_dir).await;
             tracing::error!(%error, "audit write failed; dispatch refused");
             return Err(reply(
                 ErrorKind::AuditUnavailable,
@@ -195,6 +200,7 @@ impl Helper {
         event: &'static str,
     ) {
         record.queued = None;
+        self.forget_queued_env(&record.job.handle);
         record.job.state = state;
         record.job.finished_at = Some(now_rfc3339());
         record.job.detail = detail;
@@ -525,6 +531,21 @@ impl Helper {
     }
 }
 
+/// The directory of a dispatch that will never run (refused after it was made).
+async fn discard_job_dir(path: std::path::PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || crate::workdirs::remove(&path)).await;
+}
+
+impl Helper {
+    /// A queued dispatch's passed values, dropped once it will not start from the queue.
+    fn forget_queued_env(&self, handle: &str) {
+        self.queued_env
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(handle);
+    }
+}
+
 /// Validation asks NSS (users, groups) and preparation opens paths for Landlock: both block, so
 /// neither runs on a runtime worker.
 async fn validate(
@@ -562,7 +583,9 @@ async fn validate(
             exec_paths,
             change_uid: !settings.unprivileged,
         };
+        let job_dir = plan.work_dir.clone();
         let prepared = settings.sandbox.prepare(plan).map_err(|error| {
+            let _ = crate::workdirs::remove(&job_dir);
             reply(
                 ErrorKind::SpawnFailed,
                 format!("sandbox preparation failed, nothing ran: {error}"),
@@ -629,9 +652,8 @@ fn passed_env(
                     .filter(|dir| {
                         let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
                         !own.iter().any(|own| {
-                            own.canonicalize()
-                                .unwrap_or_else(|_| own.to_path_buf())
-                                .starts_with(&dir)
+                            let own = own.canonicalize().unwrap_or_else(|_| own.to_path_buf());
+                            own.starts_with(&dir) || dir.starts_with(&own)
                         })
                     }),
             );
