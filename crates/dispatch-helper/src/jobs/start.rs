@@ -73,7 +73,7 @@ impl Helper {
             Err(reason) => return Err(self.rejected(peer, &request, reason).await),
         };
         // From here a refusal also takes back the job directory made for it.
-        let job_dir = decision.work_dir.clone();
+        let job_dir = settings.unprivileged.then(|| decision.work_dir.clone());
         let enforcement = prepared.enforcement().clone();
         let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
         let lane = lane_key(&record.job);
@@ -532,8 +532,10 @@ impl Helper {
 }
 
 /// The directory of a dispatch that will never run (refused after it was made).
-async fn discard_job_dir(path: std::path::PathBuf) {
-    let _ = tokio::task::spawn_blocking(move || crate::workdirs::remove(&path)).await;
+async fn discard_job_dir(path: Option<std::path::PathBuf>) {
+    if let Some(path) = path {
+        let _ = tokio::task::spawn_blocking(move || crate::workdirs::remove(&path)).await;
+    }
 }
 
 impl Helper {
@@ -568,13 +570,15 @@ async fn validate(
         ];
         let (passed_env, exec_paths) =
             passed_env(&settings.file.pass_env, &request.lane_env, &own)?;
-        crate::workdirs::make(&decision.work_area, &handle.to_string(), &decision.identity)
-            .map_err(|error| {
-                reply(
-                    ErrorKind::SpawnFailed,
-                    format!("the job's directory could not be made, nothing ran: {error}"),
-                )
-            })?;
+        if settings.unprivileged {
+            crate::workdirs::make(&decision.work_area, &handle.to_string(), &decision.identity)
+                .map_err(|error| {
+                    reply(
+                        ErrorKind::SpawnFailed,
+                        format!("the job's directory could not be made, nothing ran: {error}"),
+                    )
+                })?;
+        }
         let plan = LanePlan {
             identity: decision.identity.clone(),
             argv: decision.argv.clone(),
@@ -583,9 +587,11 @@ async fn validate(
             exec_paths,
             change_uid: !settings.unprivileged,
         };
-        let job_dir = plan.work_dir.clone();
+        let job_dir = settings.unprivileged.then(|| plan.work_dir.clone());
         let prepared = settings.sandbox.prepare(plan).map_err(|error| {
-            let _ = crate::workdirs::remove(&job_dir);
+            if let Some(job_dir) = &job_dir {
+                let _ = crate::workdirs::remove(job_dir);
+            }
             reply(
                 ErrorKind::SpawnFailed,
                 format!("sandbox preparation failed, nothing ran: {error}"),
@@ -686,7 +692,8 @@ fn new_record(
         ..
     } = decision;
     JobRecord {
-        work_dir: Some(work_dir),
+        // Only a job's own directory goes with its record, never a shared area.
+        work_dir: settings.unprivileged.then_some(work_dir),
         owner_uid: peer.identity.uid,
         claimed_client: peer.claimed_client.clone(),
         pgid: None,
