@@ -60,6 +60,7 @@ fn main() {
         identity,
         argv: vec!["/bin/true".into()],
         work_dir: work.path().to_owned(),
+        make_work_dir: false,
         passed_env: Vec::new(),
         exec_paths: Vec::new(),
         change_uid,

@@ -180,6 +180,7 @@ async fn a_lane_cannot_escape() {
     );
     assert_denied(&checks, "read_other_home", None);
     for planted in [
+        "write_work_area",
         "write_home_bashrc",
         "write_home_authorized_keys",
         "write_home_systemd_user_unit",

@@ -36,6 +36,7 @@ case "$3" in
     for f in "$HOME/.bashrc" "$HOME/.ssh/authorized_keys"; do
       if (echo planted >> "$f") 2>/dev/null; then echo "WROTE $f"; else echo "denied $f"; fi
     done
+    if (echo planted > ../planted-beside) 2>/dev/null; then echo "WROTE beside its directory"; fi
     echo mine > made-here && echo "work dir $(pwd) writable" ;;
 esac
 "#;

@@ -11,7 +11,7 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 32] = [
+const REQUIRED: [&str; 34] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
@@ -43,6 +43,8 @@ const REQUIRED: [&str; 32] = [
     "escape_probe_denied_under_the_unit",
     "journal_has_helper_logs",
     "journal_has_containment",
+    "job_dir_made_by_its_lane",
+    "job_dir_removed_with_its_record",
     "security_exposure_at_most_2",
 ];
 

@@ -486,6 +486,14 @@ fn escape(config: Value) {
             .map(|_| 0)
             .map_err(|e| e.raw_os_error().unwrap_or(-1)),
     ));
+    // Beside its own directory, in the lane user's work area (the user's own: only Landlock
+    // keeps one job out of another's).
+    checks.push(report(
+        "write_work_area",
+        std::fs::write("../planted-by-a-lane", "BREACH")
+            .map(|_| 0)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1)),
+    ));
     // The lane user's own files, which DAC lets it write: only Landlock keeps a lane from
     // planting what would run later, outside any sandbox.
     let home = std::env::var("HOME").unwrap_or_default();

@@ -155,6 +155,16 @@ step_dispatch() {
     check dispatch_in_its_own_cgroup $? "$(echo "$out" | pick 1 's["sandbox"]["containment"]')"
     echo "$out" | pick 1 's.get("usage") is not None and s["usage"]["peak_memory_bytes"] > 0' | grep -q True
     check dispatch_reports_usage $? "$(echo "$out" | pick 1 's.get("usage")')"
+    # The job's own directory: made by its lane as acme (the unit has no CAP_DAC_OVERRIDE or
+    # CAP_CHOWN to do it), and removed with its record, as acme.
+    local h dir
+    h=$(echo "$out" | pick 1 's.get("handle")')
+    dir="/var/lib/dispatch-mcp/lanes/acme/$h"
+    [ -n "$h" ] && [ -d "$dir" ] && [ "$(stat -c '%U %a' "$dir")" = "acme 700" ]
+    check job_dir_made_by_its_lane $? "$(stat -c '%n %U %a' "$dir" 2>&1)"
+    front alice "[{\"tool\":\"dispatch_delete\",\"args\":{\"handle\":\"$h\"}}]" >/dev/null
+    [ -n "$h" ] && [ ! -e "$dir" ]
+    check job_dir_removed_with_its_record $? "$dir after dispatch_delete"
     local file r
     for file in "$CONF" /etc/dispatch-mcp/repos.json /var/log/dispatch-mcp/audit.jsonl; do
         r=$(dispatch acme widgets "py:read $file" 10 | lane_out)
@@ -338,7 +348,7 @@ time.sleep(3600)'
     echo "$out" | pick 1 '(s.get("stdout") or {}).get("text","")' | python3 -c '
 import json, sys
 checks = {d["check"]: d for d in (json.loads(l) for l in sys.stdin if l.startswith("{")) if "check" in d}
-forbidden = ("write_outside_work_dir", "write_home_bashrc", "write_home_authorized_keys",
+forbidden = ("write_outside_work_dir", "write_work_area", "write_home_bashrc", "write_home_authorized_keys",
     "write_home_systemd_user_unit", "read_other_home", "setresuid_root", "ptrace_traceme",
     "process_vm_readv", "bpf", "mount", "unshare_newuser", "io_uring_setup", "keyctl", "tiocsti",
     "tiocsti_high_bits", "kill_helper", "connect_helper_socket", "x32_syscall", "tcp_bind",

@@ -49,10 +49,10 @@ pub struct ConfigFile {
     pub socket_group: Option<String>,
     #[serde(default = "default_socket_mode")]
     pub socket_mode: u32,
-    /// Where a lane user's job directories are made: `{home}`, `{unix_user}` and `{orguser}`
-    /// are substituted. Each job runs in its own directory beneath it, made by the helper and
-    /// owned by the lane user; nothing else of the home is writable. Default (empty):
-    /// `<state_dir>/lanes/{unix_user}`, made by the helper when missing.
+    /// The lane user's work area: `{home}`, `{unix_user}` and `{orguser}` are substituted. Each
+    /// job runs in its own directory beneath it, made by the lane as its user; nothing else of
+    /// the home is writable. Default (empty): `<state_dir>/lanes/{unix_user}`, made by the
+    /// helper when missing.
     #[serde(default)]
     pub work_dir: String,
     /// Keep a job's directory when its record is deleted or pruned (default: removed with it).

@@ -304,13 +304,8 @@ impl Helper {
             github: target.github.clone(),
             task,
             unix_user,
-            // Personal (unprivileged) mode: a directory per job. Root mode: the lane user's area
-            // itself, which the helper (without CAP_DAC_OVERRIDE under its unit) cannot enter.
-            work_dir: if settings.unprivileged {
-                work_area.join(handle.to_string())
-            } else {
-                work_area.clone()
-            },
+            // The job's own, made by its lane (as the lane user) in the area.
+            work_dir: work_area.join(handle.to_string()),
             identity,
             work_area,
         })

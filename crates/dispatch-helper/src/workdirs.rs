@@ -1,11 +1,11 @@
-//! Each job's own directory: made by the helper beneath the lane user's work area before the
-//! lane is prepared, owned by the lane user, the only place a lane may write (with its
-//! configured extra paths). Removed with the job's record unless `keep_work_dirs`.
+//! The lane user's work area, where each job's own directory is made by its lane, as the lane
+//! user, after the uid drop (`LanePlan::make_work_dir`): the helper needs no right to write in
+//! a user's area (under its unit it has neither CAP_DAC_OVERRIDE nor CAP_CHOWN), and a lane
+//! can write nowhere else (its home is read-only). A job's directory is removed with its
+//! record unless `keep_work_dirs`, by a process running as its lane user.
 //!
-//! The area may belong to the lane user (its home, or its directory under the state dir), who
-//! could race the helper with links there: every step works through a directory fd opened
-//! without following links, so the helper only ever makes and hands over the directory it
-//! made itself.
+//! The area may belong to the lane user, who could race the helper with links there: every
+//! step works through directory fds opened without following links.
 
 use dispatch_sandbox::LaneIdentity;
 use nix::fcntl::{OFlag, openat};
@@ -13,8 +13,10 @@ use nix::sys::stat::{Mode, fchmod, mkdirat};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-fn open_dir_at(dir: Option<&OwnedFd>, path: &Path) -> nix::Result<OwnedFd> {
-    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+/// `access`: `O_PATH` to find a directory the helper may not read (a user's 0700 area: under
+/// its unit the helper has no CAP_DAC_OVERRIDE), `O_RDONLY` for one it made and hands over.
+fn open_dir_at(dir: Option<&OwnedFd>, path: &Path, access: OFlag) -> nix::Result<OwnedFd> {
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | access;
     match dir {
         Some(dir) => openat(dir, path, flags, Mode::empty()),
         None => openat(nix::fcntl::AT_FDCWD, path, flags, Mode::empty()),
@@ -32,7 +34,7 @@ fn hand_over(fd: &OwnedFd, identity: &LaneIdentity) -> nix::Result<()> {
 /// The lane user's area. Made when missing only where the helper owns the parent (the default,
 /// under its state dir): an administrator's own location must exist.
 fn open_area(area: &Path, identity: &LaneIdentity) -> Result<OwnedFd, String> {
-    match open_dir_at(None, area) {
+    match open_dir_at(None, area, OFlag::O_PATH) {
         Ok(fd) => return Ok(fd),
         Err(nix::errno::Errno::ENOENT) => {}
         Err(errno) => return Err(format!("work area {}: {}", area.display(), errno.desc())),
@@ -40,7 +42,7 @@ fn open_area(area: &Path, identity: &LaneIdentity) -> Result<OwnedFd, String> {
     let (Some(parent), Some(name)) = (area.parent(), area.file_name()) else {
         return Err(format!("work area {} does not exist", area.display()));
     };
-    let parent_fd = open_dir_at(None, parent)
+    let parent_fd = open_dir_at(None, parent, OFlag::O_PATH)
         .map_err(|e| format!("work area {}: parent: {}", area.display(), e.desc()))?;
     let parent_owner = nix::sys::stat::fstat(&parent_fd)
         .map_err(|e| format!("work area {}: {}", area.display(), e.desc()))?
@@ -52,7 +54,12 @@ fn open_area(area: &Path, identity: &LaneIdentity) -> Result<OwnedFd, String> {
         ));
     }
     match mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o700)) {
-        Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+        Ok(()) => {}
+        // Made meanwhile by another dispatch: theirs to hand over.
+        Err(nix::errno::Errno::EEXIST) => {
+            return open_dir_at(Some(&parent_fd), Path::new(name), OFlag::O_PATH)
+                .map_err(|e| format!("work area {}: {}", area.display(), e.desc()));
+        }
         Err(errno) => {
             return Err(format!(
                 "make work area {}: {}",
@@ -61,39 +68,51 @@ fn open_area(area: &Path, identity: &LaneIdentity) -> Result<OwnedFd, String> {
             ));
         }
     }
-    let fd = open_dir_at(Some(&parent_fd), Path::new(name))
+    let fd = open_dir_at(Some(&parent_fd), Path::new(name), OFlag::O_RDONLY)
         .map_err(|e| format!("work area {}: {}", area.display(), e.desc()))?;
     hand_over(&fd, identity).map_err(|e| format!("work area {}: {}", area.display(), e.desc()))?;
     Ok(fd)
 }
 
-/// Make (or, for a queued job taking its turn, find) the job's directory `area/handle`.
-pub fn make(area: &Path, handle: &str, identity: &LaneIdentity) -> Result<(), String> {
-    let area_fd = open_area(area, identity)?;
-    let job = area.join(handle);
-    let fail = |what: &str, errno: nix::errno::Errno| {
-        format!("job directory {}: {what}: {}", job.display(), errno.desc())
-    };
-    let made = match mkdirat(&area_fd, handle, Mode::from_bits_truncate(0o700)) {
-        Ok(()) => true,
-        // Already there (a queued job's second preparation, or something the lane user put in
-        // its place): the sandbox's own checks refuse anything but the user's real directory.
-        Err(nix::errno::Errno::EEXIST) => false,
-        Err(errno) => return Err(fail("make", errno)),
-    };
-    if made {
-        let fd = open_dir_at(Some(&area_fd), Path::new(handle)).map_err(|e| fail("open", e))?;
-        hand_over(&fd, identity).map_err(|e| fail("hand over", e))?;
-    }
-    Ok(())
+/// The lane user's area, made (and handed to the user) if it is the helper's default one and
+/// missing.
+pub fn ensure_area(area: &Path, identity: &LaneIdentity) -> Result<(), String> {
+    open_area(area, identity).map(drop)
 }
 
-/// Remove a job's directory and everything in it (blocking). std's `remove_dir_all` does not
-/// follow links, so a lane's link there removes the link, not what it names.
-pub fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
+/// Remove a job's directory and everything in it (blocking), as `uid`/`gid`, its lane user:
+/// only what that user could remove goes. The helper's own (unprivileged mode) it removes
+/// itself; std's `remove_dir_all` does not follow links, so a lane's link there removes the
+/// link, not what it names. Another user's is removed by `rm` run as that user (no shell, no
+/// option parsing of the path), since the helper may not enter it.
+pub fn remove(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    if nix::unistd::geteuid().as_raw() == uid {
+        return match std::fs::remove_dir_all(path) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+    }
+    use std::os::unix::process::CommandExt;
+    let rm = ["/usr/bin/rm", "/bin/rm"]
+        .into_iter()
+        .find(|rm| Path::new(rm).is_file())
+        .ok_or_else(|| std::io::Error::other("no rm in /usr/bin or /bin"))?;
+    let status = std::process::Command::new(rm)
+        .args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .uid(uid)
+        .gid(gid)
+        .env_clear()
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "rm as uid {uid} ended with {status}"
+        )))
     }
 }
 
@@ -106,22 +125,23 @@ mod tests {
     }
 
     #[test]
-    fn makes_the_area_and_the_job_dir_private() {
+    fn makes_the_default_area_private_and_removes_a_job_dir() {
         let dir = tempfile::tempdir().unwrap();
         let area = dir.path().join("lanes").join("me");
         std::fs::create_dir(dir.path().join("lanes")).unwrap();
-        make(&area, "d-1", &me()).unwrap();
+        ensure_area(&area, &me()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(area.join("d-1"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&area).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        // Again (a queued job's turn): found, not an error.
-        make(&area, "d-1", &me()).unwrap();
-        remove(&area.join("d-1")).unwrap();
+        // Already there: fine.
+        ensure_area(&area, &me()).unwrap();
+        std::fs::create_dir(area.join("d-1")).unwrap();
+        std::fs::write(area.join("d-1/output"), "x").unwrap();
+        let (uid, gid) = (me().uid, me().gid);
+        remove(&area.join("d-1"), uid, gid).unwrap();
         assert!(!area.join("d-1").exists());
-        remove(&area.join("d-1")).unwrap();
+        // Gone already: not an error.
+        remove(&area.join("d-1"), uid, gid).unwrap();
     }
 
     #[test]
@@ -131,9 +151,8 @@ mod tests {
         std::fs::create_dir(&elsewhere).unwrap();
         let area = dir.path().join("area");
         std::os::unix::fs::symlink(&elsewhere, &area).unwrap();
-        let error = make(&area, "d-1", &me()).unwrap_err();
+        let error = ensure_area(&area, &me()).unwrap_err();
         assert!(error.contains("work area"), "{error}");
-        assert!(!elsewhere.join("d-1").exists());
     }
 
     #[test]
@@ -145,7 +164,7 @@ mod tests {
         let job = dir.path().join("job");
         std::fs::create_dir(&job).unwrap();
         std::os::unix::fs::symlink(&kept, job.join("link")).unwrap();
-        remove(&job).unwrap();
+        remove(&job, me().uid, me().gid).unwrap();
         assert!(kept.join("precious").exists());
     }
 }

@@ -35,6 +35,7 @@ pub enum ChildStep {
     AmbientCapabilities,
     VerifyIds,
     RootNotRegainable,
+    MakeWorkDir,
     ChangeDir,
     ParentDeathSignal,
     ParentAlive,
@@ -47,7 +48,7 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 21] = [
+    const ALL: [ChildStep; 22] = [
         ChildStep::Signals,
         ChildStep::JoinCgroup,
         ChildStep::NewSession,
@@ -60,6 +61,7 @@ impl ChildStep {
         ChildStep::AmbientCapabilities,
         ChildStep::VerifyIds,
         ChildStep::RootNotRegainable,
+        ChildStep::MakeWorkDir,
         ChildStep::ChangeDir,
         ChildStep::ParentDeathSignal,
         ChildStep::ParentAlive,
@@ -94,6 +96,9 @@ impl fmt::Display for ChildStep {
             ChildStep::AmbientCapabilities => "clear ambient capabilities (PR_CAP_AMBIENT)",
             ChildStep::VerifyIds => "verify uid/gid/groups (getresuid/getresgid/getgroups)",
             ChildStep::RootNotRegainable => "verify root cannot be regained",
+            ChildStep::MakeWorkDir => {
+                "make the job's own directory and its Landlock rule (mkdir, as the lane user)"
+            }
             ChildStep::ChangeDir => "enter the lane work directory (chdir, as the lane user)",
             ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
             ChildStep::ParentAlive => "parent still alive (getppid)",
@@ -119,6 +124,10 @@ pub(crate) struct ChildPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub helper_pid: libc::pid_t,
     pub work_dir: CString,
+    /// Make `work_dir` (as the lane user) and add its Landlock rule before entering it.
+    pub make_work_dir: bool,
+    /// The rights of that rule.
+    pub work_dir_access: u64,
     /// The lane cgroup's `cgroup.procs`, open for writing, if the lane has a cgroup.
     pub cgroup_procs_fd: Option<RawFd>,
     /// stdin, stdout, stderr of the lane; all above 2 and close-on-exec in the helper.
@@ -318,12 +327,9 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     register_with_reaper(plan.reaper_fd)?;
     connect_stdio(&plan.stdio)?;
 
-    // 3. Resource limits, while still privileged.
-    for (resource, limit) in &plan.rlimits {
-        // SAFETY: `limit` points to a valid rlimit for the duration of the call.
-        let rc = unsafe { libc::setrlimit(*resource, limit) };
-        check(ChildStep::Rlimits, rc.into())?;
-    }
+    // 3. Resource limits, while still privileged; the open-file limit once the work directory
+    //    is open (the lane has not yet shed the helper's fds, which may count past it).
+    set_rlimits(plan, |resource| resource != libc::RLIMIT_NOFILE)?;
 
     // 4. Identity: groups, then gid, then uid (after setresuid the others could not change).
     if plan.change_uid {
@@ -337,9 +343,14 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     check(ChildStep::AmbientCapabilities, rc.into())?;
     verify_ids(plan)?;
     // Entered as the lane user, so the directory's own permissions apply.
-    // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
-    let rc = unsafe { libc::chdir(plan.work_dir.as_ptr()) };
-    check(ChildStep::ChangeDir, rc.into())?;
+    if plan.make_work_dir {
+        make_work_dir(plan)?;
+    } else {
+        // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
+        let rc = unsafe { libc::chdir(plan.work_dir.as_ptr()) };
+        check(ChildStep::ChangeDir, rc.into())?;
+    }
+    set_rlimits(plan, |resource| resource == libc::RLIMIT_NOFILE)?;
 
     // 5. Death signal after the drop (changing credentials clears it), then make sure the
     //    helper did not die before it was armed. It fires when the spawner thread exits, which
@@ -408,6 +419,60 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         );
     }
     Err((ChildStep::Exec, errno()))
+}
+
+/// The plan's limits on the resources `which` selects.
+fn set_rlimits(plan: &ChildPlan, which: impl Fn(libc::__rlimit_resource_t) -> bool) -> StepResult {
+    for (resource, limit) in plan.rlimits.iter().filter(|(r, _)| which(*r)) {
+        // SAFETY: `limit` points to a valid rlimit for the duration of the call.
+        let rc = unsafe { libc::setrlimit(*resource, limit) };
+        check(ChildStep::Rlimits, rc.into())?;
+    }
+    Ok(())
+}
+
+/// `struct landlock_path_beneath_attr` (the libc crate does not define it): packed, as the
+/// kernel's.
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_long = 1;
+
+/// The job's own directory, made by the lane user in its work area: a new directory (one
+/// already there, which only that user could have put there, is refused), entered through
+/// the fd it was opened on, which also carries its Landlock rule: the rule and the working
+/// directory are what was made, whatever the path names a moment later.
+fn make_work_dir(plan: &ChildPlan) -> StepResult {
+    // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
+    let rc = unsafe { libc::mkdir(plan.work_dir.as_ptr(), 0o700) };
+    check(ChildStep::MakeWorkDir, rc.into())?;
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: as above; the fd is closed at exec (O_CLOEXEC).
+    let fd = unsafe { libc::open(plan.work_dir.as_ptr(), flags) };
+    check(ChildStep::MakeWorkDir, fd.into())?;
+    if let Some(ruleset) = plan.landlock_fd {
+        let rule = PathBeneathAttr {
+            allowed_access: plan.work_dir_access,
+            parent_fd: fd,
+        };
+        // SAFETY: a pointer to a live local of the kernel's attribute layout; plain integers.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset,
+                LANDLOCK_RULE_PATH_BENEATH,
+                &raw const rule,
+                0u32,
+            )
+        };
+        check(ChildStep::MakeWorkDir, rc)?;
+    }
+    // SAFETY: `fd` is the directory opened above.
+    let rc = unsafe { libc::fchdir(fd) };
+    check(ChildStep::ChangeDir, rc.into())
 }
 
 /// The kernel's sigset for rt_sigprocmask: 64 signals on every architecture we build for.

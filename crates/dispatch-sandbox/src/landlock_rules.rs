@@ -130,6 +130,9 @@ impl SharedPaths {
 pub(crate) struct BuiltRuleset {
     /// None only when the policy's floor is 0 and the kernel has no Landlock.
     pub ruleset: Option<OwnedFd>,
+    /// The rights of the work directory, for the rule the lane adds itself on the directory it
+    /// makes (`LanePlan::make_work_dir`); 0 without Landlock.
+    pub work_dir_access: u64,
     pub abi: u32,
     pub description: String,
 }
@@ -150,6 +153,7 @@ pub(crate) fn build(
     if abi == ABI::Unsupported {
         return Ok(BuiltRuleset {
             ruleset: None,
+            work_dir_access: 0,
             abi: 0,
             description: "not enforced: the kernel has no Landlock and landlock_min_abi is 0"
                 .into(),
@@ -207,7 +211,10 @@ pub(crate) fn build(
     if plan.identity.home.is_dir() {
         grant(&plan.identity.home, read, "home")?;
     }
-    grant(&plan.work_dir, read_write, "work_dir")?;
+    // A directory the lane makes gets its rule in the lane, on the fd of what it made.
+    if !plan.make_work_dir {
+        grant(&plan.work_dir, read_write, "work_dir")?;
+    }
     for path in &plan.exec_paths {
         grant(path, read_exec, "PATH")?;
     }
@@ -252,6 +259,7 @@ pub(crate) fn build(
     }
     Ok(BuiltRuleset {
         ruleset: Some(ruleset),
+        work_dir_access: read_write.bits(),
         abi: abi_number,
         description,
     })

@@ -108,6 +108,12 @@ pub struct LanePlan {
     /// argv[0] is absolute (the template resolved it at load time).
     pub argv: Vec<String>,
     pub work_dir: PathBuf,
+    /// Make `work_dir` in the lane, as the lane user, after the uid drop: the job's own
+    /// directory, in its parent (the lane user's work area, which must be that user's). The
+    /// helper needs no right to write there (its unit has no CAP_DAC_OVERRIDE or CAP_CHOWN),
+    /// and the Landlock rule for it is added on the new directory's fd before the ruleset is
+    /// enforced. False: `work_dir` exists and is used as it is.
+    pub make_work_dir: bool,
     /// The caller's values of the variables the helper passes (`pass_env`), checked by it:
     /// set after the lane's defaults, before the administrator's `extra_env`.
     pub passed_env: Vec<(String, String)>,
@@ -142,6 +148,8 @@ pub struct PreparedLane {
     plan: LanePlan,
     env: Vec<(String, String)>,
     landlock: Option<OwnedFd>,
+    /// See `BuiltRuleset::work_dir_access`.
+    work_dir_access: u64,
     seccomp: Vec<seccompiler::BpfProgram>,
     limits: Limits,
     enforcement: Enforcement,
@@ -267,8 +275,13 @@ impl Sandbox {
             path: plan.work_dir.display().to_string(),
             reason,
         };
-        let meta =
-            std::fs::symlink_metadata(&plan.work_dir).map_err(|e| work_dir_error(e.to_string()))?;
+        // A directory the lane makes: its parent, the area, is what must be the user's.
+        let checked = match (plan.make_work_dir, plan.work_dir.parent()) {
+            (true, Some(area)) => area,
+            (true, None) => return Err(work_dir_error("has no parent directory".into())),
+            (false, _) => plan.work_dir.as_path(),
+        };
+        let meta = std::fs::symlink_metadata(checked).map_err(|e| work_dir_error(e.to_string()))?;
         if meta.file_type().is_symlink() {
             return Err(work_dir_error(
                 "is a symbolic link; it must be a real directory".into(),
@@ -279,7 +292,12 @@ impl Sandbox {
         }
         if std::os::unix::fs::MetadataExt::uid(&meta) != plan.identity.uid {
             return Err(work_dir_error(format!(
-                "is owned by uid {}, not by the lane user {} (uid {})",
+                "{}is owned by uid {}, not by the lane user {} (uid {})",
+                if plan.make_work_dir {
+                    "its parent "
+                } else {
+                    ""
+                },
                 std::os::unix::fs::MetadataExt::uid(&meta),
                 plan.identity.name,
                 plan.identity.uid
@@ -305,6 +323,7 @@ impl Sandbox {
             plan,
             env,
             landlock: landlock.ruleset,
+            work_dir_access: landlock.work_dir_access,
             seccomp: self.seccomp.clone(),
             limits: policy.limits,
             enforcement,

@@ -749,6 +749,8 @@ fn child_plan(
             .collect(),
         helper_pid: std::process::id() as libc::pid_t,
         work_dir,
+        make_work_dir: plan.make_work_dir,
+        work_dir_access: lane.work_dir_access,
         cgroup_procs_fd: cgroup.and_then(LaneCgroup::procs_fd),
         stdio: stdio.lane.each_ref().map(|fd| fd.as_raw_fd()),
         reaper_fd: reaper.writer.as_raw_fd(),

@@ -156,7 +156,7 @@ impl Helper {
                 format!("could not delete the record of {handle}: {error}"),
             ));
         }
-        self.remove_work_dir(entry.record.work_dir.clone()).await;
+        self.remove_work_dir(&entry.record).await;
         let _ = self
             .audit
             .append(AuditEvent {

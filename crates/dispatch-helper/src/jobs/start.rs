@@ -72,8 +72,6 @@ impl Helper {
             Ok(done) => done,
             Err(reason) => return Err(self.rejected(peer, &request, reason).await),
         };
-        // From here a refusal also takes back the job directory made for it.
-        let job_dir = settings.unprivileged.then(|| decision.work_dir.clone());
         let enforcement = prepared.enforcement().clone();
         let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
         let lane = lane_key(&record.job);
@@ -81,7 +79,6 @@ impl Helper {
         let admitted = match self.admit(owner, &lane, &settings.file.limits) {
             Ok(admitted) => admitted,
             Err(why) => {
-                discard_job_dir(job_dir).await;
                 return Err(self
                     .rejected(peer, &request, reply(ErrorKind::Busy, why))
                     .await);
@@ -103,7 +100,6 @@ impl Helper {
                 self.release(owner, &lane);
             }
             self.forget_queued_env(&record.job.handle);
-            discard_job_dir(job_dir).await;
             tracing::error!(%error, "audit write failed; dispatch refused");
             return Err(reply(
                 ErrorKind::AuditUnavailable,
@@ -531,13 +527,6 @@ impl Helper {
     }
 }
 
-/// The directory of a dispatch that will never run (refused after it was made).
-async fn discard_job_dir(path: Option<std::path::PathBuf>) {
-    if let Some(path) = path {
-        let _ = tokio::task::spawn_blocking(move || crate::workdirs::remove(&path)).await;
-    }
-}
-
 impl Helper {
     /// A queued dispatch's passed values, dropped once it will not start from the queue.
     fn forget_queued_env(&self, handle: &str) {
@@ -570,28 +559,23 @@ async fn validate(
         ];
         let (passed_env, exec_paths) =
             passed_env(&settings.file.pass_env, &request.lane_env, &own)?;
-        if settings.unprivileged {
-            crate::workdirs::make(&decision.work_area, &handle.to_string(), &decision.identity)
-                .map_err(|error| {
-                    reply(
-                        ErrorKind::SpawnFailed,
-                        format!("the job's directory could not be made, nothing ran: {error}"),
-                    )
-                })?;
-        }
+        // The job's own directory is made by its lane; the area it goes in must be there.
+        crate::workdirs::ensure_area(&decision.work_area, &decision.identity).map_err(|error| {
+            reply(
+                ErrorKind::SpawnFailed,
+                format!("the lane's work area is not usable, nothing ran: {error}"),
+            )
+        })?;
         let plan = LanePlan {
             identity: decision.identity.clone(),
             argv: decision.argv.clone(),
             work_dir: decision.work_dir.clone(),
+            make_work_dir: true,
             passed_env,
             exec_paths,
             change_uid: !settings.unprivileged,
         };
-        let job_dir = settings.unprivileged.then(|| plan.work_dir.clone());
         let prepared = settings.sandbox.prepare(plan).map_err(|error| {
-            if let Some(job_dir) = &job_dir {
-                let _ = crate::workdirs::remove(job_dir);
-            }
             reply(
                 ErrorKind::SpawnFailed,
                 format!("sandbox preparation failed, nothing ran: {error}"),
@@ -692,8 +676,7 @@ fn new_record(
         ..
     } = decision;
     JobRecord {
-        // Only a job's own directory goes with its record, never a shared area.
-        work_dir: settings.unprivileged.then_some(work_dir),
+        work_dir: Some(work_dir),
         owner_uid: peer.identity.uid,
         claimed_client: peer.claimed_client.clone(),
         pgid: None,

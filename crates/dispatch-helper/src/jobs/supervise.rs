@@ -112,13 +112,19 @@ impl Helper {
         }
     }
 
-    /// A job's directory goes with its record, unless the configuration keeps them.
-    pub(super) async fn remove_work_dir(&self, work_dir: Option<std::path::PathBuf>) {
-        let Some(path) = work_dir.filter(|_| !self.settings().file.keep_work_dirs) else {
+    /// A job's directory goes with its record (removed as its lane user), unless the
+    /// configuration keeps them.
+    pub(super) async fn remove_work_dir(&self, record: &JobRecord) {
+        let (Some(path), Some(sandbox)) = (record.work_dir.clone(), record.job.sandbox.as_ref())
+        else {
             return;
         };
+        if self.settings().file.keep_work_dirs {
+            return;
+        }
+        let (uid, gid) = (sandbox.uid, sandbox.gid);
         let removed = tokio::task::spawn_blocking(move || {
-            crate::workdirs::remove(&path).map_err(|e| (path, e))
+            crate::workdirs::remove(&path, uid, gid).map_err(|e| (path, e))
         })
         .await;
         if let Ok(Err((path, error))) = removed {
@@ -130,7 +136,7 @@ impl Helper {
     /// and each removal is audited.
     pub(super) async fn prune_finished(&self, owner_uid: u32) {
         let keep = self.settings().file.limits.max_finished_jobs_per_client;
-        let doomed: Vec<(String, Option<std::path::PathBuf>)> = {
+        let doomed: Vec<(String, JobRecord)> = {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let mut finished: Vec<&JobRecord> = jobs
                 .values()
@@ -146,10 +152,10 @@ impl Helper {
             finished
                 .into_iter()
                 .take(excess)
-                .map(|r| (r.job.handle.clone(), r.work_dir.clone()))
+                .map(|r| (r.job.handle.clone(), r.clone()))
                 .collect()
         };
-        for (handle, work_dir) in doomed {
+        for (handle, record) in doomed {
             if let Err(error) = self.store.remove_async(&handle).await {
                 tracing::error!(%error, %handle, "could not prune a finished job");
                 continue;
@@ -158,7 +164,7 @@ impl Helper {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&handle);
-            self.remove_work_dir(work_dir).await;
+            self.remove_work_dir(&record).await;
             let _ = self
                 .audit
                 .append(AuditEvent {
