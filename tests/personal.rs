@@ -451,6 +451,40 @@ async fn a_lane_cannot_plant_anything_in_the_home() {
     drop(front);
 }
 
+/// The Python server's variables as an MCP entry sets them: `~` in the allowlist path is the
+/// home, an unreadable number is a warning and the default, the host is taken as given, and
+/// DISPATCH_TIMEOUT bounds the command.
+#[tokio::test]
+async fn the_python_variables_keep_their_meaning_and_leniency() {
+    let Some(world) = World::new("personal mode: Python variables") else {
+        return;
+    };
+    let front = world
+        .front(&[
+            ("DISPATCH_REPOS_JSON", "~/.repos.json"),
+            ("DISPATCH_MAX_ITERATIONS", "abc"),
+            ("DISPATCH_SSH_HOST", "build-host"),
+            ("DISPATCH_TIMEOUT", "2"),
+        ])
+        .await;
+    let quick = dispatch(&front, "quick").await;
+    let done = result(&front, &quick).await;
+    assert!(
+        stdout(&done).starts_with("<acme><widgets><quick><--host><build-host><--max><50>"),
+        "{done}"
+    );
+    let slow = dispatch(&front, "sleep 30").await;
+    let stopped = result(&front, &slow).await;
+    assert_eq!(stopped["status"], "timed_out", "{stopped}");
+    assert_eq!(stopped["stopped_by"], "wall_clock", "{stopped}");
+    let log = std::fs::read_to_string(world.state().join("helper.log")).unwrap_or_default();
+    assert!(
+        log.contains("DISPATCH_MAX_ITERATIONS=\"abc\" is not a whole number; using 50"),
+        "{log}"
+    );
+    drop(front);
+}
+
 #[tokio::test]
 async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
     let Some(world) = World::new("personal mode: no allowlist") else {

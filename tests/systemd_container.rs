@@ -11,7 +11,7 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 34] = [
+const REQUIRED: [&str; 41] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
@@ -45,6 +45,13 @@ const REQUIRED: [&str; 34] = [
     "journal_has_containment",
     "job_dir_made_by_its_lane",
     "job_dir_removed_with_its_record",
+    "personal_socket_listening",
+    "personal_helper_socket_activated",
+    "personal_lane_outlives_front",
+    "personal_result_from_a_new_front",
+    "personal_idle_exit",
+    "personal_restarted_on_demand_with_its_jobs",
+    "personal_audit_intact",
     "security_exposure_at_most_2",
 ];
 

@@ -18,6 +18,7 @@
 #   escape    the project's escape probe as a lane of the real unit
 #   security  systemd-analyze security of the installed unit (goal <= 2.0)
 #   journal   the helper's log lines in the journal
+#   personal  the personal helper as carol's `systemd --user` socket + service (systemd/user/)
 # Output: free text, plus machine-readable lines
 #   CHECK <name> PASS|FAIL <detail>     TIME <step> <ms>
 # Exit status: number of FAILed checks (0 = all as expected).
@@ -185,7 +186,9 @@ except OSError as e:
     [ "$out" = "Permission denied" ]; check eve_socket_denied $? "eve connect(): $out"
     out=$(front bob '[{"tool":"dispatch_lanes"}]' | pick 0 'm.get("text") or s')
     echo "  bob via front: $out"
-    ! echo "$out" | grep -q '"lanes"'; check bob_not_admitted $? "bob (in group dispatch, not in [clients]) refused"
+    # The system helper's refusal, not a personal helper started in its place.
+    ! echo "$out" | grep -q '"lanes"' && echo "$out" | grep -q 'not an admitted client'
+    check bob_not_admitted $? "bob (in group dispatch, not in [clients]) refused"
     grep -q '"client_refused"' /var/log/dispatch-mcp/audit.jsonl; check bob_audited $? "client_refused in the audit log"
 }
 
@@ -377,8 +380,78 @@ step_journal() {
     journalctl -u "$UNIT" --no-pager -o verbose | grep -q 'cgroup per lane'; check journal_has_containment $? "the lane containment is logged"
 }
 
+# personal: the personal helper as a `systemd --user` socket + service (systemd/user/), for a
+# user outside the `dispatch` group, with the README's steps: units copied to
+# ~/.config/systemd/user, ExecStart pointed at the installed binary, socket enabled. The
+# front (no arguments) finds no system helper it may use, joins the user's socket; systemd
+# starts the helper; a lane outlives its front; the helper stops when idle and systemd starts
+# it again on the next connection, with every job still there.
+carol_env() { # carol_env CMD...: as carol, with her user manager's runtime dir
+    runuser -u carol -- env HOME=/home/carol XDG_RUNTIME_DIR="/run/user/$(id -u carol)" \
+        PATH="$PREFIX/personal-bin:/usr/bin:/bin" DISPATCH_IDLE_EXIT_SECONDS=3 "$@"
+}
+carol_front() { python3 "$HERE/client.py" --timeout 40 "$1" -- runuser -u carol -- env HOME=/home/carol \
+    XDG_RUNTIME_DIR="/run/user/$(id -u carol)" PATH="$PREFIX/personal-bin:/usr/bin:/bin" \
+    DISPATCH_IDLE_EXIT_SECONDS=3 "$BIN/dispatch-mcp"; }
+carol_unit() { carol_env systemctl --user show -P "$1" dispatch-mcp-helper.service; }
+step_personal() {
+    local uid units out h st pid i
+    id carol >/dev/null 2>&1 || useradd -U -m -K HOME_MODE=0700 carol
+    uid=$(id -u carol)
+    install -d -m 0755 "$PREFIX/personal-bin"
+    printf '#!/bin/sh\nfor a in "$@"; do printf "<%%s>" "$a"; done; echo\ncase "$3" in sleep*) sleep "${3#sleep }";; esac\necho done\n' \
+        > "$PREFIX/personal-bin/dotfiles-dispatch"
+    chmod 0755 "$PREFIX/personal-bin/dotfiles-dispatch"
+    printf '{"orgs": {"carol-org": {}}, "repos": {"notes": {"org": "carol-org"}}}\n' > /home/carol/.repos.json
+    chown carol:carol /home/carol/.repos.json
+    # What logind and pam_systemd do on a real machine: this container's volatile /etc has no
+    # PAM configuration, and no login session sets the user manager's XDG_RUNTIME_DIR.
+    printf 'auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_permit.so\n' \
+        | tee /etc/pam.d/systemd-user > /etc/pam.d/other
+    mkdir -p /etc/systemd/system/user@.service.d
+    printf '[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%%i\n' > /etc/systemd/system/user@.service.d/runtime-dir.conf
+    systemctl daemon-reload
+    systemctl start "user@$uid.service"
+    for i in $(seq 50); do [ -S "/run/user/$uid/systemd/private" ] && break; sleep 0.1; done
+    units=/home/carol/.config/systemd/user
+    runuser -u carol -- mkdir -p "$units/dispatch-mcp-helper.service.d"
+    runuser -u carol -- cp "$SRC/systemd/user/dispatch-mcp-helper.socket" "$SRC/systemd/user/dispatch-mcp-helper.service" "$units/"
+    printf '[Service]\nExecStart=\nExecStart=%s/dispatch-helper serve --config %%h/.local/state/dispatch-mcp/helper.toml\n' "$BIN" \
+        | runuser -u carol -- tee "$units/dispatch-mcp-helper.service.d/prefix.conf" >/dev/null
+    carol_env systemctl --user daemon-reload
+    carol_env systemctl --user enable --now dispatch-mcp-helper.socket
+    [ "$(carol_env systemctl --user is-active dispatch-mcp-helper.socket)" = active ]
+    check personal_socket_listening $? "dispatch-mcp-helper.socket of carol: $(carol_env systemctl --user is-active dispatch-mcp-helper.socket)"
+
+    out=$(carol_front '[{"tool":"dispatch_unit","args":{"orguser":"carol-org","repo":"notes","task_description":"sleep 3"},"save":"h"}]')
+    h=$(echo "$out" | pick 0 's.get("handle") or m.get("text")')
+    pid=$(carol_unit MainPID)
+    echo "personal: dispatched $h; the helper is carol's dispatch-mcp-helper.service, pid $pid"
+    [ "$(carol_unit ActiveState)" = active ] && [ "${pid:-0}" != 0 ] && [ "$(stat -c %U "/proc/$pid")" = carol ]
+    check personal_helper_socket_activated $? "service $(carol_unit ActiveState), main pid $pid"
+    pgrep -u carol -f 'dotfiles-dispatch carol-org' >/dev/null
+    check personal_lane_outlives_front $? "a lane of $h still runs after its front exited"
+    out=$(carol_front '[{"tool":"dispatch_result","args":{"handle":"'"$h"'","wait_seconds":20}}]')
+    st=$(echo "$out" | pick 0 's.get("status") or m.get("text")')
+    [ "$st" = succeeded ] && echo "$out" | pick 0 's.get("detail")' | grep -q done
+    check personal_result_from_a_new_front $? "$h: $st, detail $(echo "$out" | pick 0 's.get("detail")')"
+    # Idle (no client, no lane, nothing queued) for 3 s: the service stops by itself, cleanly.
+    for i in $(seq 100); do [ "$(carol_unit ActiveState)" = inactive ] && break; sleep 0.1; done
+    [ "$(carol_unit ActiveState)" = inactive ] && [ "$(carol_unit Result)" = success ] \
+        && [ "$(carol_env systemctl --user is-active dispatch-mcp-helper.socket)" = active ]
+    check personal_idle_exit $? "service $(carol_unit ActiveState) ($(carol_unit Result)), socket still listening"
+    out=$(carol_front '[{"tool":"dispatch_list","args":{}}]')
+    echo "$out" | pick 0 '[d["handle"] for d in s.get("dispatches", [])]' | grep -q "$h" \
+        && [ "$(carol_unit ActiveState)" = active ]
+    check personal_restarted_on_demand_with_its_jobs $? "service $(carol_unit ActiveState); list has $h"
+    grep -q '"helper_stopped"' /home/carol/.local/state/dispatch-mcp/audit.jsonl \
+        && "$BIN/dispatch-helper" audit verify /home/carol/.local/state/dispatch-mcp/audit.jsonl >/dev/null
+    check personal_audit_intact $? "carol's audit log records the idle stop and verifies"
+    carol_env systemctl --user stop dispatch-mcp-helper.socket dispatch-mcp-helper.service
+}
+
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(install dispatch access proc setsid reload restart kill9 stop escape journal security)
+[ ${#steps[@]} -eq 0 ] && steps=(install dispatch access proc setsid reload restart kill9 stop escape journal security personal)
 for s in "${steps[@]}"; do
     t0=$(ms)
     echo "=== $s"

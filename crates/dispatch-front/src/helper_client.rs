@@ -30,6 +30,12 @@ pub enum HelperError {
     Timeout(u64),
     #[error("the dispatch helper broke the protocol: {0}")]
     Protocol(String),
+    /// The helper answered, then closed the connection during the handshake: it refuses
+    /// peers it does not admit without a word.
+    #[error(
+        "the dispatch helper at {socket} closed the connection during the handshake: this user is probably not an admitted client (see [clients] in the helper config)"
+    )]
+    NotAdmitted { socket: String },
 }
 
 /// How long connecting and the handshake may take.
@@ -148,6 +154,13 @@ impl HelperClient {
         );
         match self.request_once(body.clone()).await {
             Err(HelperError::Disconnected) if retryable => self.request_once(body).await,
+            // A personal helper that stopped for idleness just as this front connected refused
+            // the request unseen; the next connection starts a new helper.
+            Ok(Response::Error(error)) if self.launcher.is_some() && is_stopping(&error) => {
+                *self.connection.lock().await = None;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.request_once(body).await
+            }
             other => other,
         }
     }
@@ -238,18 +251,36 @@ impl HelperClient {
                 client_name,
             },
         };
+        // A helper that does not admit this peer closes at once, before or after our hello:
+        // a broken pipe, a reset or an end of stream here all mean that.
+        let not_admitted = || HelperError::NotAdmitted {
+            socket: self.socket.display().to_string(),
+        };
         write_frame(&mut writer, &hello, FrameLimit::REQUEST)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|_| not_admitted())?;
         let reply: Option<ResponseEnvelope> = read_frame(&mut reader, FrameLimit::RESPONSE)
             .await
-            .map_err(|e| HelperError::Protocol(e.to_string()))?;
+            .map_err(|e| match e {
+            dispatch_proto::CodecError::Io(_) | dispatch_proto::CodecError::Closed => {
+                not_admitted()
+            }
+            other => HelperError::Protocol(other.to_string()),
+        })?;
         let hello = match reply.map(|r| r.body) {
             Some(Response::Hello(hello)) => hello,
             Some(Response::Error(error)) => return Err(HelperError::Protocol(error.message)),
-            Some(other) => return Err(HelperError::Protocol(format!("unexpected handshake reply {other:?}"))),
+            Some(other) => {
+                return Err(HelperError::Protocol(format!(
+                    "unexpected handshake reply {other:?}"
+                )));
+            }
             // The helper closes without a word on peers it does not admit.
-            None => return Err(unreachable("the helper closed the connection during the handshake: this user is probably not an admitted client (see [clients] in the helper config)".into())),
+            None => {
+                return Err(HelperError::NotAdmitted {
+                    socket: self.socket.display().to_string(),
+                });
+            }
         };
         let shared = Arc::new(Mutex::new(Shared {
             alive: true,
@@ -291,6 +322,12 @@ impl HelperClient {
             hello,
         })
     }
+}
+
+/// The refusal of a helper that is shutting down (`draining`): nothing was done.
+fn is_stopping(error: &dispatch_proto::ErrorReply) -> bool {
+    error.kind == dispatch_proto::ErrorKind::Busy
+        && error.message.contains("the helper is shutting down")
 }
 
 async fn place(

@@ -127,9 +127,16 @@ async fn choose_helper(
     }
     if !personal {
         // A real handshake, not a bare connect: the helper audits connections that say nothing.
+        // A system helper that answers but does not admit this user is still the one to use:
+        // its refusal, not a personal helper, is what the user should see.
         let system = helper_client::HelperClient::new(PathBuf::from(DEFAULT_SOCKET))
             .with_lane_env(lane_env.clone());
-        if std::path::Path::new(DEFAULT_SOCKET).exists() && system.hello().await.is_ok() {
+        if std::path::Path::new(DEFAULT_SOCKET).exists()
+            && matches!(
+                system.hello().await,
+                Ok(_) | Err(helper_client::HelperError::NotAdmitted { .. })
+            )
+        {
             return Ok((system, None));
         }
     }

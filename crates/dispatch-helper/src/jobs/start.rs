@@ -610,18 +610,9 @@ fn passed_env(
     let mut total = 0;
     let mut env: Vec<(String, String)> = Vec::new();
     let mut exec_paths = Vec::new();
-    for (name, value) in sent {
-        if !pass.iter().any(|p| p == name) {
-            return Err(invalid(format!(
-                "lane_env: {} is not passed to lanes by this helper (its pass_env: {})",
-                dispatch_policy::escape_value(name),
-                if pass.is_empty() {
-                    "none".to_owned()
-                } else {
-                    pass.join(", ")
-                }
-            )));
-        }
+    // A name this helper does not pass is dropped, never used: a front that learned the list
+    // before a reload narrowed it keeps working, and nothing unlisted reaches a lane.
+    for (name, value) in sent.iter().filter(|(name, _)| pass.contains(name)) {
         if env.iter().any(|(seen, _)| seen == name) {
             return Err(invalid(format!("lane_env: {name} is given twice")));
         }
@@ -713,4 +704,45 @@ fn new_record(
 fn owner_as_peer(uid: u32) -> Option<Peer> {
     let user = User::from_uid(uid.into()).ok().flatten()?;
     Some(Peer::from_cred(uid, user.gid.as_raw(), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passed_env;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_passed_names_reach_a_lane_and_bad_values_are_refused() {
+        let pass = ["GH_TOKEN".to_owned(), "PATH".to_owned()];
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(state.join("lanes")).unwrap();
+        std::fs::create_dir(&tools).unwrap();
+        let path = format!(
+            "{}:relative/bin:{}:{}",
+            tools.display(),
+            state.display(),
+            state.join("lanes").display()
+        );
+        let sent = pairs(&[("GH_TOKEN", "t"), ("LD_PRELOAD", "/x.so"), ("PATH", &path)]);
+        let (env, exec) = passed_env(&pass, &sent, &[state.as_path()]).unwrap();
+        let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["GH_TOKEN", "PATH"], "unlisted names are dropped");
+        // Relative entries leave PATH; the helper's state (and anything in it) gets no exec.
+        assert!(!env[1].1.contains("relative"));
+        assert_eq!(exec, [tools]);
+        for bad in [
+            pairs(&[("GH_TOKEN", "a"), ("GH_TOKEN", "b")]),
+            pairs(&[("GH_TOKEN", "nul\0byte")]),
+            pairs(&[("GH_TOKEN", &"x".repeat(4097))]),
+        ] {
+            assert!(passed_env(&pass, &bad, &[]).is_err(), "{:?}", bad[0].0);
+        }
+    }
 }
