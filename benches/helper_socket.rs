@@ -4,8 +4,11 @@
 //!
 //! cargo bench --bench helper_socket     (as root, after `bash .ci/setup`)
 //!
-//! A dispatch round trip is: validate, fsync the accepted audit record, fsync the job record,
-//! fork and sandbox the lane, answer. The lane is /bin/true.
+//! A dispatch round trip is: validate, commit the accepted audit record, commit the job record,
+//! fork and sandbox the lane, answer. The lane is /bin/true. Commits are grouped: one
+//! `fdatasync` per file covers every record queued meanwhile; the syncs each phase cost (read
+//! from the helper's own count, which it writes in its `helper_stopped` record) are printed
+//! per dispatch, the lane's end (record and audit) included.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -64,6 +67,40 @@ async fn run(clients: usize, per_client: usize, helper: &TestHelper) -> (Vec<Dur
     (all, started.elapsed())
 }
 
+/// Until every job has ended (the newest end last).
+async fn wait_all_finished(helper: &TestHelper) -> u64 {
+    let mut client = helper.client().await;
+    loop {
+        // A list of every job would not fit one response frame.
+        match client
+            .request(Request::List {
+                filter: None,
+                detail: false,
+                limit: 200,
+            })
+            .await
+        {
+            Response::List { total, jobs } if jobs.iter().all(|j| j.state.is_terminal()) => {
+                return total;
+            }
+            Response::List { .. } => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Stop the helper; the syncs it made since it started, from its `helper_stopped` record.
+fn stop_and_count_syncs(helper: &mut TestHelper) -> u64 {
+    helper.stop();
+    let stopped = helper.audited("helper_stopped");
+    let detail = stopped.last().unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = detail.split(" syncs").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 #[tokio::main]
 async fn main() {
     if !is_root() {
@@ -71,7 +108,7 @@ async fn main() {
         return;
     }
     ensure_users();
-    let helper = TestHelper::start(HelperOptions {
+    let mut helper = TestHelper::start(HelperOptions {
         argv: vec!["/bin/true".into(), "{task}".into()],
         extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_running_jobs_per_client = 1024\nmax_running_jobs_per_lane = 1024\nmax_connections_per_client = 64\n".into(),
         ..Default::default()
@@ -93,28 +130,45 @@ async fn main() {
     for _ in 0..50 {
         dispatch_rtt(&mut warm).await;
     }
-    let (mut one, one_wall) = run(1, 1000, &helper).await;
-    let (mut sixteen, sixteen_wall) = run(16, 250, &helper).await;
+    drop(warm);
+    wait_all_finished(&helper).await;
+    // What a start and a stop cost by themselves, to take off each phase's count.
+    let idle_syncs = {
+        stop_and_count_syncs(&mut helper);
+        helper.launch();
+        stop_and_count_syncs(&mut helper)
+    };
+    let mut phase = async |clients: usize, per_client: usize| {
+        helper.launch();
+        let (samples, wall) = run(clients, per_client, &helper).await;
+        wait_all_finished(&helper).await;
+        let syncs = stop_and_count_syncs(&mut helper).saturating_sub(idle_syncs);
+        (samples, wall, syncs)
+    };
+    let (mut one, one_wall, one_syncs) = phase(1, 1000).await;
+    let (mut sixteen, sixteen_wall, sixteen_syncs) = phase(16, 250).await;
+    helper.launch();
     println!(
-        "helper_socket: dispatch round trip over the Unix socket (lane /bin/true, uid drop, Landlock, seccomp, 2 fsyncs)"
+        "helper_socket: dispatch round trip over the Unix socket (lane /bin/true, uid drop, Landlock, seccomp, group-committed records)"
     );
     println!(
         "  baseline bare spawn+wait of /bin/true          p50 {:>8.1} µs",
         micros(bare_p50)
     );
-    for (label, samples, wall) in [
-        ("1 client ", &mut one, one_wall),
-        ("16 clients", &mut sixteen, sixteen_wall),
+    for (label, samples, wall, syncs) in [
+        ("1 client ", &mut one, one_wall, one_syncs),
+        ("16 clients", &mut sixteen, sixteen_wall, sixteen_syncs),
     ] {
         let count = samples.len();
         let p50 = percentile(samples, 0.5);
         let p99 = percentile(samples, 0.99);
         println!(
-            "  {label}: {count:>5} dispatches  p50 {:>8.1} µs ({:.2}x baseline)  p99 {:>8.1} µs  throughput {:>7.1} dispatches/s",
+            "  {label}: {count:>5} dispatches  p50 {:>8.1} µs ({:.2}x baseline)  p99 {:>8.1} µs  throughput {:>7.1} dispatches/s  syncs/dispatch {:.2} (before group commit: 6)",
             micros(p50),
             p50.as_secs_f64() / bare_p50.as_secs_f64(),
             micros(p99),
-            count as f64 / wall.as_secs_f64()
+            count as f64 / wall.as_secs_f64(),
+            syncs as f64 / count as f64
         );
     }
 
@@ -122,25 +176,8 @@ async fn main() {
     let done = 50 + one.len() + sixteen.len();
     let rss_before = status_kib(helper.pid(), "VmRSS");
     run(16, (TOTAL_JOBS - done).div_ceil(16), &helper).await;
-    let mut client = helper.client().await;
-    loop {
-        // The newest jobs finish last; a list of every job would not fit one response frame.
-        match client
-            .request(Request::List {
-                filter: None,
-                detail: false,
-                limit: 200,
-            })
-            .await
-        {
-            Response::List { total, jobs } if jobs.iter().all(|j| j.state.is_terminal()) => {
-                println!("  jobs recorded: {total}");
-                break;
-            }
-            Response::List { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
-            other => panic!("{other:?}"),
-        }
-    }
+    let total = wait_all_finished(&helper).await;
+    println!("  jobs recorded: {total}");
     println!(
         "  helper memory after {TOTAL_JOBS} jobs: VmRSS {} KiB (was {rss_before} KiB after {done} jobs), peak VmHWM {} KiB",
         status_kib(helper.pid(), "VmRSS"),

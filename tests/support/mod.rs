@@ -314,7 +314,8 @@ impl TestHelper {
             .unwrap_or_default()
     }
 
-    fn stop(&mut self) {
+    /// SIGTERM, and wait (up to 5 s, then SIGKILL).
+    pub fn stop(&mut self) {
         let Some(child) = self.child.as_mut() else {
             return;
         };
@@ -392,6 +393,24 @@ impl Client {
             other => panic!("handshake failed: {other:?}"),
         }
         client
+    }
+
+    /// As `request`, but None when the connection fails (the helper died) instead of a panic.
+    pub async fn try_request(&mut self, body: Request) -> Option<Response> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let envelope = RequestEnvelope { id, body };
+        write_frame(&mut self.stream, &envelope, FrameLimit::REQUEST)
+            .await
+            .ok()?;
+        loop {
+            let response: ResponseEnvelope = read_frame(&mut self.stream, FrameLimit::RESPONSE)
+                .await
+                .ok()??;
+            if response.id == id {
+                return Some(response.body);
+            }
+        }
     }
 
     pub async fn request(&mut self, body: Request) -> Response {
@@ -563,4 +582,34 @@ pub fn assert_audit_log_verifies(path: impl AsRef<std::ffi::OsStr>) {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+/// A job's record as the helper's store holds it durably (its snapshot, then its journal, the
+/// latest line winning), read the way the helper reads it back after a crash.
+pub fn stored_record(state_dir: &Path, handle: &str) -> Option<serde_json::Value> {
+    let jobs = state_dir.join("jobs");
+    let mut latest = None;
+    for line in std::fs::read_to_string(jobs.join("snapshot.jsonl"))
+        .unwrap_or_default()
+        .lines()
+    {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if record["handle"] == handle {
+            latest = Some(record);
+        }
+    }
+    for line in std::fs::read_to_string(jobs.join("journal.jsonl"))
+        .unwrap_or_default()
+        .lines()
+    {
+        let Ok(op) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue; // a torn last line, as the helper would cut it
+        };
+        if op["save"]["handle"] == handle {
+            latest = Some(op["save"].clone());
+        } else if op["remove"] == handle {
+            latest = None;
+        }
+    }
+    latest
 }

@@ -73,6 +73,9 @@ pub enum AuditError {
     },
     #[error("audit log {path}: {message}")]
     Corrupt { path: String, message: String },
+    /// A group commit's failure, as the writer reported it.
+    #[error("{0}")]
+    Commit(String),
 }
 
 struct Writer {
@@ -87,6 +90,9 @@ struct Writer {
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Mutex<Writer>>,
+    /// The group-commit writer, once started (`commit::start`); before that (and in tests)
+    /// each append is committed on its own.
+    committer: Arc<std::sync::OnceLock<crate::commit::Committer>>,
 }
 
 impl AuditLog {
@@ -109,6 +115,7 @@ impl AuditLog {
                 prev,
                 damaged: None,
             })),
+            committer: Arc::default(),
         };
         let note = repaired.map(|bytes| {
             format!(
@@ -119,46 +126,62 @@ impl AuditLog {
         Ok((log, note))
     }
 
+    pub(crate) fn attach(&self, committer: crate::commit::Committer) {
+        let _ = self.committer.set(committer);
+    }
+
     /// Append and fsync one record. Blocking: call from a blocking context.
     pub fn append_blocking(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        self.append_many_blocking(std::slice::from_ref(event))
+    }
+
+    /// Append `events` in order, chained, with one `fdatasync` for all of them: the group
+    /// commit. All or nothing: a failed write is cut off again.
+    pub fn append_many_blocking(&self, events: &[AuditEvent]) -> Result<(), AuditError> {
         let mut writer = self
             .inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let seq = writer.seq + 1;
-        let body = serde_json::to_string(&Line {
-            seq,
-            time: crate::now_rfc3339(),
-            event,
-            claimed_client_note: event
-                .claimed_client
-                .as_ref()
-                .map(|_| "claimed by the front, not verified"),
-            prev: &writer.prev,
-        })
-        .expect("audit records serialize");
-        let hash = hex(&Sha256::digest(body.as_bytes()));
-        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
         let path = writer.path.display().to_string();
-        let io = |source| AuditError::Io {
-            path: path.clone(),
-            source,
-        };
         if let Some(why) = &writer.damaged {
             return Err(AuditError::Corrupt {
                 path,
                 message: why.clone(),
             });
         }
-        // Opened per record, so a log that was replaced or made unwritable is noticed at once
+        let (mut seq, mut prev) = (writer.seq, writer.prev.clone());
+        let mut bytes = String::new();
+        for event in events {
+            seq += 1;
+            let body = serde_json::to_string(&Line {
+                seq,
+                time: crate::now_rfc3339(),
+                event,
+                claimed_client_note: event
+                    .claimed_client
+                    .as_ref()
+                    .map(|_| "claimed by the front, not verified"),
+                prev: &prev,
+            })
+            .expect("audit records serialize");
+            let hash = hex(&Sha256::digest(body.as_bytes()));
+            bytes.push_str(&body[..body.len() - 1]);
+            bytes.push_str(&format!(",\"hash\":\"{hash}\"}}\n"));
+            prev = hash;
+        }
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
+        // Opened per commit, so a log that was replaced or made unwritable is noticed at once
         // (and the dispatch refused) rather than written to an unlinked inode. A log that was
         // removed is started again; `verify` then reports its first line as a broken link.
         let created = !writer.path.exists();
         let mut file = open_for_append(&writer.path).map_err(io)?;
         let before = file.metadata().map_err(io)?.len();
         if let Err(error) = file
-            .write_all(line.as_bytes())
-            .and_then(|()| file.sync_data())
+            .write_all(bytes.as_bytes())
+            .and_then(|()| crate::store::sync_data(&file))
         {
             // Undo a partial record so the chain stays intact; if even that fails, stop.
             if file
@@ -177,12 +200,16 @@ impl AuditLog {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         writer.seq = seq;
-        writer.prev = hash;
+        writer.prev = prev;
         Ok(())
     }
 
-    /// Append from async code without blocking a runtime worker on fsync.
+    /// Append from async code without blocking a runtime worker on fsync: through the group
+    /// commit when it runs. Durable once it returns Ok.
     pub async fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
+        if let Some(committer) = self.committer.get() {
+            return committer.audit(event).await.map_err(AuditError::Commit);
+        }
         let log = self.clone();
         tokio::task::spawn_blocking(move || log.append_blocking(&event))
             .await

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod commit;
 pub mod config;
 pub mod jobs;
 pub mod lane;
@@ -330,6 +331,13 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
         .map_err(|e| format!("open job store: {e}"))?;
+    if store.wants_compaction() {
+        store
+            .compact()
+            .map_err(|e| format!("compact the job store: {e}"))?;
+    }
+    // From here every audit record and job record goes through the one group-committing writer.
+    commit::start(&audit, &store).map_err(|e| format!("start the durable writer: {e}"))?;
     let containment = establish_containment(&settings)?;
     tracing::info!(containment = %containment.describe(), "lane containment");
     let spawner =
@@ -403,7 +411,10 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .append(audit::AuditEvent {
             event: "helper_stopped",
             outcome: "stopped".into(),
-            detail: Some(why.to_owned()),
+            detail: Some(format!(
+                "{why}; {} syncs of the audit log and job journal since start",
+                store::SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+            )),
             ..Default::default()
         })
         .await;

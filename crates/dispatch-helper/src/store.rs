@@ -1,13 +1,20 @@
-//! Durable job state: one JSON record per job under `<state_dir>/jobs/`, each written
-//! atomically (temp file, fsync, rename, fsync of the directory), so a crash at any moment
-//! leaves either the old record or the new one.
+//! Durable job state, in `<state_dir>/jobs/`: a snapshot (`snapshot.jsonl`, one record per
+//! line) and a journal (`journal.jsonl`, appended: `{"save":record}` or `{"remove":handle}`).
+//! Appends are group-committed (see `commit`): one `fdatasync` covers every record written
+//! meanwhile, and nobody is told a record is saved before that. At open the snapshot and the
+//! journal are read back (a torn last journal line, a write the crash interrupted before its
+//! sync returned, is cut), and compaction folds the journal into a new snapshot (written
+//! aside, synced, renamed). Records of older helpers (one `<handle>.json` each) are read and
+//! folded in too. Only an index (where each record's latest line is) stays in memory.
 
 use dispatch_proto::JobView;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -61,9 +68,52 @@ impl JobRecord {
     }
 }
 
+/// Journal entries after which the writer folds the journal into a new snapshot.
+const COMPACT_AFTER: u64 = 4096;
+
+/// One journal line.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalOp {
+    Save(Box<JobRecord>),
+    Remove(String),
+}
+
+/// Where a record's latest line is.
+#[derive(Debug, Clone)]
+enum Location {
+    Snapshot {
+        offset: u64,
+        len: u64,
+    },
+    Journal {
+        offset: u64,
+        len: u64,
+    },
+    /// A `<handle>.json` of an older helper, until the next compaction.
+    Legacy(PathBuf),
+}
+
+struct State {
+    index: HashMap<String, Location>,
+    journal_len: u64,
+    journal_entries: u64,
+    /// Set when a failed append could not be undone: later appends are refused (fail closed)
+    /// rather than written after a damaged line.
+    damaged: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct JobStore {
     dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    /// The group-commit writer, once started (`commit::start`); before that, and for the
+    /// `jobs` command, appends are committed one by one.
+    committer: Arc<std::sync::OnceLock<crate::commit::Committer>>,
+}
+
+fn io_error(message: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(message.into())
 }
 
 impl JobStore {
@@ -73,19 +123,75 @@ impl JobStore {
             .recursive(true)
             .mode(0o700)
             .create(&dir)?;
-        Ok(JobStore { dir })
+        let mut state = State {
+            index: HashMap::new(),
+            journal_len: 0,
+            journal_entries: 0,
+            damaged: None,
+        };
+        read_legacy(&dir, &mut state.index)?;
+        read_snapshot(&dir.join("snapshot.jsonl"), &mut state.index)?;
+        replay_journal(&dir.join("journal.jsonl"), &mut state)?;
+        let store = JobStore {
+            dir,
+            state: Arc::new(Mutex::new(state)),
+            committer: Arc::default(),
+        };
+        Ok(store)
     }
 
-    fn path(&self, handle: &str) -> PathBuf {
-        self.dir.join(format!("{handle}.json"))
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `save` off the async runtime: the fsyncs must not stall a runtime worker.
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal.jsonl")
+    }
+
+    pub(crate) fn attach(&self, committer: crate::commit::Committer) {
+        let _ = self.committer.set(committer);
+    }
+
+    /// Durable once it returns Ok: through the group-commit writer when it runs.
     pub async fn save_async(&self, record: &JobRecord) -> std::io::Result<()> {
-        let (store, record) = (self.clone(), record.clone());
-        tokio::task::spawn_blocking(move || store.save(&record))
+        let op = JournalOp::Save(Box::new(record.clone()));
+        self.append_async(op).await
+    }
+
+    /// Queue a save now, in order with every later one, and return what says when it is
+    /// durable. Without the writer (before it starts), it is saved on the spot.
+    pub fn save_in_order(
+        &self,
+        record: &JobRecord,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        let op = JournalOp::Save(Box::new(record.clone()));
+        let queued = match self.committer.get() {
+            Some(committer) => Ok(committer.queue_journal(op)),
+            None => Err(self.append_now(vec![op])),
+        };
+        async move {
+            match queued {
+                Ok(durable) => durable.await,
+                Err(saved) => saved,
+            }
+        }
+    }
+
+    pub async fn remove_async(&self, handle: &str) -> std::io::Result<()> {
+        self.append_async(JournalOp::Remove(handle.to_owned()))
             .await
-            .map_err(std::io::Error::other)?
+    }
+
+    async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {
+        match self.committer.get() {
+            Some(committer) => committer.journal(op).await,
+            None => {
+                let store = self.clone();
+                tokio::task::spawn_blocking(move || store.append_now(vec![op]))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
     }
 
     pub async fn load_async(&self, handle: &str) -> std::io::Result<JobRecord> {
@@ -95,70 +201,377 @@ impl JobStore {
             .map_err(std::io::Error::other)?
     }
 
-    pub async fn remove_async(&self, handle: &str) -> std::io::Result<()> {
-        let (store, handle) = (self.clone(), handle.to_owned());
-        tokio::task::spawn_blocking(move || store.remove(&handle))
-            .await
-            .map_err(std::io::Error::other)?
+    /// Save one record now (blocking), committed on its own.
+    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
+        self.append_now(vec![JournalOp::Save(Box::new(record.clone()))])
     }
 
-    pub fn save(&self, record: &JobRecord) -> std::io::Result<()> {
-        let final_path = self.path(&record.job.handle);
-        let temp_path = self.dir.join(format!(".{}.tmp", record.job.handle));
-        let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    /// Append `ops` to the journal with one `fdatasync` (blocking): the writer's commit, and
+    /// the path for single saves. All or nothing: a failed write is cut off again.
+    pub(crate) fn append_now(&self, ops: Vec<JournalOp>) -> std::io::Result<()> {
+        let mut lines = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let mut line = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            lines.push(line);
+        }
+        let mut state = self.lock();
+        if let Some(why) = &state.damaged {
+            return Err(io_error(why.clone()));
+        }
+        let path = self.journal_path();
+        // Opened per commit, so a journal (or a jobs directory) that was replaced or made
+        // unwritable is noticed at once rather than written to an unlinked inode.
+        let created = !path.exists();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        let before = file.metadata()?.len();
+        let bytes: Vec<u8> = lines.concat();
+        if let Err(error) = file.write_all(&bytes).and_then(|()| sync_data(&file)) {
+            if file
+                .set_len(before)
+                .and_then(|()| sync_data(&file))
+                .is_err()
+            {
+                state.damaged = Some(format!(
+                    "the job journal {}: a failed write could not be undone ({error}); restart the helper",
+                    path.display()
+                ));
+            }
+            return Err(error);
+        }
+        if created {
+            sync_dir(&self.dir)?;
+        }
+        let mut offset = before;
+        for (op, line) in ops.into_iter().zip(&lines) {
+            let len = line.len() as u64 - 1;
+            match op {
+                JournalOp::Save(record) => {
+                    let at = Location::Journal { offset, len };
+                    state.index.insert(record.job.handle, at);
+                }
+                JournalOp::Remove(handle) => {
+                    state.index.remove(&handle);
+                }
+            }
+            offset += line.len() as u64;
+        }
+        state.journal_len = offset;
+        state.journal_entries += lines.len() as u64;
+        Ok(())
+    }
+
+    pub fn load(&self, handle: &str) -> std::io::Result<JobRecord> {
+        // Read under the lock: a compaction may not move the record meanwhile.
+        let state = self.lock();
+        let at = state.index.get(handle).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no record of {handle}"),
+            )
+        })?;
+        self.read(at)
+    }
+
+    fn read(&self, at: &Location) -> std::io::Result<JobRecord> {
+        let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(std::io::Error::other);
+        match at {
+            Location::Legacy(path) => parse(&fs::read(path)?),
+            Location::Snapshot { offset, len } => {
+                parse(&read_at(&self.dir.join("snapshot.jsonl"), *offset, *len)?)
+            }
+            Location::Journal { offset, len } => {
+                match serde_json::from_slice(&read_at(&self.journal_path(), *offset, *len)?) {
+                    Ok(JournalOp::Save(record)) => Ok(*record),
+                    Ok(JournalOp::Remove(_)) => Err(io_error("the index points at a removal")),
+                    Err(error) => Err(std::io::Error::other(error)),
+                }
+            }
+        }
+    }
+
+    /// Every record, plus a warning for each that could not be read.
+    pub fn load_all(&self) -> std::io::Result<(Vec<JobRecord>, Vec<String>)> {
+        let state = self.lock();
+        let mut records = Vec::with_capacity(state.index.len());
+        let mut warnings = Vec::new();
+        for (handle, at) in &state.index {
+            match self.read(at) {
+                Ok(record) => records.push(record),
+                Err(why) => warnings.push(format!("job record {handle} unreadable: {why}")),
+            }
+        }
+        Ok((records, warnings))
+    }
+
+    /// Whether the journal has grown enough to fold into a new snapshot.
+    pub(crate) fn wants_compaction(&self) -> bool {
+        let state = self.lock();
+        state.journal_entries >= COMPACT_AFTER
+            || state
+                .index
+                .values()
+                .any(|at| matches!(at, Location::Legacy(_)))
+    }
+
+    /// Fold the journal (and older helpers' files) into a new snapshot: every live record is
+    /// written aside, synced and renamed over the snapshot before the journal is emptied, so a
+    /// crash at any point leaves a snapshot and a journal that replay to the same records.
+    pub fn compact(&self) -> std::io::Result<()> {
+        let mut state = self.lock();
+        let snapshot = self.dir.join("snapshot.jsonl");
+        let aside = self.dir.join(".snapshot.jsonl.tmp");
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&temp_path)?;
-        file.write_all(&bytes)?;
+            .open(&aside)?;
+        let mut index = HashMap::with_capacity(state.index.len());
+        let mut legacy = Vec::new();
+        let mut offset = 0u64;
+        let mut buffer = Vec::new();
+        let mut handles: Vec<&String> = state.index.keys().collect();
+        handles.sort();
+        for handle in handles {
+            let at = &state.index[handle];
+            let record = self.read(at)?;
+            if let Location::Legacy(path) = at {
+                legacy.push(path.clone());
+            }
+            let line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+            let len = line.len() as u64;
+            buffer.extend_from_slice(&line);
+            buffer.push(b'\n');
+            index.insert(handle.clone(), Location::Snapshot { offset, len });
+            offset += len + 1;
+        }
+        file.write_all(&buffer)?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&temp_path, &final_path)?;
-        File::open(&self.dir)?.sync_all()
+        fs::rename(&aside, &snapshot)?;
+        sync_dir(&self.dir)?;
+        let journal = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.journal_path())?;
+        journal.set_len(0)?;
+        journal.sync_all()?;
+        for path in legacy {
+            let _ = fs::remove_file(path);
+        }
+        sync_dir(&self.dir)?;
+        state.index = index;
+        state.journal_len = 0;
+        state.journal_entries = 0;
+        Ok(())
     }
+}
 
-    pub fn load(&self, handle: &str) -> std::io::Result<JobRecord> {
-        let bytes = fs::read(self.path(handle))?;
-        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+/// Every sync the store and the audit log make, for the benchmark's "syncs per dispatch".
+pub static SYNCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn sync_data(file: &File) -> std::io::Result<()> {
+    SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    file.sync_data()
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    File::open(dir)?.sync_all()
+}
+
+fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![0; len as usize];
+    File::open(path)?.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes)
+}
+
+/// `<handle>.json` files of helpers before the journal (and their interrupted temp files).
+fn read_legacy(dir: &Path, index: &mut HashMap<String, Location>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            // A write interrupted before its rename: the previous state stands.
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        if let Some(handle) = name.strip_suffix(".json") {
+            index.insert(handle.to_owned(), Location::Legacy(path.clone()));
+        }
     }
+    Ok(())
+}
 
-    pub fn remove(&self, handle: &str) -> std::io::Result<()> {
-        fs::remove_file(self.path(handle))?;
-        File::open(&self.dir)?.sync_all()
+fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io::Result<()> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let mut offset = 0u64;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        #[derive(Deserialize)]
+        struct Handle {
+            handle: String,
+        }
+        let handle: Handle = serde_json::from_slice(body)
+            .map_err(|e| io_error(format!("snapshot {} at byte {offset}: {e}", path.display())))?;
+        let at = Location::Snapshot {
+            offset,
+            len: body.len() as u64,
+        };
+        index.insert(handle.handle, at);
+        offset += line.len() as u64;
     }
+    Ok(())
+}
 
-    /// Every record, plus a warning for each file that could not be read (left in place).
-    pub fn load_all(&self) -> std::io::Result<(Vec<JobRecord>, Vec<String>)> {
-        let mut records = Vec::new();
-        let mut warnings = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                // A write interrupted before its rename: the previous record (if any) stands.
-                let _ = fs::remove_file(&path);
-                continue;
+/// Apply the journal to the index; a torn last line (no newline: its commit never returned)
+/// is cut off. A damaged line before the last one stops the helper (nothing guesses).
+fn replay_journal(path: &Path, state: &mut State) -> std::io::Result<()> {
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut bytes)?;
+    let complete = bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
+    if complete < bytes.len() {
+        file.set_len(complete as u64)?;
+        file.sync_all()?;
+        bytes.truncate(complete);
+    }
+    let mut offset = 0u64;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        let body = &line[..line.len() - 1];
+        let op: JournalOp = serde_json::from_slice(body)
+            .map_err(|e| io_error(format!("journal {} at byte {offset}: {e}", path.display())))?;
+        match op {
+            JournalOp::Save(record) => {
+                let at = Location::Journal {
+                    offset,
+                    len: body.len() as u64,
+                };
+                state.index.insert(record.job.handle, at);
             }
-            if !name.ends_with(".json") {
-                continue;
-            }
-            match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
-                }) {
-                Ok(record) => records.push(record),
-                Err(why) => {
-                    warnings.push(format!("job record {} unreadable: {why}", path.display()))
-                }
+            JournalOp::Remove(handle) => {
+                state.index.remove(&handle);
             }
         }
-        Ok((records, warnings))
+        offset += line.len() as u64;
+        state.journal_entries += 1;
+    }
+    state.journal_len = offset;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(handle: &str, state: &str) -> JobRecord {
+        serde_json::from_value(serde_json::json!({
+            "handle": handle, "orguser": "acme", "repo": "widgets", "github": "acme/widgets",
+            "unix_user": "acme", "task_preview": "t", "task_sha256": "00", "state": state,
+            "requested_at": "2026-11-30T00:00:00Z", "detail": state, "owner_uid": 1000,
+            "stdout": {"text": "out ✓", "total_bytes": 5, "truncated": false}
+        }))
+        .unwrap()
+    }
+
+    fn states(store: &JobStore) -> Vec<(String, String)> {
+        let (mut records, warnings) = store.load_all().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        records.sort_by(|a, b| a.job.handle.cmp(&b.job.handle));
+        records
+            .into_iter()
+            .map(|r| (r.job.handle, r.job.state.as_str().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn saves_removes_and_reopens_to_the_same_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.save(&record("d-1", "Running")).unwrap();
+        store
+            .append_now(vec![
+                JournalOp::Save(Box::new(record("d-2", "Queued"))),
+                JournalOp::Save(Box::new(record("d-1", "Succeeded"))),
+                JournalOp::Save(Box::new(record("d-3", "Failed"))),
+                JournalOp::Remove("d-3".into()),
+            ])
+            .unwrap();
+        let expected = vec![
+            ("d-1".to_owned(), "succeeded".to_owned()),
+            ("d-2".to_owned(), "queued".to_owned()),
+        ];
+        assert_eq!(states(&store), expected);
+        assert_eq!(store.load("d-1").unwrap().job.stdout.unwrap().text, "out ✓");
+        assert!(store.load("d-3").is_err());
+        let reopened = JobStore::open(dir.path()).unwrap();
+        assert_eq!(states(&reopened), expected);
+        // Compacted: the same records from the snapshot, an empty journal, and again after a
+        // reopen, with what is saved afterwards on top.
+        reopened.compact().unwrap();
+        assert_eq!(states(&reopened), expected);
+        assert_eq!(fs::metadata(reopened.journal_path()).unwrap().len(), 0);
+        reopened.save(&record("d-4", "Lost")).unwrap();
+        let again = JobStore::open(dir.path()).unwrap();
+        assert_eq!(states(&again).len(), 3);
+        assert_eq!(again.load("d-4").unwrap().job.state.as_str(), "lost");
+    }
+
+    #[test]
+    fn a_torn_last_journal_line_is_cut_and_the_rest_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.save(&record("d-1", "Running")).unwrap();
+        let journal = store.journal_path();
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(b"{\"save\":{\"handle\":\"d-2\",\"orgu")
+            .unwrap();
+        let reopened = JobStore::open(dir.path()).unwrap();
+        assert_eq!(
+            states(&reopened),
+            vec![("d-1".to_owned(), "running".to_owned())]
+        );
+        assert!(fs::read(&journal).unwrap().ends_with(b"\n"));
+    }
+
+    #[test]
+    fn records_of_an_older_helper_are_read_and_folded_into_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = dir.path().join("jobs");
+        fs::create_dir(&jobs).unwrap();
+        let old = serde_json::to_vec_pretty(&record("d-9", "Succeeded")).unwrap();
+        fs::write(jobs.join("d-9.json"), old).unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        assert!(store.wants_compaction());
+        store.compact().unwrap();
+        assert!(!jobs.join("d-9.json").exists());
+        let reopened = JobStore::open(dir.path()).unwrap();
+        assert_eq!(
+            states(&reopened),
+            vec![("d-9".to_owned(), "succeeded".to_owned())]
+        );
     }
 }

@@ -80,17 +80,24 @@ pub fn ensure_area(area: &Path, identity: &LaneIdentity) -> Result<(), String> {
     open_area(area, identity).map(drop)
 }
 
-/// Remove a job's directory and everything in it (blocking), as `uid`/`gid`, its lane user:
-/// only what that user could remove goes. The helper's own (unprivileged mode) it removes
-/// itself; std's `remove_dir_all` does not follow links, so a lane's link there removes the
-/// link, not what it names. Another user's is removed by `rm` run as that user (no shell, no
-/// option parsing of the path), since the helper may not enter it.
+/// Remove a job's directory and everything in it (blocking). std's `remove_dir_all` does not
+/// follow links, so a lane's link there removes the link, not what it names. Where the helper
+/// may not enter it (root under its unit, without CAP_DAC_OVERRIDE, in a lane user's 0700
+/// area), `rm` run as `uid`/`gid`, its lane user, removes it: only what that user could
+/// remove goes (no shell, no option parsing of the path).
 pub fn remove(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    if nix::unistd::geteuid().as_raw() == uid {
-        return match std::fs::remove_dir_all(path) {
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        };
+    // In-process where the helper may (its own directory, or root with CAP_DAC_OVERRIDE
+    // outside the shipped unit): a process per removal costs a fork of the whole helper.
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error)
+            if nix::unistd::geteuid().as_raw() == uid
+                || error.kind() != std::io::ErrorKind::PermissionDenied =>
+        {
+            return Err(error);
+        }
+        Err(_) => {}
     }
     use std::os::unix::process::CommandExt;
     let rm = ["/usr/bin/rm", "/bin/rm"]

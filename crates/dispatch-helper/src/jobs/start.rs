@@ -402,9 +402,16 @@ impl Helper {
         record.job.sandbox = Some(sandbox_report(&lane.enforcement, &settings));
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
-        if let Err(error) = self.store.save_async(&record).await {
-            tracing::error!(%error, handle = %record.job.handle, "could not persist a started job");
-        }
+        // Queued for the journal now (so it lands before the lane's end), not waited for: the
+        // record that makes a crash recoverable is the one saved before the spawn; this one
+        // adds the start time and the group to kill should a crash leave it running.
+        let started = self.store.save_in_order(&record);
+        let handle = record.job.handle.clone();
+        tokio::spawn(async move {
+            if let Err(error) = started.await {
+                tracing::error!(%error, %handle, "could not persist a started job");
+            }
+        });
         let view = record.view(Detail::Summary);
         let (handle, owner) = (record.job.handle.clone(), record.owner_uid);
         self.update_entry(record);

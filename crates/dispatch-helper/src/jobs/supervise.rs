@@ -136,35 +136,40 @@ impl Helper {
     /// and each removal is audited.
     pub(super) async fn prune_finished(&self, owner_uid: u32) {
         let keep = self.settings().file.limits.max_finished_jobs_per_client;
-        let doomed: Vec<(String, JobRecord)> = {
-            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let mut finished: Vec<&JobRecord> = jobs
-                .values()
-                .filter(|e| e.stop.is_none() && e.record.owner_uid == owner_uid)
-                .map(|e| &e.record)
-                .filter(|r| r.job.state.is_terminal())
+        // Taken out of the table at once: prunes that run side by side (every lane's end
+        // starts one) each take their own, and none does the others' work again.
+        let doomed: Vec<JobEntry> = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut finished: Vec<(&String, &str)> = jobs
+                .iter()
+                .filter(|(_, e)| e.stop.is_none() && e.record.owner_uid == owner_uid)
+                .filter(|(_, e)| e.record.job.state.is_terminal())
+                .map(|(handle, e)| (handle, e.record.job.requested_at.as_str()))
                 .collect();
             if finished.len() <= keep {
                 return;
             }
-            finished.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
+            finished.sort_by(|a, b| a.1.cmp(b.1));
             let excess = finished.len() - keep;
-            finished
+            let handles: Vec<String> = finished
                 .into_iter()
                 .take(excess)
-                .map(|r| (r.job.handle.clone(), r.clone()))
-                .collect()
+                .map(|(handle, _)| handle.clone())
+                .collect();
+            handles.iter().filter_map(|h| jobs.remove(h)).collect()
         };
-        for (handle, record) in doomed {
+        for entry in doomed {
+            let handle = entry.record.job.handle.clone();
             if let Err(error) = self.store.remove_async(&handle).await {
                 tracing::error!(%error, %handle, "could not prune a finished job");
+                // Not removed after all: it stays listed, as its record does.
+                self.jobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(handle, entry);
                 continue;
             }
-            self.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&handle);
-            self.remove_work_dir(&record).await;
+            self.remove_work_dir(&entry.record).await;
             let _ = self
                 .audit
                 .append(AuditEvent {

@@ -1,0 +1,141 @@
+//! The one durable writer: audit events and job-journal appends from every task go to one
+//! thread, which writes what has queued up while it was busy and makes it durable with one
+//! `fdatasync` per file (audit log, job journal) for the whole batch: a group commit. Nobody
+//! is answered before the sync that covers their record has returned, so "acknowledged"
+//! still means "durable" (the record before a lane is spawned, the audit record before a
+//! dispatch is accepted); what changes is that 16 concurrent dispatches share those syncs
+//! instead of making 6 each.
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::store::{JobStore, JournalOp};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// At most this many records per commit, so one batch never holds callers for long.
+const MAX_BATCH: usize = 1024;
+
+enum Work {
+    Audit(Box<AuditEvent>),
+    Journal(JournalOp),
+}
+
+struct Pending {
+    work: Work,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A handle to the writer thread.
+#[derive(Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Committer {
+    async fn submit(&self, work: Work) -> Result<(), String> {
+        let (done, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { work, done })
+            .map_err(|_| "the durable writer has stopped".to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the durable writer has stopped".to_owned()))
+    }
+
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), String> {
+        self.submit(Work::Audit(Box::new(event))).await
+    }
+
+    /// Queue `op` now (its place in the order is taken here) and return what says when it is
+    /// durable.
+    pub fn queue_journal(
+        &self,
+        op: JournalOp,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        let (done, answer) = oneshot::channel();
+        let sent = self.queue.send(Pending {
+            work: Work::Journal(op),
+            done,
+        });
+        async move {
+            sent.map_err(|_| std::io::Error::other("the durable writer has stopped"))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err("the durable writer has stopped".to_owned()))
+                .map_err(std::io::Error::other)
+        }
+    }
+
+    pub async fn journal(&self, op: JournalOp) -> std::io::Result<()> {
+        self.submit(Work::Journal(op))
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Start the writer and route every later append of `audit` and `store` through it.
+pub fn start(audit: &AuditLog, store: &JobStore) -> std::io::Result<()> {
+    let (queue, work) = mpsc::channel();
+    let (log, jobs) = (audit.clone(), store.clone());
+    std::thread::Builder::new()
+        .name("dispatch-commit".into())
+        .spawn(move || run(&work, &log, &jobs))?;
+    audit.attach(Committer {
+        queue: queue.clone(),
+    });
+    store.attach(Committer { queue });
+    Ok(())
+}
+
+/// Take what is queued, commit it, answer everyone in it; again.
+fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
+    while let Ok(first) = work.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match work.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        commit(batch, audit, store);
+        if store.wants_compaction()
+            && let Err(error) = store.compact()
+        {
+            tracing::error!(%error, "could not compact the job journal; it keeps growing");
+        }
+    }
+}
+
+/// One batch: the audit records first (in order, chained), then the journal entries, each
+/// file with one sync; each caller gets the outcome of its own file's commit.
+fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
+    let mut events = Vec::new();
+    let mut ops = Vec::new();
+    let mut waiting_audit = Vec::new();
+    let mut waiting_journal = Vec::new();
+    for pending in batch {
+        match pending.work {
+            Work::Audit(event) => {
+                events.push(*event);
+                waiting_audit.push(pending.done);
+            }
+            Work::Journal(op) => {
+                ops.push(op);
+                waiting_journal.push(pending.done);
+            }
+        }
+    }
+    if !events.is_empty() {
+        let outcome = audit
+            .append_many_blocking(&events)
+            .map_err(|e| e.to_string());
+        for done in waiting_audit {
+            let _ = done.send(outcome.clone());
+        }
+    }
+    if !ops.is_empty() {
+        let outcome = store.append_now(ops).map_err(|e| e.to_string());
+        for done in waiting_journal {
+            let _ = done.send(outcome.clone());
+        }
+    }
+}
