@@ -269,6 +269,13 @@ async fn a_job_outlives_its_front_and_a_new_front_follows_it() {
         "{done}"
     );
     assert_eq!(done["github"], "widgets");
+    // By default the agent is not passed, and lanes get no Unix sockets.
+    let config = std::fs::read_to_string(world.state().join("helper.toml")).unwrap();
+    assert!(
+        config.contains("pass_env = [\"GH_TOKEN\", \"GITHUB_TOKEN\", \"PATH\"]"),
+        "{config}"
+    );
+    assert!(config.contains("allow_unix_sockets = false"), "{config}");
     // Python's detail: what the command printed; our words beside it.
     assert_eq!(done["detail"], stdout(&done).trim());
     assert_eq!(done["outcome"], "exited with status 0");
@@ -383,7 +390,12 @@ async fn the_users_identity_reaches_the_lane_but_no_record() {
     let Some(world) = World::new("personal mode: identity pass-through") else {
         return;
     };
-    let front = world.front(&[]).await;
+    // The agent only when named (it opens Unix sockets; see SECURITY.md).
+    let pass = [(
+        "DISPATCH_PASS_ENV",
+        "SSH_AUTH_SOCK,GH_TOKEN,GITHUB_TOKEN,PATH",
+    )];
+    let front = world.front(&pass).await;
     let handle = dispatch(&front, "identity").await;
     let done = result(&front, &handle).await;
     assert_eq!(done["status"], "succeeded", "{done}");

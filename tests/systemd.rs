@@ -65,17 +65,11 @@ fn units_verify_clean_and_the_service_meets_its_exposure_goal() {
         ],
         &[],
     );
-    let output = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(root.join("units/dispatch-helper.socket"))
-        .arg(root.join("units/dispatch-helper.service"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && text.trim().is_empty(),
-        "systemd-analyze verify is not clean:\n{text}"
+    assert_verifies_clean(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(root.join("units/dispatch-helper.socket"))
+            .arg(root.join("units/dispatch-helper.service")),
     );
 
     let output = Command::new("systemd-analyze")
@@ -121,18 +115,23 @@ fn the_user_units_verify_clean() {
             .replace("/usr/local/bin/dispatch-helper", helper_bin());
         std::fs::write(dir.path().join(unit), text).unwrap();
     }
-    let output = Command::new("systemd-analyze")
-        .args(["--user", "verify"])
-        .arg(dir.path().join("dispatch-mcp-helper.socket"))
-        .arg(dir.path().join("dispatch-mcp-helper.service"))
-        .env("XDG_RUNTIME_DIR", dir.path())
-        .output()
-        .unwrap();
+    assert_verifies_clean(
+        Command::new("systemd-analyze")
+            .args(["--user", "verify"])
+            .arg(dir.path().join("dispatch-mcp-helper.socket"))
+            .arg(dir.path().join("dispatch-mcp-helper.service"))
+            .env("XDG_RUNTIME_DIR", dir.path()),
+    );
+}
+
+/// `systemd-analyze … verify` succeeds and says nothing.
+fn assert_verifies_clean(command: &mut Command) {
+    let output = command.output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success() && text.trim().is_empty(),
-        "systemd-analyze --user verify is not clean:\n{text}"
+        "{command:?} is not clean:\n{text}"
     );
 }
 

@@ -9,8 +9,8 @@
 //!
 //! Its configuration is written from the MCP client entry's environment, with the Python
 //! server's defaults: allowlist `~/.repos.json`, `dotfiles-dispatch` from PATH, 50 iterations,
-//! a 60 s timeout, and the caller's identity (`DISPATCH_PASS_ENV`, default `SSH_AUTH_SOCK`,
-//! `GH_TOKEN`, `GITHUB_TOKEN`, `PATH`) passed to lanes. A front whose environment differs
+//! a 60 s timeout, and the caller's identity (`DISPATCH_PASS_ENV`, default `GH_TOKEN`,
+//! `GITHUB_TOKEN`, `PATH`; `SSH_AUTH_SOCK` only when named there) passed to lanes. A front whose environment differs
 //! rewrites it and asks the running helper to reload (SIGHUP).
 
 use std::io::Write;
@@ -26,7 +26,11 @@ const PYTHON_VARIABLES: [&str; 4] = [
     "DISPATCH_MAX_ITERATIONS",
     "DISPATCH_TIMEOUT",
 ];
-const DEFAULT_PASS_ENV: [&str; 4] = ["SSH_AUTH_SOCK", "GH_TOKEN", "GITHUB_TOKEN", "PATH"];
+/// Not `SSH_AUTH_SOCK` unless the user names it: the agent needs Unix sockets, and the kernel's
+/// Landlock (ABI 7) cannot narrow those to one path, so a lane could also reach the user's
+/// session bus, and through it `systemd --user`, outside its sandbox (SECURITY.md). ssh still
+/// finds the keys in the (readable) home without an agent.
+const DEFAULT_PASS_ENV: [&str; 3] = ["GH_TOKEN", "GITHUB_TOKEN", "PATH"];
 /// How long a personal helper waits with no client, lane or queued dispatch before it stops.
 const DEFAULT_IDLE_EXIT_SECONDS: u64 = 600;
 /// How long a start (or a wait for another front's start) may take.
