@@ -162,3 +162,61 @@ fn the_mcp_inspector_cli_completes_a_session() {
     );
     assert_eq!(result["structuredContent"]["returncode"], 0);
 }
+
+/// An agent that fans out: 8, then 32 concurrent callers on one official Python SDK session,
+/// each dispatching, asking for its status and the list, and waiting for its result. The
+/// helper runs at most 8 lanes per client and serves 8 requests at once per connection: what is
+/// beyond that waits (in the front, and in the helper's queue), and no tool call is refused.
+#[test]
+fn the_python_sdk_fanning_out_is_queued_not_refused() {
+    let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else {
+        return;
+    };
+    let Some(helper) = start_helper("python sdk fan-out", HelperOptions::default()) else {
+        return;
+    };
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_sdk_concurrent.py");
+    for callers in ["8", "32"] {
+        let output = Command::new(&python)
+            .arg(&script)
+            .args([
+                front_bin(),
+                helper.socket.to_str().unwrap(),
+                "alice-org",
+                "alice-repo",
+                "sleep:1",
+                callers,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "python client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            report["errors"],
+            serde_json::json!([]),
+            "{callers} callers: {report}"
+        );
+        let statuses = report["statuses"].as_array().unwrap();
+        assert_eq!(statuses.len().to_string(), callers, "{report}");
+        assert!(
+            statuses.iter().all(|s| s == "succeeded"),
+            "{callers} callers: {report}"
+        );
+    }
+    // Some of the 32 did wait for a lane slot: the queue, not a refusal, absorbed them.
+    let queued = helper
+        .audited("dispatch_accepted")
+        .iter()
+        .filter(|r| r["outcome"] == "queued")
+        .count();
+    assert!(
+        queued > 0,
+        "no dispatch waited for a slot; the test did not reach the caps"
+    );
+    assert!(helper.audited("dispatch_rejected").is_empty());
+}
