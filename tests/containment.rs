@@ -23,10 +23,10 @@ fn tag(name: &str) -> String {
     format!("contain-{name}-{}-{nanos}", std::process::id())
 }
 
-/// Where a lane of `user_name` wrote `file`: in its job's own directory, one of those under
-/// the user's work area (tags are unique, so the first found is the one).
-fn in_job_dir(user_name: &str, file: &str) -> PathBuf {
-    let area = user(user_name).dir.join("dispatch-work");
+/// Where a lane of `user_name` wrote `file`: in its job's own directory, one of those in the
+/// user's work area of this helper (tags are unique, so the first found is the one).
+fn in_job_dir(helper: &TestHelper, user_name: &str, file: &str) -> PathBuf {
+    let area = helper.work.path().join(user_name);
     std::fs::read_dir(&area)
         .into_iter()
         .flatten()
@@ -37,15 +37,18 @@ fn in_job_dir(user_name: &str, file: &str) -> PathBuf {
 }
 
 /// The pid the escaped descendant wrote, once it is running.
-fn escaped_pid(user_name: &str, tag: &str) -> i32 {
+fn escaped_pid(helper: &TestHelper, user_name: &str, tag: &str) -> i32 {
     let file = format!("{tag}.pid");
+    let mut found = PathBuf::new();
     wait_until(
         "the escaped descendant to start",
         Duration::from_secs(10),
-        || std::fs::read_to_string(in_job_dir(user_name, &file)).is_ok_and(|s| !s.is_empty()),
+        || {
+            found = in_job_dir(helper, user_name, &file);
+            std::fs::read_to_string(&found).is_ok_and(|s| !s.is_empty())
+        },
     );
-    let file = in_job_dir(user_name, &file);
-    let pid = std::fs::read_to_string(&file)
+    let pid = std::fs::read_to_string(&found)
         .unwrap()
         .trim()
         .parse()
@@ -55,7 +58,7 @@ fn escaped_pid(user_name: &str, tag: &str) -> i32 {
 }
 
 /// The descendant is gone (or a zombie) within a second, and its liveness file stops growing.
-fn assert_gone(pid: i32, user_name: &str, tag: &str, after: &str) {
+fn assert_gone(helper: &TestHelper, pid: i32, user_name: &str, tag: &str, after: &str) {
     let deadline = Instant::now() + GONE_WITHIN;
     while alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -64,7 +67,7 @@ fn assert_gone(pid: i32, user_name: &str, tag: &str, after: &str) {
         !alive(pid),
         "BREACH: the lane's escaped descendant {pid} still runs 1 s after {after}"
     );
-    let alive_file = in_job_dir(user_name, &format!("{tag}.alive"));
+    let alive_file = in_job_dir(helper, user_name, &format!("{tag}.alive"));
     let size = || std::fs::metadata(&alive_file).map(|m| m.len()).unwrap_or(0);
     let before = size();
     std::thread::sleep(Duration::from_millis(300));
@@ -74,7 +77,7 @@ fn assert_gone(pid: i32, user_name: &str, tag: &str, after: &str) {
         "BREACH: something still writes {tag}.alive after {after}"
     );
     let _ = std::fs::remove_file(alive_file);
-    let _ = std::fs::remove_file(in_job_dir(user_name, &format!("{tag}.pid")));
+    let _ = std::fs::remove_file(in_job_dir(helper, user_name, &format!("{tag}.pid")));
 }
 
 fn start(test: &str, sandbox: &str, timeout_seconds: u64) -> Option<TestHelper> {
@@ -101,17 +104,23 @@ async fn escaped_descendants_end_with_their_lane_however_it_ends() {
         let job = client
             .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:1"))
             .await;
-        let pid = escaped_pid(ALICE, &t);
+        let pid = escaped_pid(&helper, ALICE, &t);
         let done = client.result(&job.handle, 20_000).await;
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
-        assert_gone(pid, ALICE, &t, &format!("its lane succeeded ({how})"));
+        assert_gone(
+            &helper,
+            pid,
+            ALICE,
+            &t,
+            &format!("its lane succeeded ({how})"),
+        );
 
         // Cancelled while it runs.
         let t = tag("cancel");
         let job = client
             .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:60"))
             .await;
-        let pid = escaped_pid(ALICE, &t);
+        let pid = escaped_pid(&helper, ALICE, &t);
         let cancelled = client
             .request(Request::Cancel {
                 handle: job.handle.clone(),
@@ -121,29 +130,30 @@ async fn escaped_descendants_end_with_their_lane_however_it_ends() {
             matches!(&cancelled, Response::Job(j) if j.state == JobState::Cancelled),
             "{cancelled:?}"
         );
-        assert_gone(pid, ALICE, &t, &format!("cancel ({how})"));
+        assert_gone(&helper, pid, ALICE, &t, &format!("cancel ({how})"));
 
         // Timed out (the helper's timeout is 3 s).
         let t = tag("timeout");
         let job = client
             .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:60"))
             .await;
-        let pid = escaped_pid(ALICE, &t);
+        let pid = escaped_pid(&helper, ALICE, &t);
         let done = client.result(&job.handle, 20_000).await;
         assert_eq!(done.state, JobState::TimedOut, "{done:?}");
         assert_eq!(done.stopped_by.as_deref(), Some("wall_clock"));
-        assert_gone(pid, ALICE, &t, &format!("the timeout ({how})"));
+        assert_gone(&helper, pid, ALICE, &t, &format!("the timeout ({how})"));
 
         // The helper is killed -9 and started again: the job is lost, its lane and all it started are gone.
         let t = tag("kill9");
         let job = client
             .dispatch_ok("alice-org", "alice-repo", &format!("{how}:{t}:60"))
             .await;
-        let pid = escaped_pid(ALICE, &t);
+        let pid = escaped_pid(&helper, ALICE, &t);
         drop(client);
         helper.kill9();
         helper.launch();
         assert_gone(
+            &helper,
             pid,
             ALICE,
             &t,

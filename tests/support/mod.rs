@@ -147,6 +147,9 @@ pub struct TestHelper {
     pub config: PathBuf,
     pub child: Option<Child>,
     pub stderr_log: PathBuf,
+    /// The lane users' work areas (`<work>/<unix user>`), this helper's own: every job's
+    /// directory is made there, and all of it goes with the helper.
+    pub work: tempfile::TempDir,
     env: Vec<(String, String)>,
 }
 
@@ -177,10 +180,29 @@ impl TestHelper {
             .map(|a| format!("{a:?}"))
             .collect::<Vec<_>>()
             .join(", ");
+        // Each lane user's area, its own (a lane makes its job's directory there as that user).
+        let work = tempfile::Builder::new()
+            .prefix("dispatch-work-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .unwrap();
+        let lane_users = [ALICE, BOB, MALLORY].map(nix::unistd::User::from_name);
+        for account in lane_users.into_iter().flatten().flatten().chain([me]) {
+            let area = work.path().join(&account.name);
+            std::fs::create_dir(&area).unwrap();
+            std::fs::set_permissions(&area, std::fs::Permissions::from_mode(0o700)).unwrap();
+            if is_root() {
+                nix::unistd::chown(&area, Some(account.uid), Some(account.gid)).unwrap();
+            }
+        }
+        let work_dir = format!("{}/{{unix_user}}", work.path().display());
         let text = format!(
             "allowlist = {allowlist:?}\nargv = [{argv}]\nstate_dir = {state:?}\naudit_log = {audit:?}\n\
              socket = {socket:?}\nsocket_mode = {mode}\ntimeout_seconds = {timeout}\nkill_grace_seconds = 1\n\
-             work_dir = \"{{home}}/dispatch-work\"\n{extra}\n[sandbox]\n{sandbox}\n",
+             work_dir = {work_dir:?}\n{extra}\n[sandbox]\n{sandbox}\n",
             mode = options.socket_mode,
             timeout = options.timeout_seconds,
             extra = options.extra_toml,
@@ -191,6 +213,7 @@ impl TestHelper {
             std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
         let mut helper = TestHelper {
+            work,
             cgroup,
             stderr_log: root.join("helper.stderr"),
             dir,

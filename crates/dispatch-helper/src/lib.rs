@@ -255,7 +255,7 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
             Err(error) => return fail(format!("{error} (or pass --state-dir)")),
         },
     };
-    let store = match store::JobStore::open(&state_dir) {
+    let store = match store::JobStore::open_read_only(&state_dir) {
         Ok(store) => store,
         Err(error) => {
             return fail(format!(

@@ -98,6 +98,10 @@ struct State {
     index: HashMap<String, Location>,
     journal_len: u64,
     journal_entries: u64,
+    /// Every `<handle>.json` of an older helper found at open: all are deleted by the next
+    /// compaction, whether or not a later line superseded them (one left behind would come
+    /// back at a later open, after its record was removed).
+    legacy: Vec<PathBuf>,
     /// Set when a failed append could not be undone: later appends are refused (fail closed)
     /// rather than written after a damaged line.
     damaged: Option<String>,
@@ -117,21 +121,35 @@ fn io_error(message: impl Into<String>) -> std::io::Error {
 }
 
 impl JobStore {
+    /// The helper's store: a torn journal tail is cut, interrupted temp files go.
     pub fn open(state_dir: &Path) -> std::io::Result<JobStore> {
+        JobStore::open_as(state_dir, true)
+    }
+
+    /// For reading beside a running helper (`dispatch-helper jobs`): nothing is changed on
+    /// disk, so a line the helper is writing just now is only left out, never cut.
+    pub fn open_read_only(state_dir: &Path) -> std::io::Result<JobStore> {
+        JobStore::open_as(state_dir, false)
+    }
+
+    fn open_as(state_dir: &Path, writable: bool) -> std::io::Result<JobStore> {
         let dir = state_dir.join("jobs");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
+        if writable {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+        }
         let mut state = State {
             index: HashMap::new(),
             journal_len: 0,
             journal_entries: 0,
+            legacy: Vec::new(),
             damaged: None,
         };
-        read_legacy(&dir, &mut state.index)?;
+        read_legacy(&dir, &mut state, writable)?;
         read_snapshot(&dir.join("snapshot.jsonl"), &mut state.index)?;
-        replay_journal(&dir.join("journal.jsonl"), &mut state)?;
+        replay_journal(&dir.join("journal.jsonl"), &mut state, writable)?;
         let store = JobStore {
             dir,
             state: Arc::new(Mutex::new(state)),
@@ -228,6 +246,10 @@ impl JobStore {
             .append(true)
             .mode(0o600)
             .open(&path)?;
+        if created {
+            // Its name durable before anything in it is acknowledged.
+            sync_dir(&self.dir)?;
+        }
         let before = file.metadata()?.len();
         let bytes: Vec<u8> = lines.concat();
         if let Err(error) = file.write_all(&bytes).and_then(|()| sync_data(&file)) {
@@ -242,9 +264,6 @@ impl JobStore {
                 ));
             }
             return Err(error);
-        }
-        if created {
-            sync_dir(&self.dir)?;
         }
         let mut offset = before;
         for (op, line) in ops.into_iter().zip(&lines) {
@@ -311,11 +330,7 @@ impl JobStore {
     /// Whether the journal has grown enough to fold into a new snapshot.
     pub(crate) fn wants_compaction(&self) -> bool {
         let state = self.lock();
-        state.journal_entries >= COMPACT_AFTER
-            || state
-                .index
-                .values()
-                .any(|at| matches!(at, Location::Legacy(_)))
+        state.journal_entries >= COMPACT_AFTER || !state.legacy.is_empty()
     }
 
     /// Fold the journal (and older helpers' files) into a new snapshot: every live record is
@@ -332,17 +347,21 @@ impl JobStore {
             .mode(0o600)
             .open(&aside)?;
         let mut index = HashMap::with_capacity(state.index.len());
-        let mut legacy = Vec::new();
         let mut offset = 0u64;
         let mut buffer = Vec::new();
         let mut handles: Vec<&String> = state.index.keys().collect();
         handles.sort();
         for handle in handles {
             let at = &state.index[handle];
-            let record = self.read(at)?;
-            if let Location::Legacy(path) = at {
-                legacy.push(path.clone());
-            }
+            // One unreadable record must not stop the helper (this runs at start) or make every
+            // later compaction fail: it is left out, and said so.
+            let record = match self.read(at) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%error, %handle, "job record unreadable; left out of the snapshot");
+                    continue;
+                }
+            };
             let line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
             let len = line.len() as u64;
             buffer.extend_from_slice(&line);
@@ -354,6 +373,8 @@ impl JobStore {
         file.sync_all()?;
         drop(file);
         fs::rename(&aside, &snapshot)?;
+        // From here the new snapshot holds every record: the old offsets mean nothing.
+        state.index = index;
         sync_dir(&self.dir)?;
         let journal = OpenOptions::new()
             .write(true)
@@ -363,14 +384,17 @@ impl JobStore {
             .open(self.journal_path())?;
         journal.set_len(0)?;
         journal.sync_all()?;
-        for path in legacy {
-            let _ = fs::remove_file(path);
-        }
-        sync_dir(&self.dir)?;
-        state.index = index;
         state.journal_len = 0;
         state.journal_entries = 0;
-        Ok(())
+        for path in std::mem::take(&mut state.legacy) {
+            if let Err(error) = fs::remove_file(&path)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                state.legacy.push(path);
+                return Err(error);
+            }
+        }
+        sync_dir(&self.dir)
     }
 }
 
@@ -394,8 +418,13 @@ fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
 }
 
 /// `<handle>.json` files of helpers before the journal (and their interrupted temp files).
-fn read_legacy(dir: &Path, index: &mut HashMap<String, Location>) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
+fn read_legacy(dir: &Path, state: &mut State, writable: bool) -> std::io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if !writable && error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
         let path = entry?.path();
         let name = path
             .file_name()
@@ -404,11 +433,16 @@ fn read_legacy(dir: &Path, index: &mut HashMap<String, Location>) -> std::io::Re
             .to_owned();
         if name.starts_with('.') && name.ends_with(".tmp") {
             // A write interrupted before its rename: the previous state stands.
-            let _ = fs::remove_file(&path);
+            if writable {
+                let _ = fs::remove_file(&path);
+            }
             continue;
         }
         if let Some(handle) = name.strip_suffix(".json") {
-            index.insert(handle.to_owned(), Location::Legacy(path.clone()));
+            state
+                .index
+                .insert(handle.to_owned(), Location::Legacy(path.clone()));
+            state.legacy.push(path);
         }
     }
     Ok(())
@@ -441,8 +475,8 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
 
 /// Apply the journal to the index; a torn last line (no newline: its commit never returned)
 /// is cut off. A damaged line before the last one stops the helper (nothing guesses).
-fn replay_journal(path: &Path, state: &mut State) -> std::io::Result<()> {
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Result<()> {
+    let mut file = match OpenOptions::new().read(true).write(writable).open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error),
@@ -455,8 +489,10 @@ fn replay_journal(path: &Path, state: &mut State) -> std::io::Result<()> {
         .rposition(|&b| b == b'\n')
         .map_or(0, |at| at + 1);
     if complete < bytes.len() {
-        file.set_len(complete as u64)?;
-        file.sync_all()?;
+        if writable {
+            file.set_len(complete as u64)?;
+            file.sync_all()?;
+        }
         bytes.truncate(complete);
     }
     let mut offset = 0u64;
@@ -573,5 +609,32 @@ mod tests {
             states(&reopened),
             vec![("d-9".to_owned(), "succeeded".to_owned())]
         );
+        // An older file whose record the snapshot already holds still goes at the next
+        // compaction, so a record removed since cannot come back from it.
+        let again = serde_json::to_vec(&record("d-9", "Succeeded")).unwrap();
+        fs::write(jobs.join("d-9.json"), again).unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store
+            .append_now(vec![JournalOp::Remove("d-9".into())])
+            .unwrap();
+        store.compact().unwrap();
+        assert!(!jobs.join("d-9.json").exists());
+        assert!(states(&JobStore::open(dir.path()).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_reader_beside_the_helper_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.save(&record("d-1", "Running")).unwrap();
+        let journal = store.journal_path();
+        // A line the helper is writing at this moment.
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(b"{\"save\":{\"handle\":\"d-2\"").unwrap();
+        let before = fs::metadata(&journal).unwrap().len();
+        let reader = JobStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(states(&reader).len(), 1);
+        let after = fs::metadata(&journal).unwrap().len();
+        assert_eq!(after, before, "the reader cut the journal");
     }
 }

@@ -88,24 +88,50 @@ pub fn ensure_area(area: &Path, identity: &LaneIdentity) -> Result<(), String> {
 pub fn remove(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     // In-process where the helper may (its own directory, or root with CAP_DAC_OVERRIDE
     // outside the shipped unit): a process per removal costs a fork of the whole helper.
+    let own = nix::unistd::geteuid().as_raw() == uid;
     match std::fs::remove_dir_all(path) {
         Ok(()) => return Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error)
-            if nix::unistd::geteuid().as_raw() == uid
-                || error.kind() != std::io::ErrorKind::PermissionDenied =>
-        {
+        // A lane may leave directories without write permission (a Go module cache does):
+        // its user may give it back, then remove them.
+        Err(error) if own && error.kind() == std::io::ErrorKind::PermissionDenied => {
+            open_up(path)?;
+            return std::fs::remove_dir_all(path);
+        }
+        Err(error) if own || error.kind() != std::io::ErrorKind::PermissionDenied => {
             return Err(error);
         }
         Err(_) => {}
     }
+    let find = |name: &str| {
+        ["/usr/bin", "/bin"]
+            .into_iter()
+            .map(|dir| format!("{dir}/{name}"))
+            .find(|path| Path::new(path).is_file())
+            .ok_or_else(|| std::io::Error::other(format!("no {name} in /usr/bin or /bin")))
+    };
+    // chmod -R follows no link it meets; what it cannot do is left to rm to report.
+    let _ = as_lane_user(&find("chmod")?, &["-R", "u+rwx", "--"], path, uid, gid);
+    as_lane_user(
+        &find("rm")?,
+        &["-rf", "--one-file-system", "--"],
+        path,
+        uid,
+        gid,
+    )
+}
+
+/// Run `program args… path` as `uid`/`gid` (no shell, a clean environment).
+fn as_lane_user(
+    program: &str,
+    args: &[&str],
+    path: &Path,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
-    let rm = ["/usr/bin/rm", "/bin/rm"]
-        .into_iter()
-        .find(|rm| Path::new(rm).is_file())
-        .ok_or_else(|| std::io::Error::other("no rm in /usr/bin or /bin"))?;
-    let status = std::process::Command::new(rm)
-        .args(["-rf", "--one-file-system", "--"])
+    let status = std::process::Command::new(program)
+        .args(args)
         .arg(path)
         .uid(uid)
         .gid(gid)
@@ -113,14 +139,31 @@ pub fn remove(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         .current_dir("/")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()?;
     if status.success() {
         Ok(())
     } else {
         Err(std::io::Error::other(format!(
-            "rm as uid {uid} ended with {status}"
+            "{program} as uid {uid} ended with {status}"
         )))
     }
+}
+
+/// Give the owner write and search permission on every directory beneath `path` (links are
+/// not followed), so that what is in them can be removed.
+fn open_up(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() | 0o700;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    for entry in std::fs::read_dir(path)? {
+        open_up(&entry?.path())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,6 +203,30 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, &area).unwrap();
         let error = ensure_area(&area, &me()).unwrap_err();
         assert!(error.contains("work area"), "{error}");
+    }
+
+    #[test]
+    fn read_only_directories_a_lane_left_are_removed_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("job");
+        std::fs::create_dir_all(job.join("cache/module")).unwrap();
+        std::fs::write(job.join("cache/module/file"), "x").unwrap();
+        for locked in ["cache/module", "cache"] {
+            let path = job.join(locked);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        // (As root, removing would succeed anyway: what its owner needs is checked directly.)
+        open_up(&job).unwrap();
+        for dir in ["cache/module", "cache"] {
+            let mode = std::fs::metadata(job.join(dir))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o700, 0o700, "{dir} {mode:o}");
+        }
+        remove(&job, me().uid, me().gid).unwrap();
+        assert!(!job.exists());
     }
 
     #[test]
