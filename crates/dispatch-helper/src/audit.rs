@@ -178,6 +178,11 @@ impl AuditLog {
         // removed is started again; `verify` then reports its first line as a broken link.
         let created = !writer.path.exists();
         let mut file = open_for_append(&writer.path).map_err(io)?;
+        if created && let Some(dir) = writer.path.parent() {
+            // The new file's name durable before any record in it is acknowledged (after the
+            // write, a failure here would leave written records the chain head does not know).
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         let before = file.metadata().map_err(io)?.len();
         if let Err(error) = file
             .write_all(bytes.as_bytes())
@@ -194,10 +199,6 @@ impl AuditLog {
                 ));
             }
             return Err(io(error));
-        }
-        if created && let Some(dir) = writer.path.parent() {
-            // The new file's directory entry must be durable too.
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         writer.seq = seq;
         writer.prev = prev;
