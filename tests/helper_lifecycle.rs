@@ -1156,7 +1156,23 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
     for round in 0..3 {
         let mut clients = Vec::new();
         for _ in 0..16 {
-            let mut client = helper.client().await;
+            let Some(mut client) = Client::try_connect(&helper.socket).await else {
+                panic!(
+                    "round {round}: the helper refused a client\nhelper: {}\naudit: {:?}",
+                    helper
+                        .stderr()
+                        .lines()
+                        .filter(|l| !l.contains("lane started"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    helper
+                        .audit_lines()
+                        .iter()
+                        .rev()
+                        .take(6)
+                        .collect::<Vec<_>>()
+                );
+            };
             let acknowledged = acknowledged.clone();
             clients.push(tokio::spawn(async move {
                 let mut task = 0;
@@ -1197,14 +1213,21 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
             acked.len()
         );
         for (handle, state_when_acked) in &acked {
-            let job = match client
-                .request(Request::Status {
-                    handle: handle.clone(),
-                })
-                .await
-            {
-                Response::Job(job) => job,
-                other => panic!("round {round}: acknowledged {handle} lost: {other:?}"),
+            let status = Request::Status {
+                handle: handle.clone(),
+            };
+            let job = match client.try_request(status).await {
+                Some(Response::Job(job)) => job,
+                other => panic!(
+                    "round {round}: acknowledged {handle} lost: {other:?}\nhelper: {}\naudit: {:?}",
+                    helper.stderr(),
+                    helper
+                        .audit_lines()
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                ),
             };
             if *state_when_acked == JobState::Running {
                 assert_ne!(

@@ -6,7 +6,7 @@
 mod support;
 
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use support::*;
 
@@ -29,6 +29,31 @@ fn tool(env: &str, default: &str) -> Option<PathBuf> {
     None
 }
 
+/// Run `tests/clients/SCRIPT FRONT SOCKET alice-org alice-repo ARGS…` and read the JSON object
+/// it prints.
+fn run_python_client(python: &Path, script: &str, helper: &TestHelper, args: &[&str]) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let output = Command::new(python)
+        .arg(script)
+        .args([
+            front_bin(),
+            helper.socket.to_str().unwrap(),
+            "alice-org",
+            "alice-repo",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[test]
 fn the_official_python_sdk_completes_a_session() {
     let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else {
@@ -37,25 +62,7 @@ fn the_official_python_sdk_completes_a_session() {
     let Some(helper) = start_helper("python sdk", HelperOptions::default()) else {
         return;
     };
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_sdk_session.py");
-    let output = Command::new(python)
-        .arg(script)
-        .args([
-            front_bin(),
-            helper.socket.to_str().unwrap(),
-            "alice-org",
-            "alice-repo",
-            "exit:0",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = run_python_client(&python, "python_sdk_session.py", &helper, &["exit:0"]);
     assert_eq!(report["server"], "dispatch-mcp");
     assert_eq!(report["tools"], serde_json::json!(TOOLS));
     assert_eq!(report["with_output_schema"], serde_json::json!(TOOLS));
@@ -175,27 +182,13 @@ fn the_python_sdk_fanning_out_is_queued_not_refused() {
     let Some(helper) = start_helper("python sdk fan-out", HelperOptions::default()) else {
         return;
     };
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_sdk_concurrent.py");
     for callers in ["8", "32"] {
-        let output = Command::new(&python)
-            .arg(&script)
-            .args([
-                front_bin(),
-                helper.socket.to_str().unwrap(),
-                "alice-org",
-                "alice-repo",
-                "sleep:1",
-                callers,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "python client failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        let report = run_python_client(
+            &python,
+            "python_sdk_concurrent.py",
+            &helper,
+            &["sleep:1", callers],
         );
-        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(
             report["errors"],
             serde_json::json!([]),

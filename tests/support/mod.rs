@@ -389,6 +389,32 @@ pub struct Client {
 }
 
 impl Client {
+    /// As `connect`, but None when the helper refuses or drops the connection.
+    pub async fn try_connect(socket: &Path) -> Option<Client> {
+        let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        let mut client = Client {
+            stream,
+            next_id: 1,
+            hello: HelloReply {
+                version: 0,
+                helper_version: String::new(),
+                peer_uid: 0,
+                unprivileged: false,
+                max_in_flight: 8,
+                pass_env: Vec::new(),
+            },
+        };
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+            client_name: Some("integration-test".into()),
+        };
+        match client.try_request(hello).await? {
+            Response::Hello(hello) => client.hello = hello,
+            _ => return None,
+        }
+        Some(client)
+    }
+
     pub async fn connect(socket: &Path) -> Client {
         let stream = tokio::net::UnixStream::connect(socket)
             .await

@@ -262,9 +262,16 @@ impl CgroupTree {
     /// is its own user's, in unprivileged mode, could make sub-cgroups). Read from cgroupfs,
     /// which `ProtectProc=` does not hide. Unreadable counts as yes.
     pub fn holds_process(&self, pid: i32) -> bool {
-        fn walk(dir: &Path, wanted: &str, depth: usize) -> bool {
-            let Ok(entries) = fs::read_dir(dir) else {
-                return true;
+        fn walk(dir: &Path, wanted: &str, depth: usize, top: bool) -> bool {
+            let entries = match fs::read_dir(dir) {
+                Ok(entries) => entries,
+                // A lane's cgroup removed while it was being looked at (its lane ended, or the
+                // janitor took a spare): it holds no process now.
+                Err(error) if !top && error.kind() == std::io::ErrorKind::NotFound => {
+                    return false;
+                }
+                // The lanes' tree itself unreadable: nothing can be ruled out.
+                Err(_) => return true,
             };
             entries.flatten().any(|entry| {
                 let path = entry.path();
@@ -273,10 +280,10 @@ impl CgroupTree {
                 }
                 let here = fs::read_to_string(path.join("cgroup.procs"))
                     .is_ok_and(|procs| procs.lines().any(|p| p == wanted));
-                here || (depth > 0 && walk(&path, wanted, depth - 1))
+                here || (depth > 0 && walk(&path, wanted, depth - 1, false))
             })
         }
-        walk(&self.lanes, &pid.to_string(), 8)
+        walk(&self.lanes, &pid.to_string(), 8, true)
     }
 
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed
