@@ -416,32 +416,9 @@ impl Client {
     }
 
     pub async fn connect(socket: &Path) -> Client {
-        let stream = tokio::net::UnixStream::connect(socket)
+        Client::try_connect(socket)
             .await
-            .expect("connect to helper");
-        let mut client = Client {
-            stream,
-            next_id: 1,
-            hello: HelloReply {
-                version: 0,
-                helper_version: String::new(),
-                peer_uid: 0,
-                unprivileged: false,
-                max_in_flight: 8,
-                pass_env: Vec::new(),
-            },
-        };
-        match client
-            .request(Request::Hello {
-                version: PROTOCOL_VERSION,
-                client_name: Some("integration-test".into()),
-            })
-            .await
-        {
-            Response::Hello(hello) => client.hello = hello,
-            other => panic!("handshake failed: {other:?}"),
-        }
-        client
+            .expect("connect to the helper and complete the handshake")
     }
 
     /// As `request`, but None when the connection fails (the helper died) instead of a panic.
@@ -463,24 +440,9 @@ impl Client {
     }
 
     pub async fn request(&mut self, body: Request) -> Response {
-        let id = self.next_id;
-        self.next_id += 1;
-        write_frame(
-            &mut self.stream,
-            &RequestEnvelope { id, body },
-            FrameLimit::REQUEST,
-        )
-        .await
-        .expect("send");
-        loop {
-            let response: ResponseEnvelope = read_frame(&mut self.stream, FrameLimit::RESPONSE)
-                .await
-                .expect("read response")
-                .expect("helper closed the connection");
-            if response.id == id {
-                return response.body;
-            }
-        }
+        self.try_request(body)
+            .await
+            .expect("the helper answered (it did not close or reset the connection)")
     }
 
     pub async fn dispatch(&mut self, orguser: &str, repo: &str, task: &str) -> Response {

@@ -13,7 +13,6 @@ pub const DEMO_ORGUSER: &str = "demo";
 pub const DEMO_REPO: &str = "demo-repo";
 
 pub struct EmbeddedHelper {
-    pub dir: PathBuf,
     pub socket: PathBuf,
     pub audit_log: PathBuf,
     _child: tokio::process::Child,
@@ -169,7 +168,6 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(EmbeddedHelper {
-        dir,
         socket,
         audit_log,
         _child: child,

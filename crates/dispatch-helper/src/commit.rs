@@ -31,44 +31,32 @@ pub struct Committer {
 }
 
 impl Committer {
-    async fn submit(&self, work: Work) -> Result<(), String> {
+    /// Queue `work` now (its place in the order is taken here, not when the answer is
+    /// awaited) and return what says when it is durable.
+    fn queue(
+        &self,
+        work: Work,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let (done, answer) = oneshot::channel();
-        self.queue
-            .send(Pending { work, done })
-            .map_err(|_| "the durable writer has stopped".to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the durable writer has stopped".to_owned()))
+        let sent = self.queue.send(Pending { work, done });
+        async move {
+            let stopped = || "the durable writer has stopped".to_owned();
+            sent.map_err(|_| stopped())?;
+            answer.await.unwrap_or_else(|_| Err(stopped()))
+        }
     }
 
     pub async fn audit(&self, event: AuditEvent) -> Result<(), String> {
-        self.submit(Work::Audit(Box::new(event))).await
+        self.queue(Work::Audit(Box::new(event))).await
     }
 
-    /// Queue `op` now (its place in the order is taken here) and return what says when it is
-    /// durable.
+    /// Queue `op` now and return what says when it is durable.
     pub fn queue_journal(
         &self,
         op: JournalOp,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-        let (done, answer) = oneshot::channel();
-        let sent = self.queue.send(Pending {
-            work: Work::Journal(op),
-            done,
-        });
-        async move {
-            sent.map_err(|_| std::io::Error::other("the durable writer has stopped"))?;
-            answer
-                .await
-                .unwrap_or_else(|_| Err("the durable writer has stopped".to_owned()))
-                .map_err(std::io::Error::other)
-        }
-    }
-
-    pub async fn journal(&self, op: JournalOp) -> std::io::Result<()> {
-        self.submit(Work::Journal(op))
-            .await
-            .map_err(std::io::Error::other)
+        let durable = self.queue(Work::Journal(op));
+        async move { durable.await.map_err(std::io::Error::other) }
     }
 }
 

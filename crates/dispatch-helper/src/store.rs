@@ -96,7 +96,6 @@ enum Location {
 
 struct State {
     index: HashMap<String, Location>,
-    journal_len: u64,
     journal_entries: u64,
     /// Every `<handle>.json` of an older helper found at open: all are deleted by the next
     /// compaction, whether or not a later line superseded them (one left behind would come
@@ -142,7 +141,6 @@ impl JobStore {
         }
         let mut state = State {
             index: HashMap::new(),
-            journal_len: 0,
             journal_entries: 0,
             legacy: Vec::new(),
             damaged: None,
@@ -202,7 +200,7 @@ impl JobStore {
 
     async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {
         match self.committer.get() {
-            Some(committer) => committer.journal(op).await,
+            Some(committer) => committer.queue_journal(op).await,
             None => {
                 let store = self.clone();
                 tokio::task::spawn_blocking(move || store.append_now(vec![op]))
@@ -279,7 +277,6 @@ impl JobStore {
             }
             offset += line.len() as u64;
         }
-        state.journal_len = offset;
         state.journal_entries += lines.len() as u64;
         Ok(())
     }
@@ -384,7 +381,6 @@ impl JobStore {
             .open(self.journal_path())?;
         journal.set_len(0)?;
         journal.sync_all()?;
-        state.journal_len = 0;
         state.journal_entries = 0;
         for path in std::mem::take(&mut state.legacy) {
             if let Err(error) = fs::remove_file(&path)
@@ -515,7 +511,6 @@ fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Re
         offset += line.len() as u64;
         state.journal_entries += 1;
     }
-    state.journal_len = offset;
     Ok(())
 }
 
