@@ -248,6 +248,7 @@ async fn delete_removes_only_finished_jobs() {
     let error = client
         .error(Request::Status {
             handle: running.handle.clone(),
+            output_from: None,
         })
         .await;
     assert_eq!(error.kind, ErrorKind::UnknownHandle);
@@ -375,6 +376,7 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
     match client
         .request(Request::Status {
             handle: handle.clone(),
+            output_from: None,
         })
         .await
     {
@@ -659,7 +661,7 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     );
     // The job exists, failed, with the reason; and both events are audited.
     let handle = error.message.split_whitespace().nth(1).unwrap().to_owned();
-    match client.request(Request::Status { handle }).await {
+    match client.request(Request::status(handle)).await {
         Response::Job(job) => {
             assert_eq!(job.state, JobState::Failed);
             assert!(
@@ -968,6 +970,7 @@ async fn one_client_cannot_take_every_slot_and_old_records_are_pruned() {
     let error = client
         .error(Request::Status {
             handle: first.handle.clone(),
+            output_from: None,
         })
         .await;
     assert_eq!(
@@ -1215,6 +1218,7 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
         for (handle, state_when_acked) in &acked {
             let status = Request::Status {
                 handle: handle.clone(),
+                output_from: None,
             };
             let job = match client.try_request(status).await {
                 Some(Response::Job(job)) => job,

@@ -474,6 +474,7 @@ async fn handles_are_private_to_the_uid_that_created_them() {
     let error = client
         .error(Request::Status {
             handle: "../../etc/passwd".into(),
+            output_from: None,
         })
         .await;
     assert_eq!(error.kind, ErrorKind::Invalid);

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     };
     match envelope.body {
         Request::Dispatch(request) => dispatch(&request.orguser, &request.repo, &request.task),
-        Request::Status { handle } | Request::Cancel { handle } | Request::Delete { handle } => {
+        Request::Status { handle, .. } | Request::Cancel { handle } | Request::Delete { handle } => {
             let _ = Handle::parse(&handle);
         }
         Request::Result { handle, .. } => {

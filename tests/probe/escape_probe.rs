@@ -440,6 +440,7 @@ fn connect(rest: &str) {
             2,
             Request::Status {
                 handle: h.to_owned(),
+                output_from: None,
             },
         )
     });

@@ -475,6 +475,7 @@ impl Client {
             .request(Request::Result {
                 handle: handle.into(),
                 wait_ms,
+                output_from: None,
             })
             .await
         {

@@ -8,6 +8,8 @@ pub mod helper_client;
 pub mod mcp;
 pub mod personal;
 pub mod service;
+pub mod task_wire;
+pub mod tasks;
 
 use clap::{Parser, Subcommand};
 use rmcp::ServiceExt;
@@ -151,8 +153,9 @@ async fn choose_helper(
 async fn serve(personal: bool, demo: bool, socket: Option<PathBuf>) -> Result<(), String> {
     let (client, _demo) = choose_helper(personal, demo, socket).await?;
     let service = service::DispatchService::new(client);
+    let (input, output) = rmcp::transport::stdio();
     let running = mcp::DispatchServer::new(service)
-        .serve(rmcp::transport::stdio())
+        .serve(task_wire::adapt(input, output))
         .await
         .map_err(|e| format!("MCP initialize failed: {e}"))?;
     running

@@ -2,22 +2,24 @@
 //! a tool error (`isError`) whose text tells the agent what to do next.
 
 use crate::service::{
-    DeleteOutput, DispatchArgs, DispatchOutput, DispatchService, HandleArgs, LanesOutput, ListArgs,
-    ListOutput, NoArgs, ResultArgs,
+    Blame, DeleteOutput, DispatchArgs, DispatchOutput, DispatchService, HandleArgs, LanesOutput,
+    ListArgs, ListOutput, NoArgs, ResultArgs, StatusArgs, ToolFailure, output_from,
 };
-use dispatch_proto::{JobState, JobView};
+use crate::task_wire;
+use crate::tasks::{self, TaskState};
 use rmcp::handler::server::common::schema_for_output;
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::model::{
     CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock, CreateTaskResult,
-    GetTaskParams, GetTaskResult, Implementation, ProgressNotificationParam, ServerCapabilities,
-    ServerConfig, UpdateTaskParams,
+    CustomRequest, CustomResult, DetailedTask, ErrorCode, GetTaskParams, GetTaskResult,
+    Implementation, ProgressNotificationParam, ServerCapabilities, ServerConfig, Task, TaskPayload,
+    TaskStatus, UpdateTaskParams,
 };
 use rmcp::service::RequestContext;
-use rmcp::task_manager::{TaskExit, TaskManager, TaskOptions};
 use rmcp::{
     ErrorData as McpError, Json, RoleServer, ServerHandler, tool, tool_handler, tool_router,
 };
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,14 +31,15 @@ Workflow: (1) dispatch_lanes lists the org-user/repo lanes you may use. (2) disp
 (orguser, repo, task_description) starts the work and returns a handle. (3) dispatch_result \
 (handle, wait_seconds) waits for it to finish and returns the exit code, output tails and what \
 the sandbox enforced; or poll dispatch_status. (4) dispatch_list finds earlier dispatches; \
-dispatch_cancel stops a running one; dispatch_delete removes a finished record. Clients that \
-support the MCP tasks extension get dispatch_unit as a task that follows the job.";
+dispatch_cancel stops a running one; dispatch_delete removes a finished record. While a \
+dispatch runs, dispatch_status and dispatch_result carry its output so far; pass back an \
+output tail's next_offset as stdout_offset/stderr_offset to get only what is new. Clients \
+that support MCP tasks may run dispatch_unit as a task: its id is the handle.";
 
 #[derive(Clone)]
 pub struct DispatchServer {
     service: Arc<DispatchService>,
     tool_router: ToolRouter<DispatchServer>,
-    tasks: TaskManager,
 }
 
 fn structured<T: serde::Serialize>(value: &T) -> CallToolResult {
@@ -53,7 +56,6 @@ impl DispatchServer {
         DispatchServer {
             service: Arc::new(service),
             tool_router: Self::tool_router(),
-            tasks: TaskManager::new(),
         }
     }
 
@@ -81,36 +83,12 @@ impl DispatchServer {
             Ok(output) => output,
             Err(failure) => return Ok(tool_error(failure.0).into()),
         };
-        if !ctx
-            .client_capabilities()
-            .is_some_and(|caps| caps.supports_tasks())
-        {
-            return Ok(structured(&dispatched).into());
+        if extension_tasks_negotiated(&ctx) {
+            return Ok(CallToolResponse::Task(CreateTaskResult::new(
+                extension_task(&dispatched),
+            )));
         }
-        let service = self.service.clone();
-        let handle = dispatched.handle.clone();
-        let options = TaskOptions::new()
-            .with_poll_interval_ms(1000)
-            .with_ttl_ms(24 * 3600 * 1000)
-            .with_status_message(format!("dispatch {handle} is running"));
-        let task = self.tasks.spawn(options, move |task| {
-            Box::pin(async move {
-                loop {
-                    tokio::select! {
-                        _ = task.cancelled() => {
-                            let _ = service.cancel(handle.clone()).await;
-                            return Err(TaskExit::Cancelled);
-                        }
-                        answer = service.result_once(handle.clone(), 5_000) => match answer {
-                            Ok(job) if job.state.is_terminal() => return task_outcome(job),
-                            Ok(job) => task.set_status_message(format!("dispatch {handle}: {}", job.detail)),
-                            Err(failure) => return Err(TaskExit::Error(McpError::internal_error(failure.0, None))),
-                        }
-                    }
-                }
-            })
-        });
-        Ok(CallToolResponse::Task(CreateTaskResult::new(task)))
+        Ok(structured(&dispatched).into())
     }
 
     #[tool(
@@ -126,12 +104,13 @@ impl DispatchServer {
     )]
     async fn dispatch_status(
         &self,
-        Parameters(args): Parameters<HandleArgs>,
+        Parameters(args): Parameters<StatusArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<Json<DispatchOutput>, String> {
         self.note_client(&ctx);
+        let from = output_from(args.stdout_offset, args.stderr_offset);
         self.service
-            .status(args.handle)
+            .status(args.handle, from)
             .await
             .map(Json)
             .map_err(|f| f.0)
@@ -158,6 +137,7 @@ impl DispatchServer {
         self.note_client(&ctx);
         let wait = Duration::from_secs(u64::from(args.wait_seconds.unwrap_or(0)));
         let progress_token = ctx.meta.get_progress_token();
+        let from = output_from(args.stdout_offset, args.stderr_offset);
         let started = Instant::now();
         loop {
             let remaining = wait.saturating_sub(started.elapsed());
@@ -166,11 +146,12 @@ impl DispatchServer {
                 _ = ctx.ct.cancelled() => {
                     return Err("the wait was cancelled; the dispatch keeps running (check it with dispatch_status)".into());
                 }
-                job = self.service.result_once(args.handle.clone(), slice) => job.map_err(|f| f.0)?,
+                job = self.service.result_once(args.handle.clone(), slice, from) => job.map_err(|f| f.0)?,
             };
             if job.state.is_terminal() || remaining.is_zero() {
                 return Ok(Json(job.into()));
             }
+            let job = DispatchOutput::from(job);
             if let Some(token) = &progress_token {
                 let elapsed = started.elapsed().as_secs_f64();
                 let _ = ctx
@@ -178,12 +159,7 @@ impl DispatchServer {
                     .notify_progress(
                         ProgressNotificationParam::new(token.clone(), elapsed)
                             .with_total(wait.as_secs_f64())
-                            .with_message(format!(
-                                "{} is {}: {}",
-                                job.handle,
-                                job.state.as_str(),
-                                job.detail
-                            )),
+                            .with_message(tasks::status_message(&job)),
                     )
                     .await;
             }
@@ -279,25 +255,194 @@ impl DispatchServer {
     }
 }
 
-/// A finished job as a task outcome: succeeded → completed, cancelled → cancelled, anything else → failed.
-fn task_outcome(job: JobView) -> Result<CallToolResult, TaskExit> {
-    let output = DispatchOutput::from(job);
-    match output.status.as_str() {
-        s if s == JobState::Succeeded.as_str() => Ok(structured(&output)),
-        s if s == JobState::Cancelled.as_str() => Err(TaskExit::Cancelled),
-        _ => Err(TaskExit::Error(McpError::internal_error(
-            format!(
-                "dispatch {} {}: {}",
-                output.handle, output.status, output.detail
-            ),
-            Some(serde_json::to_value(&output).expect("outputs serialize")),
-        ))),
+/// Whether this request may be answered with a task by the server's choice: the Tasks
+/// extension, declared by the client, under a protocol version that defines it (SEP-2663: not
+/// the versions that begin with `initialize`; those use core tasks, see `task_wire`).
+fn extension_tasks_negotiated(ctx: &RequestContext<RoleServer>) -> bool {
+    let stateless = ctx
+        .protocol_version()
+        .is_some_and(|version| !version.has_initialize());
+    stateless
+        && ctx
+            .client_capabilities()
+            .is_some_and(|caps| caps.supports_tasks())
+}
+
+/// A dispatch as a Tasks-extension task.
+fn extension_task(output: &DispatchOutput) -> Task {
+    let status = match TaskState::of(output) {
+        TaskState::Working => TaskStatus::Working,
+        // The extension's `failed` is for JSON-RPC errors; a tool result with isError is a
+        // completed task.
+        TaskState::Completed | TaskState::Failed => TaskStatus::Completed,
+        TaskState::Cancelled => TaskStatus::Cancelled,
+    };
+    let updated = output
+        .finished_at
+        .clone()
+        .or(output.started_at.clone())
+        .unwrap_or(output.requested_at.clone());
+    Task::new(
+        output.handle.clone(),
+        status,
+        output.requested_at.clone(),
+        updated,
+    )
+    .with_status_message(tasks::status_message(output))
+    .with_poll_interval_ms(tasks::POLL_INTERVAL_MS)
+}
+
+fn extension_detailed_task(output: &DispatchOutput) -> DetailedTask {
+    let task = extension_task(output);
+    let payload = match task.status {
+        TaskStatus::Working => TaskPayload::Working,
+        TaskStatus::Cancelled => TaskPayload::Cancelled,
+        _ => TaskPayload::Completed {
+            result: as_object(tasks::tool_result(output)),
+        },
+    };
+    DetailedTask::new(task, payload)
+}
+
+fn as_object(value: Value) -> serde_json::Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn invalid_params(message: impl Into<String>) -> McpError {
+    McpError::new(ErrorCode::INVALID_PARAMS, message.into(), None)
+}
+
+/// A failure of the helper or of a request it refused, as a JSON-RPC error.
+fn task_error(failure: ToolFailure) -> McpError {
+    match failure.1 {
+        Blame::Request => invalid_params(failure.0),
+        Blame::Server => McpError::internal_error(failure.0, None),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskIdParams {
+    task_id: String,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ListTasksParams {
+    cursor: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct CallAsTaskParams {
+    name: String,
+    #[serde(default)]
+    arguments: Option<Value>,
+}
+
+fn params<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: Option<Value>,
+) -> Result<T, McpError> {
+    serde_json::from_value(params.unwrap_or(Value::Object(Default::default())))
+        .map_err(|e| invalid_params(format!("invalid params for {method}: {e}")))
+}
+
+/// MCP 2025-11-25 core tasks (see `task_wire`): each answer is read from the helper.
+impl DispatchServer {
+    async fn call_as_task(&self, call: CallAsTaskParams) -> Result<Value, McpError> {
+        if !tasks::TASK_TOOLS.contains(&call.name.as_str()) {
+            let known = self.tool_router.has_route(&call.name);
+            return Err(if known {
+                McpError::new(
+                    ErrorCode::METHOD_NOT_FOUND,
+                    format!(
+                        "{} cannot run as a task (its execution.taskSupport is forbidden); call it without params.task",
+                        call.name
+                    ),
+                    None,
+                )
+            } else {
+                invalid_params(format!("unknown tool {:?}", call.name))
+            });
+        }
+        let args: DispatchArgs = serde_json::from_value(call.arguments.unwrap_or(Value::Null))
+            .map_err(|e| invalid_params(format!("invalid arguments for {}: {e}", call.name)))?;
+        let dispatched = self.service.dispatch(args).await.map_err(task_error)?;
+        Ok(serde_json::json!({ "task": tasks::core_task(&dispatched) }))
+    }
+
+    async fn core_task_get(&self, id: TaskIdParams) -> Result<Value, McpError> {
+        let output = self
+            .service
+            .status(id.task_id, None)
+            .await
+            .map_err(task_error)?;
+        Ok(tasks::core_task(&output))
+    }
+
+    /// Blocks until the dispatch has finished (or the client cancels this request).
+    async fn core_task_result(
+        &self,
+        id: TaskIdParams,
+        ctx: &RequestContext<RoleServer>,
+    ) -> Result<Value, McpError> {
+        loop {
+            let job = tokio::select! {
+                _ = ctx.ct.cancelled() => {
+                    return Err(McpError::internal_error("tasks/result was cancelled; the task keeps running", None));
+                }
+                job = self.service.result_once(id.task_id.clone(), 30_000, None) => job.map_err(task_error)?,
+            };
+            if job.state.is_terminal() {
+                return Ok(tasks::core_result(&job.into()));
+            }
+        }
+    }
+
+    async fn core_task_list(&self, list: ListTasksParams) -> Result<Value, McpError> {
+        const PAGE: usize = 50;
+        let skip = tasks::parse_cursor(list.cursor.as_deref()).map_err(invalid_params)?;
+        let all = self
+            .service
+            .list(ListArgs {
+                limit: Some(u32::try_from(skip + PAGE + 1).unwrap_or(u32::MAX)),
+                ..ListArgs::default()
+            })
+            .await
+            .map_err(task_error)?;
+        Ok(tasks::core_list(&all.dispatches, skip, PAGE))
+    }
+
+    /// Only an unfinished task can be cancelled; the answer says `cancelled` (the lane is
+    /// being stopped, and its record will say so).
+    async fn core_task_cancel(&self, id: TaskIdParams) -> Result<Value, McpError> {
+        let current = self
+            .service
+            .status(id.task_id.clone(), None)
+            .await
+            .map_err(task_error)?;
+        let state = TaskState::of(&current);
+        if state.is_terminal() {
+            return Err(invalid_params(format!(
+                "Cannot cancel task: already in terminal status '{}'",
+                state.as_str()
+            )));
+        }
+        let mut cancelled = self.service.cancel(id.task_id).await.map_err(task_error)?;
+        if TaskState::of(&cancelled) == TaskState::Working {
+            cancelled.status = "cancelled".into();
+        }
+        Ok(tasks::core_task(&cancelled))
     }
 }
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for DispatchServer {
     fn get_info(&self) -> ServerConfig {
+        // The extension is offered where it is defined (the stateless protocol); `task_wire`
+        // replaces it with core tasks in sessions that begin with `initialize`.
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
@@ -311,28 +456,75 @@ impl ServerHandler for DispatchServer {
         .with_instructions(INSTRUCTIONS)
     }
 
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
+        self.note_client(&ctx);
+        let CustomRequest {
+            method,
+            params: raw,
+            ..
+        } = request;
+        let core = method.strip_prefix(task_wire::CORE_TASKS);
+        let result = match (method.as_str(), core) {
+            (task_wire::CALL_AS_TASK, _) => self.call_as_task(params("tools/call", raw)?).await,
+            (_, Some("tasks/get")) => self.core_task_get(params("tasks/get", raw)?).await,
+            (_, Some("tasks/result")) => {
+                self.core_task_result(params("tasks/result", raw)?, &ctx)
+                    .await
+            }
+            (_, Some("tasks/list")) => self.core_task_list(params("tasks/list", raw)?).await,
+            (_, Some("tasks/cancel")) => self.core_task_cancel(params("tasks/cancel", raw)?).await,
+            _ => Err(McpError::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!("method not found: {method}"),
+                None,
+            )),
+        };
+        result.map(CustomResult::new)
+    }
+
+    /// Tasks extension: `tasks/get`.
     async fn get_task(
         &self,
         request: GetTaskParams,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
-        Ok(GetTaskResult::new(self.tasks.get_task(&request.task_id)?))
+        self.note_client(&ctx);
+        let output = self
+            .service
+            .status(request.task_id, None)
+            .await
+            .map_err(task_error)?;
+        Ok(GetTaskResult::new(extension_detailed_task(&output)))
     }
 
+    /// Tasks extension: a dispatch never waits for input.
     async fn update_task(
         &self,
         request: UpdateTaskParams,
         _ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.tasks
-            .update_task(&request.task_id, request.input_responses)
+        Err(invalid_params(format!(
+            "task {} does not wait for input: a dispatch never asks for any",
+            request.task_id
+        )))
     }
 
+    /// Tasks extension: `tasks/cancel` (cooperative: the lane is stopped, and `tasks/get`
+    /// says `cancelled` once it is).
     async fn cancel_task(
         &self,
         request: CancelTaskParams,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.tasks.cancel_task(&request.task_id)
+        self.note_client(&ctx);
+        self.service
+            .cancel(request.task_id)
+            .await
+            .map(|_| ())
+            .map_err(task_error)
     }
 }

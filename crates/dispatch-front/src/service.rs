@@ -7,7 +7,7 @@
 
 use crate::helper_client::{HelperClient, HelperError};
 use dispatch_proto::{
-    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Request, Response,
+    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, OutputOffsets, Request, Response,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,12 +33,38 @@ pub struct HandleArgs {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+pub struct StatusArgs {
+    /// A handle returned by dispatch_unit.
+    pub handle: String,
+    /// Only the stdout after this byte offset (a `next_offset` from an earlier answer).
+    #[serde(default, deserialize_with = "lenient::offset")]
+    pub stdout_offset: Option<u64>,
+    /// Only the stderr after this byte offset (a `next_offset` from an earlier answer).
+    #[serde(default, deserialize_with = "lenient::offset")]
+    pub stderr_offset: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct ResultArgs {
     /// A handle returned by dispatch_unit.
     pub handle: String,
     /// Wait up to this many seconds for the dispatch to finish (0 or absent: answer at once).
     #[serde(default, deserialize_with = "lenient::number")]
     pub wait_seconds: Option<u32>,
+    /// Only the stdout after this byte offset (a `next_offset` from an earlier answer).
+    #[serde(default, deserialize_with = "lenient::offset")]
+    pub stdout_offset: Option<u64>,
+    /// Only the stderr after this byte offset (a `next_offset` from an earlier answer).
+    #[serde(default, deserialize_with = "lenient::offset")]
+    pub stderr_offset: Option<u64>,
+}
+
+/// The offsets a caller gave, if any (one alone means "from the start" for the other).
+pub fn output_from(stdout: Option<u64>, stderr: Option<u64>) -> Option<OutputOffsets> {
+    (stdout.is_some() || stderr.is_some()).then(|| OutputOffsets {
+        stdout: stdout.unwrap_or(0),
+        stderr: stderr.unwrap_or(0),
+    })
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -89,6 +115,10 @@ mod lenient {
         parse(deserializer, "a whole number of seconds")
     }
 
+    pub fn offset<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        parse(deserializer, "a byte offset (a whole number)")
+    }
+
     pub fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
         parse(deserializer, "true or false")
     }
@@ -96,10 +126,27 @@ mod lenient {
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
 pub struct OutputTail {
-    /// The last bytes of the stream; starts with a "[… N earlier bytes truncated …]" marker if cut.
+    /// The stream's bytes from `offset` to `next_offset`; starts with a "[… …]" marker line
+    /// when bytes before them are gone (`truncated`).
     pub text: String,
+    /// Bytes the stream has carried so far.
     pub total_bytes: u64,
     pub truncated: bool,
+    /// Byte offset in the stream of the first byte of `text` (after any marker).
+    pub offset: u64,
+    /// Pass this back as `stdout_offset`/`stderr_offset` to get only what is new.
+    pub next_offset: u64,
+}
+
+impl OutputTail {
+    /// The last non-empty line of the text, for a progress message.
+    pub fn newest_line(&self) -> Option<&str> {
+        self.text
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|line| !line.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
@@ -214,6 +261,8 @@ impl From<JobView> for DispatchOutput {
             text: t.text,
             total_bytes: t.total_bytes,
             truncated: t.truncated,
+            offset: t.offset,
+            next_offset: t.next_offset,
         };
         let summary = output_summary(&job);
         DispatchOutput {
@@ -302,7 +351,21 @@ pub struct DeleteOutput {
 
 /// An expected failure, worded for the agent: what went wrong and what to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToolFailure(pub String);
+pub struct ToolFailure(pub String, pub Blame);
+
+/// Whose the failure is: the request's (the helper refused it: fix the arguments), or the
+/// server's (the helper is unreachable, or failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Request,
+    Server,
+}
+
+impl ToolFailure {
+    fn server(message: impl Into<String>) -> ToolFailure {
+        ToolFailure(message.into(), Blame::Server)
+    }
+}
 
 impl std::fmt::Display for ToolFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -320,7 +383,7 @@ impl DispatchService {
     }
 
     fn helper_failure(&self, error: HelperError) -> ToolFailure {
-        ToolFailure(match error {
+        ToolFailure::server(match error {
             HelperError::Unreachable { .. } if self.helper.is_personal() => format!(
                 "{error}. This is your personal dispatch helper (no system helper answered at \
                  {}).",
@@ -374,7 +437,15 @@ impl DispatchService {
         } else {
             "."
         };
-        ToolFailure(format!("{}{stop}{next}", error.message))
+        let blame = match error.kind {
+            ErrorKind::AuditUnavailable
+            | ErrorKind::SpawnFailed
+            | ErrorKind::Busy
+            | ErrorKind::Protocol
+            | ErrorKind::Internal => Blame::Server,
+            _ => Blame::Request,
+        };
+        ToolFailure(format!("{}{stop}{next}", error.message), blame)
     }
 
     async fn call(&self, request: Request) -> Result<Response, ToolFailure> {
@@ -388,7 +459,9 @@ impl DispatchService {
     async fn job(&self, request: Request) -> Result<JobView, ToolFailure> {
         match self.call(request).await? {
             Response::Job(job) => Ok(*job),
-            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+            other => Err(ToolFailure::server(format!(
+                "unexpected helper reply {other:?}"
+            ))),
         }
     }
 
@@ -410,15 +483,34 @@ impl DispatchService {
         self.job(request).await.map(Into::into)
     }
 
-    pub async fn status(&self, handle: String) -> Result<DispatchOutput, ToolFailure> {
+    /// A dispatch's status; while it runs, with its output so far (or after the offsets).
+    pub async fn status(
+        &self,
+        handle: String,
+        output_from: Option<OutputOffsets>,
+    ) -> Result<DispatchOutput, ToolFailure> {
         let handle = stripped(handle);
-        self.job(Request::Status { handle }).await.map(Into::into)
+        let request = Request::Status {
+            handle,
+            output_from,
+        };
+        self.job(request).await.map(Into::into)
     }
 
     /// One result request; `wait_ms` is passed to the helper, which caps it.
-    pub async fn result_once(&self, handle: String, wait_ms: u32) -> Result<JobView, ToolFailure> {
+    pub async fn result_once(
+        &self,
+        handle: String,
+        wait_ms: u32,
+        output_from: Option<OutputOffsets>,
+    ) -> Result<JobView, ToolFailure> {
         let handle = stripped(handle);
-        self.job(Request::Result { handle, wait_ms }).await
+        let request = Request::Result {
+            handle,
+            wait_ms,
+            output_from,
+        };
+        self.job(request).await
     }
 
     pub async fn list(&self, args: ListArgs) -> Result<ListOutput, ToolFailure> {
@@ -435,7 +527,9 @@ impl DispatchService {
                 total,
                 dispatches: jobs.into_iter().map(Into::into).collect(),
             }),
-            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+            other => Err(ToolFailure::server(format!(
+                "unexpected helper reply {other:?}"
+            ))),
         }
     }
 
@@ -451,7 +545,9 @@ impl DispatchService {
                 handle,
                 deleted: true,
             }),
-            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+            other => Err(ToolFailure::server(format!(
+                "unexpected helper reply {other:?}"
+            ))),
         }
     }
 
@@ -476,7 +572,9 @@ impl DispatchService {
                     .collect(),
                 unprivileged_helper: unprivileged,
             }),
-            other => Err(ToolFailure(format!("unexpected helper reply {other:?}"))),
+            other => Err(ToolFailure::server(format!(
+                "unexpected helper reply {other:?}"
+            ))),
         }
     }
 }

@@ -4,11 +4,11 @@
 use crate::audit::{AuditEvent, AuditLog, PeerIdentity, sha256_hex};
 use crate::config::{Settings, work_dir};
 use crate::now_rfc3339;
-use crate::output::capture_tail;
+use crate::output::{LiveOutput, spool_stream};
 use crate::store::{Detail, JobRecord, JobStore};
 use dispatch_policy::{Handle, OrgPolicy, PolicyError, Task, TemplateValues};
 use dispatch_proto::{
-    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, SandboxReport,
+    DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, OutputOffsets, SandboxReport,
 };
 use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
 use nix::sys::signal::{Signal, killpg};
@@ -105,6 +105,8 @@ struct JobEntry {
     stop: Option<mpsc::UnboundedSender<StopReason>>,
     /// The other end, until the lane's supervisor takes it.
     stop_receiver: Option<mpsc::UnboundedReceiver<StopReason>>,
+    /// The output of its running lane so far (its final tails are on disk once it ended).
+    live: Option<LiveOutput>,
 }
 
 impl JobEntry {
@@ -119,6 +121,7 @@ impl JobEntry {
             finished,
             stop,
             stop_receiver,
+            live: None,
         }
     }
 
@@ -329,6 +332,7 @@ impl Helper {
                         finished,
                         stop: Some(stop),
                         stop_receiver: None,
+                        live: None,
                     },
                 );
             }
@@ -367,6 +371,7 @@ impl Helper {
             entry.record = record;
             entry.stop = None;
             entry.stop_receiver = None;
+            entry.live = None;
             let _ = entry.finished.send(true);
         }
     }
@@ -391,6 +396,18 @@ impl Helper {
             return (sender, receiver);
         }
         mpsc::unbounded_channel()
+    }
+
+    fn show_live_output(&self, handle: &str, live: Option<LiveOutput>) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = jobs.get_mut(handle) {
+            entry.live = live;
+        }
+    }
+
+    fn live_output(&self, handle: &str) -> Option<LiveOutput> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.get(handle).and_then(|e| e.live.clone())
     }
 
     fn record(&self, handle: &str) -> Option<JobRecord> {

@@ -431,11 +431,18 @@ async fn handle_request(helper: &Arc<Helper>, peer: &Peer, request: Request) -> 
             .dispatch(peer, dispatch)
             .await
             .map(|v| Response::Job(Box::new(v))),
-        Request::Status { handle } => helper
-            .status(peer, &handle)
+        Request::Status {
+            handle,
+            output_from,
+        } => helper
+            .status(peer, &handle, output_from)
             .map(|v| Response::Job(Box::new(v))),
-        Request::Result { handle, wait_ms } => helper
-            .result(peer, &handle, wait_ms)
+        Request::Result {
+            handle,
+            wait_ms,
+            output_from,
+        } => helper
+            .result(peer, &handle, wait_ms, output_from)
             .await
             .map(|v| Response::Job(Box::new(v))),
         Request::List {

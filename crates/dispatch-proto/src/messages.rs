@@ -36,13 +36,17 @@ pub enum Request {
         client_name: Option<String>,
     },
     Dispatch(DispatchRequest),
+    /// While the job runs, the view carries its output so far (see `OutputTail`).
     Status {
         handle: String,
+        /// Only the output after these stream offsets (None: the helper's whole window).
+        output_from: Option<OutputOffsets>,
     },
     /// `wait_ms` > 0 waits (up to the helper's own cap) for the job to reach a terminal state.
     Result {
         handle: String,
         wait_ms: u32,
+        output_from: Option<OutputOffsets>,
     },
     List {
         /// Glob over the job's description (falling back to its task preview).
@@ -58,6 +62,31 @@ pub enum Request {
     },
     /// The targets this peer may dispatch to.
     Lanes,
+}
+
+impl Request {
+    pub fn status(handle: impl Into<String>) -> Request {
+        Request::Status {
+            handle: handle.into(),
+            output_from: None,
+        }
+    }
+
+    pub fn result(handle: impl Into<String>, wait_ms: u32) -> Request {
+        Request::Result {
+            handle: handle.into(),
+            wait_ms,
+            output_from: None,
+        }
+    }
+}
+
+/// Byte offsets into a job's stdout and stderr: "what is new since I last looked" (each is an
+/// `OutputTail::next_offset` from an earlier answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputOffsets {
+    pub stdout: u64,
+    pub stderr: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,10 +195,19 @@ impl JobState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputTail {
-    /// The last bytes of the stream (lossy UTF-8), prefixed with a truncation marker if cut.
+    /// The stream's bytes from `offset` to `next_offset` (lossy UTF-8), prefixed with a marker
+    /// line when bytes before them that were asked for are gone (`truncated`).
     pub text: String,
+    /// Bytes the stream has carried so far (all of them, once the lane ended).
     pub total_bytes: u64,
     pub truncated: bool,
+    /// Stream offset of the first byte in `text` (after any marker).
+    #[serde(default)]
+    pub offset: u64,
+    /// Stream offset just past the last byte in `text`: ask from here for what is new. While
+    /// the lane runs, an incomplete UTF-8 character at the end is held back until it is whole.
+    #[serde(default)]
+    pub next_offset: u64,
 }
 
 /// What the sandbox enforced on the lane, as observed by the helper when it spawned it.

@@ -22,6 +22,8 @@ fn job() -> JobView {
         stdout: Some(OutputTail {
             text: "out".into(),
             total_bytes: 3,
+            offset: 0,
+            next_offset: 3,
             truncated: false,
         }),
         stderr: None,
@@ -68,10 +70,11 @@ fn every_request() -> Vec<Request> {
             description: None,
             lane_env: Vec::new(),
         }),
-        Request::Status { handle: "h".into() },
+        Request::status("h"),
         Request::Result {
             handle: "h".into(),
             wait_ms: 30_000,
+            output_from: None,
         },
         Request::List {
             filter: Some("build*".into()),
@@ -164,6 +167,7 @@ fn writer_refuses_an_oversized_frame() {
         id: 1,
         body: Request::Status {
             handle: "x".repeat(MAX_REQUEST_FRAME as usize),
+            output_from: None,
         },
     };
     assert!(matches!(
@@ -232,6 +236,7 @@ fn truncated_body_is_typed() {
             id: 7,
             body: Request::Status {
                 handle: "abcdef".into(),
+                output_from: None,
             },
         },
         FrameLimit::REQUEST,

@@ -4,8 +4,33 @@
 use super::*;
 
 impl Helper {
-    pub fn status(&self, peer: &Peer, handle: &str) -> Result<JobView, ErrorReply> {
-        Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    /// A job's summary; while its lane runs, with the output so far (the final tails are the
+    /// result's).
+    pub fn status(
+        &self,
+        peer: &Peer,
+        handle: &str,
+        output_from: Option<OutputOffsets>,
+    ) -> Result<JobView, ErrorReply> {
+        let mut view = self.owned(peer, handle)?.view(Detail::Summary);
+        self.add_live_output(&mut view, output_from);
+        Ok(view)
+    }
+
+    /// The output of a job's running lane so far, from the given offsets.
+    fn add_live_output(&self, view: &mut JobView, from: Option<OutputOffsets>) {
+        if view.state.is_terminal() {
+            return;
+        }
+        let Some(live) = self.live_output(&view.handle) else {
+            return;
+        };
+        let tail = |spool: &crate::output::SharedSpool, from: Option<u64>| {
+            let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            Some(spool.tail(from, false))
+        };
+        view.stdout = tail(&live.stdout, from.map(|f| f.stdout));
+        view.stderr = tail(&live.stderr, from.map(|f| f.stderr));
     }
 
     pub async fn result(
@@ -13,6 +38,7 @@ impl Helper {
         peer: &Peer,
         handle: &str,
         wait_ms: u32,
+        output_from: Option<OutputOffsets>,
     ) -> Result<JobView, ErrorReply> {
         let record = self.owned(peer, handle)?;
         if !record.job.state.is_terminal() && wait_ms > 0 {
@@ -32,10 +58,20 @@ impl Helper {
         if record.job.state.is_terminal() {
             // Output tails live on disk only.
             if let Ok(full) = self.store.load_async(handle).await {
-                return Ok(full.view(Detail::Full));
+                let mut view = full.view(Detail::Full);
+                if let Some(from) = output_from {
+                    let cut = |tail: &mut Option<dispatch_proto::OutputTail>, from: u64| {
+                        *tail = tail.as_ref().map(|t| crate::output::stored_from(t, from));
+                    };
+                    cut(&mut view.stdout, from.stdout);
+                    cut(&mut view.stderr, from.stderr);
+                }
+                return Ok(view);
             }
         }
-        Ok(record.view(Detail::Full))
+        let mut view = record.view(Detail::Full);
+        self.add_live_output(&mut view, output_from);
+        Ok(view)
     }
 
     pub fn list(

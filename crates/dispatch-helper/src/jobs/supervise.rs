@@ -14,17 +14,18 @@ impl Helper {
     ) {
         let settings = self.settings();
         let limits = settings.file.sandbox.limits;
-        let tail_limit = settings.file.limits.output_tail_bytes;
-        let stdout = lane
-            .stdout
-            .take()
-            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
-            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
-        let stderr = lane
-            .stderr
-            .take()
-            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
-            .map(|s| tokio::spawn(capture_tail(s, tail_limit)));
+        let live = LiveOutput::new(settings.file.limits.output_tail_bytes);
+        self.show_live_output(&handle, Some(live.clone()));
+        let readers = [
+            lane.stdout
+                .take()
+                .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
+                .map(|s| tokio::spawn(spool_stream(s, live.stdout.clone()))),
+            lane.stderr
+                .take()
+                .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
+                .map(|s| tokio::spawn(spool_stream(s, live.stderr.clone()))),
+        ];
         let controllers = self.spawner.containment().controllers();
         let plan = lane::WatchPlan::new(&settings, controllers, lane.enforcement.uid);
         let watched = lane::watch(&lane, plan, &mut stop).await;
@@ -34,19 +35,22 @@ impl Helper {
         if let Some(record) = self.record(&handle) {
             self.release(owner_uid, &lane_key(&record.job));
         }
-        let collect = |task: Option<tokio::task::JoinHandle<dispatch_proto::OutputTail>>| async move {
-            let mut task = task?;
-            // A process outside any cgroup can hold the pipe open forever: bounded wait.
-            match tokio::time::timeout(Duration::from_secs(2), &mut task).await {
-                Ok(Ok(tail)) => Some(tail),
-                _ => {
-                    task.abort();
-                    None
-                }
+        for reader in readers.into_iter().flatten() {
+            // A process outside any cgroup can hold a pipe open forever: a bounded wait, and
+            // the tail is what was read by then.
+            let mut reader = reader;
+            if tokio::time::timeout(Duration::from_secs(2), &mut reader)
+                .await
+                .is_err()
+            {
+                reader.abort();
             }
+        }
+        let final_tail = |spool: &crate::output::SharedSpool| {
+            let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            Some(spool.tail(None, true))
         };
-        let stdout = collect(stdout).await;
-        let stderr = collect(stderr).await;
+        let (stdout, stderr) = (final_tail(&live.stdout), final_tail(&live.stderr));
 
         let Some(mut record) = self.record(&handle) else {
             return;
@@ -84,6 +88,7 @@ impl Helper {
                 record.job.stderr = None;
                 entry.record = record;
                 entry.stop = None;
+                entry.live = None;
                 let _ = entry.finished.send(true);
             }
         }
