@@ -6,11 +6,11 @@ mod support;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
     ClientCapabilities, ClientConfig, ClientRequest, GetTaskParams, Implementation, JsonObject,
-    ProgressNotificationParam, TaskPayload, TaskStatus,
+    ProgressNotificationParam, ProtocolVersion, TaskPayload, TaskStatus,
 };
 use rmcp::service::{NotificationContext, PeerRequestOptions, RunningService};
 use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
-use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use rmcp::{ClientHandler, ClientLifecycleMode, ClientServiceExt, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -530,18 +530,118 @@ async fn dispatch_as_task(client: &Client, task: &str) -> String {
         .await
         .unwrap();
     let CallToolResponse::Task(created) = response else {
-        panic!("a tasks-aware client must get a task, got {response:?}")
+        panic!("a client that negotiated the Tasks extension must get a task, got {response:?}")
     };
     assert_eq!(created.task.status, TaskStatus::Working);
     created.task.task_id
 }
 
+/// A client of the stateless protocol (2026-07-28, `server/discover`, no `initialize`) that
+/// declares the Tasks extension: the one case where the server may answer with a task.
+async fn stateless_tasks_front(socket: &Path) -> Client {
+    let command = tokio::process::Command::new(front_bin()).configure(|cmd| {
+        cmd.arg("serve").arg("--socket").arg(socket);
+    });
+    let handler = TestClient {
+        tasks: true,
+        ..Default::default()
+    };
+    handler
+        .serve_with_lifecycle(
+            TokioChildProcess::new(command).unwrap(),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .expect("MCP server/discover")
+}
+
+fn completed_output(task: rmcp::model::DetailedTask) -> (Value, bool) {
+    let TaskPayload::Completed { result } = task.payload else {
+        panic!("expected completed, got {:?}", task.payload)
+    };
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    (
+        result.structured_content.unwrap(),
+        result.is_error == Some(true),
+    )
+}
+
 #[tokio::test]
-async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
+async fn extension_tasks_are_the_helpers_jobs_and_outlive_the_front() {
     let Some(helper) = start_helper("front tasks", HelperOptions::default()) else {
         return;
     };
-    let client = front(
+    let client = stateless_tasks_front(&helper.socket).await;
+
+    let (output, is_error) =
+        completed_output(poll_task(&client, &dispatch_as_task(&client, "exit:0").await).await);
+    assert_eq!(
+        (
+            output["status"].as_str(),
+            output["returncode"].as_i64(),
+            is_error
+        ),
+        (Some("succeeded"), Some(0), false)
+    );
+    // The extension's `failed` is for JSON-RPC errors: a lane that failed is a completed task
+    // whose tool result is an error.
+    let (output, is_error) =
+        completed_output(poll_task(&client, &dispatch_as_task(&client, "exit:4").await).await);
+    assert_eq!(
+        (output["status"].as_str(), is_error),
+        (Some("failed"), true)
+    );
+
+    // Two tasks outlive the front that created them.
+    let finishing = dispatch_as_task(&client, "sleep:2").await;
+    let long = dispatch_as_task(&client, "sleep:60").await;
+    client.cancel().await.unwrap();
+    let client = stateless_tasks_front(&helper.socket).await;
+    let (output, _) = completed_output(poll_task(&client, &finishing).await);
+    assert_eq!(
+        (output["handle"].as_str(), output["status"].as_str()),
+        (Some(finishing.as_str()), Some("succeeded"))
+    );
+    let running = client
+        .get_task(GetTaskParams::new(long.clone()))
+        .await
+        .unwrap();
+    assert_eq!(running.task.status(), TaskStatus::Working);
+    assert!(
+        running
+            .task
+            .task
+            .status_message
+            .unwrap()
+            .contains("is running: sleeping")
+    );
+    client
+        .cancel_task(CancelTaskParams::new(long.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        poll_task(&client, &long).await.status(),
+        TaskStatus::Cancelled
+    );
+    let lane = ok(call(&client, "dispatch_status", json!({"handle": long})).await);
+    assert_eq!(
+        lane["status"], "cancelled",
+        "tasks/cancel stopped the lane: {lane}"
+    );
+    let unknown = client
+        .get_task(GetTaskParams::new("d-00000000000000000000000000000000"))
+        .await;
+    assert!(
+        format!("{unknown:?}").contains("unknown handle"),
+        "{unknown:?}"
+    );
+    client.cancel().await.unwrap();
+
+    // A session that began with `initialize` declaring the extension gets a plain result:
+    // SEP-2663 does not define the extension under these protocol versions.
+    let legacy = front(
         &helper.socket,
         TestClient {
             tasks: true,
@@ -549,48 +649,119 @@ async fn a_tasks_aware_client_gets_dispatches_as_tasks() {
         },
     )
     .await;
-    assert!(client.peer_info().unwrap().capabilities.supports_tasks());
-
-    let done = poll_task(&client, &dispatch_as_task(&client, "exit:0").await).await;
-    let TaskPayload::Completed { result } = done.payload else {
-        panic!("expected completed, got {:?}", done.payload)
-    };
-    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
-    let output = result.structured_content.unwrap();
-    assert_eq!(output["status"], "succeeded");
-    assert_eq!(output["returncode"], 0);
-
-    let failed = poll_task(&client, &dispatch_as_task(&client, "exit:4").await).await;
-    assert_eq!(failed.status(), TaskStatus::Failed, "{failed:?}");
-
-    let long = dispatch_as_task(&client, "sleep:60").await;
-    client
-        .cancel_task(CancelTaskParams::new(long.clone()))
-        .await
-        .unwrap();
-    let cancelled = poll_task(&client, &long).await;
-    assert_eq!(cancelled.status(), TaskStatus::Cancelled);
-    // tasks/cancel stopped the lane itself.
-    let list = ok(call(&client, "dispatch_list", json!({})).await);
-    let lane = list["dispatches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["task_preview"] == "sleep:60")
-        .unwrap()
-        .clone();
-    assert_eq!(lane["status"], "cancelled", "{lane}");
-
-    // Without the extension the same call is an ordinary result.
-    let plain = front(&helper.socket, TestClient::default()).await;
     let output = ok(call(
-        &plain,
+        &legacy,
         "dispatch_unit",
         json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "exit:0"}),
     )
     .await);
     assert_eq!(output["status"], "running");
-    plain.cancel().await.unwrap();
+    legacy.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_running_dispatch_shows_its_output_as_it_comes() {
+    let Some(helper) = start_helper("front live output", HelperOptions::default()) else {
+        return;
+    };
+    let handler = TestClient::default();
+    let progress = handler.progress.clone();
+    let client = front(&helper.socket, handler).await;
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "ticks:30"}),
+    )
+    .await);
+    let handle = job["handle"].as_str().unwrap().to_owned();
+
+    // The first lines, while the lane still runs.
+    let mut early = Value::Null;
+    for _ in 0..100 {
+        early = ok(call(&client, "dispatch_status", json!({"handle": handle})).await);
+        if early["stdout"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("tick 2\n"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(early["status"], "running", "{early}");
+    assert!(
+        early["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("tick 1\n"),
+        "{early}"
+    );
+    assert!(
+        early["stderr"]["text"].as_str().unwrap().contains("err 1"),
+        "{early}"
+    );
+    assert_eq!(early["stdout"]["offset"], 0);
+
+    // Only what is new since the offset it gave.
+    let seen = early["stdout"]["next_offset"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let newer = ok(call(
+        &client,
+        "dispatch_status",
+        json!({"handle": handle, "stdout_offset": seen, "stderr_offset": early["stderr"]["next_offset"]}),
+    )
+    .await);
+    let text = newer["stdout"]["text"].as_str().unwrap();
+    assert_eq!(newer["stdout"]["offset"].as_u64(), Some(seen), "{newer}");
+    assert!(
+        text.starts_with("tick ") && !text.contains("tick 1\n"),
+        "{newer}"
+    );
+    assert!(
+        !newer["stderr"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("err 1\n"),
+        "{newer}"
+    );
+
+    // A wait reports progress with the newest line.
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 30}),
+    )
+    .await);
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert!(
+        result["stdout"]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("tick 30\n")
+    );
+    let messages: Vec<String> = progress
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.message.clone())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("is running: tick ") || m.contains("is running: err ")),
+        "progress messages carry the newest output line: {messages:?}"
+    );
+    // And the final tail, too, from an offset.
+    let end = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "stdout_offset": seen}),
+    )
+    .await);
+    assert_eq!(end["stdout"]["offset"].as_u64(), Some(seen), "{end}");
+    assert!(
+        !end["stdout"]["text"].as_str().unwrap().contains("tick 1\n"),
+        "{end}"
+    );
     client.cancel().await.unwrap();
 }
 

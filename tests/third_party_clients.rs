@@ -213,3 +213,69 @@ fn the_python_sdk_fanning_out_is_queued_not_refused() {
     );
     assert!(helper.audited("dispatch_rejected").is_empty());
 }
+
+/// MCP 2025-11-25 core tasks through the official Python SDK's own typed requests and result
+/// models: task-augmented dispatch, tasks/get, tasks/result, tasks/list, tasks/cancel, and a
+/// second session (a new front process) that completes, reads and cancels the first one's tasks.
+#[test]
+fn the_python_sdk_runs_dispatches_as_core_tasks_across_front_restarts() {
+    let Some(python) = tool("DISPATCH_TEST_PYTHON", ".ci/venv/bin/python3") else {
+        return;
+    };
+    let Some(helper) = start_helper("python sdk tasks", HelperOptions::default()) else {
+        return;
+    };
+    let report = run_python_client(&python, "python_sdk_tasks.py", &helper, &[]);
+    let r = |path: &str| report.pointer(path).cloned().unwrap_or(Value::Null);
+    assert_eq!(r("/protocol"), "2025-11-25", "{report}");
+    assert_eq!(
+        r("/server_tasks"),
+        serde_json::json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}})
+    );
+    assert_eq!(r("/task_support/dispatch_unit"), "optional");
+    assert_eq!(r("/task_support/dispatch_status"), Value::Null);
+    assert_eq!(
+        (r("/plain/is_error"), r("/plain/status")),
+        (Value::Bool(false), "running".into()),
+        "a plain call gets a plain result"
+    );
+    assert_eq!(r("/created/status"), "working");
+    assert!(r("/created/taskId").as_str().unwrap().starts_with("d-"));
+    assert_eq!(r("/result/status"), "succeeded", "{report}");
+    assert_eq!(r("/result/is_error"), false);
+    assert_eq!(r("/result/handle"), r("/created/taskId"));
+    assert_eq!(r("/result/related/taskId"), r("/created/taskId"));
+    assert_eq!(r("/got/status"), "completed");
+    assert_eq!(
+        (r("/failed/is_error"), r("/failed/task_status")),
+        (Value::Bool(true), "failed".into())
+    );
+    assert_eq!(r("/cancel_finished/code"), -32602);
+    assert!(
+        r("/cancel_finished/message")
+            .as_str()
+            .unwrap()
+            .contains("already in terminal status 'completed'")
+    );
+    assert_eq!(r("/status_as_task/code"), -32601, "{report}");
+    assert_eq!(r("/refused_as_task/code"), -32602, "{report}");
+    assert!(
+        r("/refused_as_task/message")
+            .as_str()
+            .unwrap()
+            .contains("not-allowlisted")
+    );
+    assert_eq!(
+        r("/listed_after_restart"),
+        serde_json::json!({"finishing": true, "long": true, "first": true})
+    );
+    assert_eq!(r("/finished_after_restart"), "succeeded");
+    assert_eq!(r("/long_before_cancel"), "working");
+    assert_eq!(r("/cancel_answer"), "cancelled");
+    assert_eq!(r("/long_after_cancel"), "cancelled");
+    assert_eq!(
+        (r("/long_result/is_error"), r("/long_result/status")),
+        (Value::Bool(true), "cancelled".into())
+    );
+    assert_eq!(r("/unknown/code"), -32602);
+}

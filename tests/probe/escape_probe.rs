@@ -114,6 +114,15 @@ fn main() {
                 mode[6..].parse().unwrap_or(60),
             ));
         }
+        _ if mode.starts_with("ticks:") => {
+            // A lane that works for a while and says so: one line every 200 ms.
+            for tick in 1..=mode[6..].parse::<u32>().unwrap_or(10) {
+                println!("tick {tick}");
+                eprintln!("err {tick}");
+                std::io::stdout().flush().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
         _ if mode.starts_with("sleep-group:") => {
             let seconds: u64 = mode[12..].parse().unwrap_or(60);
             // SAFETY: fork in a single-threaded test program; the child only sleeps and exits.
