@@ -318,12 +318,13 @@ fn the_inspectors_session_cli_runs_dispatches_as_tasks() {
         .prefix("mcpdo")
         .tempdir_in("/tmp")
         .unwrap();
+    let daemon_dir = state.path().join("d");
     let command = |args: &[&str]| {
         let mut command = Command::new(&mcpdo);
         command
             .env("PATH", &path)
             .env("HOME", state.path())
-            .env("MCP_INSPECTOR_DAEMON_DIR", state.path().join("d"))
+            .env("MCP_INSPECTOR_DAEMON_DIR", &daemon_dir)
             .env("MCP_INSPECTOR_SECRET_STORE", "file")
             .stdin(std::process::Stdio::null())
             .arg("--format")
@@ -343,6 +344,16 @@ fn the_inspectors_session_cli_runs_dispatches_as_tasks() {
         stdout
     };
     let socket = helper.socket.to_str().unwrap();
+    // However the test ends, the daemon (and the fronts it started) stop with it.
+    struct StopDaemon<F: Fn()>(F);
+    impl<F: Fn()> Drop for StopDaemon<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _stop = StopDaemon(|| {
+        let _ = command(&["daemon", "stop"]).output();
+    });
     ok(&[
         "connect",
         "@dm",
@@ -482,7 +493,6 @@ fn the_inspectors_session_cli_runs_dispatches_as_tasks() {
 
     ok(&["disconnect", "@dm"]);
     ok(&["disconnect", "@ctl"]);
-    ok(&["daemon", "stop"]);
 }
 
 /// The official conformance suite's server scenarios that apply to a server of tools only (the
