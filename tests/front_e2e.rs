@@ -659,6 +659,48 @@ async fn extension_tasks_are_the_helpers_jobs_and_outlive_the_front() {
     legacy.cancel().await.unwrap();
 }
 
+/// A lane that floods its stdout runs to its end at its own pace: the helper drains the pipe
+/// and keeps only the bounded tail.
+#[tokio::test]
+async fn a_flood_of_output_neither_blocks_the_lane_nor_grows_the_helper() {
+    let Some(helper) = start_helper("front output flood", HelperOptions::default()) else {
+        return;
+    };
+    let client = front(&helper.socket, TestClient::default()).await;
+    let job = ok(call(
+        &client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "flood:64"}),
+    )
+    .await);
+    let handle = job["handle"].as_str().unwrap();
+    let result = ok(call(
+        &client,
+        "dispatch_result",
+        json!({"handle": handle, "wait_seconds": 60}),
+    )
+    .await);
+    assert_eq!(result["status"], "succeeded", "{result}");
+    let stdout = &result["stdout"];
+    assert_eq!(stdout["total_bytes"].as_u64(), Some(64 << 20));
+    assert_eq!(stdout["next_offset"].as_u64(), Some(64 << 20));
+    assert_eq!(stdout["truncated"], true);
+    // The default bound (16 KiB) plus the marker line.
+    let kept = stdout["text"].as_str().unwrap().len();
+    assert!(kept <= 16 * 1024 + 200, "{kept} bytes kept");
+    let helper_rss = std::fs::read_to_string(format!("/proc/{}/status", helper.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned()))
+        .unwrap();
+    let kib: u64 = helper_rss.trim_end_matches(" kB").parse().unwrap();
+    assert!(
+        kib < 64 * 1024,
+        "the helper holds {kib} KiB after 64 MiB of output"
+    );
+    client.cancel().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_running_dispatch_shows_its_output_as_it_comes() {
     let Some(helper) = start_helper("front live output", HelperOptions::default()) else {

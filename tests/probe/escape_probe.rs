@@ -123,6 +123,19 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
         }
+        _ if mode.starts_with("flood:") => {
+            // A lane that prints as fast as it can: MiB of output, in large writes.
+            let line = [b'x'; 1023]
+                .iter()
+                .chain(b"\n")
+                .copied()
+                .collect::<Vec<u8>>();
+            let mut out = std::io::stdout().lock();
+            for _ in 0..mode[6..].parse::<usize>().unwrap_or(1) * 1024 {
+                out.write_all(&line).unwrap();
+            }
+            out.flush().unwrap();
+        }
         _ if mode.starts_with("sleep-group:") => {
             let seconds: u64 = mode[12..].parse().unwrap_or(60);
             // SAFETY: fork in a single-threaded test program; the child only sleeps and exits.
