@@ -292,6 +292,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
             "timeout_seconds must be at least 1".into(),
         ));
     }
+    check_output_tail_bytes(file.limits.output_tail_bytes)?;
     if running_as_root {
         check_strict_modes(&file.allowlist)?;
     }
@@ -594,9 +595,35 @@ pub fn work_dir(
     )
 }
 
+/// Both streams' tails travel in one response frame, beside the rest of the job; as lossy
+/// UTF-8 an invalid byte becomes three.
+const MAX_OUTPUT_TAIL_BYTES: usize = 128 * 1024;
+
+fn check_output_tail_bytes(bytes: usize) -> Result<(), ConfigError> {
+    if (1..=MAX_OUTPUT_TAIL_BYTES).contains(&bytes) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "limits.output_tail_bytes is {bytes}: it must be 1 to {MAX_OUTPUT_TAIL_BYTES} (the \
+         output of both streams is answered in one frame of at most {} bytes)",
+        dispatch_proto::MAX_RESPONSE_FRAME
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_tails_fit_one_response() {
+        check_output_tail_bytes(16 * 1024).unwrap();
+        check_output_tail_bytes(MAX_OUTPUT_TAIL_BYTES).unwrap();
+        assert!(2 * 3 * MAX_OUTPUT_TAIL_BYTES < dispatch_proto::MAX_RESPONSE_FRAME as usize);
+        for bad in [0, MAX_OUTPUT_TAIL_BYTES + 1, 8 << 20] {
+            let error = check_output_tail_bytes(bad).unwrap_err().to_string();
+            assert!(error.contains("limits.output_tail_bytes"), "{error}");
+        }
+    }
 
     #[test]
     fn the_shipped_example_config_parses() {
