@@ -576,3 +576,29 @@ fn the_official_conformance_suite_passes_the_scenarios_that_apply() {
     let _ = bridge.wait();
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The official Python SDK 1.x (still pinned by many frameworks) checks every structured result
+/// against the tool's output schema, and raises on a mismatch: every tool passes it, with the
+/// schemas served as draft-07 (see `schemas.rs`).
+#[test]
+fn the_python_sdk_1x_accepts_every_tools_output() {
+    let Some(python) = tool("DISPATCH_TEST_PYTHON_SDK1", ".ci/venv-sdk1/bin/python3") else {
+        return;
+    };
+    let Some(helper) = start_helper("python sdk 1.x", HelperOptions::default()) else {
+        return;
+    };
+    let report = run_python_client(&python, "python_sdk1_session.py", &helper, &[]);
+    let checked: Vec<&str> = report["checked"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, ok)| **ok == Value::Bool(true))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(checked, TOOLS, "{report}");
+    assert_eq!(report["status"], "succeeded");
+    for (tool, dialect) in report["schemas"].as_object().unwrap() {
+        assert_eq!(dialect, "http://json-schema.org/draft-07/schema#", "{tool}");
+    }
+}

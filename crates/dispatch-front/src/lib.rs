@@ -7,6 +7,7 @@ pub mod embedded;
 pub mod helper_client;
 pub mod mcp;
 pub mod personal;
+pub mod schemas;
 pub mod service;
 pub mod task_wire;
 pub mod tasks;

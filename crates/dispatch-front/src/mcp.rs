@@ -55,8 +55,29 @@ impl DispatchServer {
     pub fn new(service: DispatchService) -> DispatchServer {
         DispatchServer {
             service: Arc::new(service),
-            tool_router: Self::tool_router(),
+            tool_router: Self::served_tool_router(),
         }
+    }
+
+    /// The tools, their output schemas in the dialect clients check fastest (`schemas`).
+    fn served_tool_router() -> ToolRouter<DispatchServer> {
+        let mut router = Self::tool_router();
+        for route in router.map.values_mut() {
+            let converted = route
+                .attr
+                .output_schema
+                .as_deref()
+                .and_then(crate::schemas::as_draft_07);
+            if let Some(schema) = converted {
+                route.attr.output_schema = Some(Arc::new(schema));
+            }
+        }
+        router
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tool_list_for_tests() -> Vec<rmcp::model::Tool> {
+        Self::served_tool_router().list_all()
     }
 
     fn note_client(&self, ctx: &RequestContext<RoleServer>) {
