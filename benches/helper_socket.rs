@@ -67,6 +67,26 @@ async fn run(clients: usize, per_client: usize, helper: &TestHelper) -> (Vec<Dur
     (all, started.elapsed())
 }
 
+/// One client whose every dispatch finds the helper idle: it waits for each lane's end (and a
+/// moment for its record and cgroup to be done with) before the next. Back to back, a dispatch
+/// shares the 2 cores with the previous lane's end; this is the dispatch by itself.
+async fn run_paced(per_client: usize, helper: &TestHelper) -> (Vec<Duration>, Duration) {
+    let started = Instant::now();
+    let mut client = helper.client().await;
+    let mut samples = Vec::with_capacity(per_client);
+    for _ in 0..per_client {
+        let start = Instant::now();
+        let handle = match client.dispatch("alice-org", "alice-repo", "bench").await {
+            Response::Job(job) => job.handle,
+            other => panic!("dispatch failed: {other:?}"),
+        };
+        samples.push(start.elapsed());
+        client.result(&handle, 5_000).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    (samples, started.elapsed())
+}
+
 /// Until every job has ended (the newest end last).
 async fn wait_all_finished(helper: &TestHelper) -> u64 {
     let mut client = helper.client().await;
@@ -138,6 +158,10 @@ async fn main() {
         helper.launch();
         stop_and_count_syncs(&mut helper)
     };
+    helper.launch();
+    let (mut paced, paced_wall) = run_paced(300, &helper).await;
+    wait_all_finished(&helper).await;
+    let paced_syncs = stop_and_count_syncs(&mut helper).saturating_sub(idle_syncs);
     let mut phase = async |clients: usize, per_client: usize| {
         helper.launch();
         let (samples, wall) = run(clients, per_client, &helper).await;
@@ -157,6 +181,7 @@ async fn main() {
     );
     for (label, samples, wall, syncs) in [
         ("1 client ", &mut one, one_wall, one_syncs),
+        ("1 paced  ", &mut paced, paced_wall, paced_syncs),
         ("16 clients", &mut sixteen, sixteen_wall, sixteen_syncs),
     ] {
         let count = samples.len();
@@ -173,7 +198,7 @@ async fn main() {
     }
 
     // Fill up to 10,000 jobs, let them finish, then read the helper's memory.
-    let done = 50 + one.len() + sixteen.len();
+    let done = 50 + paced.len() + one.len() + sixteen.len();
     let rss_before = status_kib(helper.pid(), "VmRSS");
     run(16, (TOTAL_JOBS - done).div_ceil(16), &helper).await;
     let total = wait_all_finished(&helper).await;

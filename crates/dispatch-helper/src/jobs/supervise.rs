@@ -154,8 +154,9 @@ impl Helper {
             if finished.len() <= keep {
                 return;
             }
-            finished.sort_by(|a, b| a.1.cmp(b.1));
+            // The oldest `excess` (usually one), without sorting them all at every lane's end.
             let excess = finished.len() - keep;
+            finished.select_nth_unstable_by(excess - 1, |a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
             let handles: Vec<String> = finished
                 .into_iter()
                 .take(excess)
