@@ -109,9 +109,14 @@ async fn every_tool_works_and_describes_itself() {
     names.sort();
     assert_eq!(names, TOOLS);
     for tool in &tools {
-        assert!(
-            tool.output_schema.is_some(),
-            "{} has no output schema",
+        let schema = tool
+            .output_schema
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no output schema", tool.name));
+        // The dialect every client must support; draft-07 only for the Python SDKs.
+        assert_eq!(
+            schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{}",
             tool.name
         );
         let hints = tool

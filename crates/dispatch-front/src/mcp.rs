@@ -40,6 +40,9 @@ that support MCP tasks may run dispatch_unit as a task: its id is the handle.";
 pub struct DispatchServer {
     service: Arc<DispatchService>,
     tool_router: ToolRouter<DispatchServer>,
+    /// The same tools with draft-07 output schemas, for the clients that check them fastest
+    /// that way (`schemas::wants_draft_07`).
+    draft_07_tools: Arc<Vec<rmcp::model::Tool>>,
 }
 
 fn structured<T: serde::Serialize>(value: &T) -> CallToolResult {
@@ -55,29 +58,29 @@ impl DispatchServer {
     pub fn new(service: DispatchService) -> DispatchServer {
         DispatchServer {
             service: Arc::new(service),
-            tool_router: Self::served_tool_router(),
+            tool_router: Self::tool_router(),
+            draft_07_tools: Arc::new(Self::draft_07_tools()),
         }
     }
 
-    /// The tools, their output schemas in the dialect clients check fastest (`schemas`).
-    fn served_tool_router() -> ToolRouter<DispatchServer> {
-        let mut router = Self::tool_router();
-        for route in router.map.values_mut() {
-            let converted = route
-                .attr
+    /// The tools, their output schemas in draft-07 where that says the same (`schemas`).
+    fn draft_07_tools() -> Vec<rmcp::model::Tool> {
+        let mut tools = Self::tool_router().list_all();
+        for tool in &mut tools {
+            let converted = tool
                 .output_schema
                 .as_deref()
                 .and_then(crate::schemas::as_draft_07);
             if let Some(schema) = converted {
-                route.attr.output_schema = Some(Arc::new(schema));
+                tool.output_schema = Some(Arc::new(schema));
             }
         }
-        router
+        tools
     }
 
     #[cfg(test)]
     pub(crate) fn tool_list_for_tests() -> Vec<rmcp::model::Tool> {
-        Self::served_tool_router().list_all()
+        Self::draft_07_tools()
     }
 
     fn note_client(&self, ctx: &RequestContext<RoleServer>) {
@@ -475,6 +478,30 @@ impl ServerHandler for DispatchServer {
                 .with_title("dispatch-mcp"),
         )
         .with_instructions(INSTRUCTIONS)
+    }
+
+    /// The tools, with their output schemas in the dialect this client checks fastest.
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, McpError> {
+        let cache_hints = ctx
+            .protocol_version()
+            .is_some_and(|version| version >= rmcp::model::ProtocolVersion::V_2026_07_28);
+        let tools = if crate::schemas::wants_draft_07(ctx.client_info().as_ref()) {
+            self.draft_07_tools.as_ref().clone()
+        } else {
+            self.tool_router.list_all()
+        };
+        Ok(rmcp::model::ListToolsResult {
+            result_type: Some(rmcp::model::ResultType::COMPLETE),
+            tools,
+            meta: None,
+            next_cursor: None,
+            ttl_ms: cache_hints.then_some(0),
+            cache_scope: cache_hints.then_some(rmcp::model::CacheScope::Public),
+        })
     }
 
     async fn on_custom_request(
