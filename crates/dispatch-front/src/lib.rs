@@ -155,13 +155,14 @@ async fn serve(personal: bool, demo: bool, socket: Option<PathBuf>) -> Result<()
     let (client, _demo) = choose_helper(personal, demo, socket).await?;
     let service = service::DispatchService::new(client);
     let (input, output) = rmcp::transport::stdio();
+    let adapted = task_wire::adapt(input, output);
     let running = mcp::DispatchServer::new(service)
-        .serve(task_wire::adapt(input, output))
+        .serve((adapted.reader, adapted.writer))
         .await
         .map_err(|e| format!("MCP initialize failed: {e}"))?;
-    running
-        .waiting()
-        .await
-        .map_err(|e| format!("MCP session ended with an error: {e}"))?;
+    let ended = running.waiting().await;
+    // rmcp's last answers are in the adapter's pipe: out to stdout before the process ends.
+    let _ = adapted.flushed.await;
+    ended.map_err(|e| format!("MCP session ended with an error: {e}"))?;
     Ok(())
 }

@@ -428,10 +428,11 @@ impl DispatchServer {
     async fn core_task_list(&self, list: ListTasksParams) -> Result<Value, McpError> {
         const PAGE: usize = 50;
         let skip = tasks::parse_cursor(list.cursor.as_deref()).map_err(invalid_params)?;
+        let wanted = skip.saturating_add(PAGE + 1);
         let all = self
             .service
             .list(ListArgs {
-                limit: Some(u32::try_from(skip + PAGE + 1).unwrap_or(u32::MAX)),
+                limit: Some(u32::try_from(wanted).unwrap_or(u32::MAX)),
                 ..ListArgs::default()
             })
             .await
@@ -455,8 +456,18 @@ impl DispatchServer {
             )));
         }
         let mut cancelled = self.service.cancel(id.task_id).await.map_err(task_error)?;
-        if TaskState::of(&cancelled) == TaskState::Working {
-            cancelled.status = "cancelled".into();
+        match TaskState::of(&cancelled) {
+            TaskState::Cancelled => {}
+            // Stopped (SIGTERM, then SIGKILL after the grace period); its record says so once
+            // its last process is gone.
+            TaskState::Working => cancelled.status = "cancelled".into(),
+            // It ended by itself between the check and the cancel.
+            ended => {
+                return Err(invalid_params(format!(
+                    "Cannot cancel task: already in terminal status '{}'",
+                    ended.as_str()
+                )));
+            }
         }
         Ok(tasks::core_task(&cancelled))
     }
@@ -541,11 +552,16 @@ impl ServerHandler for DispatchServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
         self.note_client(&ctx);
-        let output = self
+        let mut output = self
             .service
-            .status(request.task_id, None)
+            .status(request.task_id.clone(), None)
             .await
             .map_err(task_error)?;
+        if output.finished {
+            // The full result (output tails, argv) for the completed payload.
+            let full = self.service.result_once(request.task_id, 0, None).await;
+            output = full.map_err(task_error)?.into();
+        }
         Ok(GetTaskResult::new(extension_detailed_task(&output)))
     }
 

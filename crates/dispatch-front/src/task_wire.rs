@@ -2,9 +2,9 @@
 //!
 //! rmcp 3.9 implements the Tasks extension (SEP-2663) and not the 2025-11-25 tasks, and its
 //! typed model drops what it does not know: a `tools/call`'s `params.task`, the server's
-//! `tasks` capability, a tool's `execution`. In a session that begins with `initialize` (the
-//! protocol versions that define core tasks), this adapter sits between stdio and rmcp, reads
-//! each JSON-RPC line, and:
+//! `tasks` capability, a tool's `execution`. In a session that begins with `initialize` and
+//! negotiates 2025-11-25 (the version that defines core tasks), this adapter sits between stdio
+//! and rmcp, reads each JSON-RPC line, and:
 //! - gives a task-augmented `tools/call`, and `tasks/get|result|list|cancel`, private method
 //!   names, so they reach `DispatchServer::on_custom_request` whole (`mcp.rs`);
 //! - adds `capabilities.tasks` to the `initialize` result, and takes the extension out of it
@@ -18,18 +18,26 @@ use crate::tasks::TASK_TOOLS;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, DuplexStream};
+// (AsyncBufReadExt gives fill_buf and consume to `read_line`.)
 
 /// The private name a task-augmented `tools/call` is given.
 pub const CALL_AS_TASK: &str = "dispatch-mcp/tools/call-as-task";
 /// Prefix of the private names of the 2025-11-25 `tasks/*` methods.
 pub const CORE_TASKS: &str = "dispatch-mcp/";
 
+/// The first protocol version with core tasks.
+const CORE_TASKS_SINCE: &str = "2025-11-25";
+
+/// Longer lines are dropped, as rmcp's own stdio transport does (a peer that never sends a
+/// newline must not grow this process without bound).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
 const CORE_TASK_METHODS: [&str; 4] = ["tasks/get", "tasks/result", "tasks/list", "tasks/cancel"];
 
 /// What the adapter has seen of the session.
 #[derive(Debug, Default)]
 pub struct WireState {
-    /// An `initialize` request began the session.
+    /// The session began with `initialize` and negotiated a version with core tasks.
     core_tasks: bool,
     /// Ids of requests whose results are completed on the way out.
     initialize: HashSet<String>,
@@ -49,7 +57,6 @@ pub fn inbound(state: &mut WireState, line: &[u8]) -> Option<Vec<u8>> {
     let id = message.get("id").map(Value::to_string);
     match (method.as_str(), id) {
         ("initialize", Some(id)) => {
-            state.core_tasks = true;
             state.initialize.insert(id);
             None
         }
@@ -80,10 +87,22 @@ pub fn outbound(state: &mut WireState, line: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let mut message: Value = serde_json::from_slice(line).ok()?;
+    if message.get("method").is_some() {
+        // A request or notification of the server's own, not an answer.
+        return None;
+    }
     let id = message.get("id")?.to_string();
     let result = message.get_mut("result");
     if state.initialize.remove(&id) {
-        add_core_tasks_capability(result?);
+        let result = result?;
+        let version = result["protocolVersion"].as_str().unwrap_or_default();
+        // Versions are dates: 2025-11-25 defines core tasks; later ones with `initialize`
+        // would too, until they say otherwise.
+        if version < CORE_TASKS_SINCE {
+            return None;
+        }
+        state.core_tasks = true;
+        add_core_tasks_capability(result);
     } else if state.tools_list.remove(&id) {
         mark_task_tools(result?);
     } else {
@@ -136,9 +155,49 @@ fn to_line(message: &Value) -> Vec<u8> {
     line
 }
 
-/// Put the adapter between `input`/`output` (the client's stdio) and rmcp: returns the reader
-/// and writer rmcp serves on.
-pub fn adapt<R, W>(input: R, output: W) -> (DuplexStream, DuplexStream)
+/// Read one line (with its newline) into `line`, at most `max` bytes: Ok(false) at the end of
+/// the stream. A longer line is read to its end and dropped, and `line` comes back empty.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(!line.is_empty() || too_long);
+        }
+        let (taken, ended) = match available.iter().position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (available.len(), false),
+        };
+        if !too_long && line.len() + taken <= max {
+            line.extend_from_slice(&available[..taken]);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        reader.consume(taken);
+        if ended {
+            if too_long {
+                tracing::warn!("dropped a JSON-RPC line longer than {max} bytes");
+            }
+            return Ok(true);
+        }
+    }
+}
+
+/// The adapter between `input`/`output` (the client's stdio) and rmcp: the reader and writer
+/// rmcp serves on, and the task that writes rmcp's last answers out (await it before exiting).
+pub struct Adapted {
+    pub reader: DuplexStream,
+    pub writer: DuplexStream,
+    pub flushed: tokio::task::JoinHandle<()>,
+}
+
+pub fn adapt<R, W>(input: R, output: W) -> Adapted
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -151,40 +210,36 @@ where
     tokio::spawn(async move {
         let mut input = BufReader::new(input);
         let mut line = Vec::new();
-        while let Ok(n) = input.read_until(b'\n', &mut line).await {
-            if n == 0 {
-                break;
+        while let Ok(true) = read_line(&mut input, &mut line, MAX_LINE).await {
+            if line.is_empty() {
+                continue;
             }
             let rewritten = inbound(&mut inbound_state.lock().expect("not poisoned"), &line);
-            if to_rmcp
-                .write_all(rewritten.as_deref().unwrap_or(&line))
-                .await
-                .is_err()
-            {
+            let bytes = rewritten.as_deref().unwrap_or(&line);
+            if to_rmcp.write_all(bytes).await.is_err() {
                 break;
             }
-            line.clear();
         }
         let _ = to_rmcp.shutdown().await;
     });
-    tokio::spawn(async move {
+    let flushed = tokio::spawn(async move {
         let mut from_rmcp = BufReader::new(from_rmcp);
         let mut output = output;
         let mut line = Vec::new();
-        while let Ok(n) = from_rmcp.read_until(b'\n', &mut line).await {
-            if n == 0 {
-                break;
-            }
+        while let Ok(true) = read_line(&mut from_rmcp, &mut line, usize::MAX).await {
             let rewritten = outbound(&mut state.lock().expect("not poisoned"), &line);
             let bytes = rewritten.as_deref().unwrap_or(&line);
             if output.write_all(bytes).await.is_err() || output.flush().await.is_err() {
                 break;
             }
-            line.clear();
         }
         let _ = output.shutdown().await;
     });
-    (rmcp_reads, rmcp_writes)
+    Adapted {
+        reader: rmcp_reads,
+        writer: rmcp_writes,
+        flushed,
+    }
 }
 
 #[cfg(test)]
@@ -209,11 +264,55 @@ mod tests {
         );
     }
 
+    fn initialized(version: &str) -> WireState {
+        let mut state = WireState::default();
+        let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#;
+        assert_eq!(inbound(&mut state, init), None);
+        let result = format!(
+            r#"{{"jsonrpc":"2.0","id":0,"result":{{"protocolVersion":"{version}","capabilities":{{}}}}}}"#
+        );
+        outbound(&mut state, result.as_bytes());
+        state
+    }
+
+    #[test]
+    fn an_older_protocol_gets_no_core_tasks() {
+        let mut state = initialized("2025-06-18");
+        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"dispatch_unit","task":{}}}"#;
+        assert_eq!(inbound(&mut state, call), None);
+    }
+
+    #[test]
+    fn a_server_request_is_not_taken_for_an_answer() {
+        let mut state = WireState::default();
+        inbound(
+            &mut state,
+            br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#,
+        );
+        let ping = br#"{"jsonrpc":"2.0","id":0,"method":"ping"}"#;
+        assert_eq!(outbound(&mut state, ping), None);
+        let result = br#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-11-25","capabilities":{}}}"#;
+        assert!(
+            outbound(&mut state, result).is_some(),
+            "the answer still comes"
+        );
+    }
+
+    #[tokio::test]
+    async fn lines_are_bounded_and_an_overlong_one_is_dropped() {
+        let data = b"short\nwaaaaaaaaaaaay too long\nnext\nlast".to_vec();
+        let mut reader = BufReader::with_capacity(4, &data[..]);
+        let mut line = Vec::new();
+        let mut seen = Vec::new();
+        while read_line(&mut reader, &mut line, 8).await.unwrap() {
+            seen.push(String::from_utf8(line.clone()).unwrap());
+        }
+        assert_eq!(seen, ["short\n", "", "next\n", "last"]);
+    }
+
     #[test]
     fn task_requests_get_private_names_in_an_initialized_session() {
-        let mut state = WireState::default();
-        let init = br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}"#;
-        assert_eq!(inbound(&mut state, init), None);
+        let mut state = initialized("2025-11-25");
         let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"dispatch_unit","arguments":{},"task":{"ttl":5}}}"#;
         let rewritten = text(inbound(&mut state, call)).unwrap();
         assert_eq!(rewritten["method"], CALL_AS_TASK);
@@ -234,7 +333,7 @@ mod tests {
             &mut state,
             br#"{"jsonrpc":"2.0","id":"a","method":"initialize","params":{}}"#,
         );
-        let result = br#"{"jsonrpc":"2.0","id":"a","result":{"capabilities":{"tools":{},"extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#;
+        let result = br#"{"jsonrpc":"2.0","id":"a","result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{},"extensions":{"io.modelcontextprotocol/tasks":{}}}}}"#;
         let patched = text(outbound(&mut state, result)).unwrap();
         let capabilities = &patched["result"]["capabilities"];
         assert_eq!(
@@ -248,11 +347,7 @@ mod tests {
 
     #[test]
     fn tools_list_marks_the_task_tools_only() {
-        let mut state = WireState::default();
-        inbound(
-            &mut state,
-            br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#,
-        );
+        let mut state = initialized("2025-11-25");
         inbound(
             &mut state,
             br#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#,

@@ -60,19 +60,17 @@ impl TaskState {
     }
 }
 
-/// What the task is doing, in a line: queued, or running with its newest output line, or how
-/// it ended.
+/// What the task is doing, in a line: queued, or running with the newest line of its stdout
+/// (else of its stderr) when the view carries output, or how it ended.
 pub fn status_message(output: &DispatchOutput) -> String {
     let newest = [&output.stdout, &output.stderr]
         .into_iter()
         .flatten()
-        .filter(|tail| tail.total_bytes > 0)
-        .max_by_key(|tail| tail.next_offset)
-        .and_then(OutputTail::newest_line);
+        .find_map(OutputTail::newest_line);
     match (output.status.as_str(), newest) {
         ("queued", _) => format!("{} is queued for a free lane", output.handle),
         ("running", Some(line)) => format!("{} is running: {}", output.handle, clip(line)),
-        ("running", None) => format!("{} is running (no output yet)", output.handle),
+        ("running", None) => format!("{} is running", output.handle),
         (status, _) => format!("{} {status}: {}", output.handle, output.outcome),
     }
 }

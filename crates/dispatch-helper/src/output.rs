@@ -147,15 +147,23 @@ pub fn stored_from(tail: &OutputTail, from: u64) -> OutputTail {
         Some((_, rest)) if tail.truncated => rest,
         _ => tail.text.as_str(),
     };
-    let offset = next.saturating_sub(body.len() as u64);
-    if from <= offset {
+    // Records written before offsets were kept know only where their stream ended.
+    let offset = if tail.next_offset == 0 {
+        next.saturating_sub(body.len() as u64)
+    } else {
+        tail.offset
+    };
+    if from < offset {
+        // Bytes asked for are gone: the whole tail, with its marker.
         return OutputTail {
             offset,
             next_offset: next,
             ..tail.clone()
         };
     }
-    let mut skip = (from.min(next) - offset) as usize;
+    let mut skip = usize::try_from(from.min(next) - offset)
+        .unwrap_or(usize::MAX)
+        .min(body.len());
     while !body.is_char_boundary(skip) {
         skip += 1;
     }
@@ -280,7 +288,19 @@ mod tests {
             ("beta\ngamma\n", 6, 17)
         );
         let whole = stored_from(&stored, 0);
-        assert_eq!(whole.text, stored.text);
+        assert_eq!(
+            (whole.text.as_str(), whole.truncated),
+            (stored.text.as_str(), false)
+        );
+        let truncated = spooled(&[b'y'; 3000], 1000).tail(None, true);
+        let at_window = stored_from(&truncated, 2000);
+        assert_eq!(
+            (at_window.text.len(), at_window.truncated),
+            (1000, false),
+            "nothing asked for is gone"
+        );
+        let before = stored_from(&truncated, 1999);
+        assert!(before.truncated && before.text.starts_with("[… 2000 earlier bytes"));
         let truncated = spooled(&[b'y'; 3000], 1000).tail(None, true);
         let cut = stored_from(&truncated, 2900);
         assert_eq!(
