@@ -591,7 +591,10 @@ async fn extension_tasks_are_the_helpers_jobs_and_outlive_the_front() {
         (Some("succeeded"), Some(0), false)
     );
     assert!(
-        output["stdout"]["text"].as_str().unwrap_or_default().contains("lane ran"),
+        output["stdout"]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lane ran"),
         "the completed payload carries the full result: {output}"
     );
     // The extension's `failed` is for JSON-RPC errors: a lane that failed is a completed task
