@@ -147,9 +147,28 @@ async fn main() {
     let bare_p50 = percentile(&mut bare, 0.5);
 
     let mut warm = helper.client().await;
+    let mut last = String::new();
     for _ in 0..50 {
         dispatch_rtt(&mut warm).await;
     }
+    if let Response::List { jobs, .. } = warm
+        .request(Request::List {
+            filter: None,
+            detail: false,
+            limit: 1,
+        })
+        .await
+    {
+        last = jobs[0].handle.clone();
+    }
+    // The socket's own cost, same run: a status request (no disk, no spawn).
+    let mut status = Vec::new();
+    for _ in 0..300 {
+        let start = Instant::now();
+        warm.request(Request::status(last.clone())).await;
+        status.push(start.elapsed());
+    }
+    let status_p50 = percentile(&mut status, 0.5);
     drop(warm);
     wait_all_finished(&helper).await;
     // What a start and a stop cost by themselves, to take off each phase's count.
@@ -178,6 +197,10 @@ async fn main() {
     println!(
         "  baseline bare spawn+wait of /bin/true          p50 {:>8.1} µs",
         micros(bare_p50)
+    );
+    println!(
+        "  a status request's round trip (the socket's own cost) p50 {:>8.1} µs",
+        micros(status_p50)
     );
     for (label, samples, wall, syncs) in [
         ("1 client ", &mut one, one_wall, one_syncs),

@@ -482,6 +482,13 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
         "a lane ran without an audit record"
     );
     assert_eq!(client.total(None).await, 0);
+    // Its job record, committed only once its acceptance is durable, was never written.
+    let journal =
+        std::fs::read_to_string(helper.state.join("jobs/journal.jsonl")).unwrap_or_default();
+    assert!(
+        !journal.contains(&tag),
+        "a job record exists for a dispatch whose acceptance was never audited"
+    );
 }
 
 #[tokio::test]

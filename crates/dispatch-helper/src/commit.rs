@@ -17,11 +17,35 @@ const MAX_BATCH: usize = 1024;
 enum Work {
     Audit(Box<AuditEvent>),
     Journal(JournalOp),
+    /// An audit record and the journal entry that may exist only with it (a dispatch's
+    /// acceptance and its job record): one hand-off, the entry written only once the record
+    /// is durable, and not at all if the record could not be made so.
+    Tied(Box<AuditEvent>, JournalOp),
 }
+
+/// Which file a commit failed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    /// The audit record: nothing tied to it was written either.
+    Audit(String),
+    Journal(String),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Audit(why) | CommitError::Journal(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
+
+type Answer = Result<(), CommitError>;
 
 struct Pending {
     work: Work,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Answer>,
 }
 
 /// A handle to the writer thread.
@@ -33,21 +57,24 @@ pub struct Committer {
 impl Committer {
     /// Queue `work` now (its place in the order is taken here, not when the answer is
     /// awaited) and return what says when it is durable.
-    fn queue(
-        &self,
-        work: Work,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+    fn queue(&self, work: Work) -> impl std::future::Future<Output = Answer> + Send + 'static {
         let (done, answer) = oneshot::channel();
+        let stopped_on = match &work {
+            Work::Journal(_) => CommitError::Journal,
+            Work::Audit(_) | Work::Tied(..) => CommitError::Audit,
+        };
         let sent = self.queue.send(Pending { work, done });
         async move {
-            let stopped = || "the durable writer has stopped".to_owned();
+            let stopped = || stopped_on("the durable writer has stopped".to_owned());
             sent.map_err(|_| stopped())?;
             answer.await.unwrap_or_else(|_| Err(stopped()))
         }
     }
 
     pub async fn audit(&self, event: AuditEvent) -> Result<(), String> {
-        self.queue(Work::Audit(Box::new(event))).await
+        self.queue(Work::Audit(Box::new(event)))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Queue `op` now and return what says when it is durable.
@@ -57,6 +84,11 @@ impl Committer {
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
         let durable = self.queue(Work::Journal(op));
         async move { durable.await.map_err(std::io::Error::other) }
+    }
+
+    /// Commit `event`, then `op` only if `event` is durable; the error says which failed.
+    pub async fn tied(&self, event: AuditEvent, op: JournalOp) -> Answer {
+        self.queue(Work::Tied(Box::new(event), op)).await
     }
 }
 
@@ -93,35 +125,54 @@ fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
     }
 }
 
-/// One batch: the audit records first (in order, chained), then the journal entries, each
-/// file with one sync; each caller gets the outcome of its own file's commit.
+/// One batch: the audit records first (in order, chained) with one sync, then the journal
+/// entries (in order; a tied one only if the audit records were made durable) with one sync;
+/// each caller gets the outcome of what it waits for.
 fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
     let mut events = Vec::new();
-    let mut ops = Vec::new();
     let mut waiting_audit = Vec::new();
-    let mut waiting_journal = Vec::new();
+    // Journal entries in queue order; `true` marks one tied to an audit record.
+    let mut journal: Vec<(JournalOp, oneshot::Sender<Answer>, bool)> = Vec::new();
     for pending in batch {
         match pending.work {
             Work::Audit(event) => {
                 events.push(*event);
                 waiting_audit.push(pending.done);
             }
-            Work::Journal(op) => {
-                ops.push(op);
-                waiting_journal.push(pending.done);
+            Work::Journal(op) => journal.push((op, pending.done, false)),
+            Work::Tied(event, op) => {
+                events.push(*event);
+                journal.push((op, pending.done, true));
             }
         }
     }
+    let mut audit_failed = None;
     if !events.is_empty() {
         let outcome = audit
             .append_many_blocking(&events)
-            .map_err(|e| e.to_string());
+            .map_err(|e| CommitError::Audit(e.to_string()));
+        audit_failed = outcome.clone().err();
         for done in waiting_audit {
             let _ = done.send(outcome.clone());
         }
     }
+    let mut ops = Vec::new();
+    let mut waiting_journal = Vec::new();
+    for (op, done, tied) in journal {
+        match (&audit_failed, tied) {
+            (Some(failed), true) => {
+                let _ = done.send(Err(failed.clone()));
+            }
+            _ => {
+                ops.push(op);
+                waiting_journal.push(done);
+            }
+        }
+    }
     if !ops.is_empty() {
-        let outcome = store.append_now(ops).map_err(|e| e.to_string());
+        let outcome = store
+            .append_now(ops)
+            .map_err(|e| CommitError::Journal(e.to_string()));
         for done in waiting_journal {
             let _ = done.send(outcome.clone());
         }

@@ -168,6 +168,11 @@ impl JobStore {
         let _ = self.committer.set(committer);
     }
 
+    /// The group-commit writer, once it runs.
+    pub(crate) fn committer(&self) -> Option<&crate::commit::Committer> {
+        self.committer.get()
+    }
+
     /// Durable once it returns Ok: through the group-commit writer when it runs.
     pub async fn save_async(&self, record: &JobRecord) -> std::io::Result<()> {
         let op = JournalOp::Save(Box::new(record.clone()));

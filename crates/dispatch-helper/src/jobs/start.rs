@@ -5,6 +5,7 @@
 
 use super::recover::process_start_ticks;
 use super::*;
+use crate::commit::CommitError;
 use crate::config::LimitsConfig;
 use crate::queue::Waiting;
 use crate::store::QueuedRequest;
@@ -95,20 +96,12 @@ impl Helper {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(handle.to_string(), request.lane_env.clone());
         }
-        if let Err(error) = self.audit_accepted(peer, &record, &enforcement).await {
-            if let Admitted::Now = admitted {
-                self.release(owner, &lane);
-            }
-            self.forget_queued_env(&record.job.handle);
-            tracing::error!(%error, "audit write failed; dispatch refused");
-            return Err(reply(
-                ErrorKind::AuditUnavailable,
-                format!("the audit log could not be written, so nothing ran: {error}"),
-            ));
-        }
+        let accepted = accepted_event(peer, &record, &enforcement);
         match admitted {
-            Admitted::Now => self.launch(record, prepared).await,
-            Admitted::Queued => self.enqueue(record).await,
+            // The acceptance and the job's record are committed together, the record only
+            // if the acceptance is durable: one hand-off to the writer before the spawn.
+            Admitted::Now => self.launch(record, prepared, Some(accepted)).await,
+            Admitted::Queued => self.enqueue(record, accepted).await,
         }
     }
 
@@ -144,10 +137,21 @@ impl Helper {
     }
 
     /// Save a queued dispatch and put it in line; a slot may have freed meanwhile.
-    async fn enqueue(self: &Arc<Self>, mut record: JobRecord) -> Result<JobView, ErrorReply> {
-        if let Err(refusal) = self.record_before_start(&mut record).await {
-            self.finish_or_insert(record);
-            return Err(refusal);
+    async fn enqueue(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        accepted: AuditEvent,
+    ) -> Result<JobView, ErrorReply> {
+        match self.record_before_start(&mut record, Some(accepted)).await {
+            Ok(()) => {}
+            Err(NotStarted::NothingRecorded(refusal)) => {
+                self.forget_queued_env(&record.job.handle);
+                return Err(refusal);
+            }
+            Err(NotStarted::RecordedAsFailed(refusal)) => {
+                self.finish_or_insert(record);
+                return Err(refusal);
+            }
         }
         // In the table before it is in line: whoever takes it from the line finds it.
         let view = record.view(Detail::Summary);
@@ -259,7 +263,7 @@ impl Helper {
         };
         match turn {
             Ok((fresh, prepared)) => {
-                if let Err(refusal) = self.launch(fresh, prepared).await {
+                if let Err(refusal) = self.launch(fresh, prepared, None).await {
                     tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
                 }
             }
@@ -351,14 +355,22 @@ impl Helper {
 
     /// Spawn the lane of an admitted dispatch (its slot claimed), after saving its record, and
     /// supervise it. On failure the slot is released and the record says why.
+    /// Start a job's lane once its record is durable (with `accepted`, the audit record
+    /// committed ahead of it).
     async fn launch(
         self: &Arc<Self>,
         mut record: JobRecord,
         prepared: dispatch_sandbox::PreparedLane,
+        accepted: Option<AuditEvent>,
     ) -> Result<JobView, ErrorReply> {
-        if let Err(refusal) = self.record_before_start(&mut record).await {
-            self.finish_or_insert(record);
-            return Err(refusal);
+        match self.record_before_start(&mut record, accepted).await {
+            Ok(()) => {}
+            // Neither audited nor recorded: the dispatch never existed.
+            Err(NotStarted::NothingRecorded(refusal)) => return Err(refusal),
+            Err(NotStarted::RecordedAsFailed(refusal)) => {
+                self.finish_or_insert(record);
+                return Err(refusal);
+            }
         }
         // In the table (with its stop channel) before the lane exists: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
@@ -423,13 +435,31 @@ impl Helper {
 
     /// The job's record is durable before its lane may start: a helper that dies after the
     /// spawn finds it at its next start and marks it lost. If it cannot be saved, nothing runs
-    /// (and a claimed slot is released), and the audit log says so after the acceptance.
+    /// (and a claimed slot is released), and the audit log says so after the acceptance. With
+    /// `accepted`, that audit record is committed first, and the record only if it is durable.
     async fn record_before_start(
         self: &Arc<Self>,
         record: &mut JobRecord,
-    ) -> Result<(), ErrorReply> {
-        let Err(error) = self.store.save_async(record).await else {
-            return Ok(());
+        accepted: Option<AuditEvent>,
+    ) -> Result<(), NotStarted> {
+        let saved = match accepted {
+            None => self
+                .store
+                .save_async(record)
+                .await
+                .map_err(|e| CommitError::Journal(e.to_string())),
+            Some(event) => self.commit_tied(event, record).await,
+        };
+        let error = match saved {
+            Ok(()) => return Ok(()),
+            Err(CommitError::Audit(error)) => {
+                if record.job.state == JobState::Running {
+                    self.release(record.owner_uid, &lane_key(&record.job));
+                }
+                tracing::error!(%error, "audit write failed; dispatch refused");
+                return Err(NotStarted::NothingRecorded(audit_unavailable(&error)));
+            }
+            Err(CommitError::Journal(error)) => error,
         };
         if record.job.state == JobState::Running {
             self.release(record.owner_uid, &lane_key(&record.job));
@@ -440,13 +470,30 @@ impl Helper {
         record.job.detail =
             format!("the job's record could not be saved, so its lane was not started: {error}");
         self.persist_and_audit_finish(record, "spawn_failed").await;
-        Err(reply(
+        Err(NotStarted::RecordedAsFailed(reply(
             ErrorKind::Internal,
             format!(
                 "dispatch {} refused: {}",
                 record.job.handle, record.job.detail
             ),
-        ))
+        )))
+    }
+
+    /// `event`, then `record` only once `event` is durable: through the writer in one
+    /// hand-off, or (before it runs) one after the other.
+    async fn commit_tied(&self, event: AuditEvent, record: &JobRecord) -> Result<(), CommitError> {
+        if let Some(committer) = self.store.committer() {
+            let op = crate::store::JournalOp::Save(Box::new(record.clone()));
+            return committer.tied(event, op).await;
+        }
+        self.audit
+            .append(event)
+            .await
+            .map_err(|e| CommitError::Audit(e.to_string()))?;
+        self.store
+            .save_async(record)
+            .await
+            .map_err(|e| CommitError::Journal(e.to_string()))
     }
 
     /// A lane's slot is free: give it back and start whatever waited for one.
@@ -456,42 +503,6 @@ impl Helper {
             .unwrap_or_else(|p| p.into_inner())
             .give_back(uid, lane);
         self.start_queued();
-    }
-
-    async fn audit_accepted(
-        &self,
-        peer: &Peer,
-        record: &JobRecord,
-        enforcement: &dispatch_sandbox::Enforcement,
-    ) -> Result<(), crate::audit::AuditError> {
-        let queued = record.job.state == JobState::Queued;
-        self.audit
-            .append(AuditEvent {
-                event: "dispatch_accepted",
-                peer: Some(peer.identity),
-                claimed_client: peer.claimed_client.clone(),
-                handle: Some(record.job.handle.clone()),
-                orguser: Some(record.job.orguser.clone()),
-                repo: Some(record.job.repo.clone()),
-                github: Some(record.job.github.clone()),
-                unix_user: Some(record.job.unix_user.clone()),
-                task_preview: Some(record.job.task_preview.clone()),
-                task_sha256: Some(record.job.task_sha256.clone()),
-                argv: record.job.argv.clone(),
-                outcome: if queued { "queued" } else { "accepted" }.into(),
-                detail: Some(format!(
-                    "sandbox: uid {} gid {}, landlock {}, seccomp on{}",
-                    enforcement.uid,
-                    enforcement.gid,
-                    enforcement.landlock,
-                    if queued {
-                        "; queued for a lane slot"
-                    } else {
-                        ""
-                    }
-                )),
-            })
-            .await
     }
 
     async fn audit_turn(&self, record: &JobRecord) -> Result<(), crate::audit::AuditError> {
@@ -546,6 +557,55 @@ impl Helper {
 
 /// Validation asks NSS (users, groups) and preparation opens paths for Landlock: both block, so
 /// neither runs on a runtime worker.
+/// The audit record of an accepted dispatch (started now, or queued).
+fn accepted_event(
+    peer: &Peer,
+    record: &JobRecord,
+    enforcement: &dispatch_sandbox::Enforcement,
+) -> AuditEvent {
+    let queued = record.job.state == JobState::Queued;
+    AuditEvent {
+        event: "dispatch_accepted",
+        peer: Some(peer.identity),
+        claimed_client: peer.claimed_client.clone(),
+        handle: Some(record.job.handle.clone()),
+        orguser: Some(record.job.orguser.clone()),
+        repo: Some(record.job.repo.clone()),
+        github: Some(record.job.github.clone()),
+        unix_user: Some(record.job.unix_user.clone()),
+        task_preview: Some(record.job.task_preview.clone()),
+        task_sha256: Some(record.job.task_sha256.clone()),
+        argv: record.job.argv.clone(),
+        outcome: if queued { "queued" } else { "accepted" }.into(),
+        detail: Some(format!(
+            "sandbox: uid {} gid {}, landlock {}, seccomp on{}",
+            enforcement.uid,
+            enforcement.gid,
+            enforcement.landlock,
+            if queued {
+                "; queued for a lane slot"
+            } else {
+                ""
+            }
+        )),
+    }
+}
+
+fn audit_unavailable(error: &impl std::fmt::Display) -> ErrorReply {
+    reply(
+        ErrorKind::AuditUnavailable,
+        format!("the audit log could not be written, so nothing ran: {error}"),
+    )
+}
+
+/// Why a job's lane was not started.
+enum NotStarted {
+    /// The acceptance could not be audited: there is no record of it either.
+    NothingRecorded(ErrorReply),
+    /// Its record says it failed.
+    RecordedAsFailed(ErrorReply),
+}
+
 async fn validate(
     settings: &Arc<Settings>,
     peer: &Peer,
