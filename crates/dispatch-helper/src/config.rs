@@ -216,6 +216,9 @@ pub struct Settings {
     pub org_client_gids: std::collections::BTreeMap<String, BTreeSet<u32>>,
     /// Orgs whose unix account may not run lanes (root mode), with the reason (see `lane_users`).
     pub refused_orgs: std::collections::BTreeMap<String, String>,
+    /// The lane accounts' identities, each looked up at most once a second (a reload starts
+    /// afresh).
+    pub identities: crate::identities::IdentityCache,
 }
 
 impl Settings {
@@ -389,6 +392,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         own_user,
         sandbox,
         org_client_gids,
+        identities: Default::default(),
     })
 }
 

@@ -10,7 +10,7 @@ use dispatch_policy::{Handle, OrgPolicy, PolicyError, Task, TemplateValues};
 use dispatch_proto::{
     DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, OutputOffsets, SandboxReport,
 };
-use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane, resolve_identity};
+use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, User};
 use std::collections::HashMap;
@@ -276,9 +276,9 @@ impl Helper {
         let unix_user =
             lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
         let identity = if settings.unprivileged {
-            dispatch_sandbox::current_identity()
+            settings.identities.resolve_own()
         } else {
-            resolve_identity(&unix_user)
+            settings.identities.resolve(&unix_user)
         }
         .map_err(|e| {
             reply(

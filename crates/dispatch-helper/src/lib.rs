@@ -7,6 +7,7 @@ pub mod admission;
 pub mod audit;
 pub mod commit;
 pub mod config;
+pub mod identities;
 pub mod jobs;
 pub mod lane;
 pub mod lane_users;
