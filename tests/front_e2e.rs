@@ -54,6 +54,17 @@ async fn front(socket: &Path, handler: TestClient) -> Client {
         .expect("MCP initialize")
 }
 
+/// Dispatch `task` to alice's lane with a plain call; its handle.
+async fn dispatched(client: &Client, task: &str) -> String {
+    let job = ok(call(
+        client,
+        "dispatch_unit",
+        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": task}),
+    )
+    .await);
+    job["handle"].as_str().unwrap().to_owned()
+}
+
 fn args(value: Value) -> JsonObject {
     value.as_object().unwrap().clone()
 }
@@ -435,13 +446,7 @@ async fn result_waits_report_progress_and_stop_when_cancelled() {
     let progress = handler.progress.clone();
     let client = front(&helper.socket, handler).await;
 
-    let job = ok(call(
-        &client,
-        "dispatch_unit",
-        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:3"}),
-    )
-    .await);
-    let handle = job["handle"].as_str().unwrap().to_owned();
+    let handle = dispatched(&client, "sleep:3").await;
     let result = ok(call(
         &client,
         "dispatch_result",
@@ -463,13 +468,7 @@ async fn result_waits_report_progress_and_stop_when_cancelled() {
     assert_eq!(received[0].total, Some(30.0));
 
     // Cancel a waiting dispatch_result: the wait stops (no more progress), the job keeps running.
-    let job = ok(call(
-        &client,
-        "dispatch_unit",
-        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "sleep:30"}),
-    )
-    .await);
-    let handle = job["handle"].as_str().unwrap().to_owned();
+    let handle = dispatched(&client, "sleep:30").await;
     let request = client
         .send_cancellable_request(
             ClientRequest::CallToolRequest(CallToolRequest::new(
@@ -679,13 +678,7 @@ async fn a_flood_of_output_neither_blocks_the_lane_nor_grows_the_helper() {
         return;
     };
     let client = front(&helper.socket, TestClient::default()).await;
-    let job = ok(call(
-        &client,
-        "dispatch_unit",
-        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "flood:64"}),
-    )
-    .await);
-    let handle = job["handle"].as_str().unwrap();
+    let handle = dispatched(&client, "flood:64").await;
     let result = ok(call(
         &client,
         "dispatch_result",
@@ -721,13 +714,7 @@ async fn a_running_dispatch_shows_its_output_as_it_comes() {
     let handler = TestClient::default();
     let progress = handler.progress.clone();
     let client = front(&helper.socket, handler).await;
-    let job = ok(call(
-        &client,
-        "dispatch_unit",
-        json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "ticks:30"}),
-    )
-    .await);
-    let handle = job["handle"].as_str().unwrap().to_owned();
+    let handle = dispatched(&client, "ticks:30").await;
 
     // The first lines, while the lane still runs.
     let mut early = Value::Null;

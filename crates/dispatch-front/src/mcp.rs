@@ -301,16 +301,11 @@ fn extension_task(output: &DispatchOutput) -> Task {
         TaskState::Completed | TaskState::Failed => TaskStatus::Completed,
         TaskState::Cancelled => TaskStatus::Cancelled,
     };
-    let updated = output
-        .finished_at
-        .clone()
-        .or(output.started_at.clone())
-        .unwrap_or(output.requested_at.clone());
     Task::new(
         output.handle.clone(),
         status,
         output.requested_at.clone(),
-        updated,
+        tasks::last_updated(output).to_owned(),
     )
     .with_status_message(tasks::status_message(output))
     .with_poll_interval_ms(tasks::POLL_INTERVAL_MS)
@@ -322,17 +317,10 @@ fn extension_detailed_task(output: &DispatchOutput) -> DetailedTask {
         TaskStatus::Working => TaskPayload::Working,
         TaskStatus::Cancelled => TaskPayload::Cancelled,
         _ => TaskPayload::Completed {
-            result: as_object(tasks::tool_result(output)),
+            result: tasks::tool_result(output),
         },
     };
     DetailedTask::new(task, payload)
-}
-
-fn as_object(value: Value) -> serde_json::Map<String, Value> {
-    match value {
-        Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    }
 }
 
 fn invalid_params(message: impl Into<String>) -> McpError {
@@ -552,16 +540,9 @@ impl ServerHandler for DispatchServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
         self.note_client(&ctx);
-        let mut output = self
-            .service
-            .status(request.task_id.clone(), None)
-            .await
-            .map_err(task_error)?;
-        if output.finished {
-            // The full result (output tails, argv) for the completed payload.
-            let full = self.service.result_once(request.task_id, 0, None).await;
-            output = full.map_err(task_error)?.into();
-        }
+        // A result that does not wait: the full view (tails, argv) a completed payload carries.
+        let job = self.service.result_once(request.task_id, 0, None).await;
+        let output = DispatchOutput::from(job.map_err(task_error)?);
         Ok(GetTaskResult::new(extension_detailed_task(&output)))
     }
 

@@ -18,7 +18,6 @@ use crate::tasks::TASK_TOOLS;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, DuplexStream};
-// (AsyncBufReadExt gives fill_buf and consume to `read_line`.)
 
 /// The private name a task-augmented `tools/call` is given.
 pub const CALL_AS_TASK: &str = "dispatch-mcp/tools/call-as-task";

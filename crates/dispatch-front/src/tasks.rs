@@ -84,7 +84,8 @@ fn clip(line: &str) -> String {
     format!("{kept}…")
 }
 
-fn last_updated(output: &DispatchOutput) -> &str {
+/// When the dispatch last changed: its end, else its start, else its request.
+pub fn last_updated(output: &DispatchOutput) -> &str {
     output
         .finished_at
         .as_deref()
@@ -108,20 +109,25 @@ pub fn core_task(output: &DispatchOutput) -> Value {
 
 /// The tool result a finished dispatch's task carries: the dispatch as `structuredContent`
 /// (and as text, for clients that read only content), an error unless it succeeded.
-pub fn tool_result(output: &DispatchOutput) -> Value {
+pub fn tool_result(output: &DispatchOutput) -> serde_json::Map<String, Value> {
     let structured = serde_json::to_value(output).expect("outputs serialize");
-    json!({
-        "content": [{"type": "text", "text": structured.to_string()}],
-        "structuredContent": structured,
-        "isError": TaskState::of(output) != TaskState::Completed,
-    })
+    let mut result = serde_json::Map::new();
+    result.insert(
+        "content".into(),
+        json!([{"type": "text", "text": structured.to_string()}]),
+    );
+    result.insert("structuredContent".into(), structured);
+    let is_error = TaskState::of(output) != TaskState::Completed;
+    result.insert("isError".into(), Value::Bool(is_error));
+    result
 }
 
 /// 2025-11-25 `tasks/result` of a finished dispatch: its tool result, tied to the task.
 pub fn core_result(output: &DispatchOutput) -> Value {
     let mut result = tool_result(output);
-    result["_meta"] = json!({ RELATED_TASK: { "taskId": output.handle } });
-    result
+    let related = json!({ RELATED_TASK: { "taskId": output.handle } });
+    result.insert("_meta".into(), related);
+    Value::Object(result)
 }
 
 /// A `tasks/list` cursor: how many tasks the earlier pages held.

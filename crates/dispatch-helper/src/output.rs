@@ -3,7 +3,7 @@
 //! helper's memory, however much a lane prints. The spool is readable while the lane runs (its
 //! output so far, or what is new since an offset) and gives the final tail when it ends.
 
-use dispatch_proto::OutputTail;
+use dispatch_proto::{OutputOffsets, OutputTail};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -31,6 +31,18 @@ impl LiveOutput {
             stdout: Arc::new(Mutex::new(Spool::new(limit))),
             stderr: Arc::new(Mutex::new(Spool::new(limit))),
         }
+    }
+
+    /// Both streams from the given offsets (None: all that is kept); see `Spool::tail`.
+    pub fn tails(&self, from: Option<OutputOffsets>, ended: bool) -> (OutputTail, OutputTail) {
+        let tail = |spool: &SharedSpool, from: Option<u64>| {
+            let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+            spool.tail(from, ended)
+        };
+        (
+            tail(&self.stdout, from.map(|f| f.stdout)),
+            tail(&self.stderr, from.map(|f| f.stderr)),
+        )
     }
 }
 

@@ -25,12 +25,8 @@ impl Helper {
         let Some(live) = self.live_output(&view.handle) else {
             return;
         };
-        let tail = |spool: &crate::output::SharedSpool, from: Option<u64>| {
-            let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            Some(spool.tail(from, false))
-        };
-        view.stdout = tail(&live.stdout, from.map(|f| f.stdout));
-        view.stderr = tail(&live.stderr, from.map(|f| f.stderr));
+        let (stdout, stderr) = live.tails(from, false);
+        (view.stdout, view.stderr) = (Some(stdout), Some(stderr));
     }
 
     pub async fn result(

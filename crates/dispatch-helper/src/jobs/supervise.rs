@@ -46,18 +46,14 @@ impl Helper {
                 reader.abort();
             }
         }
-        let final_tail = |spool: &crate::output::SharedSpool| {
-            let spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-            Some(spool.tail(None, true))
-        };
-        let (stdout, stderr) = (final_tail(&live.stdout), final_tail(&live.stderr));
+        let (stdout, stderr) = live.tails(None, true);
 
         let Some(mut record) = self.record(&handle) else {
             return;
         };
         record.job.finished_at = Some(now_rfc3339());
-        record.job.stdout = stdout;
-        record.job.stderr = stderr;
+        record.job.stdout = Some(stdout);
+        record.job.stderr = Some(stderr);
         record.pgid = None;
         match ended {
             Ok(Ok(end)) => {
