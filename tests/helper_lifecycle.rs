@@ -683,6 +683,78 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     assert_eq!(helper.audited("spawn_failed").len(), 1);
 }
 
+/// A lane is prepared (its Landlock rules opened) while its acceptance is being made durable,
+/// so a preparation that fails after the checks passed ends an accepted job: failed, named,
+/// audited, its slot given back.
+#[tokio::test]
+async fn a_lane_whose_sandbox_cannot_be_prepared_fails_named_and_frees_its_slot() {
+    if !is_root() {
+        return skip(
+            "preparation failure",
+            "needs root to create test users and drop to them",
+        );
+    }
+    ensure_users();
+    let programs = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(programs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = programs.path().join("lane-program");
+    std::fs::copy(probe_bin(), &program).unwrap();
+    let options = HelperOptions {
+        argv: vec![
+            program.display().to_string(),
+            "lane".into(),
+            "{orguser}".into(),
+            "{repo}".into(),
+            "{task}".into(),
+        ],
+        // One slot in all: a slot not given back would leave the next dispatch queued.
+        extra_toml: "[limits]\nmax_running_jobs = 1\n".into(),
+        ..Default::default()
+    };
+    let helper = TestHelper::start(options);
+    // Gone after the helper loaded (and checked) it: the Landlock rule for it cannot be opened.
+    let aside = programs.path().join("aside");
+    std::fs::rename(&program, &aside).unwrap();
+    let mut client = helper.client().await;
+    let error = match client.dispatch("alice-org", "alice-repo", "exit:0").await {
+        Response::Error(error) => error,
+        other => panic!("a lane without its program was reported as started: {other:?}"),
+    };
+    assert_eq!(error.kind, ErrorKind::SpawnFailed, "{}", error.message);
+    for expected in [
+        "sandbox preparation failed",
+        "program path",
+        "cannot be opened",
+    ] {
+        assert!(error.message.contains(expected), "{}", error.message);
+    }
+    let handle = error.message.split_whitespace().nth(1).unwrap().to_owned();
+    match client.request(Request::status(handle.clone())).await {
+        Response::Job(job) => {
+            assert_eq!(job.state, JobState::Failed);
+            assert!(job.detail.contains("program path"), "{}", job.detail);
+        }
+        other => panic!("{other:?}"),
+    }
+    let stored = stored_record(&helper.state, &handle).expect("the failed job is stored");
+    assert_eq!(stored["state"], "Failed", "{stored}");
+    let accepted = helper.audited("dispatch_accepted");
+    let failed = helper.audited("spawn_failed");
+    assert_eq!((accepted.len(), failed.len()), (1, 1));
+    assert_eq!(failed[0]["handle"], handle.as_str());
+    // Its slot is free again: the next dispatch runs at once rather than waiting.
+    std::fs::rename(&aside, &program).unwrap();
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    assert_eq!(job.state, JobState::Running, "{job:?}");
+    assert_eq!(
+        client.result(&job.handle, 10_000).await.state,
+        JobState::Succeeded
+    );
+}
+
 #[tokio::test]
 async fn without_root_lanes_run_as_the_helper_user_and_other_accounts_are_refused() {
     if !is_root() {

@@ -87,8 +87,13 @@ impl Committer {
     }
 
     /// Commit `event`, then `op` only if `event` is durable; the error says which failed.
-    pub async fn tied(&self, event: AuditEvent, op: JournalOp) -> Answer {
-        self.queue(Work::Tied(Box::new(event), op)).await
+    /// Queued now, as [`Committer::queue`].
+    pub fn tied(
+        &self,
+        event: AuditEvent,
+        op: JournalOp,
+    ) -> impl std::future::Future<Output = Answer> + Send + 'static {
+        self.queue(Work::Tied(Box::new(event), op))
     }
 }
 

@@ -133,8 +133,50 @@ pub(crate) struct BuiltRuleset {
     /// The rights of the work directory, for the rule the lane adds itself on the directory it
     /// makes (`LanePlan::make_work_dir`); 0 without Landlock.
     pub work_dir_access: u64,
+}
+
+/// The Landlock a lane gets on this kernel under `policy`, as its report states it.
+pub(crate) struct Level {
     pub abi: u32,
     pub description: String,
+}
+
+/// The kernel's Landlock against the policy's floor, and what lanes will get: refused below the
+/// floor. Nothing is opened, so a dispatch learns this before it is accepted.
+pub(crate) fn level(policy: &SandboxPolicy) -> Result<Level, SandboxError> {
+    let abi_number = ABI::from(kernel_landlock_abi()) as u32;
+    if abi_number < policy.landlock_min_abi {
+        return Err(SandboxError::Landlock(format!(
+            "the kernel offers Landlock ABI {abi_number}, below the configured floor {}; refusing to run lanes",
+            policy.landlock_min_abi
+        )));
+    }
+    if abi_number == ABI::Unsupported as u32 {
+        return Ok(Level {
+            abi: 0,
+            description: "not enforced: the kernel has no Landlock and landlock_min_abi is 0"
+                .into(),
+        });
+    }
+    let mut features = vec!["filesystem"];
+    if abi_number >= ABI::V4 as u32 {
+        features.push("tcp bind/connect");
+    }
+    if abi_number >= ABI::V6 as u32 {
+        features.push("signal and abstract-socket scoping");
+    }
+    let open = open_at_abi(abi_number);
+    let mut description = format!("enforced (ABI {abi_number}: {})", features.join(", "));
+    if !open.is_empty() {
+        description.push_str(&format!(
+            "; not restricted at this ABI: {}",
+            open.join(", ")
+        ));
+    }
+    Ok(Level {
+        abi: abi_number,
+        description,
+    })
 }
 
 pub(crate) fn build(
@@ -142,23 +184,15 @@ pub(crate) fn build(
     policy: &SandboxPolicy,
     shared: Option<&SharedPaths>,
 ) -> Result<BuiltRuleset, SandboxError> {
-    let abi = ABI::from(kernel_landlock_abi());
-    let abi_number = abi as u32;
-    if abi_number < policy.landlock_min_abi {
-        return Err(SandboxError::Landlock(format!(
-            "the kernel offers Landlock ABI {abi_number}, below the configured floor {}; refusing to run lanes",
-            policy.landlock_min_abi
-        )));
-    }
+    let level = level(policy)?;
+    let abi = ABI::from(level.abi as i32);
     if abi == ABI::Unsupported {
         return Ok(BuiltRuleset {
             ruleset: None,
             work_dir_access: 0,
-            abi: 0,
-            description: "not enforced: the kernel has no Landlock and landlock_min_abi is 0"
-                .into(),
         });
     }
+    let abi_number = level.abi;
 
     let fail =
         |what: &str, e: landlock::RulesetError| SandboxError::Landlock(format!("{what}: {e}"));
@@ -242,26 +276,9 @@ pub(crate) fn build(
     let ruleset =
         ruleset.ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
 
-    let mut features = vec!["filesystem"];
-    if has_net {
-        features.push("tcp bind/connect");
-    }
-    if has_scopes {
-        features.push("signal and abstract-socket scoping");
-    }
-    let open = open_at_abi(abi_number);
-    let mut description = format!("enforced (ABI {abi_number}: {})", features.join(", "));
-    if !open.is_empty() {
-        description.push_str(&format!(
-            "; not restricted at this ABI: {}",
-            open.join(", ")
-        ));
-    }
     Ok(BuiltRuleset {
         ruleset: Some(ruleset),
         work_dir_access: read_write.bits(),
-        abi: abi_number,
-        description,
     })
 }
 

@@ -266,47 +266,16 @@ impl Sandbox {
         &self.seccomp
     }
 
-    /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.
-    pub fn prepare(&self, plan: LanePlan) -> Result<PreparedLane, SandboxError> {
-        let policy = &self.policy;
-        // The work dir gets read-write Landlock rights opened by the helper: it must be the lane
-        // user's own real directory, not a symlink someone pointed elsewhere.
-        let work_dir_error = |reason: String| SandboxError::WorkDir {
-            path: plan.work_dir.display().to_string(),
-            reason,
-        };
-        // A directory the lane makes: its parent, the area, is what must be the user's.
-        let checked = match (plan.make_work_dir, plan.work_dir.parent()) {
-            (true, Some(area)) => area,
-            (true, None) => return Err(work_dir_error("has no parent directory".into())),
-            (false, _) => plan.work_dir.as_path(),
-        };
-        let meta = std::fs::symlink_metadata(checked).map_err(|e| work_dir_error(e.to_string()))?;
-        if meta.file_type().is_symlink() {
-            return Err(work_dir_error(
-                "is a symbolic link; it must be a real directory".into(),
-            ));
-        }
-        if !meta.is_dir() {
-            return Err(work_dir_error("not a directory".into()));
-        }
-        if std::os::unix::fs::MetadataExt::uid(&meta) != plan.identity.uid {
-            return Err(work_dir_error(format!(
-                "{}is owned by uid {}, not by the lane user {} (uid {})",
-                if plan.make_work_dir {
-                    "its parent "
-                } else {
-                    ""
-                },
-                std::os::unix::fs::MetadataExt::uid(&meta),
-                plan.identity.name,
-                plan.identity.uid
-            )));
-        }
-        let env = build_env(&plan, policy)?;
-        let landlock = landlock_rules::build(&plan, policy, self.shared_paths.as_ref())?;
+    /// Whether a lane of `plan` can run, and what it will run under, without opening anything
+    /// for it: its work directory, its environment, the kernel's Landlock against the floor.
+    /// Cheap, so the helper checks a dispatch with it before accepting it, and prepares the
+    /// lane (the costly part) while the acceptance is being made durable.
+    pub fn check(&self, plan: &LanePlan) -> Result<Enforcement, SandboxError> {
+        check_work_dir(plan)?;
+        build_env(plan, &self.policy)?;
+        let landlock = landlock_rules::level(&self.policy)?;
         let identity = &plan.identity;
-        let enforcement = Enforcement {
+        Ok(Enforcement {
             uid: identity.uid,
             gid: identity.gid,
             groups: identity.groups.clone(),
@@ -318,17 +287,62 @@ impl Sandbox {
             // Filled in by the spawner, which knows the lane's cgroup.
             containment: String::new(),
             limits: Vec::new(),
-        };
+        })
+    }
+
+    /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.
+    pub fn prepare(&self, plan: LanePlan) -> Result<PreparedLane, SandboxError> {
+        let enforcement = self.check(&plan)?;
+        let env = build_env(&plan, &self.policy)?;
+        let landlock = landlock_rules::build(&plan, &self.policy, self.shared_paths.as_ref())?;
         Ok(PreparedLane {
             plan,
             env,
             landlock: landlock.ruleset,
             work_dir_access: landlock.work_dir_access,
             seccomp: self.seccomp.clone(),
-            limits: policy.limits,
+            limits: self.policy.limits,
             enforcement,
         })
     }
+}
+
+/// The work dir gets read-write Landlock rights opened by the helper: it must be the lane user's
+/// own real directory, not a symlink someone pointed elsewhere. One the lane makes itself is
+/// checked by its parent, the area it goes in.
+fn check_work_dir(plan: &LanePlan) -> Result<(), SandboxError> {
+    let work_dir_error = |reason: String| SandboxError::WorkDir {
+        path: plan.work_dir.display().to_string(),
+        reason,
+    };
+    let checked = match (plan.make_work_dir, plan.work_dir.parent()) {
+        (true, Some(area)) => area,
+        (true, None) => return Err(work_dir_error("has no parent directory".into())),
+        (false, _) => plan.work_dir.as_path(),
+    };
+    let meta = std::fs::symlink_metadata(checked).map_err(|e| work_dir_error(e.to_string()))?;
+    if meta.file_type().is_symlink() {
+        return Err(work_dir_error(
+            "is a symbolic link; it must be a real directory".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(work_dir_error("not a directory".into()));
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != plan.identity.uid {
+        return Err(work_dir_error(format!(
+            "{}is owned by uid {owner}, not by the lane user {} (uid {})",
+            if plan.make_work_dir {
+                "its parent "
+            } else {
+                ""
+            },
+            plan.identity.name,
+            plan.identity.uid
+        )));
+    }
+    Ok(())
 }
 
 /// One-off preparation (compiles the seccomp programs each time; the helper uses [`Sandbox`]).

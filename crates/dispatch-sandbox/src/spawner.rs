@@ -425,7 +425,8 @@ impl Registry {
     }
 }
 
-type Reply = mpsc::SyncSender<Result<SpawnedLane, SandboxError>>;
+/// Called on the spawner thread with the outcome; it must not block (it only hands it over).
+type Reply = Box<dyn FnOnce(Result<SpawnedLane, SandboxError>) + Send>;
 
 pub struct LaneSpawner {
     requests: Mutex<mpsc::Sender<(PreparedLane, Reply)>>,
@@ -508,12 +509,29 @@ impl LaneSpawner {
     /// Start the lane on a spawner thread. Blocks until exec succeeded or a step failed.
     pub fn spawn(&self, lane: PreparedLane) -> Result<SpawnedLane, SandboxError> {
         let (reply, answer) = mpsc::sync_channel(1);
-        self.requests
-            .lock()
-            .map_err(|_| SandboxError::SpawnerGone)?
-            .send((lane, reply))
-            .map_err(|_| SandboxError::SpawnerGone)?;
+        self.spawn_then(lane, move |outcome| {
+            let _ = reply.send(outcome);
+        });
         answer.recv().map_err(|_| SandboxError::SpawnerGone)?
+    }
+
+    /// Start the lane on a spawner thread and hand the outcome to `done` there, without a thread
+    /// of the caller's waiting for it (the helper passes a channel's sender). If the spawner is
+    /// gone, `done` gets that at once.
+    pub fn spawn_then(
+        &self,
+        lane: PreparedLane,
+        done: impl FnOnce(Result<SpawnedLane, SandboxError>) + Send + 'static,
+    ) {
+        let sent = match self.requests.lock() {
+            Ok(requests) => requests
+                .send((lane, Box::new(done)))
+                .map_err(|unsent| unsent.0.1),
+            Err(_) => Err(Box::new(done) as Reply),
+        };
+        if let Err(done) = sent {
+            done(Err(SandboxError::SpawnerGone));
+        }
     }
 }
 
@@ -605,7 +623,7 @@ fn spawner_thread(
         // The lock is held only while waiting for the next request.
         let next = requests.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok((lane, reply)) = next else { return };
-        let _ = reply.send(spawn_now(lane, stack, context));
+        reply(spawn_now(lane, stack, context));
     }
 }
 

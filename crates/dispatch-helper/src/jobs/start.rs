@@ -1,6 +1,6 @@
-//! From a dispatch request to a running lane, step by step: validate and prepare; admit (a slot
-//! now, a place in the queue, or a refusal); audit the acceptance; save the record; spawn;
-//! supervise. A queued dispatch is validated and prepared again, against the settings of the
+//! From a dispatch request to a running lane, step by step: check (decide and plan); admit (a
+//! slot now, a place in the queue, or a refusal); audit the acceptance and save the record in
+//! one commit, preparing the lane meanwhile; spawn; supervise. A queued dispatch is validated and prepared again, against the settings of the
 //! moment, when a slot frees ([`Helper::start_queued`]).
 
 use super::recover::process_start_ticks;
@@ -9,6 +9,7 @@ use crate::commit::CommitError;
 use crate::config::LimitsConfig;
 use crate::queue::Waiting;
 use crate::store::QueuedRequest;
+use tokio::sync::oneshot;
 
 /// What admission decided.
 enum Admitted {
@@ -69,11 +70,14 @@ impl Helper {
         let settings = self.settings();
         let handle = new_handle();
         let owner = peer.identity.uid;
-        let (decision, prepared) = match validate(&settings, peer, &request, &handle).await {
-            Ok(done) => done,
+        let Checked {
+            decision,
+            plan,
+            enforcement,
+        } = match check(&settings, peer, &request, &handle).await {
+            Ok(checked) => checked,
             Err(reason) => return Err(self.rejected(peer, &request, reason).await),
         };
-        let enforcement = prepared.enforcement().clone();
         let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
         let lane = lane_key(&record.job);
         // Decided before the audit record, so that a refused dispatch is never "accepted".
@@ -98,11 +102,49 @@ impl Helper {
         }
         let accepted = accepted_event(peer, &record, &enforcement);
         match admitted {
-            // The acceptance and the job's record are committed together, the record only
-            // if the acceptance is durable: one hand-off to the writer before the spawn.
-            Admitted::Now => self.launch(record, prepared, Some(accepted)).await,
+            Admitted::Now => self.accept_and_launch(record, plan, accepted).await,
             Admitted::Queued => self.enqueue(record, accepted).await,
         }
+    }
+
+    /// The acceptance and the job's record are committed together (the record only if the
+    /// acceptance is durable) in one hand-off to the writer, and the lane is prepared while
+    /// they are synced: the costly part before the fork overlaps the wait for the disk. The
+    /// lane starts only once both are done.
+    async fn accept_and_launch(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        plan: LanePlan,
+        accepted: AuditEvent,
+    ) -> Result<JobView, ErrorReply> {
+        let durable = self.commit_tied(accepted, &record);
+        let settings = self.settings();
+        let (durable, prepared) = tokio::join!(durable, prepare(&settings, plan));
+        self.record_before_start(&mut record, durable).await?;
+        match prepared {
+            Ok(prepared) => self.launch(record, prepared).await,
+            Err(refusal) => Err(self.not_prepared(record, refusal).await),
+        }
+    }
+
+    /// An accepted and recorded dispatch whose lane could not be prepared: its slot goes back,
+    /// and its record and the audit log say why it never ran.
+    async fn not_prepared(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        refusal: ErrorReply,
+    ) -> ErrorReply {
+        self.release(record.owner_uid, &lane_key(&record.job));
+        record.job.state = JobState::Failed;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail = refusal.message.clone();
+        self.persist_and_audit_finish(&record, "spawn_failed").await;
+        let message = format!(
+            "dispatch {} failed before the lane ran: {}",
+            record.job.handle, refusal.message
+        );
+        self.finish_or_insert(record);
+        reply(refusal.kind, message)
     }
 
     /// A slot now, else a place in the queue, else why neither.
@@ -142,16 +184,10 @@ impl Helper {
         mut record: JobRecord,
         accepted: AuditEvent,
     ) -> Result<JobView, ErrorReply> {
-        match self.record_before_start(&mut record, Some(accepted)).await {
-            Ok(()) => {}
-            Err(NotStarted::NothingRecorded(refusal)) => {
-                self.forget_queued_env(&record.job.handle);
-                return Err(refusal);
-            }
-            Err(NotStarted::RecordedAsFailed(refusal)) => {
-                self.finish_or_insert(record);
-                return Err(refusal);
-            }
+        let durable = self.commit_tied(accepted, &record).await;
+        if let Err(refusal) = self.record_before_start(&mut record, durable).await {
+            self.forget_queued_env(&record.job.handle);
+            return Err(refusal);
         }
         // In the table before it is in line: whoever takes it from the line finds it.
         let view = record.view(Detail::Summary);
@@ -262,8 +298,17 @@ impl Helper {
             _ => Err(fail("its record is not a waiting dispatch".into())),
         };
         match turn {
-            Ok((fresh, prepared)) => {
-                if let Err(refusal) = self.launch(fresh, prepared, None).await {
+            Ok((mut fresh, prepared)) => {
+                let durable = self
+                    .store
+                    .save_async(&fresh)
+                    .await
+                    .map_err(|e| CommitError::Journal(e.to_string()));
+                let started = match self.record_before_start(&mut fresh, durable).await {
+                    Ok(()) => self.launch(fresh, prepared).await,
+                    Err(refusal) => Err(refusal),
+                };
+                if let Err(refusal) = started {
                     tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
                 }
             }
@@ -305,15 +350,18 @@ impl Helper {
                 .unwrap_or_default(),
         };
         let settings = self.settings();
-        let (decision, prepared) = validate(&settings, &peer, &request, &handle)
+        let checked = check(&settings, &peer, &request, &handle)
+            .await
+            .map_err(|reason| failed(reason.message))?;
+        let prepared = prepare(&settings, checked.plan)
             .await
             .map_err(|reason| failed(reason.message))?;
         let fresh = new_record(
             &peer,
             &request,
             &handle,
-            decision,
-            prepared.enforcement(),
+            checked.decision,
+            &checked.enforcement,
             &settings,
         );
         let mut record = record.clone();
@@ -353,25 +401,13 @@ impl Helper {
         true
     }
 
-    /// Spawn the lane of an admitted dispatch (its slot claimed), after saving its record, and
+    /// Start the lane of an admitted job (its slot claimed) whose record is durable, and
     /// supervise it. On failure the slot is released and the record says why.
-    /// Start a job's lane once its record is durable (with `accepted`, the audit record
-    /// committed ahead of it).
     async fn launch(
         self: &Arc<Self>,
         mut record: JobRecord,
         prepared: dispatch_sandbox::PreparedLane,
-        accepted: Option<AuditEvent>,
     ) -> Result<JobView, ErrorReply> {
-        match self.record_before_start(&mut record, accepted).await {
-            Ok(()) => {}
-            // Neither audited nor recorded: the dispatch never existed.
-            Err(NotStarted::NothingRecorded(refusal)) => return Err(refusal),
-            Err(NotStarted::RecordedAsFailed(refusal)) => {
-                self.finish_or_insert(record);
-                return Err(refusal);
-            }
-        }
         // In the table (with its stop channel) before the lane exists: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
         let (stop, mut stop_receiver) = self.stop_channel_for(&record);
@@ -389,10 +425,14 @@ impl Helper {
                 .record(&record.job.handle)
                 .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
         }
-        let spawner = self.spawner.clone();
-        let spawned = tokio::task::spawn_blocking(move || spawner.spawn(prepared))
+        // Answered from the spawner thread once the exec succeeded or a step failed.
+        let (done, spawned) = oneshot::channel();
+        self.spawner.spawn_then(prepared, move |outcome| {
+            let _ = done.send(outcome);
+        });
+        let spawned = spawned
             .await
-            .unwrap_or_else(|_| Err(dispatch_sandbox::SandboxError::SpawnerGone));
+            .unwrap_or(Err(dispatch_sandbox::SandboxError::SpawnerGone));
         let lane = match spawned {
             Ok(lane) => lane,
             Err(error) => {
@@ -434,30 +474,23 @@ impl Helper {
     }
 
     /// The job's record is durable before its lane may start: a helper that dies after the
-    /// spawn finds it at its next start and marks it lost. If it cannot be saved, nothing runs
-    /// (and a claimed slot is released), and the audit log says so after the acceptance. With
-    /// `accepted`, that audit record is committed first, and the record only if it is durable.
+    /// spawn finds it at its next start and marks it lost. `durable` is how its commit went
+    /// (with the acceptance's audit record, or alone). If the record could not be saved,
+    /// nothing runs (and a claimed slot is released), and the audit log says so after the
+    /// acceptance; if the acceptance could not be audited, there is no record either.
     async fn record_before_start(
         self: &Arc<Self>,
         record: &mut JobRecord,
-        accepted: Option<AuditEvent>,
-    ) -> Result<(), NotStarted> {
-        let saved = match accepted {
-            None => self
-                .store
-                .save_async(record)
-                .await
-                .map_err(|e| CommitError::Journal(e.to_string())),
-            Some(event) => self.commit_tied(event, record).await,
-        };
-        let error = match saved {
+        durable: Result<(), CommitError>,
+    ) -> Result<(), ErrorReply> {
+        let error = match durable {
             Ok(()) => return Ok(()),
             Err(CommitError::Audit(error)) => {
                 if record.job.state == JobState::Running {
                     self.release(record.owner_uid, &lane_key(&record.job));
                 }
                 tracing::error!(%error, "audit write failed; dispatch refused");
-                return Err(NotStarted::NothingRecorded(audit_unavailable(&error)));
+                return Err(audit_unavailable(&error));
             }
             Err(CommitError::Journal(error)) => error,
         };
@@ -470,30 +503,42 @@ impl Helper {
         record.job.detail =
             format!("the job's record could not be saved, so its lane was not started: {error}");
         self.persist_and_audit_finish(record, "spawn_failed").await;
-        Err(NotStarted::RecordedAsFailed(reply(
+        self.finish_or_insert(record.clone());
+        Err(reply(
             ErrorKind::Internal,
             format!(
                 "dispatch {} refused: {}",
                 record.job.handle, record.job.detail
             ),
-        )))
+        ))
     }
 
-    /// `event`, then `record` only once `event` is durable: through the writer in one
-    /// hand-off, or (before it runs) one after the other.
-    async fn commit_tied(&self, event: AuditEvent, record: &JobRecord) -> Result<(), CommitError> {
-        if let Some(committer) = self.store.committer() {
+    /// Queue `event`, then `record` only once `event` is durable, now (their place in the
+    /// writer's order is taken here): through the writer in one hand-off, or (before it runs)
+    /// one after the other.
+    fn commit_tied(
+        &self,
+        event: AuditEvent,
+        record: &JobRecord,
+    ) -> impl Future<Output = Result<(), CommitError>> + Send + 'static {
+        let queued = self.store.committer().map(|committer| {
             let op = crate::store::JournalOp::Save(Box::new(record.clone()));
-            return committer.tied(event, op).await;
+            committer.tied(event.clone(), op)
+        });
+        let (audit, store, record) = (self.audit.clone(), self.store.clone(), record.clone());
+        async move {
+            if let Some(durable) = queued {
+                return durable.await;
+            }
+            audit
+                .append(event)
+                .await
+                .map_err(|e| CommitError::Audit(e.to_string()))?;
+            store
+                .save_async(&record)
+                .await
+                .map_err(|e| CommitError::Journal(e.to_string()))
         }
-        self.audit
-            .append(event)
-            .await
-            .map_err(|e| CommitError::Audit(e.to_string()))?;
-        self.store
-            .save_async(record)
-            .await
-            .map_err(|e| CommitError::Journal(e.to_string()))
     }
 
     /// A lane's slot is free: give it back and start whatever waited for one.
@@ -555,8 +600,6 @@ impl Helper {
     }
 }
 
-/// Validation asks NSS (users, groups) and preparation opens paths for Landlock: both block, so
-/// neither runs on a runtime worker.
 /// The audit record of an accepted dispatch (started now, or queued).
 fn accepted_event(
     peer: &Peer,
@@ -598,27 +641,30 @@ fn audit_unavailable(error: &impl std::fmt::Display) -> ErrorReply {
     )
 }
 
-/// Why a job's lane was not started.
-enum NotStarted {
-    /// The acceptance could not be audited: there is no record of it either.
-    NothingRecorded(ErrorReply),
-    /// Its record says it failed.
-    RecordedAsFailed(ErrorReply),
+/// What is settled about a dispatch before it is accepted.
+struct Checked {
+    decision: Decision,
+    plan: LanePlan,
+    /// What its lane will run under, as its record and audit record state it.
+    enforcement: dispatch_sandbox::Enforcement,
 }
 
-async fn validate(
+/// Decide a dispatch and plan its lane: the allowlist, the account, the argv, the variables
+/// passed, the work area, and whether the sandbox can run the plan. Nothing is opened for the
+/// lane yet (see [`prepare`]).
+async fn check(
     settings: &Arc<Settings>,
     peer: &Peer,
     request: &DispatchRequest,
     handle: &Handle,
-) -> Result<(Decision, dispatch_sandbox::PreparedLane), ErrorReply> {
+) -> Result<Checked, ErrorReply> {
     let (settings, peer, request, handle) = (
         settings.clone(),
         peer.clone(),
         request.clone(),
         handle.clone(),
     );
-    tokio::task::spawn_blocking(move || {
+    off_the_runtime(move || {
         let decision = Helper::decide(&settings, &peer, &request, &handle)?;
         let own = [
             settings.file.state_dir.as_path(),
@@ -642,21 +688,54 @@ async fn validate(
             exec_paths,
             change_uid: !settings.unprivileged,
         };
-        let prepared = settings.sandbox.prepare(plan).map_err(|error| {
-            reply(
-                ErrorKind::SpawnFailed,
-                format!("sandbox preparation failed, nothing ran: {error}"),
-            )
-        })?;
-        Ok((decision, prepared))
+        let enforcement = settings
+            .sandbox
+            .check(&plan)
+            .map_err(|error| preparation_failed(&error))?;
+        Ok(Checked {
+            decision,
+            plan,
+            enforcement,
+        })
     })
     .await
-    .unwrap_or_else(|join| {
-        Err(reply(
-            ErrorKind::Internal,
-            format!("validation failed: {join}"),
-        ))
+}
+
+/// The lane's Landlock ruleset and environment: what opens paths before the fork.
+async fn prepare(
+    settings: &Arc<Settings>,
+    plan: LanePlan,
+) -> Result<dispatch_sandbox::PreparedLane, ErrorReply> {
+    let settings = settings.clone();
+    off_the_runtime(move || {
+        settings
+            .sandbox
+            .prepare(plan)
+            .map_err(|error| preparation_failed(&error))
     })
+    .await
+}
+
+fn preparation_failed(error: &dispatch_sandbox::SandboxError) -> ErrorReply {
+    reply(
+        ErrorKind::SpawnFailed,
+        format!("sandbox preparation failed, nothing ran: {error}"),
+    )
+}
+
+/// Validation asks NSS (users, groups) and preparation opens paths for Landlock: both block, so
+/// neither runs on a runtime worker.
+async fn off_the_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ErrorReply> + Send + 'static,
+) -> Result<T, ErrorReply> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join| {
+            Err(reply(
+                ErrorKind::Internal,
+                format!("validation failed: {join}"),
+            ))
+        })
 }
 
 /// The variables passed to a lane, and the directories of its PATH it may run programs from.
