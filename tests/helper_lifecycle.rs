@@ -1220,6 +1220,51 @@ async fn dispatches_past_the_caps_wait_in_line_survive_a_restart_and_can_be_canc
     );
 }
 
+/// Audit records are durable once the job journal's sync returns; the log's own sync comes
+/// later. Should a crash take the log's tail before that sync (simulated: the helper killed,
+/// the log's last records cut off), the next start puts them back from the journal, in order,
+/// hash for hash, and says so in the log.
+#[tokio::test]
+async fn audit_records_a_crash_took_from_the_log_come_back_from_the_journal() {
+    let Some(mut helper) = start_helper("audit_restore", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    for task in ["exit:0", "exit:0", "exit:3"] {
+        let job = client.dispatch_ok("alice-org", "alice-repo", task).await;
+        client.result(&job.handle, 20_000).await;
+    }
+    drop(client);
+    helper.kill9();
+    let text = std::fs::read_to_string(&helper.audit).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    // The last dispatch's acceptance and end, and whatever followed them.
+    let cut_from = all
+        .iter()
+        .rposition(|line| line.contains("\"dispatch_accepted\""))
+        .unwrap();
+    let lost = all[cut_from..].to_vec();
+    assert!(lost.len() >= 2, "{lost:?}");
+    std::fs::write(&helper.audit, all[..cut_from].join("\n") + "\n").unwrap();
+    helper.launch();
+    let after = std::fs::read_to_string(&helper.audit).unwrap();
+    let after: Vec<&str> = after.lines().collect();
+    assert_eq!(
+        &after[cut_from..cut_from + lost.len()],
+        &lost[..],
+        "the records the crash took are back, unchanged and in order"
+    );
+    let repaired = helper.audited("audit_log_repaired");
+    assert!(
+        repaired.iter().any(|r| r["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("appended {} records", lost.len()))),
+        "{repaired:?}"
+    );
+    helper.assert_audit_chain_intact();
+}
+
 /// Kill -9 of the helper under 16 clients' load, three times: every dispatch whose reply
 /// arrived is in the store after the restart (final or `lost` if it was running, never
 /// `running`; one that waited for a slot waits again or has started), and the audit chain

@@ -1,13 +1,14 @@
 //! The one durable writer: audit events and job-journal appends from every task go to one
-//! thread, which writes what has queued up while it was busy and makes it durable with one
-//! `fdatasync` per file (audit log, job journal) for the whole batch: a group commit. Nobody
-//! is answered before the sync that covers their record has returned, so "acknowledged"
-//! still means "durable" (the record before a lane is spawned, the audit record before a
-//! dispatch is accepted); what changes is that 16 concurrent dispatches share those syncs
-//! instead of making 6 each.
+//! thread, which writes what has queued up while it was busy and makes all of it durable with
+//! one `fdatasync`: a group commit. The audit records are written to the audit log and, in the
+//! same commit, to the job journal, whose sync is the one that counts (the log is synced when
+//! the writer is idle and before every compaction; see `audit`). Nobody is answered before the
+//! sync that covers their record has returned, so "acknowledged" still means "durable" (the
+//! record before a lane is spawned, the audit record before a dispatch is accepted); what
+//! changes is that concurrent dispatches share one sync instead of making 6 each.
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::store::{JobStore, JournalOp};
+use crate::store::{JobRecord, JobStore, JournalOp};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -17,10 +18,9 @@ const MAX_BATCH: usize = 1024;
 enum Work {
     Audit(Box<AuditEvent>),
     Journal(JournalOp),
-    /// An audit record and the journal entry that may exist only with it (a dispatch's
-    /// acceptance and its job record): one hand-off, the entry written only once the record
-    /// is durable, and not at all if the record could not be made so.
-    Tied(Box<AuditEvent>, JournalOp),
+    /// A dispatch's acceptance and its job record, which exist together or not at all: one
+    /// journal line holds both.
+    Tied(Box<AuditEvent>, Box<JobRecord>),
 }
 
 /// Which file a commit failed on.
@@ -86,14 +86,14 @@ impl Committer {
         async move { durable.await.map_err(std::io::Error::other) }
     }
 
-    /// Commit `event`, then `op` only if `event` is durable; the error says which failed.
-    /// Queued now, as [`Committer::queue`].
+    /// Commit a dispatch's acceptance `event` and its `record` together, both or neither;
+    /// queued now, as [`Committer::queue`].
     pub fn tied(
         &self,
         event: AuditEvent,
-        op: JournalOp,
+        record: JobRecord,
     ) -> impl std::future::Future<Output = Answer> + Send + 'static {
-        self.queue(Work::Tied(Box::new(event), op))
+        self.queue(Work::Tied(Box::new(event), Box::new(record)))
     }
 }
 
@@ -111,7 +111,9 @@ pub fn start(audit: &AuditLog, store: &JobStore) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Take what is queued, commit it, answer everyone in it; again.
+/// Take what is queued, commit it, answer everyone in it; again. The audit log itself is
+/// synced before every compaction, which drops the journal's copies of its records (and when
+/// the helper stops): until then its records are durable in the journal.
 fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
     while let Ok(first) = work.recv() {
         let mut batch = vec![first];
@@ -122,64 +124,113 @@ fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
             }
         }
         commit(batch, audit, store);
-        if store.wants_compaction()
-            && let Err(error) = store.compact()
-        {
-            tracing::error!(%error, "could not compact the job journal; it keeps growing");
+        if store.wants_compaction() {
+            let compacted = audit
+                .sync()
+                .map_err(|e| e.to_string())
+                .and_then(|()| store.compact().map_err(|e| e.to_string()));
+            if let Err(error) = compacted {
+                tracing::error!(%error, "could not compact the job journal; it keeps growing");
+            }
         }
     }
 }
 
-/// One batch: the audit records first (in order, chained) with one sync, then the journal
-/// entries (in order; a tied one only if the audit records were made durable) with one sync;
-/// each caller gets the outcome of what it waits for.
+/// What one queued item becomes in the journal.
+enum Entry {
+    Journal(JournalOp),
+    /// An audit record: its line.
+    Audit,
+    /// An acceptance (its line) with its record.
+    Accepted(Box<JobRecord>),
+}
+
+/// What a caller in a batch waits for.
+#[derive(Clone, Copy)]
+enum Awaits {
+    Journal,
+    Audit,
+    /// Both: the acceptance first.
+    Accepted,
+}
+
+/// One batch, one sync: the audit records are chained and written to the log, then every
+/// journal line (the audit records' lines among them, in queue order) is appended to the
+/// journal and synced. Should the journal fail, the log is synced itself, so that audit
+/// records (a refusal, a lane's end, an acceptance whose record could not be saved) are still
+/// kept; should that fail too, they are cut off the log again. Each caller gets the outcome of
+/// what it waits for; one whose audit record could not be written has nothing in the journal.
 fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
     let mut events = Vec::new();
-    let mut waiting_audit = Vec::new();
-    // Journal entries in queue order; `true` marks one tied to an audit record.
-    let mut journal: Vec<(JournalOp, oneshot::Sender<Answer>, bool)> = Vec::new();
+    let mut entries = Vec::with_capacity(batch.len());
     for pending in batch {
-        match pending.work {
+        let entry = match pending.work {
+            Work::Journal(op) => Entry::Journal(op),
             Work::Audit(event) => {
                 events.push(*event);
-                waiting_audit.push(pending.done);
+                Entry::Audit
             }
-            Work::Journal(op) => journal.push((op, pending.done, false)),
-            Work::Tied(event, op) => {
+            Work::Tied(event, record) => {
                 events.push(*event);
-                journal.push((op, pending.done, true));
+                Entry::Accepted(record)
             }
-        }
+        };
+        entries.push((entry, pending.done));
     }
-    let mut audit_failed = None;
-    if !events.is_empty() {
-        let outcome = audit
-            .append_many_blocking(&events)
-            .map_err(|e| CommitError::Audit(e.to_string()));
-        audit_failed = outcome.clone().err();
-        for done in waiting_audit {
-            let _ = done.send(outcome.clone());
-        }
-    }
-    let mut ops = Vec::new();
-    let mut waiting_journal = Vec::new();
-    for (op, done, tied) in journal {
-        match (&audit_failed, tied) {
-            (Some(failed), true) => {
+    let staged = (!events.is_empty()).then(|| audit.stage(&events));
+    let (staged, audit_failed) = match staged {
+        Some(Ok(staged)) => (Some(staged), None),
+        Some(Err(error)) => (None, Some(CommitError::Audit(error.to_string()))),
+        None => (None, None),
+    };
+    let mut lines = staged.iter().flat_map(|s| s.lines().iter().cloned());
+    let mut ops = Vec::with_capacity(entries.len());
+    let mut waiting = Vec::with_capacity(entries.len());
+    for (entry, done) in entries {
+        let (op, awaits) = match (entry, &audit_failed) {
+            (Entry::Journal(op), _) => (op, Awaits::Journal),
+            (Entry::Audit | Entry::Accepted(_), Some(failed)) => {
                 let _ = done.send(Err(failed.clone()));
+                continue;
             }
-            _ => {
-                ops.push(op);
-                waiting_journal.push(done);
-            }
-        }
+            (Entry::Audit, None) => (
+                JournalOp::Audit(lines.next().expect("one line per event")),
+                Awaits::Audit,
+            ),
+            (Entry::Accepted(record), None) => (
+                JournalOp::Accepted {
+                    audit: lines.next().expect("one line per event"),
+                    record,
+                },
+                Awaits::Accepted,
+            ),
+        };
+        ops.push(op);
+        waiting.push((done, awaits));
     }
-    if !ops.is_empty() {
-        let outcome = store
-            .append_now(ops)
-            .map_err(|e| CommitError::Journal(e.to_string()));
-        for done in waiting_journal {
-            let _ = done.send(outcome.clone());
+    drop(lines);
+    if ops.is_empty() {
+        return;
+    }
+    let journal = store
+        .append_now(ops)
+        .map_err(|e| CommitError::Journal(e.to_string()));
+    let audited = match staged {
+        None => Ok(()),
+        Some(staged) if journal.is_ok() => {
+            staged.keep();
+            Ok(())
         }
+        Some(staged) => staged
+            .sync_and_keep()
+            .map_err(|e| CommitError::Audit(e.to_string())),
+    };
+    for (done, awaits) in waiting {
+        let answer = match awaits {
+            Awaits::Journal => journal.clone(),
+            Awaits::Audit => audited.clone(),
+            Awaits::Accepted => audited.clone().and(journal.clone()),
+        };
+        let _ = done.send(answer);
     }
 }

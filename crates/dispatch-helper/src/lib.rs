@@ -332,6 +332,12 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("open audit log: {e}"))?;
     let store = store::JobStore::open(&settings.file.state_dir)
         .map_err(|e| format!("open job store: {e}"))?;
+    // Before any compaction drops them: audit records the journal kept that a crash took from
+    // the log before its sync go back into it.
+    let restored = audit
+        .restore(&store.take_kept_audit())
+        .map_err(|e| format!("restore the audit log from the job journal: {e}"))?;
+    let audit_notes: Vec<String> = audit_repair.into_iter().chain(restored).collect();
     if store.wants_compaction() {
         store
             .compact()
@@ -357,7 +363,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     }
     // Dispatches that were waiting for a slot when the last helper stopped start now.
     helper.start_queued();
-    if let Some(note) = audit_repair {
+    for note in audit_notes {
         tracing::warn!(%note, "audit log repaired");
         helper
             .audit
@@ -419,6 +425,10 @@ async fn serve(config_path: &Path) -> Result<(), String> {
             ..Default::default()
         })
         .await;
+    // Its records are durable in the job journal; the log itself is synced before leaving.
+    if let Err(error) = helper.audit.sync() {
+        tracing::error!(%error, "could not sync the audit log at exit; the job journal keeps its records");
+    }
     Ok(())
 }
 

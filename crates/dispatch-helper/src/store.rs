@@ -1,5 +1,7 @@
 //! Durable job state, in `<state_dir>/jobs/`: a snapshot (`snapshot.jsonl`, one record per
-//! line) and a journal (`journal.jsonl`, appended: `{"save":record}` or `{"remove":handle}`).
+//! line) and a journal (`journal.jsonl`, appended: `{"save":record}`, `{"remove":handle}`, and
+//! the audit records it keeps durable for the audit log, `{"audit":line}` and a dispatch's
+//! acceptance with its record, `{"accepted":{"audit":line,"record":record}}`).
 //! Appends are group-committed (see `commit`): one `fdatasync` covers every record written
 //! meanwhile, and nobody is told a record is saved before that. At open the snapshot and the
 //! journal are read back (a torn last journal line, a write the crash interrupted before its
@@ -77,6 +79,32 @@ const COMPACT_AFTER: u64 = 4096;
 pub enum JournalOp {
     Save(Box<JobRecord>),
     Remove(String),
+    /// An audit record's line, kept durable here for the audit log (see `audit`).
+    Audit(String),
+    /// A dispatch's acceptance (its audit record's line) and its job record, in one line: a
+    /// crash keeps both or neither.
+    Accepted {
+        audit: String,
+        record: Box<JobRecord>,
+    },
+}
+
+impl JournalOp {
+    /// The record this line saves, if any.
+    fn saved(&self) -> Option<&JobRecord> {
+        match self {
+            JournalOp::Save(record) | JournalOp::Accepted { record, .. } => Some(record),
+            JournalOp::Remove(_) | JournalOp::Audit(_) => None,
+        }
+    }
+
+    /// The audit record's line this one keeps, if any.
+    fn audit_line(&self) -> Option<&str> {
+        match self {
+            JournalOp::Audit(line) | JournalOp::Accepted { audit: line, .. } => Some(line),
+            JournalOp::Save(_) | JournalOp::Remove(_) => None,
+        }
+    }
 }
 
 /// Where a record's latest line is.
@@ -104,6 +132,8 @@ struct State {
     /// Set when a failed append could not be undone: later appends are refused (fail closed)
     /// rather than written after a damaged line.
     damaged: Option<String>,
+    /// The audit records the journal held at open, in order, until taken for the audit log.
+    kept_audit: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -144,6 +174,7 @@ impl JobStore {
             journal_entries: 0,
             legacy: Vec::new(),
             damaged: None,
+            kept_audit: Vec::new(),
         };
         read_legacy(&dir, &mut state, writable)?;
         read_snapshot(&dir.join("snapshot.jsonl"), &mut state.index)?;
@@ -162,6 +193,12 @@ impl JobStore {
 
     fn journal_path(&self) -> PathBuf {
         self.dir.join("journal.jsonl")
+    }
+
+    /// The audit records the journal held when it was opened, in order (once): at start, for
+    /// [`crate::audit::AuditLog::restore`], before the first compaction drops them.
+    pub fn take_kept_audit(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().kept_audit)
     }
 
     pub(crate) fn attach(&self, committer: crate::commit::Committer) {
@@ -269,17 +306,9 @@ impl JobStore {
             return Err(error);
         }
         let mut offset = before;
-        for (op, line) in ops.into_iter().zip(&lines) {
+        for (op, line) in ops.iter().zip(&lines) {
             let len = line.len() as u64 - 1;
-            match op {
-                JournalOp::Save(record) => {
-                    let at = Location::Journal { offset, len };
-                    state.index.insert(record.job.handle, at);
-                }
-                JournalOp::Remove(handle) => {
-                    state.index.remove(&handle);
-                }
-            }
+            index_line(&mut state.index, op, Location::Journal { offset, len });
             offset += line.len() as u64;
         }
         state.journal_entries += lines.len() as u64;
@@ -307,8 +336,10 @@ impl JobStore {
             }
             Location::Journal { offset, len } => {
                 match serde_json::from_slice(&read_at(&self.journal_path(), *offset, *len)?) {
-                    Ok(JournalOp::Save(record)) => Ok(*record),
-                    Ok(JournalOp::Remove(_)) => Err(io_error("the index points at a removal")),
+                    Ok(JournalOp::Save(record) | JournalOp::Accepted { record, .. }) => Ok(*record),
+                    Ok(JournalOp::Remove(_) | JournalOp::Audit(_)) => {
+                        Err(io_error("the index points at a line that saves no record"))
+                    }
                     Err(error) => Err(std::io::Error::other(error)),
                 }
             }
@@ -474,6 +505,15 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
     Ok(())
 }
 
+/// Where the record a journal line saves now is (or that a removed one is gone).
+fn index_line(index: &mut HashMap<String, Location>, op: &JournalOp, at: Location) {
+    if let Some(record) = op.saved() {
+        index.insert(record.job.handle.clone(), at);
+    } else if let JournalOp::Remove(handle) = op {
+        index.remove(handle);
+    }
+}
+
 /// Apply the journal to the index; a torn last line (no newline: its commit never returned)
 /// is cut off. A damaged line before the last one stops the helper (nothing guesses).
 fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Result<()> {
@@ -501,17 +541,13 @@ fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Re
         let body = &line[..line.len() - 1];
         let op: JournalOp = serde_json::from_slice(body)
             .map_err(|e| io_error(format!("journal {} at byte {offset}: {e}", path.display())))?;
-        match op {
-            JournalOp::Save(record) => {
-                let at = Location::Journal {
-                    offset,
-                    len: body.len() as u64,
-                };
-                state.index.insert(record.job.handle, at);
-            }
-            JournalOp::Remove(handle) => {
-                state.index.remove(&handle);
-            }
+        let at = Location::Journal {
+            offset,
+            len: body.len() as u64,
+        };
+        index_line(&mut state.index, &op, at);
+        if let Some(audit) = op.audit_line() {
+            state.kept_audit.push(audit.to_owned());
         }
         offset += line.len() as u64;
         state.journal_entries += 1;
@@ -541,6 +577,43 @@ mod tests {
             .into_iter()
             .map(|r| (r.job.handle, r.job.state.as_str().to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn an_acceptance_line_saves_its_record_and_audit_lines_are_kept_for_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store
+            .append_now(vec![
+                JournalOp::Audit("{\"seq\":1}".into()),
+                JournalOp::Accepted {
+                    audit: "{\"seq\":2}".into(),
+                    record: Box::new(record("d-1", "Running")),
+                },
+                JournalOp::Save(Box::new(record("d-2", "Queued"))),
+            ])
+            .unwrap();
+        assert_eq!(store.load("d-1").unwrap().job.state.as_str(), "running");
+        drop(store);
+        let reopened = JobStore::open(dir.path()).unwrap();
+        assert_eq!(
+            states(&reopened),
+            vec![
+                ("d-1".to_owned(), "running".to_owned()),
+                ("d-2".to_owned(), "queued".to_owned())
+            ]
+        );
+        assert_eq!(
+            reopened.take_kept_audit(),
+            vec!["{\"seq\":1}".to_owned(), "{\"seq\":2}".to_owned()]
+        );
+        assert!(reopened.take_kept_audit().is_empty(), "taken once");
+        // Compaction keeps the records, not the audit lines (the log is synced before it).
+        reopened.compact().unwrap();
+        drop(reopened);
+        let compacted = JobStore::open(dir.path()).unwrap();
+        assert_eq!(states(&compacted).len(), 2);
+        assert!(compacted.take_kept_audit().is_empty());
     }
 
     #[test]

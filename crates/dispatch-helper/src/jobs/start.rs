@@ -513,23 +513,27 @@ impl Helper {
         ))
     }
 
-    /// Queue `event`, then `record` only once `event` is durable, now (their place in the
-    /// writer's order is taken here): through the writer in one hand-off, or (before it runs)
-    /// one after the other.
+    /// Commit a dispatch's acceptance `event` and its `record`, both or neither, queued now
+    /// (their place in the writer's order is taken here): in one journal line through the
+    /// writer, or (before it runs) one after the other, the record only once the acceptance is
+    /// durable.
     fn commit_tied(
         &self,
         event: AuditEvent,
         record: &JobRecord,
     ) -> impl Future<Output = Result<(), CommitError>> + Send + 'static {
-        let queued = self.store.committer().map(|committer| {
-            let op = crate::store::JournalOp::Save(Box::new(record.clone()));
-            committer.tied(event.clone(), op)
-        });
-        let (audit, store, record) = (self.audit.clone(), self.store.clone(), record.clone());
+        let (queued, unqueued) = match self.store.committer() {
+            Some(committer) => (Some(committer.tied(event, record.clone())), None),
+            None => {
+                let (audit, store) = (self.audit.clone(), self.store.clone());
+                (None, Some((event, record.clone(), audit, store)))
+            }
+        };
         async move {
             if let Some(durable) = queued {
                 return durable.await;
             }
+            let (event, record, audit, store) = unqueued.expect("one or the other");
             audit
                 .append(event)
                 .await
