@@ -1259,7 +1259,7 @@ async fn audit_records_a_crash_took_from_the_log_come_back_from_the_journal() {
         repaired.iter().any(|r| r["detail"]
             .as_str()
             .unwrap_or_default()
-            .contains(&format!("appended {} records", lost.len()))),
+            .contains(&format!("wrote back {} records", lost.len()))),
         "{repaired:?}"
     );
     helper.assert_audit_chain_intact();

@@ -1,11 +1,11 @@
 //! The audit log: JSON Lines, append-only, one record per event, each durable before the
 //! helper acts on it, each carrying the hash of the previous record.
 //!
-//! Durable how: while the helper runs, a record is written to the log and, in the same commit,
-//! to the job journal, and that journal's sync is what makes it durable (`commit`): one sync
-//! per commit for audit and job records together. The log itself is synced once the writer is
-//! idle, and always before the journal is compacted; at start, any record the journal holds
-//! beyond the log's end is appended to the log ([`AuditLog::restore`]).
+//! Durable how: while the helper runs, a commit's records go into the job journal first, whose
+//! sync is what makes them durable (one sync per commit for audit and job records together),
+//! and then into the log (see [`ahead`]); the log is synced every 64 KiB and always before the
+//! journal is compacted, and at start whatever the journal kept that the log lost or holds
+//! damaged is written back ([`AuditLog::restore`]).
 //!
 //! A line is a JSON object whose last member is `"hash"`: the SHA-256 (hex) of the line's bytes
 //! without that member, i.e. of `{…,"prev":"<previous hash>"}`. Because `prev` is inside what
@@ -15,10 +15,13 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+mod ahead;
+pub use ahead::KeptAudit;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -86,14 +89,15 @@ pub enum AuditError {
 
 struct Writer {
     path: PathBuf,
-    /// Set when a failed write could not be undone: every later append is refused (fail closed)
-    /// rather than chained onto a damaged file.
+    /// Set when the log can no longer be trusted to take records (a write or sync failed, or
+    /// could not be undone): every later append is refused (fail closed) rather than chained
+    /// onto a damaged file. Records the journal kept go back into the log at the next start.
     damaged: Option<String>,
     seq: u64,
     prev: String,
-    /// The log (as the last commit opened it) when records were written to it since its last
-    /// sync: they are durable in the job journal meanwhile.
-    unsynced: Option<File>,
+    /// The log (as the last commit opened it) and how many bytes were written to it since its
+    /// last sync: durable in the job journal meanwhile.
+    unsynced: Option<(File, u64)>,
 }
 
 #[derive(Clone)]
@@ -145,164 +149,15 @@ impl AuditLog {
     }
 
     /// Append `events` in order, chained, with one `fdatasync` for all of them (before the
-    /// writer runs). All or nothing: a failed write is cut off again.
+    /// writer runs, and for tests). All or nothing: a failed write is cut off again.
     pub fn append_many_blocking(&self, events: &[AuditEvent]) -> Result<(), AuditError> {
-        self.stage(events)?.sync_and_keep()
+        self.chain(events)?.write_and_sync()
     }
 
     fn writer(&self) -> MutexGuard<'_, Writer> {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Chain `events` after the head and write them to the log, not yet synced: the chain's head
-    /// moves past them only with [`Staged::keep`], once something made them durable; otherwise
-    /// they are cut off again.
-    pub(crate) fn stage(&self, events: &[AuditEvent]) -> Result<Staged<'_>, AuditError> {
-        let mut writer = self.writer();
-        let path = writer.path.display().to_string();
-        if let Some(why) = &writer.damaged {
-            return Err(AuditError::Corrupt {
-                path,
-                message: why.clone(),
-            });
-        }
-        let (mut seq, mut prev) = (writer.seq, writer.prev.clone());
-        let mut lines = Vec::with_capacity(events.len());
-        for event in events {
-            seq += 1;
-            let body = serde_json::to_string(&Line {
-                seq,
-                time: crate::now_rfc3339(),
-                event,
-                claimed_client_note: event
-                    .claimed_client
-                    .as_ref()
-                    .map(|_| "claimed by the front, not verified"),
-                prev: &prev,
-            })
-            .expect("audit records serialize");
-            let hash = hex(&Sha256::digest(body.as_bytes()));
-            lines.push(format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]));
-            prev = hash;
-        }
-        let io = |source| AuditError::Io {
-            path: path.clone(),
-            source,
-        };
-        // Opened per commit, so a log that was replaced or made unwritable is noticed at once
-        // (and the dispatch refused) rather than written to an unlinked inode. A log that was
-        // removed is started again; `verify` then reports its first line as a broken link.
-        let created = !writer.path.exists();
-        let file = open_for_append(&writer.path).map_err(io)?;
-        if created && let Some(dir) = writer.path.parent() {
-            // The new file's name durable before any record in it is acknowledged (after the
-            // write, a failure here would leave written records the chain head does not know).
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        let meta = file.metadata().map_err(io)?;
-        // The log was replaced since the last commit: what went to the one before is synced
-        // now, while it can still be reached.
-        let replaced = writer
-            .unsynced
-            .as_ref()
-            .and_then(|last| last.metadata().ok())
-            .is_some_and(|last| (last.dev(), last.ino()) != (meta.dev(), meta.ino()));
-        if replaced {
-            writer.sync_written().map_err(|e| AuditError::Corrupt {
-                path: path.clone(),
-                message: format!(
-                    "the log was replaced, and the one before could not be synced: {e}"
-                ),
-            })?;
-        }
-        let before = meta.len();
-        let mut staged = Staged {
-            writer,
-            file,
-            before,
-            lines,
-            head: (seq, prev),
-            kept: false,
-        };
-        let mut bytes = staged.lines.join("\n");
-        bytes.push('\n');
-        if let Err(error) = staged.file.write_all(bytes.as_bytes()) {
-            return Err(staged.io(error));
-        }
-        Ok(staged)
-    }
-
-    /// Sync the log if records were written since its last sync.
-    pub(crate) fn sync(&self) -> Result<(), AuditError> {
-        self.writer().sync_written()
-    }
-
-    /// At start: append the records the job journal kept (`kept`, in order) that are beyond
-    /// the log's end (a crash took them before the log's own sync), and sync the log. Returns a
-    /// note for the log itself when any were appended.
-    pub fn restore(&self, kept: &[String]) -> Result<Option<String>, AuditError> {
-        let mut writer = self.writer();
-        let path = writer.path.display().to_string();
-        let corrupt = |message: String| AuditError::Corrupt {
-            path: path.clone(),
-            message,
-        };
-        let mut missing = Vec::new();
-        for line in kept {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| corrupt(format!("an audit record the job journal kept: {e}")))?;
-            let (Some(seq), Some(hash), Some(prev)) = (
-                value["seq"].as_u64(),
-                value["hash"].as_str(),
-                value["prev"].as_str(),
-            ) else {
-                return Err(corrupt(
-                    "an audit record the job journal kept has no seq, hash or prev".into(),
-                ));
-            };
-            if seq > writer.seq {
-                missing.push((line, seq, hash.to_owned(), prev.to_owned()));
-            }
-        }
-        let Some((_, first_seq, _, first_prev)) = missing.first() else {
-            // All there, but perhaps not yet on disk (the last helper was killed before its
-            // sync): synced before a compaction drops the journal's copies.
-            if !kept.is_empty() {
-                let io = |source| AuditError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                let file = open_for_append(&writer.path).map_err(io)?;
-                crate::store::sync_data(&file).map_err(io)?;
-            }
-            return Ok(None);
-        };
-        let continues = *first_seq == writer.seq + 1 && *first_prev == writer.prev;
-        let mut bytes = String::new();
-        for (line, ..) in &missing {
-            bytes.push_str(line);
-            bytes.push('\n');
-        }
-        let io = |source| AuditError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut file = open_for_append(&writer.path).map_err(io)?;
-        file.write_all(bytes.as_bytes())
-            .and_then(|()| crate::store::sync_data(&file))
-            .map_err(io)?;
-        let (_, seq, hash, _) = missing.last().expect("not empty");
-        (writer.seq, writer.prev) = (*seq, hash.clone());
-        let mut note = format!(
-            "appended {} records (seq {first_seq} to {seq}) that the job journal kept durable and a crash took from this log before its sync",
-            missing.len()
-        );
-        if !continues {
-            note.push_str("; they do not continue this log's chain (was the log replaced?)");
-        }
-        Ok(Some(note))
     }
 
     /// Append from async code without blocking a runtime worker on fsync: through the group
@@ -320,95 +175,6 @@ impl AuditLog {
                     message: format!("audit writer panicked: {join}"),
                 })
             })
-    }
-}
-
-impl Writer {
-    fn sync_written(&mut self) -> Result<(), AuditError> {
-        let Some(file) = &self.unsynced else {
-            return Ok(());
-        };
-        crate::store::sync_data(file).map_err(|source| AuditError::Io {
-            path: self.path.display().to_string(),
-            source,
-        })?;
-        self.unsynced = None;
-        Ok(())
-    }
-}
-
-/// Audit records written to the log, not yet kept (see [`AuditLog::stage`]).
-pub(crate) struct Staged<'a> {
-    writer: MutexGuard<'a, Writer>,
-    file: File,
-    /// The log's length before them, to cut them off again.
-    before: u64,
-    lines: Vec<String>,
-    /// The chain's head after them.
-    head: (u64, String),
-    kept: bool,
-}
-
-impl Staged<'_> {
-    /// Each record's line, as written (without its newline).
-    pub(crate) fn lines(&self) -> &[String] {
-        &self.lines
-    }
-
-    /// They are durable elsewhere (the job journal): the chain goes on from them, and the log
-    /// needs a sync.
-    pub(crate) fn keep(mut self) {
-        self.advance(false);
-    }
-
-    /// Make them durable in the log itself, and keep them.
-    pub(crate) fn sync_and_keep(mut self) -> Result<(), AuditError> {
-        if let Err(error) = crate::store::sync_data(&self.file) {
-            return Err(self.io(error));
-        }
-        self.advance(true);
-        Ok(())
-    }
-
-    fn advance(&mut self, synced: bool) {
-        self.writer.seq = self.head.0;
-        self.writer.prev = std::mem::take(&mut self.head.1);
-        // A sync covers every earlier record too. Without a handle to sync later (no fd left),
-        // sync now rather than lose track.
-        self.writer.unsynced = match (synced, self.file.try_clone()) {
-            (true, _) => None,
-            (false, Ok(file)) => Some(file),
-            (false, Err(_)) => {
-                let _ = crate::store::sync_data(&self.file);
-                None
-            }
-        };
-        self.kept = true;
-    }
-
-    fn io(self, source: std::io::Error) -> AuditError {
-        AuditError::Io {
-            path: self.writer.path.display().to_string(),
-            source,
-        }
-    }
-}
-
-impl Drop for Staged<'_> {
-    /// Not kept: cut them off so the chain stays intact; if even that fails, stop.
-    fn drop(&mut self) {
-        if self.kept {
-            return;
-        }
-        if let Err(error) = self
-            .file
-            .set_len(self.before)
-            .and_then(|()| self.file.sync_data())
-        {
-            self.writer.damaged = Some(format!(
-                "records that were not kept could not be cut off again ({error}); repair the log's last line and restart the helper"
-            ));
-        }
     }
 }
 
@@ -553,6 +319,7 @@ pub fn verify(path: &Path) -> Result<u64, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn the_last_link_is_found_when_the_window_starts_inside_a_character() {
@@ -614,53 +381,111 @@ mod tests {
         }
     }
 
+    /// What the journal keeps of a log's lines: each with its offset.
+    fn kept(path: &Path) -> Vec<KeptAudit> {
+        let mut at = 0;
+        lines(path)
+            .into_iter()
+            .map(|line| {
+                let record = KeptAudit { at, line };
+                at += record.line.len() as u64 + 1;
+                record
+            })
+            .collect()
+    }
+
     #[test]
-    fn staged_records_are_cut_off_unless_kept() {
+    fn chained_records_reach_the_log_only_when_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 2);
         let (log, _) = AuditLog::open(&path).unwrap();
-        let staged = log.stage(&[event("d-x"), event("d-y")]).unwrap();
-        assert_eq!(staged.lines().len(), 2);
-        assert_eq!(lines(&path).len(), 4, "written before they are kept");
-        drop(staged);
-        assert_eq!(lines(&path).len(), 2, "cut off again when not kept");
-        log.stage(&[event("d-z")]).unwrap().keep();
+        let chained = log.chain(&[event("d-x"), event("d-y")]).unwrap();
+        let offsets: Vec<u64> = chained.lines().iter().map(|k| k.at).collect();
+        assert_eq!(offsets[0], std::fs::metadata(&path).unwrap().len());
+        assert_eq!(
+            lines(&path).len(),
+            2,
+            "nothing written before the journal has them"
+        );
+        drop(chained);
+        log.chain(&[event("d-z")]).unwrap().write().unwrap();
+        assert!(log.unsynced_bytes() > 0);
         log.sync().unwrap();
+        assert_eq!(log.unsynced_bytes(), 0);
         assert_eq!(verify(&path).unwrap(), 3);
         assert!(lines(&path)[2].contains("d-z"));
     }
 
     #[test]
-    fn records_the_journal_kept_beyond_the_log_go_back_into_it_in_order() {
+    fn records_the_journal_kept_that_a_crash_took_go_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 5);
         let all = lines(&path);
+        let journal = kept(&path);
         // A crash took the last two from the log before its sync; the journal kept four.
         rewrite(&path, &all[..3]);
         let (log, _) = AuditLog::open(&path).unwrap();
-        let note = log.restore(&all[1..]).unwrap().expect("a note");
-        assert!(note.contains("appended 2 records (seq 4 to 5)"), "{note}");
+        let note = log.restore(&journal[1..]).unwrap().expect("a note");
+        assert!(note.contains("wrote back 2 records (seq 4 to 5)"), "{note}");
         assert!(!note.contains("replaced"), "{note}");
         assert_eq!(lines(&path), all);
-        assert_eq!(verify(&path).unwrap(), 5);
-        // The chain goes on from them, and nothing is appended twice.
-        assert_eq!(log.restore(&all).unwrap(), None);
+        // The chain goes on from them, and nothing is written twice.
+        assert_eq!(log.restore(&journal).unwrap(), None);
         log.append_blocking(&event("d-6")).unwrap();
         assert_eq!(verify(&path).unwrap(), 6);
     }
 
     #[test]
-    fn kept_records_that_do_not_continue_the_log_are_appended_and_said_so() {
+    fn a_damaged_unsynced_stretch_is_rewritten_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 5);
+        let all = lines(&path);
+        let journal = kept(&path);
+        // A power loss left zeros where record 3 was, and records 4 and 5 whole.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let third = journal[2].at as usize..journal[2].at as usize + journal[2].line.len();
+        bytes[third].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(verify(&path).is_err());
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let note = log.restore(&journal).unwrap().expect("a note");
+        assert!(note.contains("wrote back 3 records (seq 3 to 5)"), "{note}");
+        assert!(note.contains("damaged bytes were replaced"), "{note}");
+        assert_eq!(lines(&path), all);
+        assert_eq!(verify(&path).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_damaged_end_after_every_kept_record_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3);
+        let journal = kept(&path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"\0\0\0\0\"seq\":4}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let note = log.restore(&journal).unwrap().expect("a note");
+        assert!(note.contains("cut 13 damaged bytes"), "{note}");
+        log.append_blocking(&event("d-4")).unwrap();
+        assert_eq!(verify(&path).unwrap(), 4);
+    }
+
+    #[test]
+    fn kept_records_that_do_not_continue_a_replaced_log_are_appended_and_said_so() {
         let dir = tempfile::tempdir().unwrap();
         let old = write_log(dir.path(), 4);
-        let kept = lines(&old);
-        // The log was replaced by a shorter one of another chain while the helper was down.
+        let journal = kept(&old);
+        // The log was replaced by a shorter one of another chain while the helper was down:
+        // nothing of it is cut.
         let other = tempfile::tempdir().unwrap();
         let path = write_log(other.path(), 2);
+        let before = lines(&path);
         let (log, _) = AuditLog::open(&path).unwrap();
-        let note = log.restore(&kept).unwrap().expect("a note");
-        assert!(note.contains("appended 2 records (seq 3 to 4)"), "{note}");
+        let note = log.restore(&journal[2..]).unwrap().expect("a note");
+        assert!(note.contains("wrote back 2 records (seq 3 to 4)"), "{note}");
         assert!(note.contains("do not continue this log's chain"), "{note}");
+        assert_eq!(lines(&path)[..2], before[..]);
+        assert_eq!(lines(&path).len(), 4);
         // verify names the break rather than passing it.
         assert!(verify(&path).is_err());
     }

@@ -1,8 +1,8 @@
 //! The one durable writer: audit events and job-journal appends from every task go to one
 //! thread, which writes what has queued up while it was busy and makes all of it durable with
-//! one `fdatasync`: a group commit. The audit records are written to the audit log and, in the
-//! same commit, to the job journal, whose sync is the one that counts (the log is synced when
-//! the writer is idle and before every compaction; see `audit`). Nobody is answered before the
+//! one `fdatasync`: a group commit. The audit records go into the job journal with the rest,
+//! whose sync is the one that counts, and then into the audit log (synced every 64 KiB and
+//! before every compaction; see `audit::ahead`). Nobody is answered before the
 //! sync that covers their record has returned, so "acknowledged" still means "durable" (the
 //! record before a lane is spawned, the audit record before a dispatch is accepted); what
 //! changes is that concurrent dispatches share one sync instead of making 6 each.
@@ -112,8 +112,8 @@ pub fn start(audit: &AuditLog, store: &JobStore) -> std::io::Result<()> {
 }
 
 /// Take what is queued, commit it, answer everyone in it; again. The audit log itself is
-/// synced before every compaction, which drops the journal's copies of its records (and when
-/// the helper stops): until then its records are durable in the journal.
+/// synced once enough is written to it, and before every compaction (which drops the
+/// journal's copies of its records); until then its records are durable in the journal.
 fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
     while let Ok(first) = work.recv() {
         let mut batch = vec![first];
@@ -124,17 +124,23 @@ fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
             }
         }
         commit(batch, audit, store);
-        if store.wants_compaction() {
-            let compacted = audit
-                .sync()
-                .map_err(|e| e.to_string())
-                .and_then(|()| store.compact().map_err(|e| e.to_string()));
-            if let Err(error) = compacted {
-                tracing::error!(%error, "could not compact the job journal; it keeps growing");
-            }
+        let compact = store.wants_compaction();
+        if (compact || audit.unsynced_bytes() >= AUDIT_SYNC_BYTES)
+            && let Err(error) = audit.sync()
+        {
+            // The log is stopped (fail closed); the journal keeps its records, uncompacted.
+            tracing::error!(%error, "could not sync the audit log");
+            continue;
+        }
+        if compact && let Err(error) = store.compact() {
+            tracing::error!(%error, "could not compact the job journal; it keeps growing");
         }
     }
 }
+
+/// The audit log is synced once this much was written to it unsynced: what a crash can take
+/// from its end stays small (the journal has it all the same).
+const AUDIT_SYNC_BYTES: u64 = 64 * 1024;
 
 /// What one queued item becomes in the journal.
 enum Entry {
@@ -154,13 +160,54 @@ enum Awaits {
     Accepted,
 }
 
-/// One batch, one sync: the audit records are chained and written to the log, then every
-/// journal line (the audit records' lines among them, in queue order) is appended to the
-/// journal and synced. Should the journal fail, the log is synced itself, so that audit
-/// records (a refusal, a lane's end, an acceptance whose record could not be saved) are still
-/// kept; should that fail too, they are cut off the log again. Each caller gets the outcome of
-/// what it waits for; one whose audit record could not be written has nothing in the journal.
+/// One batch, one sync: the audit records are chained (the log opened for them), every journal
+/// line (the audit records' lines among them, in queue order) is appended to the journal and
+/// synced, and only then are the audit records written to the log: it never holds one the
+/// journal does not. Should the journal fail, they are written to the log and synced there, so
+/// refusals, ends and an acceptance whose record could not be saved are still audited. Each
+/// caller gets the outcome of what it waits for; one whose audit record could not be written
+/// has nothing in the journal.
 fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
+    let (events, entries) = sort_batch(batch);
+    let (chained, refused) = match (!events.is_empty()).then(|| audit.chain(&events)) {
+        Some(Ok(chained)) => (Some(chained), None),
+        Some(Err(error)) => (None, Some(CommitError::Audit(error.to_string()))),
+        None => (None, None),
+    };
+    let lines = chained.as_ref().map_or(&[][..], |c| c.lines());
+    let (ops, waiting) = journal_lines(entries, lines, refused.as_ref());
+    if ops.is_empty() {
+        return;
+    }
+    let journal = store
+        .append_now(ops)
+        .map_err(|e| CommitError::Journal(e.to_string()));
+    let audited = match chained {
+        None => Ok(()),
+        Some(chained) if journal.is_ok() => {
+            if let Err(error) = chained.write() {
+                // Durable in the journal all the same: the log is stopped, and gets them back
+                // at the next start.
+                tracing::error!(%error, "could not write the audit log");
+            }
+            Ok(())
+        }
+        Some(chained) => chained
+            .write_and_sync()
+            .map_err(|e| CommitError::Audit(e.to_string())),
+    };
+    for (done, awaits) in waiting {
+        let answer = match awaits {
+            Awaits::Journal => journal.clone(),
+            Awaits::Audit => audited.clone(),
+            Awaits::Accepted => audited.clone().and(journal.clone()),
+        };
+        let _ = done.send(answer);
+    }
+}
+
+/// The batch's audit events, in order, and what each item becomes.
+fn sort_batch(batch: Vec<Pending>) -> (Vec<AuditEvent>, Vec<(Entry, oneshot::Sender<Answer>)>) {
     let mut events = Vec::new();
     let mut entries = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -177,20 +224,25 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
         };
         entries.push((entry, pending.done));
     }
-    let staged = (!events.is_empty()).then(|| audit.stage(&events));
-    let (staged, audit_failed) = match staged {
-        Some(Ok(staged)) => (Some(staged), None),
-        Some(Err(error)) => (None, Some(CommitError::Audit(error.to_string()))),
-        None => (None, None),
-    };
-    let mut lines = staged.iter().flat_map(|s| s.lines().iter().cloned());
+    (events, entries)
+}
+
+/// The journal lines of a batch, in queue order, with who waits for what. Audit records take
+/// their chained `lines` in order; if they were `refused`, their callers are answered now and
+/// nothing of theirs is written.
+fn journal_lines(
+    entries: Vec<(Entry, oneshot::Sender<Answer>)>,
+    lines: &[crate::audit::KeptAudit],
+    refused: Option<&CommitError>,
+) -> (Vec<JournalOp>, Vec<(oneshot::Sender<Answer>, Awaits)>) {
+    let mut lines = lines.iter().cloned();
     let mut ops = Vec::with_capacity(entries.len());
     let mut waiting = Vec::with_capacity(entries.len());
     for (entry, done) in entries {
-        let (op, awaits) = match (entry, &audit_failed) {
+        let (op, awaits) = match (entry, refused) {
             (Entry::Journal(op), _) => (op, Awaits::Journal),
-            (Entry::Audit | Entry::Accepted(_), Some(failed)) => {
-                let _ = done.send(Err(failed.clone()));
+            (Entry::Audit | Entry::Accepted(_), Some(refused)) => {
+                let _ = done.send(Err(refused.clone()));
                 continue;
             }
             (Entry::Audit, None) => (
@@ -208,29 +260,5 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
         ops.push(op);
         waiting.push((done, awaits));
     }
-    drop(lines);
-    if ops.is_empty() {
-        return;
-    }
-    let journal = store
-        .append_now(ops)
-        .map_err(|e| CommitError::Journal(e.to_string()));
-    let audited = match staged {
-        None => Ok(()),
-        Some(staged) if journal.is_ok() => {
-            staged.keep();
-            Ok(())
-        }
-        Some(staged) => staged
-            .sync_and_keep()
-            .map_err(|e| CommitError::Audit(e.to_string())),
-    };
-    for (done, awaits) in waiting {
-        let answer = match awaits {
-            Awaits::Journal => journal.clone(),
-            Awaits::Audit => audited.clone(),
-            Awaits::Accepted => audited.clone().and(journal.clone()),
-        };
-        let _ = done.send(answer);
-    }
+    (ops, waiting)
 }

@@ -9,6 +9,7 @@
 //! aside, synced, renamed). Records of older helpers (one `<handle>.json` each) are read and
 //! folded in too. Only an index (where each record's latest line is) stays in memory.
 
+use crate::audit::KeptAudit;
 use dispatch_proto::JobView;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -80,11 +81,11 @@ pub enum JournalOp {
     Save(Box<JobRecord>),
     Remove(String),
     /// An audit record's line, kept durable here for the audit log (see `audit`).
-    Audit(String),
+    Audit(KeptAudit),
     /// A dispatch's acceptance (its audit record's line) and its job record, in one line: a
     /// crash keeps both or neither.
     Accepted {
-        audit: String,
+        audit: KeptAudit,
         record: Box<JobRecord>,
     },
 }
@@ -99,7 +100,7 @@ impl JournalOp {
     }
 
     /// The audit record's line this one keeps, if any.
-    fn audit_line(&self) -> Option<&str> {
+    fn audit_line(&self) -> Option<&KeptAudit> {
         match self {
             JournalOp::Audit(line) | JournalOp::Accepted { audit: line, .. } => Some(line),
             JournalOp::Save(_) | JournalOp::Remove(_) => None,
@@ -133,7 +134,7 @@ struct State {
     /// rather than written after a damaged line.
     damaged: Option<String>,
     /// The audit records the journal held at open, in order, until taken for the audit log.
-    kept_audit: Vec<String>,
+    kept_audit: Vec<KeptAudit>,
 }
 
 #[derive(Clone)]
@@ -197,7 +198,7 @@ impl JobStore {
 
     /// The audit records the journal held when it was opened, in order (once): at start, for
     /// [`crate::audit::AuditLog::restore`], before the first compaction drops them.
-    pub fn take_kept_audit(&self) -> Vec<String> {
+    pub fn take_kept_audit(&self) -> Vec<KeptAudit> {
         std::mem::take(&mut self.lock().kept_audit)
     }
 
@@ -547,7 +548,7 @@ fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Re
         };
         index_line(&mut state.index, &op, at);
         if let Some(audit) = op.audit_line() {
-            state.kept_audit.push(audit.to_owned());
+            state.kept_audit.push(audit.clone());
         }
         offset += line.len() as u64;
         state.journal_entries += 1;
@@ -579,15 +580,22 @@ mod tests {
             .collect()
     }
 
+    fn kept(at: u64, line: &str) -> KeptAudit {
+        KeptAudit {
+            at,
+            line: line.into(),
+        }
+    }
+
     #[test]
     fn an_acceptance_line_saves_its_record_and_audit_lines_are_kept_for_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
         store
             .append_now(vec![
-                JournalOp::Audit("{\"seq\":1}".into()),
+                JournalOp::Audit(kept(0, "{\"seq\":1}")),
                 JournalOp::Accepted {
-                    audit: "{\"seq\":2}".into(),
+                    audit: kept(11, "{\"seq\":2}"),
                     record: Box::new(record("d-1", "Running")),
                 },
                 JournalOp::Save(Box::new(record("d-2", "Queued"))),
@@ -605,7 +613,7 @@ mod tests {
         );
         assert_eq!(
             reopened.take_kept_audit(),
-            vec!["{\"seq\":1}".to_owned(), "{\"seq\":2}".to_owned()]
+            vec![kept(0, "{\"seq\":1}"), kept(11, "{\"seq\":2}")]
         );
         assert!(reopened.take_kept_audit().is_empty(), "taken once");
         // Compaction keeps the records, not the audit lines (the log is synced before it).

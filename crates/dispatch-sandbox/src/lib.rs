@@ -293,6 +293,15 @@ impl Sandbox {
     /// Prepare a lane in the helper: Landlock ruleset and environment for this lane.
     pub fn prepare(&self, plan: LanePlan) -> Result<PreparedLane, SandboxError> {
         let enforcement = self.check(&plan)?;
+        self.prepare_checked(plan, enforcement)
+    }
+
+    /// [`Sandbox::prepare`] of a plan [`Sandbox::check`] passed, with what it returned.
+    pub fn prepare_checked(
+        &self,
+        plan: LanePlan,
+        enforcement: Enforcement,
+    ) -> Result<PreparedLane, SandboxError> {
         let env = build_env(&plan, &self.policy)?;
         let landlock = landlock_rules::build(&plan, &self.policy, self.shared_paths.as_ref())?;
         Ok(PreparedLane {

@@ -72,13 +72,13 @@ impl Helper {
         let owner = peer.identity.uid;
         let Checked {
             decision,
-            plan,
-            enforcement,
+            lane: planned,
         } = match check(&settings, peer, &request, &handle).await {
             Ok(checked) => checked,
             Err(reason) => return Err(self.rejected(peer, &request, reason).await),
         };
-        let mut record = new_record(peer, &request, &handle, decision, &enforcement, &settings);
+        let enforcement = &planned.enforcement;
+        let mut record = new_record(peer, &request, &handle, decision, enforcement, &settings);
         let lane = lane_key(&record.job);
         // Decided before the audit record, so that a refused dispatch is never "accepted".
         let admitted = match self.admit(owner, &lane, &settings.file.limits) {
@@ -100,9 +100,12 @@ impl Helper {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(handle.to_string(), request.lane_env.clone());
         }
-        let accepted = accepted_event(peer, &record, &enforcement);
+        let accepted = accepted_event(peer, &record, enforcement);
         match admitted {
-            Admitted::Now => self.accept_and_launch(record, plan, accepted).await,
+            Admitted::Now => {
+                self.accept_and_launch(&settings, record, planned, accepted)
+                    .await
+            }
             Admitted::Queued => self.enqueue(record, accepted).await,
         }
     }
@@ -111,15 +114,17 @@ impl Helper {
     /// acceptance is durable) in one hand-off to the writer, and the lane is prepared while
     /// they are synced: the costly part before the fork overlaps the wait for the disk. The
     /// lane starts only once both are done.
+    /// `settings` are the ones the dispatch was checked and its acceptance audited against:
+    /// the lane is prepared under them too, whatever a reload changed meanwhile.
     async fn accept_and_launch(
         self: &Arc<Self>,
+        settings: &Arc<Settings>,
         mut record: JobRecord,
-        plan: LanePlan,
+        lane: PlannedLane,
         accepted: AuditEvent,
     ) -> Result<JobView, ErrorReply> {
         let durable = self.commit_tied(accepted, &record);
-        let settings = self.settings();
-        let (durable, prepared) = tokio::join!(durable, prepare(&settings, plan));
+        let (durable, prepared) = tokio::join!(durable, prepare(settings, lane));
         self.record_before_start(&mut record, durable).await?;
         match prepared {
             Ok(prepared) => self.launch(record, prepared).await,
@@ -353,17 +358,17 @@ impl Helper {
         let checked = check(&settings, &peer, &request, &handle)
             .await
             .map_err(|reason| failed(reason.message))?;
-        let prepared = prepare(&settings, checked.plan)
-            .await
-            .map_err(|reason| failed(reason.message))?;
         let fresh = new_record(
             &peer,
             &request,
             &handle,
             checked.decision,
-            &checked.enforcement,
+            &checked.lane.enforcement,
             &settings,
         );
+        let prepared = prepare(&settings, checked.lane)
+            .await
+            .map_err(|reason| failed(reason.message))?;
         let mut record = record.clone();
         record.job.argv = fresh.job.argv;
         record.job.github = fresh.job.github;
@@ -428,7 +433,11 @@ impl Helper {
         // Answered from the spawner thread once the exec succeeded or a step failed.
         let (done, spawned) = oneshot::channel();
         self.spawner.spawn_then(prepared, move |outcome| {
-            let _ = done.send(outcome);
+            // Nobody waits any more (the runtime is shutting down): ending the lane blocks, so
+            // not on the spawner thread.
+            if let Err(Ok(lane)) = done.send(outcome) {
+                std::thread::spawn(move || drop(lane));
+            }
         });
         let spawned = spawned
             .await
@@ -648,8 +657,13 @@ fn audit_unavailable(error: &impl std::fmt::Display) -> ErrorReply {
 /// What is settled about a dispatch before it is accepted.
 struct Checked {
     decision: Decision,
+    lane: PlannedLane,
+}
+
+/// A lane checked but not yet prepared.
+struct PlannedLane {
     plan: LanePlan,
-    /// What its lane will run under, as its record and audit record state it.
+    /// What it will run under, as its record and audit record state it.
     enforcement: dispatch_sandbox::Enforcement,
 }
 
@@ -698,8 +712,7 @@ async fn check(
             .map_err(|error| preparation_failed(&error))?;
         Ok(Checked {
             decision,
-            plan,
-            enforcement,
+            lane: PlannedLane { plan, enforcement },
         })
     })
     .await
@@ -708,13 +721,13 @@ async fn check(
 /// The lane's Landlock ruleset and environment: what opens paths before the fork.
 async fn prepare(
     settings: &Arc<Settings>,
-    plan: LanePlan,
+    lane: PlannedLane,
 ) -> Result<dispatch_sandbox::PreparedLane, ErrorReply> {
     let settings = settings.clone();
     off_the_runtime(move || {
         settings
             .sandbox
-            .prepare(plan)
+            .prepare_checked(lane.plan, lane.enforcement)
             .map_err(|error| preparation_failed(&error))
     })
     .await
