@@ -163,6 +163,15 @@ async fn main() {
     // Baseline, same run: spawn and reap the same lane without any of the helper.
     let mut bare = bare_spawns(300);
     let bare_p50 = percentile(&mut bare, 0.5);
+    // The throughput baseline: 16 threads spawning it back to back, none of the helper.
+    let bare_throughput = {
+        let started = Instant::now();
+        let spawners: Vec<_> = (0..16)
+            .map(|_| std::thread::spawn(|| bare_spawns(250)))
+            .collect();
+        spawners.into_iter().for_each(|s| drop(s.join().unwrap()));
+        4000.0 / started.elapsed().as_secs_f64()
+    };
 
     let mut warm = helper.client().await;
     let mut last = String::new();
@@ -253,6 +262,10 @@ async fn main() {
     println!(
         "  (1 paced: its baseline is the p50 of bare spawns interleaved with it in batches of 50, {:.1} µs)",
         micros(paced_bare_p50)
+    );
+    println!(
+        "  (16 clients: bare spawns of the same lane by 16 threads, none of the helper, reach {bare_throughput:.1}/s; the dispatches reached {:.2}x that)",
+        sixteen.len() as f64 / sixteen_wall.as_secs_f64() / bare_throughput
     );
 
     // Fill up to 10,000 jobs, let them finish, then read the helper's memory.

@@ -163,9 +163,30 @@ impl AuditLog {
     /// Append from async code without blocking a runtime worker on fsync: through the group
     /// commit when it runs. Durable once it returns Ok.
     pub async fn append(&self, event: AuditEvent) -> Result<(), AuditError> {
-        if let Some(committer) = self.committer.get() {
-            return committer.audit(event).await.map_err(AuditError::Commit);
+        self.append_in_order(event).await
+    }
+
+    /// [`AuditLog::append`], queued now: in order with (and perhaps in one commit with) what is
+    /// queued after it.
+    pub fn append_in_order(
+        &self,
+        event: AuditEvent,
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+        let (queued, unqueued) = match self.committer.get() {
+            Some(committer) => (Some(committer.audit(event)), None),
+            None => (None, Some(event)),
+        };
+        let log = self.clone();
+        async move {
+            match (queued, unqueued) {
+                (Some(durable), _) => durable.await.map_err(AuditError::Commit),
+                (None, Some(event)) => log.append_unqueued(event).await,
+                (None, None) => unreachable!("one or the other"),
+            }
         }
+    }
+
+    async fn append_unqueued(&self, event: AuditEvent) -> Result<(), AuditError> {
         let log = self.clone();
         tokio::task::spawn_blocking(move || log.append_blocking(&event))
             .await

@@ -71,10 +71,13 @@ impl Committer {
         }
     }
 
-    pub async fn audit(&self, event: AuditEvent) -> Result<(), String> {
-        self.queue(Work::Audit(Box::new(event)))
-            .await
-            .map_err(|e| e.to_string())
+    /// Queue `event` now and return what says when it is durable.
+    pub fn audit(
+        &self,
+        event: AuditEvent,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let durable = self.queue(Work::Audit(Box::new(event)));
+        async move { durable.await.map_err(|e| e.to_string()) }
     }
 
     /// Queue `op` now and return what says when it is durable.
@@ -116,14 +119,7 @@ pub fn start(audit: &AuditLog, store: &JobStore) -> std::io::Result<()> {
 /// journal's copies of its records); until then its records are durable in the journal.
 fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
     while let Ok(first) = work.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match work.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        commit(batch, audit, store);
+        commit(gather(first, work), audit, store);
         let compact = store.wants_compaction();
         if (compact || audit.unsynced_bytes() >= AUDIT_SYNC_BYTES)
             && let Err(error) = audit.sync()
@@ -136,6 +132,18 @@ fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
             tracing::error!(%error, "could not compact the job journal; it keeps growing");
         }
     }
+}
+
+/// `first` and what queued behind it.
+fn gather(first: Pending, work: &mpsc::Receiver<Pending>) -> Vec<Pending> {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match work.try_recv() {
+            Ok(more) => batch.push(more),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// The audit log is synced once this much was written to it unsynced: what a crash can take

@@ -217,8 +217,9 @@ impl JobStore {
         self.append_async(op).await
     }
 
-    /// Queue a save now, in order with every later one, and return what says when it is
-    /// durable. Without the writer (before it starts), it is saved on the spot.
+    /// Queue a save now, in order with (and perhaps in one commit with) every later one, and
+    /// return what says when it is durable. Without the writer (before it starts), it is saved
+    /// on the spot.
     pub fn save_in_order(
         &self,
         record: &JobRecord,

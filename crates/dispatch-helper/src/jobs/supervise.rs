@@ -91,24 +91,22 @@ impl Helper {
         self.prune_finished(owner_uid).await;
     }
 
+    /// A job's final record and its audit record (`event`), queued together so that one sync
+    /// covers both.
     pub(super) async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
-        if let Err(error) = self.store.save_async(record).await {
+        let saved = self.store.save_in_order(record);
+        let audited = self.audit.append_in_order(end_event(record, event));
+        let (saved, audited) = tokio::join!(saved, audited);
+        if let Err(error) = saved {
             tracing::error!(%error, handle = %record.job.handle, "could not persist a finished job");
         }
-        self.audit_finish(record, event).await;
+        if let Err(error) = audited {
+            tracing::error!(%error, handle = %record.job.handle, "could not audit a job's end");
+        }
     }
 
     pub(super) async fn audit_finish(&self, record: &JobRecord, event: &'static str) {
-        let audit = AuditEvent {
-            event,
-            handle: Some(record.job.handle.clone()),
-            orguser: Some(record.job.orguser.clone()),
-            repo: Some(record.job.repo.clone()),
-            outcome: record.job.state.as_str().into(),
-            detail: Some(record.job.detail.clone()),
-            ..Default::default()
-        };
-        if let Err(error) = self.audit.append(audit).await {
+        if let Err(error) = self.audit.append(end_event(record, event)).await {
             tracing::error!(%error, handle = %record.job.handle, "could not audit a job's end");
         }
     }
@@ -226,5 +224,18 @@ impl Helper {
         for mut receiver in receivers {
             let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
         }
+    }
+}
+
+/// The audit record of a job's end.
+fn end_event(record: &JobRecord, event: &'static str) -> AuditEvent {
+    AuditEvent {
+        event,
+        handle: Some(record.job.handle.clone()),
+        orguser: Some(record.job.orguser.clone()),
+        repo: Some(record.job.repo.clone()),
+        outcome: record.job.state.as_str().into(),
+        detail: Some(record.job.detail.clone()),
+        ..Default::default()
     }
 }
