@@ -620,6 +620,26 @@ fn a_group_writable_config_is_refused_at_start_naming_file_and_mode() {
     );
 }
 
+/// A copy of the probe as the dispatch program, in a directory of its own (root's, 0755), for
+/// tests that change it once the helper has loaded it; and the argv that runs it as a lane.
+fn program_copy() -> (tempfile::TempDir, std::path::PathBuf, Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let programs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(programs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = programs.path().join("lane-program");
+    std::fs::copy(probe_bin(), &program).unwrap();
+    let argv = [
+        &program.display().to_string(),
+        "lane",
+        "{orguser}",
+        "{repo}",
+        "{task}",
+    ]
+    .map(String::from)
+    .to_vec();
+    (programs, program, argv)
+}
+
 #[tokio::test]
 async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
     if !is_root() {
@@ -629,21 +649,12 @@ async fn a_lane_that_cannot_start_fails_with_the_step_that_failed() {
         );
     }
     ensure_users();
-    // A copy of the probe as the dispatch program, made non-executable after the helper loaded
-    // (and so resolved and checked) it: only the exec itself can fail.
-    let programs = tempfile::tempdir().unwrap();
+    // The dispatch program made non-executable after the helper loaded (and so resolved and
+    // checked) it: only the exec itself can fail.
+    let (_programs, program, argv) = program_copy();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(programs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let program = programs.path().join("lane-program");
-    std::fs::copy(probe_bin(), &program).unwrap();
     let options = HelperOptions {
-        argv: vec![
-            program.display().to_string(),
-            "lane".into(),
-            "{orguser}".into(),
-            "{repo}".into(),
-            "{task}".into(),
-        ],
+        argv,
         ..Default::default()
     };
     let helper = TestHelper::start(options);
@@ -695,19 +706,9 @@ async fn a_lane_whose_sandbox_cannot_be_prepared_fails_named_and_frees_its_slot(
         );
     }
     ensure_users();
-    let programs = tempfile::tempdir().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(programs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let program = programs.path().join("lane-program");
-    std::fs::copy(probe_bin(), &program).unwrap();
+    let (programs, program, argv) = program_copy();
     let options = HelperOptions {
-        argv: vec![
-            program.display().to_string(),
-            "lane".into(),
-            "{orguser}".into(),
-            "{repo}".into(),
-            "{task}".into(),
-        ],
+        argv,
         // One slot in all: a slot not given back would leave the next dispatch queued.
         extra_toml: "[limits]\nmax_running_jobs = 1\n".into(),
         ..Default::default()
