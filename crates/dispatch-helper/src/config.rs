@@ -274,28 +274,7 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     let env_warnings = apply_env(&mut file, &env);
     check_pass_env(&file.pass_env, running_as_root)?;
     validate_host(&file.host)?;
-    let caps = [
-        ("max_running_jobs", file.limits.max_running_jobs),
-        (
-            "max_running_jobs_per_client",
-            file.limits.max_running_jobs_per_client,
-        ),
-        (
-            "max_running_jobs_per_lane",
-            file.limits.max_running_jobs_per_lane,
-        ),
-    ];
-    if let Some((name, _)) = caps.iter().find(|(_, cap)| *cap == 0) {
-        return Err(ConfigError::Invalid(format!(
-            "limits.{name} must be at least 1 (at 0 every dispatch would wait forever)"
-        )));
-    }
-    if file.timeout_seconds == 0 {
-        return Err(ConfigError::Invalid(
-            "timeout_seconds must be at least 1".into(),
-        ));
-    }
-    check_output_tail_bytes(file.limits.output_tail_bytes)?;
+    check_limits(&file)?;
     if running_as_root {
         check_strict_modes(&file.allowlist)?;
     }
@@ -312,7 +291,6 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     refuse_grants_of_own_files(&file, path)?;
     let sandbox = dispatch_sandbox::Sandbox::new(file.sandbox.clone())
         .map_err(|e| ConfigError::Invalid(format!("config {}: sandbox: {e}", path.display())))?;
-
     let own_uid = nix::unistd::geteuid();
     let own_user = User::from_uid(own_uid)
         .ok()
@@ -321,52 +299,8 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         .ok_or_else(|| {
             ConfigError::Invalid(format!("the helper's uid {own_uid} has no passwd entry"))
         })?;
-    let mut admitted_uids = BTreeSet::from([own_uid.as_raw()]);
-    let mut admitted_gids = BTreeSet::new();
-    for name in &file.clients.users {
-        match User::from_name(name) {
-            Ok(Some(user)) => {
-                admitted_uids.insert(user.uid.as_raw());
-            }
-            _ => warnings.push(format!("clients.users: no such user {name:?}; ignored")),
-        }
-    }
-    for name in &file.clients.groups {
-        match Group::from_name(name) {
-            Ok(Some(group)) => {
-                admitted_gids.insert(group.gid.as_raw());
-            }
-            _ => warnings.push(format!("clients.groups: no such group {name:?}; ignored")),
-        }
-    }
-    let mut org_client_gids = std::collections::BTreeMap::new();
-    for org in loaded.allowlist.orgs() {
-        if let Some(clients) = &org.allowed_clients {
-            let gids = clients
-                .groups
-                .iter()
-                .filter_map(|g| Group::from_name(g.as_str()).ok().flatten())
-                .map(|g| g.gid.as_raw())
-                .collect();
-            org_client_gids.insert(org.orguser.to_string(), gids);
-            for user in &clients.users {
-                if User::from_name(user.as_str()).ok().flatten().is_none() {
-                    warnings.push(format!(
-                        "org {}: allowed client user {user} does not exist",
-                        org.orguser
-                    ));
-                }
-            }
-            for group in &clients.groups {
-                if Group::from_name(group.as_str()).ok().flatten().is_none() {
-                    warnings.push(format!(
-                        "org {}: allowed client group {group} does not exist",
-                        org.orguser
-                    ));
-                }
-            }
-        }
-    }
+    let (admitted_uids, admitted_gids) = admitted_clients(&file.clients, own_uid, &mut warnings);
+    let org_client_gids = org_client_gids(&loaded.allowlist, &mut warnings);
     let refused_orgs = if running_as_root {
         crate::lane_users::vet(
             &loaded.allowlist,
@@ -394,6 +328,99 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
         org_client_gids,
         identities: Default::default(),
     })
+}
+
+/// The running caps and the timeout are at least 1 (at 0 nothing would ever run), and the
+/// output tail is within its range.
+fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
+    let caps = [
+        ("max_running_jobs", file.limits.max_running_jobs),
+        (
+            "max_running_jobs_per_client",
+            file.limits.max_running_jobs_per_client,
+        ),
+        (
+            "max_running_jobs_per_lane",
+            file.limits.max_running_jobs_per_lane,
+        ),
+    ];
+    if let Some((name, _)) = caps.iter().find(|(_, cap)| *cap == 0) {
+        return Err(ConfigError::Invalid(format!(
+            "limits.{name} must be at least 1 (at 0 every dispatch would wait forever)"
+        )));
+    }
+    if file.timeout_seconds == 0 {
+        return Err(ConfigError::Invalid(
+            "timeout_seconds must be at least 1".into(),
+        ));
+    }
+    check_output_tail_bytes(file.limits.output_tail_bytes)
+}
+
+/// The uids and gids of `[clients]` (the helper's own uid always), resolved now; a name that
+/// does not resolve is a warning, not an error.
+fn admitted_clients(
+    clients: &ClientsConfig,
+    own_uid: nix::unistd::Uid,
+    warnings: &mut Vec<String>,
+) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let mut admitted_uids = BTreeSet::from([own_uid.as_raw()]);
+    let mut admitted_gids = BTreeSet::new();
+    for name in &clients.users {
+        match User::from_name(name) {
+            Ok(Some(user)) => {
+                admitted_uids.insert(user.uid.as_raw());
+            }
+            _ => warnings.push(format!("clients.users: no such user {name:?}; ignored")),
+        }
+    }
+    for name in &clients.groups {
+        match Group::from_name(name) {
+            Ok(Some(group)) => {
+                admitted_gids.insert(group.gid.as_raw());
+            }
+            _ => warnings.push(format!("clients.groups: no such group {name:?}; ignored")),
+        }
+    }
+    (admitted_uids, admitted_gids)
+}
+
+/// Each org's allowed client groups as gids, resolved now; an allowed client user or group
+/// that does not exist is a warning.
+fn org_client_gids(
+    allowlist: &dispatch_policy::Allowlist,
+    warnings: &mut Vec<String>,
+) -> std::collections::BTreeMap<String, BTreeSet<u32>> {
+    let mut org_client_gids = std::collections::BTreeMap::new();
+    for org in allowlist.orgs() {
+        let Some(clients) = &org.allowed_clients else {
+            continue;
+        };
+        let gids = clients
+            .groups
+            .iter()
+            .filter_map(|g| Group::from_name(g.as_str()).ok().flatten())
+            .map(|g| g.gid.as_raw())
+            .collect();
+        org_client_gids.insert(org.orguser.to_string(), gids);
+        for user in &clients.users {
+            if User::from_name(user.as_str()).ok().flatten().is_none() {
+                warnings.push(format!(
+                    "org {}: allowed client user {user} does not exist",
+                    org.orguser
+                ));
+            }
+        }
+        for group in &clients.groups {
+            if Group::from_name(group.as_str()).ok().flatten().is_none() {
+                warnings.push(format!(
+                    "org {}: allowed client group {group} does not exist",
+                    org.orguser
+                ));
+            }
+        }
+    }
+    org_client_gids
 }
 
 /// Lanes must not read the helper's own files: a configuration (such as one kept from before

@@ -306,45 +306,10 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     if settings.unprivileged {
         tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
     }
-    create_private_dir(&settings.file.state_dir).map_err(|e| {
-        format!(
-            "create state dir {}: {e}",
-            settings.file.state_dir.display()
-        )
-    })?;
-    if let Some(parent) = settings.file.audit_log.parent() {
-        create_private_dir(parent)
-            .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
-    }
-    if settings.file.work_dir.is_empty() {
-        // The default work areas' parent: lanes pass through it to their own, nothing more.
-        let lanes = settings.file.state_dir.join("lanes");
-        if !lanes.is_dir() {
-            std::fs::DirBuilder::new()
-                .mode(0o711)
-                .create(&lanes)
-                .map_err(|e| format!("create {}: {e}", lanes.display()))?;
-        }
-    }
+    create_own_dirs(&settings)?;
     // Before the audit log is opened (and perhaps repaired) or the socket taken over.
     let _instance = lock_single_instance(&settings.file.state_dir)?;
-    let (audit, audit_repair) = audit::AuditLog::open(&settings.file.audit_log)
-        .map_err(|e| format!("open audit log: {e}"))?;
-    let store = store::JobStore::open(&settings.file.state_dir)
-        .map_err(|e| format!("open job store: {e}"))?;
-    // Before any compaction drops them: audit records the journal kept that a crash took from
-    // the log before its sync go back into it.
-    let restored = audit
-        .restore(&store.take_kept_audit())
-        .map_err(|e| format!("restore the audit log from the job journal: {e}"))?;
-    let audit_notes: Vec<String> = audit_repair.into_iter().chain(restored).collect();
-    if store.wants_compaction() {
-        store
-            .compact()
-            .map_err(|e| format!("compact the job store: {e}"))?;
-    }
-    // From here every audit record and job record goes through the one group-committing writer.
-    commit::start(&audit, &store).map_err(|e| format!("start the durable writer: {e}"))?;
+    let (audit, store, audit_notes) = open_durable_state(&settings)?;
     let containment = establish_containment(&settings)?;
     tracing::info!(containment = %containment.describe(), "lane containment");
     let spawner =
@@ -363,7 +328,89 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     }
     // Dispatches that were waiting for a slot when the last helper stopped start now.
     helper.start_queued();
-    for note in audit_notes {
+    audit_start(&helper, audit_notes, &socket_path).await?;
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(socket = %socket_path.display(), "serving");
+    let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
+    let mut idle = IdleWatch::default();
+    let why = loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&helper, config_path).await,
+            _ = terminate.recv() => break "SIGTERM",
+            _ = interrupt.recv() => break "SIGINT",
+            _ = tokio::time::sleep(IDLE_CHECK) => {
+                let limit = helper.settings().file.exit_when_idle_seconds;
+                if idle.long_enough(helper.is_idle(), limit) {
+                    break "idle: no client, no lane and nothing queued";
+                }
+            }
+        }
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    server.abort();
+    stop(&helper, why).await;
+    Ok(())
+}
+
+/// The state directory, the audit log's directory and (with the default work areas) their
+/// parent, which lanes only pass through.
+fn create_own_dirs(settings: &config::Settings) -> Result<(), String> {
+    create_private_dir(&settings.file.state_dir).map_err(|e| {
+        format!(
+            "create state dir {}: {e}",
+            settings.file.state_dir.display()
+        )
+    })?;
+    if let Some(parent) = settings.file.audit_log.parent() {
+        create_private_dir(parent)
+            .map_err(|e| format!("create audit log dir {}: {e}", parent.display()))?;
+    }
+    if settings.file.work_dir.is_empty() {
+        let lanes = settings.file.state_dir.join("lanes");
+        if !lanes.is_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o711)
+                .create(&lanes)
+                .map_err(|e| format!("create {}: {e}", lanes.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The audit log and the job store, made whole after whatever ended the last helper, and the
+/// one group-committing writer started for both; with the notes the log must record about
+/// its repair.
+fn open_durable_state(
+    settings: &config::Settings,
+) -> Result<(audit::AuditLog, store::JobStore, Vec<String>), String> {
+    let (audit, audit_repair) = audit::AuditLog::open(&settings.file.audit_log)
+        .map_err(|e| format!("open audit log: {e}"))?;
+    let store = store::JobStore::open(&settings.file.state_dir)
+        .map_err(|e| format!("open job store: {e}"))?;
+    // Before any compaction drops them: audit records the journal kept that a crash took from
+    // the log before its sync go back into it.
+    let restored = audit
+        .restore(&store.take_kept_audit())
+        .map_err(|e| format!("restore the audit log from the job journal: {e}"))?;
+    if store.wants_compaction() {
+        store
+            .compact()
+            .map_err(|e| format!("compact the job store: {e}"))?;
+    }
+    // From here every audit record and job record goes through the one group-committing writer.
+    commit::start(&audit, &store).map_err(|e| format!("start the durable writer: {e}"))?;
+    let notes = audit_repair.into_iter().chain(restored).collect();
+    Ok((audit, store, notes))
+}
+
+/// The log's own repairs, then `helper_started`: the helper serves only once both are durable.
+async fn audit_start(
+    helper: &jobs::Helper,
+    repairs: Vec<String>,
+    socket_path: &Path,
+) -> Result<(), String> {
+    for note in repairs {
         tracing::warn!(%note, "audit log repaired");
         helper
             .audit
@@ -389,28 +436,12 @@ async fn serve(config_path: &Path) -> Result<(), String> {
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("write the first audit record: {e}"))?;
+        .map_err(|e| format!("write the first audit record: {e}"))
+}
 
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(socket = %socket_path.display(), "serving");
-
-    let server = tokio::spawn(server::accept_loop(helper.clone(), listener));
-    let mut idle = IdleWatch::default();
-    let why = loop {
-        tokio::select! {
-            _ = hangup.recv() => reload(&helper, config_path).await,
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
-            _ = tokio::time::sleep(IDLE_CHECK) => {
-                let limit = helper.settings().file.exit_when_idle_seconds;
-                if idle.long_enough(helper.is_idle(), limit) {
-                    break "idle: no client, no lane and nothing queued";
-                }
-            }
-        }
-    };
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    server.abort();
+/// Every lane stopped, `helper_stopped` recorded, and the audit log synced (its records are
+/// durable in the job journal meanwhile).
+async fn stop(helper: &jobs::Helper, why: &str) {
     helper.shutdown().await;
     tracing::info!(why, "stopping");
     let _ = helper
@@ -425,11 +456,9 @@ async fn serve(config_path: &Path) -> Result<(), String> {
             ..Default::default()
         })
         .await;
-    // Its records are durable in the job journal; the log itself is synced before leaving.
     if let Err(error) = helper.audit.sync() {
         tracing::error!(%error, "could not sync the audit log at exit; the job journal keeps its records");
     }
-    Ok(())
 }
 
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedReadHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 
 pub async fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
@@ -141,7 +141,7 @@ fn audit_violation(helper: &Helper, peer: Option<&Peer>, event: &'static str, de
 async fn refuse_handshake(
     helper: &Helper,
     peer: &Peer,
-    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    writer: &mut OwnedWriteHalf,
     id: u64,
     message: &str,
     detail: &str,
@@ -175,142 +175,17 @@ async fn serve_connection(
     cred: tokio::net::unix::UCred,
     _uid_slot: crate::jobs::ConnectionSlot,
 ) {
-    let Some(mut peer) = resolve_peer(cred).await else {
-        audit_violation(
-            &helper,
-            None,
-            "client_refused",
-            "the peer's account could not be looked up",
-        );
+    let Some(mut peer) = admit_peer(&helper, cred, &stream).await else {
         return;
     };
-    if !admitted(&helper, &peer) {
-        let detail = format!(
-            "uid {} ({}) is not an admitted client (see [clients] in the helper config)",
-            peer.identity.uid,
-            peer.user_name.as_deref().unwrap_or("no passwd entry")
-        );
-        audit_violation(&helper, Some(&peer), "client_refused", &detail);
-        return;
-    }
-    if let Some(detail) = from_a_lane(&helper, &peer, &stream).await {
-        audit_violation(&helper, Some(&peer), "client_refused", &detail);
-        return;
-    }
     let limits = helper.settings().file.limits.clone();
     let idle = Duration::from_secs(limits.idle_timeout_seconds);
     let (mut reader, mut writer) = stream.into_split();
-
-    // Handshake.
-    let first = tokio::time::timeout(
-        idle,
-        read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST),
-    )
-    .await;
-    let hello_id = match first {
-        Err(_) => {
-            return audit_violation(
-                &helper,
-                Some(&peer),
-                "idle_timeout",
-                "no handshake before the idle timeout",
-            );
-        }
-        Ok(Ok(None)) => {
-            return audit_violation(
-                &helper,
-                Some(&peer),
-                "protocol_violation",
-                "closed before the handshake",
-            );
-        }
-        Ok(Err(error)) => {
-            let detail = format!("bad handshake frame: {}", describe(&error));
-            return refuse_handshake(&helper, &peer, &mut writer, 0, &describe(&error), &detail)
-                .await;
-        }
-        Ok(Ok(Some(RequestEnvelope {
-            id,
-            body:
-                Request::Hello {
-                    version,
-                    client_name,
-                },
-        }))) => {
-            peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
-            if version != PROTOCOL_VERSION {
-                let message = CodecError::WrongVersion {
-                    peer: version,
-                    ours: PROTOCOL_VERSION,
-                }
-                .to_string();
-                return refuse_handshake(&helper, &peer, &mut writer, id, &message, &message).await;
-            }
-            id
-        }
-        Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
-            let message = "the first request on a connection must be Hello (the handshake)";
-            let detail = "request before the handshake";
-            return refuse_handshake(&helper, &peer, &mut writer, id, message, detail).await;
-        }
-    };
-    let settings = helper.settings();
-    let hello = Response::Hello(HelloReply {
-        version: PROTOCOL_VERSION,
-        helper_version: env!("CARGO_PKG_VERSION").to_owned(),
-        peer_uid: peer.identity.uid,
-        unprivileged: settings.unprivileged,
-        max_in_flight: settings.file.limits.max_in_flight_per_connection as u32,
-        pass_env: settings.file.pass_env.clone(),
-    });
-    if write_frame(
-        &mut writer,
-        &ResponseEnvelope {
-            id: hello_id,
-            body: hello,
-        },
-        FrameLimit::RESPONSE,
-    )
-    .await
-    .is_err()
-    {
+    if !handshake(&helper, &mut peer, &mut reader, &mut writer, idle).await {
         return;
     }
-
-    // Responses from concurrent requests funnel through one writer.
-    let (responses, mut outbox) =
-        mpsc::channel::<ResponseEnvelope>(limits.max_in_flight_per_connection + 1);
-    let writer_task = tokio::spawn(async move {
-        while let Some(response) = outbox.recv().await {
-            let id = response.id;
-            // A peer that stops reading must not hold this connection (and its requests) forever.
-            let written = tokio::time::timeout(
-                idle,
-                write_frame(&mut writer, &response, FrameLimit::RESPONSE),
-            )
-            .await
-            .unwrap_or(Err(CodecError::Closed));
-            if let Err(error) = written {
-                if matches!(error, CodecError::Oversized { .. }) {
-                    let fallback = ResponseEnvelope {
-                        id,
-                        body: Response::Error(ErrorReply {
-                            kind: ErrorKind::Internal,
-                            message: error.to_string(),
-                        }),
-                    };
-                    if write_frame(&mut writer, &fallback, FrameLimit::RESPONSE)
-                        .await
-                        .is_ok()
-                    {
-                        continue;
-                    }
-                }
-                break;
-            }
-        }
-    });
-
+    let (responses, writer_task) =
+        respond_in_order(writer, idle, limits.max_in_flight_per_connection + 1);
     let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
     let peer = Arc::new(peer);
     let reason = read_requests(
@@ -329,6 +204,154 @@ async fn serve_connection(
     drop(responses);
     // Let in-flight requests finish sending (their own senders keep the writer alive).
     let _ = writer_task.await;
+}
+
+/// Who the peer is, if it may be a client at all: an account that resolves, admitted by the
+/// configuration, and not a lane. A refusal is audited.
+async fn admit_peer(
+    helper: &Arc<Helper>,
+    cred: tokio::net::unix::UCred,
+    stream: &UnixStream,
+) -> Option<Peer> {
+    let Some(peer) = resolve_peer(cred).await else {
+        audit_violation(
+            helper,
+            None,
+            "client_refused",
+            "the peer's account could not be looked up",
+        );
+        return None;
+    };
+    if !admitted(helper, &peer) {
+        let detail = format!(
+            "uid {} ({}) is not an admitted client (see [clients] in the helper config)",
+            peer.identity.uid,
+            peer.user_name.as_deref().unwrap_or("no passwd entry")
+        );
+        audit_violation(helper, Some(&peer), "client_refused", &detail);
+        return None;
+    }
+    if let Some(detail) = from_a_lane(helper, &peer, stream).await {
+        audit_violation(helper, Some(&peer), "client_refused", &detail);
+        return None;
+    }
+    Some(peer)
+}
+
+/// The first frame must be a Hello of our protocol version, before the idle timeout: then the
+/// peer's claimed name is noted and the helper answers with what it offers. False (audited)
+/// otherwise.
+async fn handshake(
+    helper: &Arc<Helper>,
+    peer: &mut Peer,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    idle: Duration,
+) -> bool {
+    let first = tokio::time::timeout(
+        idle,
+        read_frame::<RequestEnvelope, _>(&mut *reader, FrameLimit::REQUEST),
+    )
+    .await;
+    let hello_id = match first {
+        Err(_) => {
+            let detail = "no handshake before the idle timeout";
+            audit_violation(helper, Some(peer), "idle_timeout", detail);
+            return false;
+        }
+        Ok(Ok(None)) => {
+            let detail = "closed before the handshake";
+            audit_violation(helper, Some(peer), "protocol_violation", detail);
+            return false;
+        }
+        Ok(Err(error)) => {
+            let detail = format!("bad handshake frame: {}", describe(&error));
+            refuse_handshake(helper, peer, writer, 0, &describe(&error), &detail).await;
+            return false;
+        }
+        Ok(Ok(Some(RequestEnvelope {
+            id,
+            body:
+                Request::Hello {
+                    version,
+                    client_name,
+                },
+        }))) => {
+            peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
+            if version != PROTOCOL_VERSION {
+                let message = CodecError::WrongVersion {
+                    peer: version,
+                    ours: PROTOCOL_VERSION,
+                }
+                .to_string();
+                refuse_handshake(helper, peer, writer, id, &message, &message).await;
+                return false;
+            }
+            id
+        }
+        Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
+            let message = "the first request on a connection must be Hello (the handshake)";
+            let detail = "request before the handshake";
+            refuse_handshake(helper, peer, writer, id, message, detail).await;
+            return false;
+        }
+    };
+    let settings = helper.settings();
+    let hello = Response::Hello(HelloReply {
+        version: PROTOCOL_VERSION,
+        helper_version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer_uid: peer.identity.uid,
+        unprivileged: settings.unprivileged,
+        max_in_flight: settings.file.limits.max_in_flight_per_connection as u32,
+        pass_env: settings.file.pass_env.clone(),
+    });
+    let envelope = ResponseEnvelope {
+        id: hello_id,
+        body: hello,
+    };
+    write_frame(writer, &envelope, FrameLimit::RESPONSE)
+        .await
+        .is_ok()
+}
+
+/// One task writes every response of a connection, in the order they are sent to it: the
+/// requests run concurrently. A response too large for a frame is replaced by an error; a
+/// peer that stops reading for `idle` ends it.
+fn respond_in_order(
+    mut writer: OwnedWriteHalf,
+    idle: Duration,
+    capacity: usize,
+) -> (mpsc::Sender<ResponseEnvelope>, tokio::task::JoinHandle<()>) {
+    let (responses, mut outbox) = mpsc::channel::<ResponseEnvelope>(capacity);
+    let writer_task = tokio::spawn(async move {
+        while let Some(response) = outbox.recv().await {
+            let id = response.id;
+            let written = tokio::time::timeout(
+                idle,
+                write_frame(&mut writer, &response, FrameLimit::RESPONSE),
+            )
+            .await
+            .unwrap_or(Err(CodecError::Closed));
+            let Err(error) = written else { continue };
+            if matches!(error, CodecError::Oversized { .. }) {
+                let fallback = ResponseEnvelope {
+                    id,
+                    body: Response::Error(ErrorReply {
+                        kind: ErrorKind::Internal,
+                        message: error.to_string(),
+                    }),
+                };
+                if write_frame(&mut writer, &fallback, FrameLimit::RESPONSE)
+                    .await
+                    .is_ok()
+                {
+                    continue;
+                }
+            }
+            break;
+        }
+    });
+    (responses, writer_task)
 }
 
 /// Read requests until the peer closes (None) or misbehaves (Some(event, detail)).
@@ -390,35 +413,44 @@ async fn read_requests(
                 .await;
             return Some(("protocol_violation", "duplicate handshake".into()));
         }
-        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let busy = Response::Error(ErrorReply {
-                kind: ErrorKind::Busy,
-                message: format!(
-                    "at most {max_in_flight} requests may be in flight on one connection"
-                ),
-            });
-            let _ = responses
-                .send(ResponseEnvelope {
-                    id: envelope.id,
-                    body: busy,
-                })
-                .await;
-            continue;
-        };
-        let helper = helper.clone();
-        let peer = peer.clone();
-        let responses = responses.clone();
-        tokio::spawn(async move {
-            let body = handle_request(&helper, &peer, envelope.body).await;
-            let _ = responses
-                .send(ResponseEnvelope {
-                    id: envelope.id,
-                    body,
-                })
-                .await;
-            drop(permit);
-        });
+        start_request(helper, peer, envelope, responses, in_flight, max_in_flight).await;
     }
+}
+
+/// Run one request on a task of its own, its response sent when done; past the connection's
+/// in-flight limit, refused as busy at once.
+async fn start_request(
+    helper: &Arc<Helper>,
+    peer: &Arc<Peer>,
+    envelope: RequestEnvelope,
+    responses: &mpsc::Sender<ResponseEnvelope>,
+    in_flight: &Arc<Semaphore>,
+    max_in_flight: usize,
+) {
+    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+        let busy = Response::Error(ErrorReply {
+            kind: ErrorKind::Busy,
+            message: format!("at most {max_in_flight} requests may be in flight on one connection"),
+        });
+        let _ = responses
+            .send(ResponseEnvelope {
+                id: envelope.id,
+                body: busy,
+            })
+            .await;
+        return;
+    };
+    let (helper, peer, responses) = (helper.clone(), peer.clone(), responses.clone());
+    tokio::spawn(async move {
+        let body = handle_request(&helper, &peer, envelope.body).await;
+        let _ = responses
+            .send(ResponseEnvelope {
+                id: envelope.id,
+                body,
+            })
+            .await;
+        drop(permit);
+    });
 }
 
 async fn handle_request(helper: &Arc<Helper>, peer: &Peer, request: Request) -> Response {

@@ -9,7 +9,7 @@
 use crate::{LanePlan, SandboxError, SandboxPolicy};
 use landlock::{
     ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
-    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope,
+    PathFd, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, Scope,
 };
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -179,6 +179,9 @@ pub(crate) fn level(policy: &SandboxPolicy) -> Result<Level, SandboxError> {
     })
 }
 
+/// A lane's ruleset: everything this ABI can restrict is handled (so denied), and the rules
+/// grant the shared paths, the lane's own paths, the `/etc` entries present now and the
+/// configured TCP ports.
 pub(crate) fn build(
     plan: &LanePlan,
     policy: &SandboxPolicy,
@@ -192,45 +195,72 @@ pub(crate) fn build(
             work_dir_access: 0,
         });
     }
-    let abi_number = level.abi;
+    let shared = shared.filter(|shared| shared.abi == abi).ok_or_else(|| {
+        SandboxError::Landlock(format!(
+            "the shared paths were opened for another Landlock ABI than the kernel's {}",
+            level.abi
+        ))
+    })?;
+    let mut created = handling_everything(abi)?;
+    add_path_rules(&mut created, plan, shared, abi)?;
+    if abi as u32 >= ABI::V4 as u32 {
+        for &port in &policy.tcp_connect_ports {
+            (&mut created)
+                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+                .map_err(|e| {
+                    SandboxError::Landlock(format!("allow tcp connect to port {port}: {e}"))
+                })?;
+        }
+    }
+    let ruleset: Option<OwnedFd> = created.into();
+    let ruleset =
+        ruleset.ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
+    Ok(BuiltRuleset {
+        ruleset: Some(ruleset),
+        work_dir_access: AccessFs::from_all(abi).bits(),
+    })
+}
 
+/// A ruleset that handles every right `abi` has (filesystem, TCP from ABI 4, signal and
+/// abstract-socket scoping from ABI 6), with no rule yet. Hard requirement: we only ask for
+/// what this ABI has, so a downgrade would be a bug, not a kernel limit.
+fn handling_everything(abi: ABI) -> Result<RulesetCreated, SandboxError> {
     let fail =
         |what: &str, e: landlock::RulesetError| SandboxError::Landlock(format!("{what}: {e}"));
-    let read_exec = AccessFs::from_read(abi);
-    let read = read_exec & !AccessFs::Execute;
-    let read_write = AccessFs::from_all(abi);
-    let has_net = abi as u32 >= ABI::V4 as u32;
-    let has_scopes = abi as u32 >= ABI::V6 as u32;
-
-    // Every right we handle for this ABI is denied unless a rule grants it. Hard requirement:
-    // we only ask for what this ABI has, so a downgrade would be a bug, not a kernel limit.
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_all(abi))
         .map_err(|e| fail("handle filesystem access", e))?;
-    if has_net {
+    if abi as u32 >= ABI::V4 as u32 {
         ruleset = ruleset
             .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
             .map_err(|e| fail("handle network access", e))?;
     }
-    if has_scopes {
+    if abi as u32 >= ABI::V6 as u32 {
         ruleset = ruleset
             .scope(Scope::AbstractUnixSocket | Scope::Signal)
             .map_err(|e| fail("scope signals and abstract sockets", e))?;
     }
-    let mut created = ruleset.create().map_err(|e| fail("create ruleset", e))?;
+    ruleset.create().map_err(|e| fail("create ruleset", e))
+}
 
+/// The filesystem rules: the shared paths, the lane's program, home, work dir (unless the lane
+/// makes it) and PATH directories, and the `/etc` entries present now.
+fn add_path_rules(
+    created: &mut RulesetCreated,
+    plan: &LanePlan,
+    shared: &SharedPaths,
+    abi: ABI,
+) -> Result<(), SandboxError> {
+    let read_exec = AccessFs::from_read(abi);
+    let read = read_exec & !AccessFs::Execute;
+    let read_write = AccessFs::from_all(abi);
     let mut add = |path: &Path, fd: &dyn AsFd, access: BitFlags<AccessFs>| {
-        (&mut created)
+        (&mut *created)
             .add_rule(PathBeneath::new(fd.as_fd(), access))
             .map(|_| ())
             .map_err(|e| SandboxError::Landlock(format!("add rule for {}: {e}", path.display())))
     };
-    let shared = shared.filter(|shared| shared.abi == abi).ok_or_else(|| {
-        SandboxError::Landlock(format!(
-            "the shared paths were opened for another Landlock ABI than the kernel's {abi_number}"
-        ))
-    })?;
     for (path, fd, access) in &shared.rules {
         add(path, fd, *access)?;
     }
@@ -262,24 +292,7 @@ pub(crate) fn build(
             add(&entry.path, fd, *access)?;
         }
     }
-    drop(if_present);
-    if has_net {
-        for &port in &policy.tcp_connect_ports {
-            (&mut created)
-                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
-                .map_err(|e| {
-                    SandboxError::Landlock(format!("allow tcp connect to port {port}: {e}"))
-                })?;
-        }
-    }
-    let ruleset: Option<OwnedFd> = created.into();
-    let ruleset =
-        ruleset.ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
-
-    Ok(BuiltRuleset {
-        ruleset: Some(ruleset),
-        work_dir_access: read_write.bits(),
-    })
+    Ok(())
 }
 
 /// What Landlock leaves unrestricted at `abi` that a newer kernel restricts: said in every

@@ -430,7 +430,26 @@ impl Helper {
                 .record(&record.job.handle)
                 .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
         }
-        // Answered from the spawner thread once the exec succeeded or a step failed.
+        let lane = match self.spawn(prepared).await {
+            Ok(lane) => lane,
+            Err(error) => return Err(self.not_spawned(record, error).await),
+        };
+        self.record_started(&mut record, &lane);
+        let view = record.view(Detail::Summary);
+        let (handle, owner) = (record.job.handle.clone(), record.owner_uid);
+        self.update_entry(record);
+        let helper = self.clone();
+        tokio::spawn(async move { helper.supervise(handle, owner, lane, stop_receiver).await });
+        tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
+        Ok(view)
+    }
+
+    /// Start the lane on a spawner thread; answered from there once the exec succeeded or a
+    /// step failed.
+    async fn spawn(
+        &self,
+        prepared: dispatch_sandbox::PreparedLane,
+    ) -> Result<dispatch_sandbox::SpawnedLane, dispatch_sandbox::SandboxError> {
         let (done, spawned) = oneshot::channel();
         self.spawner.spawn_then(prepared, move |outcome| {
             // Nobody waits any more (the runtime is shutting down): ending the lane blocks, so
@@ -439,47 +458,47 @@ impl Helper {
                 std::thread::spawn(move || drop(lane));
             }
         });
-        let spawned = spawned
+        spawned
             .await
-            .unwrap_or(Err(dispatch_sandbox::SandboxError::SpawnerGone));
-        let lane = match spawned {
-            Ok(lane) => lane,
-            Err(error) => {
-                self.release(record.owner_uid, &lane_key(&record.job));
-                record.job.state = JobState::Failed;
-                record.job.finished_at = Some(now_rfc3339());
-                record.job.detail = format!("the lane did not start: {error}");
-                let message = format!(
-                    "dispatch {} failed before the lane ran: {error}",
-                    record.job.handle
-                );
-                self.persist_and_audit_finish(&record, "spawn_failed").await;
-                self.finish_entry(record);
-                return Err(reply(ErrorKind::SpawnFailed, message));
-            }
-        };
-        let settings = self.settings();
+            .unwrap_or(Err(dispatch_sandbox::SandboxError::SpawnerGone))
+    }
+
+    /// A lane that did not start: its slot goes back, and its record and the audit log name
+    /// the step that failed.
+    async fn not_spawned(
+        self: &Arc<Self>,
+        mut record: JobRecord,
+        error: dispatch_sandbox::SandboxError,
+    ) -> ErrorReply {
+        self.release(record.owner_uid, &lane_key(&record.job));
+        record.job.state = JobState::Failed;
+        record.job.finished_at = Some(now_rfc3339());
+        record.job.detail = format!("the lane did not start: {error}");
+        let message = format!(
+            "dispatch {} failed before the lane ran: {error}",
+            record.job.handle
+        );
+        self.persist_and_audit_finish(&record, "spawn_failed").await;
+        self.finish_entry(record);
+        reply(ErrorKind::SpawnFailed, message)
+    }
+
+    /// The running lane in its record: start time, enforcement, and the group to kill should a
+    /// crash leave it running. Queued for the journal now (so it lands before the lane's end),
+    /// not waited for: the record that makes a crash recoverable is the one saved before the
+    /// spawn.
+    fn record_started(&self, record: &mut JobRecord, lane: &dispatch_sandbox::SpawnedLane) {
         record.job.started_at = Some(now_rfc3339());
-        record.job.sandbox = Some(sandbox_report(&lane.enforcement, &settings));
+        record.job.sandbox = Some(sandbox_report(&lane.enforcement, &self.settings()));
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
-        // Queued for the journal now (so it lands before the lane's end), not waited for: the
-        // record that makes a crash recoverable is the one saved before the spawn; this one
-        // adds the start time and the group to kill should a crash leave it running.
-        let started = self.store.save_in_order(&record);
+        let started = self.store.save_in_order(record);
         let handle = record.job.handle.clone();
         tokio::spawn(async move {
             if let Err(error) = started.await {
                 tracing::error!(%error, %handle, "could not persist a started job");
             }
         });
-        let view = record.view(Detail::Summary);
-        let (handle, owner) = (record.job.handle.clone(), record.owner_uid);
-        self.update_entry(record);
-        let helper = self.clone();
-        tokio::spawn(async move { helper.supervise(handle, owner, lane, stop_receiver).await });
-        tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
-        Ok(view)
     }
 
     /// The job's record is durable before its lane may start: a helper that dies after the

@@ -13,19 +13,9 @@ impl Helper {
         mut stop: mpsc::UnboundedReceiver<StopReason>,
     ) {
         let settings = self.settings();
-        let limits = settings.file.sandbox.limits;
         let live = LiveOutput::new(settings.file.limits.output_tail_bytes);
         self.show_live_output(&handle, Some(live.clone()));
-        let readers = [
-            lane.stdout
-                .take()
-                .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
-                .map(|s| tokio::spawn(spool_stream(s, live.stdout.clone()))),
-            lane.stderr
-                .take()
-                .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
-                .map(|s| tokio::spawn(spool_stream(s, live.stderr.clone()))),
-        ];
+        let readers = spool_output(&mut lane, &live);
         let controllers = self.spawner.containment().controllers();
         let plan = lane::WatchPlan::new(&settings, controllers, lane.enforcement.uid);
         let watched = lane::watch(&lane, plan, &mut stop).await;
@@ -35,19 +25,8 @@ impl Helper {
         if let Some(record) = self.record(&handle) {
             self.release(owner_uid, &lane_key(&record.job));
         }
-        for reader in readers.into_iter().flatten() {
-            // A process outside any cgroup can hold a pipe open forever: a bounded wait, and
-            // the tail is what was read by then.
-            let mut reader = reader;
-            if tokio::time::timeout(Duration::from_secs(2), &mut reader)
-                .await
-                .is_err()
-            {
-                reader.abort();
-            }
-        }
+        finish_reading(readers).await;
         let (stdout, stderr) = live.tails(None, true);
-
         let Some(mut record) = self.record(&handle) else {
             return;
         };
@@ -55,22 +34,7 @@ impl Helper {
         record.job.stdout = Some(stdout);
         record.job.stderr = Some(stderr);
         record.pgid = None;
-        match ended {
-            Ok(Ok(end)) => {
-                let judged = lane::outcome(&end, watched, &limits, settings.file.timeout_seconds);
-                use std::os::unix::process::ExitStatusExt;
-                record.job.exit_code = end.status.code();
-                record.job.signal = end.status.signal();
-                record.job.state = judged.state;
-                record.job.detail = judged.detail;
-                record.job.stopped_by = judged.stopped_by;
-                record.job.usage = Some(judged.usage);
-            }
-            other => {
-                record.job.state = JobState::Failed;
-                record.job.detail = format!("could not wait for the lane: {other:?}");
-            }
-        }
+        judge(&mut record, ended, watched, &settings);
         let event = match record.job.state {
             JobState::TimedOut => "timed_out",
             JobState::Cancelled => "cancelled",
@@ -237,5 +201,63 @@ fn end_event(record: &JobRecord, event: &'static str) -> AuditEvent {
         outcome: record.job.state.as_str().into(),
         detail: Some(record.job.detail.clone()),
         ..Default::default()
+    }
+}
+
+/// Read the lane's stdout and stderr into its live output, each on a task of its own.
+fn spool_output(
+    lane: &mut SpawnedLane,
+    live: &LiveOutput,
+) -> [Option<tokio::task::JoinHandle<()>>; 2] {
+    [
+        lane.stdout
+            .take()
+            .and_then(|s| tokio::process::ChildStdout::from_std(s).ok())
+            .map(|s| tokio::spawn(spool_stream(s, live.stdout.clone()))),
+        lane.stderr
+            .take()
+            .and_then(|s| tokio::process::ChildStderr::from_std(s).ok())
+            .map(|s| tokio::spawn(spool_stream(s, live.stderr.clone()))),
+    ]
+}
+
+/// Wait for the output readers, each a bounded time.
+async fn finish_reading(readers: [Option<tokio::task::JoinHandle<()>>; 2]) {
+    for reader in readers.into_iter().flatten() {
+        // A process outside any cgroup can hold a pipe open forever: a bounded wait, and
+        // the tail is what was read by then.
+        let mut reader = reader;
+        if tokio::time::timeout(Duration::from_secs(2), &mut reader)
+            .await
+            .is_err()
+        {
+            reader.abort();
+        }
+    }
+}
+
+/// The lane's outcome in its record: state, exit, what stopped it, and what it used.
+fn judge(
+    record: &mut JobRecord,
+    ended: Result<std::io::Result<dispatch_sandbox::LaneEnd>, tokio::task::JoinError>,
+    watched: lane::Watched,
+    settings: &Settings,
+) {
+    let limits = settings.file.sandbox.limits;
+    match ended {
+        Ok(Ok(end)) => {
+            let judged = lane::outcome(&end, watched, &limits, settings.file.timeout_seconds);
+            use std::os::unix::process::ExitStatusExt;
+            record.job.exit_code = end.status.code();
+            record.job.signal = end.status.signal();
+            record.job.state = judged.state;
+            record.job.detail = judged.detail;
+            record.job.stopped_by = judged.stopped_by;
+            record.job.usage = Some(judged.usage);
+        }
+        other => {
+            record.job.state = JobState::Failed;
+            record.job.detail = format!("could not wait for the lane: {other:?}");
+        }
     }
 }
