@@ -172,16 +172,16 @@ impl AuditLog {
         &self,
         event: AuditEvent,
     ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
-        let (queued, unqueued) = match self.committer.get() {
-            Some(committer) => (Some(committer.audit(event)), None),
-            None => (None, Some(event)),
+        // Queued now, or (before the writer runs) kept for a commit of its own.
+        let queued = match self.committer.get() {
+            Some(committer) => Ok(committer.audit(event)),
+            None => Err(event),
         };
         let log = self.clone();
         async move {
-            match (queued, unqueued) {
-                (Some(durable), _) => durable.await.map_err(AuditError::Commit),
-                (None, Some(event)) => log.append_unqueued(event).await,
-                (None, None) => unreachable!("one or the other"),
+            match queued {
+                Ok(durable) => durable.await.map_err(AuditError::Commit),
+                Err(event) => log.append_unqueued(event).await,
             }
         }
     }

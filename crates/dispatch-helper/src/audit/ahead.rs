@@ -242,14 +242,11 @@ impl Writer {
     /// The log was replaced since the last commit (or the old one can no longer be examined):
     /// what went to the one before is synced now, while it can still be reached.
     fn sync_if_replaced(&mut self, now: &std::fs::Metadata) -> Result<(), AuditError> {
-        let replaced = match &self.unsynced {
-            None => false,
-            Some((last, _)) => {
-                last.metadata()
-                    .is_ok_and(|last| (last.dev(), last.ino()) != (now.dev(), now.ino()))
-                    || last.metadata().is_err()
-            }
-        };
+        let replaced = self.unsynced.as_ref().is_some_and(|(last, _)| {
+            !last
+                .metadata()
+                .is_ok_and(|last| (last.dev(), last.ino()) == (now.dev(), now.ino()))
+        });
         if replaced {
             self.sync_written()
         } else {

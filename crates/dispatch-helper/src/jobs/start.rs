@@ -1,7 +1,8 @@
 //! From a dispatch request to a running lane, step by step: check (decide and plan); admit (a
 //! slot now, a place in the queue, or a refusal); audit the acceptance and save the record in
-//! one commit, preparing the lane meanwhile; spawn; supervise. A queued dispatch is validated and prepared again, against the settings of the
-//! moment, when a slot frees ([`Helper::start_queued`]).
+//! one commit, preparing the lane meanwhile; spawn; supervise. A queued dispatch is checked
+//! and prepared again, against the settings of the moment, when a slot frees
+//! ([`Helper::start_queued`]).
 
 use super::recover::process_start_ticks;
 use super::*;
@@ -110,10 +111,10 @@ impl Helper {
         }
     }
 
-    /// The acceptance and the job's record are committed together (the record only if the
-    /// acceptance is durable) in one hand-off to the writer, and the lane is prepared while
-    /// they are synced: the costly part before the fork overlaps the wait for the disk. The
-    /// lane starts only once both are done.
+    /// The acceptance and the job's record are committed together (both or neither), and the
+    /// lane is prepared while they are synced: the costly part before the fork overlaps the
+    /// wait for the disk. The lane starts only once both are done.
+    ///
     /// `settings` are the ones the dispatch was checked and its acceptance audited against:
     /// the lane is prepared under them too, whatever a reload changed meanwhile.
     async fn accept_and_launch(
@@ -128,28 +129,34 @@ impl Helper {
         self.record_before_start(&mut record, durable).await?;
         match prepared {
             Ok(prepared) => self.launch(record, prepared).await,
-            Err(refusal) => Err(self.not_prepared(record, refusal).await),
+            Err(refusal) => {
+                let why = refusal.message.clone();
+                Err(self.never_ran(record, refusal.kind, why.clone(), why).await)
+            }
         }
     }
 
-    /// An accepted and recorded dispatch whose lane could not be prepared: its slot goes back,
-    /// and its record and the audit log say why it never ran.
-    async fn not_prepared(
+    /// An accepted and recorded job whose lane never ran (it could not be prepared, or did not
+    /// start): its slot goes back, its record says `detail`, the audit log says so, and the
+    /// caller is told `why`.
+    async fn never_ran(
         self: &Arc<Self>,
         mut record: JobRecord,
-        refusal: ErrorReply,
+        kind: ErrorKind,
+        detail: String,
+        why: String,
     ) -> ErrorReply {
         self.release(record.owner_uid, &lane_key(&record.job));
         record.job.state = JobState::Failed;
         record.job.finished_at = Some(now_rfc3339());
-        record.job.detail = refusal.message.clone();
+        record.job.detail = detail;
         self.persist_and_audit_finish(&record, "spawn_failed").await;
         let message = format!(
-            "dispatch {} failed before the lane ran: {}",
-            record.job.handle, refusal.message
+            "dispatch {} failed before the lane ran: {why}",
+            record.job.handle
         );
         self.finish_or_insert(record);
-        reply(refusal.kind, message)
+        reply(kind, message)
     }
 
     /// A slot now, else a place in the queue, else why neither.
@@ -432,7 +439,12 @@ impl Helper {
         }
         let lane = match self.spawn(prepared).await {
             Ok(lane) => lane,
-            Err(error) => return Err(self.not_spawned(record, error).await),
+            Err(error) => {
+                let detail = format!("the lane did not start: {error}");
+                let refusal =
+                    self.never_ran(record, ErrorKind::SpawnFailed, detail, error.to_string());
+                return Err(refusal.await);
+            }
         };
         self.record_started(&mut record, &lane);
         let view = record.view(Detail::Summary);
@@ -461,26 +473,6 @@ impl Helper {
         spawned
             .await
             .unwrap_or(Err(dispatch_sandbox::SandboxError::SpawnerGone))
-    }
-
-    /// A lane that did not start: its slot goes back, and its record and the audit log name
-    /// the step that failed.
-    async fn not_spawned(
-        self: &Arc<Self>,
-        mut record: JobRecord,
-        error: dispatch_sandbox::SandboxError,
-    ) -> ErrorReply {
-        self.release(record.owner_uid, &lane_key(&record.job));
-        record.job.state = JobState::Failed;
-        record.job.finished_at = Some(now_rfc3339());
-        record.job.detail = format!("the lane did not start: {error}");
-        let message = format!(
-            "dispatch {} failed before the lane ran: {error}",
-            record.job.handle
-        );
-        self.persist_and_audit_finish(&record, "spawn_failed").await;
-        self.finish_entry(record);
-        reply(ErrorKind::SpawnFailed, message)
     }
 
     /// The running lane in its record: start time, enforcement, and the group to kill should a
@@ -550,18 +542,20 @@ impl Helper {
         event: AuditEvent,
         record: &JobRecord,
     ) -> impl Future<Output = Result<(), CommitError>> + Send + 'static {
-        let (queued, unqueued) = match self.store.committer() {
-            Some(committer) => (Some(committer.tied(event, record.clone())), None),
-            None => {
-                let (audit, store) = (self.audit.clone(), self.store.clone());
-                (None, Some((event, record.clone(), audit, store)))
-            }
+        let queued = match self.store.committer() {
+            Some(committer) => Ok(committer.tied(event, record.clone())),
+            None => Err((
+                event,
+                record.clone(),
+                self.audit.clone(),
+                self.store.clone(),
+            )),
         };
         async move {
-            if let Some(durable) = queued {
-                return durable.await;
-            }
-            let (event, record, audit, store) = unqueued.expect("one or the other");
+            let (event, record, audit, store) = match queued {
+                Ok(durable) => return durable.await,
+                Err(unqueued) => unqueued,
+            };
             audit
                 .append(event)
                 .await
