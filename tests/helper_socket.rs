@@ -746,3 +746,52 @@ async fn a_flooding_client_hurts_only_itself() {
         records.len()
     );
 }
+
+/// A running lane is watched without holding one of the runtime's blocking threads (it has at
+/// most 512): with more lanes running than that, the helper still answers dispatches, new
+/// connections and status requests, instead of queueing them until some lane ends.
+#[tokio::test]
+async fn more_running_lanes_than_blocking_threads_leave_the_helper_answering() {
+    const LANES: usize = 600;
+    let options = HelperOptions {
+        argv: vec!["/bin/sleep".into(), "{task}".into()],
+        timeout_seconds: 300,
+        extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_running_jobs_per_client = 1024\n\
+                     max_running_jobs_per_lane = 1024\n"
+            .into(),
+        sandbox_toml: "[sandbox.limits]\nprocesses = 4096\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("more_lanes_than_blocking_threads", options) else {
+        return;
+    };
+    let answered = Duration::from_secs(20);
+    let mut client = helper.client().await;
+    let mut first = None;
+    for running in 0..LANES {
+        let reply =
+            tokio::time::timeout(answered, client.dispatch("alice-org", "alice-repo", "200"))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "a dispatch was not answered within {answered:?} while {running} lanes ran"
+                    )
+                });
+        match reply {
+            Response::Job(job) if job.state == JobState::Running => {
+                first.get_or_insert(job.handle);
+            }
+            other => panic!("dispatch with {running} lanes running: {other:?}"),
+        }
+    }
+    let mut other = tokio::time::timeout(answered, helper.client())
+        .await
+        .expect("a new connection was not answered while 600 lanes ran");
+    let status = tokio::time::timeout(answered, other.request(Request::status(first.unwrap())))
+        .await
+        .expect("a status request was not answered while 600 lanes ran");
+    assert!(
+        matches!(&status, Response::Job(job) if job.state == JobState::Running),
+        "{status:?}"
+    );
+}

@@ -7,6 +7,8 @@ use dispatch_sandbox::cgroup::Controllers;
 use dispatch_sandbox::{LaneEnd, Limits, SpawnedLane, bytes};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +75,8 @@ pub async fn watch(
 ) -> Watched {
     let pgid = nix::unistd::Pid::from_raw(lane.process_group());
     let cgroup = lane.cgroup();
-    let leader = pgid.as_raw();
-    let mut exited = tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader));
+    let exited = first_process_exit(lane);
+    tokio::pin!(exited);
     let deadline = tokio::time::sleep(plan.timeout);
     tokio::pin!(deadline);
     let mut sample = tokio::time::interval(SAMPLE_EVERY);
@@ -125,6 +127,32 @@ pub async fn watch(
         watched.peak_tasks = watched.peak_tasks.max(cgroup.task_count().unwrap_or(0));
     }
     watched
+}
+
+/// Until the lane's first process has exited (it is not reaped). Watched on its pidfd by the
+/// event loop, so a running lane holds no thread: the blocking pool has at most 512, and
+/// every dispatch needs one. Only where no pidfd can be had does a blocking thread wait.
+async fn first_process_exit(lane: &SpawnedLane) {
+    if exit_on_pidfd(lane).await.is_ok() {
+        return;
+    }
+    let leader = lane.process_group();
+    let _ = tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader)).await;
+}
+
+async fn exit_on_pidfd(lane: &SpawnedLane) -> std::io::Result<()> {
+    // Deprecated because an arbitrary `AsRawFd` may close or change its fd while registered;
+    // an `OwnedFd` owned by the `AsyncFd` can do neither, which is what its unsafe successor
+    // asks the caller to promise (this crate forbids unsafe code).
+    #[allow(deprecated)]
+    let pidfd = AsyncFd::with_interest(lane.exit_fd()?, Interest::READABLE)?;
+    loop {
+        let mut ready = pidfd.readable().await?;
+        if lane.has_exited()? {
+            return Ok(());
+        }
+        ready.clear_ready();
+    }
 }
 
 /// Tasks (processes and threads) whose real uid is `uid`: what `RLIMIT_NPROC` counts. Read

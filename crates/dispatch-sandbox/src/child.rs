@@ -728,6 +728,43 @@ pub(crate) fn wait_exited(pid: libc::pid_t) -> io::Result<()> {
     }
 }
 
+/// Whether `pid` (our child) has exited, without reaping it and without blocking.
+pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child, writing into the local `info`.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        match rc {
+            // With WNOHANG, a child that has not exited leaves si_pid zero.
+            // SAFETY: waitid filled `info` (or left it zeroed); si_pid reads a plain integer.
+            0 => return Ok(unsafe { info.si_pid() } == pid),
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+/// A pidfd for `pid`, our unreaped child (so the id names no other process): readable once
+/// the process has exited. Close-on-exec, as pidfd_open always makes it.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel has just returned this fd; nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// Reap `pid` (our child) and return its raw status and resource usage (its own and that of the
 /// descendants it waited for).
 pub(crate) fn reap_with_usage(

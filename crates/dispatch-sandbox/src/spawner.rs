@@ -191,6 +191,20 @@ impl SpawnedLane {
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     }
 
+    /// A pidfd for the lane's first process, readable once it has exited: its end can be
+    /// awaited by an event loop instead of a thread blocked in `waitid` for the lane's whole
+    /// life. Valid until [`wait`] reaps the process.
+    ///
+    /// [`wait`]: SpawnedLane::wait
+    pub fn exit_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        child::pidfd_open(self.pid)
+    }
+
+    /// Whether the lane's first process has exited (it is not reaped here).
+    pub fn has_exited(&self) -> io::Result<bool> {
+        child::has_exited(self.pid)
+    }
+
     /// Block until the lane's first process has exited, then end everything else in the lane,
     /// reap the first process and remove the lane's cgroup. The reaper forgets the group once
     /// the process has exited but before the reap, while its id cannot be reused.
