@@ -290,6 +290,23 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
 }
 
 /// The daemon, step by step; each failure says which step.
+/// Every running lane holds about five fds here (its output pipes, its pidfd, its cgroup), so
+/// the soft limit systemd gives services (1024) would refuse lanes from about the 190th on,
+/// whatever `max_running_jobs` allows. Raised to the hard limit, as systemd advises programs
+/// that need more; lanes get their own limit (`sandbox.limits.nofile`) whatever this is.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "could not raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "could not read the open file limit"),
+    }
+}
+
 async fn serve(config_path: &Path) -> Result<(), String> {
     // Handlers first: a SIGHUP that arrives once the socket accepts connections must reload,
     // not kill the helper (SIGHUP's default action).
@@ -306,6 +323,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     if settings.unprivileged {
         tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
     }
+    raise_open_file_limit();
     create_own_dirs(&settings)?;
     // Before the audit log is opened (and perhaps repaired) or the socket taken over.
     let _instance = lock_single_instance(&settings.file.state_dir)?;
