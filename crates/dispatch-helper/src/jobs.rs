@@ -56,6 +56,9 @@ mod recover;
 mod requests;
 mod start;
 mod supervise;
+mod table;
+
+use table::JobTable;
 
 struct Decision {
     argv: Vec<String>,
@@ -141,7 +144,7 @@ pub struct Helper {
     /// Refused connections and protocol violations, coalesced per uid before they are audited.
     pub refusals: crate::admission::RefusalAudit,
     store: JobStore,
-    jobs: Mutex<HashMap<String, JobEntry>>,
+    jobs: Mutex<JobTable>,
     spawner: Arc<LaneSpawner>,
     /// Running lanes, in all and per client uid.
     capacity: Mutex<Capacity>,
@@ -191,7 +194,7 @@ impl Helper {
             refusals: crate::admission::RefusalAudit::new(audit.clone()),
             audit,
             store,
-            jobs: Mutex::new(HashMap::new()),
+            jobs: Mutex::default(),
             spawner: Arc::new(spawner),
             capacity: Mutex::new(Capacity::default()),
             connections: Arc::default(),
@@ -325,16 +328,13 @@ impl Helper {
             }
             None => {
                 let (finished, _) = watch::channel(false);
-                jobs.insert(
-                    record.job.handle.clone(),
-                    JobEntry {
-                        record,
-                        finished,
-                        stop: Some(stop),
-                        stop_receiver: None,
-                        live: None,
-                    },
-                );
+                jobs.insert(JobEntry {
+                    record,
+                    finished,
+                    stop: Some(stop),
+                    stop_receiver: None,
+                    live: None,
+                });
             }
         }
     }
@@ -382,7 +382,7 @@ impl Helper {
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(record.job.handle.clone(), JobEntry::new(record, stop));
+            .insert(JobEntry::new(record, stop));
     }
 
     /// The stop channel of a job about to start: the one it was given when it was queued, or a

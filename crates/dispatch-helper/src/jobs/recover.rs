@@ -11,7 +11,7 @@ impl Helper {
             .store
             .load_all()
             .map_err(|e| format!("cannot read the job store: {e}"))?;
-        let mut jobs = HashMap::new();
+        let mut jobs = JobTable::default();
         for mut record in records {
             if record.job.state == JobState::Running {
                 kill_stale_group(&record);
@@ -41,7 +41,7 @@ impl Helper {
             record.job.stderr = None;
             // A queued job gets its stop channel back: a cancel during its start must reach it.
             let stop = (record.job.state == JobState::Queued).then(mpsc::unbounded_channel);
-            jobs.insert(record.job.handle.clone(), JobEntry::new(record, stop));
+            jobs.insert(JobEntry::new(record, stop));
         }
         // What waited for a slot waits again, oldest first (not bounded: it was all accepted).
         let mut queued: Vec<&JobRecord> = jobs

@@ -84,22 +84,17 @@ impl Helper {
         let max = self.settings().file.limits.max_list;
         let limit = if limit == 0 { max } else { limit.min(max) } as usize;
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut matching: Vec<&JobRecord> = jobs
-            .values()
+        // Newest first: the table keeps each client's jobs in request order.
+        let matching: Vec<&JobRecord> = jobs
+            .owned_by(peer.identity.uid)
+            .rev()
             .map(|e| &e.record)
-            .filter(|r| r.owner_uid == peer.identity.uid)
             .filter(|r| {
                 matcher.as_ref().is_none_or(|m| {
                     m.is_match(r.job.description.as_deref().unwrap_or(&r.job.task_preview))
                 })
             })
             .collect();
-        matching.sort_by(|a, b| {
-            b.job
-                .requested_at
-                .cmp(&a.job.requested_at)
-                .then(b.job.handle.cmp(&a.job.handle))
-        });
         let level = if detail {
             Detail::Argv
         } else {
@@ -182,7 +177,7 @@ impl Helper {
             self.jobs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(handle.to_owned(), entry);
+                .insert(entry);
             return Err(reply(
                 ErrorKind::Internal,
                 format!("could not delete the record of {handle}: {error}"),

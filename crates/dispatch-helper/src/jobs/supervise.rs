@@ -100,27 +100,18 @@ impl Helper {
     pub(super) async fn prune_finished(&self, owner_uid: u32) {
         let keep = self.settings().file.limits.max_finished_jobs_per_client;
         // Taken out of the table at once: prunes that run side by side (every lane's end
-        // starts one) each take their own, and none does the others' work again.
+        // starts one) each take their own, and none does the others' work again. Newest
+        // first, so only the kept ones, the client's unfinished ones and the excess are read.
         let doomed: Vec<JobEntry> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let mut finished: Vec<(&String, &str)> = jobs
-                .iter()
-                .filter(|(_, e)| e.stop.is_none() && e.record.owner_uid == owner_uid)
-                .filter(|(_, e)| e.record.job.state.is_terminal())
-                .map(|(handle, e)| (handle, e.record.job.requested_at.as_str()))
+            let excess: Vec<String> = jobs
+                .owned_by(owner_uid)
+                .rev()
+                .filter(|e| e.stop.is_none() && e.record.job.state.is_terminal())
+                .skip(keep)
+                .map(|e| e.record.job.handle.clone())
                 .collect();
-            if finished.len() <= keep {
-                return;
-            }
-            // The oldest `excess` (usually one), without sorting them all at every lane's end.
-            let excess = finished.len() - keep;
-            finished.select_nth_unstable_by(excess - 1, |a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)));
-            let handles: Vec<String> = finished
-                .into_iter()
-                .take(excess)
-                .map(|(handle, _)| handle.clone())
-                .collect();
-            handles.iter().filter_map(|h| jobs.remove(h)).collect()
+            excess.iter().filter_map(|h| jobs.remove(h)).collect()
         };
         for entry in doomed {
             let handle = entry.record.job.handle.clone();
@@ -130,7 +121,7 @@ impl Helper {
                 self.jobs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(handle, entry);
+                    .insert(entry);
                 continue;
             }
             self.remove_work_dir(&entry.record).await;
