@@ -71,8 +71,10 @@ impl JobRecord {
     }
 }
 
-/// Journal entries after which the writer folds the journal into a new snapshot.
-const COMPACT_AFTER: u64 = 4096;
+/// The journal is folded into a new snapshot once it holds more bytes than the snapshot (and
+/// at least this many): a compaction rewrites every live record, so its cost is paid for by
+/// as many bytes written since the last one, whatever the records' size.
+const COMPACT_MIN_BYTES: u64 = 4 << 20;
 
 /// One journal line.
 #[derive(Serialize, Deserialize)]
@@ -125,7 +127,9 @@ enum Location {
 
 struct State {
     index: HashMap<String, Location>,
-    journal_entries: u64,
+    /// The journal's length, and the snapshot's as last written or read.
+    journal_bytes: u64,
+    snapshot_bytes: u64,
     /// Every `<handle>.json` of an older helper found at open: all are deleted by the next
     /// compaction, whether or not a later line superseded them (one left behind would come
     /// back at a later open, after its record was removed).
@@ -172,13 +176,14 @@ impl JobStore {
         }
         let mut state = State {
             index: HashMap::new(),
-            journal_entries: 0,
+            journal_bytes: 0,
+            snapshot_bytes: 0,
             legacy: Vec::new(),
             damaged: None,
             kept_audit: Vec::new(),
         };
         read_legacy(&dir, &mut state, writable)?;
-        read_snapshot(&dir.join("snapshot.jsonl"), &mut state.index)?;
+        state.snapshot_bytes = read_snapshot(&dir.join("snapshot.jsonl"), &mut state.index)?;
         replay_journal(&dir.join("journal.jsonl"), &mut state, writable)?;
         let store = JobStore {
             dir,
@@ -313,7 +318,7 @@ impl JobStore {
             index_line(&mut state.index, op, Location::Journal { offset, len });
             offset += line.len() as u64;
         }
-        state.journal_entries += lines.len() as u64;
+        state.journal_bytes = offset;
         Ok(())
     }
 
@@ -330,14 +335,21 @@ impl JobStore {
     }
 
     fn read(&self, at: &Location) -> std::io::Result<JobRecord> {
+        self.read_with(at, &mut Readers::default())
+    }
+
+    /// As [`JobStore::read`], through files opened once for a pass over many records.
+    fn read_with(&self, at: &Location, readers: &mut Readers) -> std::io::Result<JobRecord> {
         let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(std::io::Error::other);
         match at {
             Location::Legacy(path) => parse(&fs::read(path)?),
             Location::Snapshot { offset, len } => {
-                parse(&read_at(&self.dir.join("snapshot.jsonl"), *offset, *len)?)
+                let file = opened(&mut readers.snapshot, &self.dir.join("snapshot.jsonl"))?;
+                parse(&read_at(file, *offset, *len)?)
             }
             Location::Journal { offset, len } => {
-                match serde_json::from_slice(&read_at(&self.journal_path(), *offset, *len)?) {
+                let file = opened(&mut readers.journal, &self.journal_path())?;
+                match serde_json::from_slice(&read_at(file, *offset, *len)?) {
                     Ok(JournalOp::Save(record) | JournalOp::Accepted { record, .. }) => Ok(*record),
                     Ok(JournalOp::Remove(_) | JournalOp::Audit(_)) => {
                         Err(io_error("the index points at a line that saves no record"))
@@ -353,8 +365,9 @@ impl JobStore {
         let state = self.lock();
         let mut records = Vec::with_capacity(state.index.len());
         let mut warnings = Vec::new();
+        let mut readers = Readers::default();
         for (handle, at) in &state.index {
-            match self.read(at) {
+            match self.read_with(at, &mut readers) {
                 Ok(record) => records.push(record),
                 Err(why) => warnings.push(format!("job record {handle} unreadable: {why}")),
             }
@@ -365,7 +378,8 @@ impl JobStore {
     /// Whether the journal has grown enough to fold into a new snapshot.
     pub(crate) fn wants_compaction(&self) -> bool {
         let state = self.lock();
-        state.journal_entries >= COMPACT_AFTER || !state.legacy.is_empty()
+        state.journal_bytes >= state.snapshot_bytes.max(COMPACT_MIN_BYTES)
+            || !state.legacy.is_empty()
     }
 
     /// Fold the journal (and older helpers' files) into a new snapshot: every live record is
@@ -386,11 +400,12 @@ impl JobStore {
         let mut buffer = Vec::new();
         let mut handles: Vec<&String> = state.index.keys().collect();
         handles.sort();
+        let mut readers = Readers::default();
         for handle in handles {
             let at = &state.index[handle];
             // One unreadable record must not stop the helper (this runs at start) or make every
             // later compaction fail: it is left out, and said so.
-            let record = match self.read(at) {
+            let record = match self.read_with(at, &mut readers) {
                 Ok(record) => record,
                 Err(error) => {
                     tracing::error!(%error, %handle, "job record unreadable; left out of the snapshot");
@@ -419,7 +434,8 @@ impl JobStore {
             .open(self.journal_path())?;
         journal.set_len(0)?;
         journal.sync_all()?;
-        state.journal_entries = 0;
+        state.journal_bytes = 0;
+        state.snapshot_bytes = offset;
         for path in std::mem::take(&mut state.legacy) {
             if let Err(error) = fs::remove_file(&path)
                 && error.kind() != std::io::ErrorKind::NotFound
@@ -445,10 +461,25 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+fn read_at(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0; len as usize];
-    File::open(path)?.read_exact_at(&mut bytes, offset)?;
+    file.read_exact_at(&mut bytes, offset)?;
     Ok(bytes)
+}
+
+/// The snapshot and the journal, each opened at its first read and kept for the rest of a pass
+/// (a compaction, a load of every record) instead of opened once per record.
+#[derive(Default)]
+struct Readers {
+    snapshot: Option<File>,
+    journal: Option<File>,
+}
+
+fn opened<'a>(slot: &'a mut Option<File>, path: &Path) -> std::io::Result<&'a File> {
+    if slot.is_none() {
+        *slot = Some(File::open(path)?);
+    }
+    slot.as_ref().ok_or_else(|| io_error("opened just above"))
 }
 
 /// `<handle>.json` files of helpers before the journal (and their interrupted temp files).
@@ -482,10 +513,11 @@ fn read_legacy(dir: &Path, state: &mut State, writable: bool) -> std::io::Result
     Ok(())
 }
 
-fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io::Result<()> {
+/// Index the snapshot's records; its length.
+fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io::Result<u64> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(error) => return Err(error),
     };
     let mut offset = 0u64;
@@ -504,7 +536,7 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
         index.insert(handle.handle, at);
         offset += line.len() as u64;
     }
-    Ok(())
+    Ok(offset)
 }
 
 /// Where the record a journal line saves now is (or that a removed one is gone).
@@ -552,8 +584,8 @@ fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Re
             state.kept_audit.push(audit.clone());
         }
         offset += line.len() as u64;
-        state.journal_entries += 1;
     }
+    state.journal_bytes = offset;
     Ok(())
 }
 
@@ -656,6 +688,45 @@ mod tests {
         let again = JobStore::open(dir.path()).unwrap();
         assert_eq!(states(&again).len(), 3);
         assert_eq!(again.load("d-4").unwrap().job.state.as_str(), "lost");
+    }
+
+    #[test]
+    fn the_journal_is_compacted_once_it_outgrows_the_snapshot_whatever_its_line_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        // Records of 256 KiB each (two full output tails, escaped): 4 MiB of journal is 17
+        // lines, far fewer than any line count would have waited for.
+        let big = |handle: &str| {
+            let mut record = record(handle, "Succeeded");
+            record.job.stdout.as_mut().unwrap().text = "\"".repeat(128 << 10);
+            JournalOp::Save(Box::new(record))
+        };
+        let mut lines = 0;
+        while !store.wants_compaction() {
+            store
+                .append_now(vec![big(&format!("d-{}", lines % 12))])
+                .unwrap();
+            lines += 1;
+            assert!(lines < 40, "not compacted after {lines} lines of 256 KiB");
+        }
+        assert!((16..=18).contains(&lines), "compacted after {lines} lines");
+        store.compact().unwrap();
+        let snapshot = fs::metadata(dir.path().join("jobs/snapshot.jsonl"))
+            .unwrap()
+            .len();
+        assert!(
+            snapshot > 12 * (256 << 10),
+            "12 records live: {snapshot} bytes"
+        );
+        // Now the snapshot (3 MiB) is below the floor: again at 4 MiB of journal.
+        let mut after = 0;
+        while !store.wants_compaction() {
+            store.append_now(vec![big("d-0")]).unwrap();
+            after += 1;
+        }
+        assert_eq!(after, lines);
+        // Reopened, it knows both lengths again.
+        assert!(JobStore::open(dir.path()).unwrap().wants_compaction());
     }
 
     #[test]
