@@ -333,15 +333,16 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
 /// The running caps and the timeout are at least 1 (at 0 nothing would ever run), and the
 /// output tail is within its range.
 fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
+    let limits = &file.limits;
     let caps = [
-        ("max_running_jobs", file.limits.max_running_jobs),
+        ("max_running_jobs", limits.max_running_jobs),
         (
             "max_running_jobs_per_client",
-            file.limits.max_running_jobs_per_client,
+            limits.max_running_jobs_per_client,
         ),
         (
             "max_running_jobs_per_lane",
-            file.limits.max_running_jobs_per_lane,
+            limits.max_running_jobs_per_lane,
         ),
     ];
     if let Some((name, _)) = caps.iter().find(|(_, cap)| *cap == 0) {
@@ -349,13 +350,56 @@ fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
             "limits.{name} must be at least 1 (at 0 every dispatch would wait forever)"
         )));
     }
+    let serving = [
+        ("max_connections", limits.max_connections as u64),
+        (
+            "max_connections_per_client",
+            limits.max_connections_per_client as u64,
+        ),
+        (
+            "max_in_flight_per_connection",
+            limits.max_in_flight_per_connection as u64,
+        ),
+        ("idle_timeout_seconds", limits.idle_timeout_seconds),
+        ("max_list", u64::from(limits.max_list)),
+    ];
+    if let Some((name, _)) = serving.iter().find(|(_, value)| *value == 0) {
+        return Err(ConfigError::Invalid(format!(
+            "limits.{name} must be at least 1 (at 0 no request would ever be served)"
+        )));
+    }
+    if limits.max_running_jobs > dispatch_sandbox::MAX_LANES {
+        return Err(ConfigError::Invalid(format!(
+            "limits.max_running_jobs is {}, but one helper can run at most {} lanes (its \
+             reaper tracks that many)",
+            limits.max_running_jobs,
+            dispatch_sandbox::MAX_LANES
+        )));
+    }
+    let durations = [
+        ("limits.idle_timeout_seconds", limits.idle_timeout_seconds),
+        (
+            "limits.max_result_wait_seconds",
+            limits.max_result_wait_seconds,
+        ),
+        ("kill_grace_seconds", file.kill_grace_seconds),
+    ];
+    if let Some((name, value)) = durations.iter().find(|(_, value)| *value > TEN_YEARS) {
+        return Err(ConfigError::Invalid(format!(
+            "{name} is {value}, more than ten years ({TEN_YEARS} seconds): the clock \
+             arithmetic of a wait that long would overflow"
+        )));
+    }
     if file.timeout_seconds == 0 {
         return Err(ConfigError::Invalid(
             "timeout_seconds must be at least 1".into(),
         ));
     }
-    check_output_tail_bytes(file.limits.output_tail_bytes)
+    check_output_tail_bytes(limits.output_tail_bytes)
 }
+
+/// The longest wait a setting may ask for.
+const TEN_YEARS: u64 = 10 * 366 * 24 * 3600;
 
 /// The uids and gids of `[clients]` (the helper's own uid always), resolved now; a name that
 /// does not resolve is a warning, not an error.
@@ -703,6 +747,61 @@ mod tests {
         for bad in ["LD_PRELOAD", "HOME", "TMPDIR", "A-B", "1X", ""] {
             assert!(check_pass_env(&names(&[bad]), false).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn limits_the_helper_cannot_honour_are_refused_by_name() {
+        let refused = |extra: &str| {
+            let file: ConfigFile = toml::from_str(&format!(
+                "allowlist='/a'\nstate_dir='/s'\naudit_log='/l'\nsocket='/x'\n{extra}"
+            ))
+            .unwrap();
+            match check_limits(&file) {
+                Err(ConfigError::Invalid(why)) => why,
+                other => panic!("{extra:?} was not refused: {other:?}"),
+            }
+        };
+        for (setting, named) in [
+            (
+                "[limits]\nmax_connections = 0",
+                "limits.max_connections must be at least 1",
+            ),
+            (
+                "[limits]\nmax_connections_per_client = 0",
+                "max_connections_per_client",
+            ),
+            (
+                "[limits]\nmax_in_flight_per_connection = 0",
+                "max_in_flight_per_connection",
+            ),
+            ("[limits]\nidle_timeout_seconds = 0", "idle_timeout_seconds"),
+            (
+                "[limits]\nmax_list = 0",
+                "limits.max_list must be at least 1",
+            ),
+            ("[limits]\nmax_running_jobs = 16385", "at most 16384 lanes"),
+            (
+                "[limits]\nidle_timeout_seconds = 18446744073709551615",
+                "limits.idle_timeout_seconds is 18446744073709551615, more than ten years",
+            ),
+            (
+                "kill_grace_seconds = 400000000",
+                "kill_grace_seconds is 400000000",
+            ),
+            (
+                "[limits]\nmax_result_wait_seconds = 400000000",
+                "max_result_wait_seconds",
+            ),
+        ] {
+            let why = refused(setting);
+            assert!(why.contains(named), "{setting:?}: {why}");
+        }
+        let file: ConfigFile = toml::from_str(
+            "allowlist='/a'\nstate_dir='/s'\naudit_log='/l'\nsocket='/x'\n\
+             [limits]\nmax_running_jobs = 16384\nidle_timeout_seconds = 315360000\n",
+        )
+        .unwrap();
+        check_limits(&file).unwrap();
     }
 
     #[test]

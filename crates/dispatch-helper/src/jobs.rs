@@ -155,7 +155,14 @@ pub struct Helper {
     /// The passed environment of queued dispatches, by handle: in memory only, as its values
     /// (tokens) are never written down. A dispatch queued before a restart starts without it.
     queued_env: Mutex<HashMap<String, Vec<(String, String)>>>,
+    /// Job directories being removed at once: each removal holds a thread of the blocking pool
+    /// (and under the shipped unit forks `chmod` and `rm` as the lane user) for as long as a
+    /// big checkout takes, and the pool also serves every dispatch and every accepted peer.
+    removals: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many job directories are removed at once; the others wait their turn without a thread.
+const CONCURRENT_REMOVALS: usize = 4;
 
 fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
@@ -200,13 +207,14 @@ impl Helper {
             connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             queued_env: Mutex::default(),
+            removals: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REMOVALS)),
         })
     }
 
     /// Whether process `pid` belongs to one of this helper's lanes (see
     /// `Containment::holds_process`). Reads cgroupfs or /proc: blocking.
-    pub fn is_lane_process(&self, pid: i32) -> bool {
-        self.spawner.containment().holds_process(pid)
+    pub fn is_lane_process(&self, pid: i32, uid: u32) -> bool {
+        self.spawner.containment().holds_process(pid, uid)
     }
 
     /// See `LaneSpawner::inherits_exactly`.

@@ -5,8 +5,9 @@ use crate::config::Settings;
 use dispatch_proto::{JobState, ResourceUsage};
 use dispatch_sandbox::cgroup::Controllers;
 use dispatch_sandbox::{LaneEnd, Limits, SpawnedLane, bytes};
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -79,7 +80,12 @@ pub async fn watch(
     tokio::pin!(exited);
     let deadline = tokio::time::sleep(plan.timeout);
     tokio::pin!(deadline);
-    let mut sample = tokio::time::interval(SAMPLE_EVERY);
+    // The first sample after one period: a lane that ends sooner is counted at its end (below),
+    // so most lanes cost no sample at all. After a stall, missed samples are skipped rather
+    // than taken at once by every lane.
+    let first = tokio::time::Instant::now() + SAMPLE_EVERY;
+    let mut sample = tokio::time::interval_at(first, SAMPLE_EVERY);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut watched = Watched {
         memory_by_rlimit: plan.memory_by_rlimit,
         ..Watched::default()
@@ -110,7 +116,7 @@ pub async fn watch(
                 if let Some(limit) = plan.user_process_limit
                     && (cgroup.is_none() || tasks as u64 * 2 >= limit)
                 {
-                    watched.peak_tasks = watched.peak_tasks.max(user_tasks(plan.uid));
+                    watched.peak_tasks = watched.peak_tasks.max(recent_user_tasks(plan.uid));
                 }
                 let Some(cgroup) = &cgroup else { continue };
                 let usage = cgroup.usage();
@@ -133,10 +139,11 @@ pub async fn watch(
 /// event loop, so a running lane holds no thread: the blocking pool has at most 512, and
 /// every dispatch needs one. Only where no pidfd can be had does a blocking thread wait.
 async fn first_process_exit(lane: &SpawnedLane) {
-    if exit_on_pidfd(lane).await.is_ok() {
+    let Err(error) = exit_on_pidfd(lane).await else {
         return;
-    }
+    };
     let leader = lane.process_group();
+    tracing::warn!(%error, pid = leader, "a lane's pidfd could not be watched: a thread waits for its end instead");
     let _ = tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader)).await;
 }
 
@@ -153,6 +160,28 @@ async fn exit_on_pidfd(lane: &SpawnedLane) -> std::io::Result<()> {
         }
         ready.clear_ready();
     }
+}
+
+/// [`user_tasks`], walked at most once per sample period for each uid, whatever the number of
+/// its lanes that ask (a walk reads every process's status on the machine).
+fn recent_user_tasks(uid: u32) -> usize {
+    static RECENT: std::sync::Mutex<BTreeMap<u32, (Instant, usize)>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let recent = |uid| {
+        let known = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+        known
+            .get(&uid)
+            .filter(|(at, _)| at.elapsed() < SAMPLE_EVERY)
+            .map(|(_, tasks)| *tasks)
+    };
+    if let Some(tasks) = recent(uid) {
+        return tasks;
+    }
+    let tasks = user_tasks(uid);
+    let mut known = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+    known.retain(|_, (at, _)| at.elapsed() < SAMPLE_EVERY);
+    known.insert(uid, (Instant::now(), tasks));
+    tasks
 }
 
 /// Tasks (processes and threads) whose real uid is `uid`: what `RLIMIT_NPROC` counts. Read

@@ -99,8 +99,8 @@ async fn from_a_lane(helper: &Arc<Helper>, peer: &Peer, stream: &UnixStream) -> 
         return Some("the peer's pid is unknown (SO_PEERCRED)".to_owned());
     };
     let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok();
-    let lookup = helper.clone();
-    let is_lane = tokio::task::spawn_blocking(move || lookup.is_lane_process(pid))
+    let (lookup, uid) = (helper.clone(), peer.identity.uid);
+    let is_lane = tokio::task::spawn_blocking(move || lookup.is_lane_process(pid, uid))
         .await
         .unwrap_or(true);
     if is_lane {

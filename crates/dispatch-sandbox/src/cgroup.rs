@@ -23,6 +23,7 @@
 //! Controllers (`pids`, `memory`, `cpu`) are enabled for the lanes where the base has them; a
 //! limit whose controller is missing falls back to an rlimit (see `limits.rs`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -107,6 +108,10 @@ pub struct CgroupTree {
     lanes: PathBuf,
     controllers: Controllers,
     spares: Arc<Mutex<Vec<LaneCgroup>>>,
+    /// Every lane cgroup handed out and not yet released (emptied), with the uid its lane runs
+    /// as: a lane's processes all keep that uid (no capabilities, no_new_privs), so a peer is
+    /// looked for only in the cgroups of lanes of its own uid.
+    in_use: Mutex<HashMap<PathBuf, libc::uid_t>>,
     janitor: Mutex<mpsc::Sender<Chore>>,
     /// `lanes/`, locked for this helper's lifetime (see [`lock_for_this_helper`]).
     _owner: nix::fcntl::Flock<fs::File>,
@@ -193,6 +198,7 @@ impl CgroupTree {
             lanes,
             controllers,
             spares,
+            in_use: Mutex::default(),
             janitor: Mutex::new(janitor),
             _owner: owner,
         }
@@ -226,8 +232,13 @@ impl CgroupTree {
         let _ = self.send(Chore::Refill);
     }
 
-    /// A fresh lane cgroup with its limits written, ready for its first process to join.
-    pub fn create_lane(&self, values: &[(&str, String)]) -> Result<LaneCgroup, CgroupError> {
+    /// A fresh lane cgroup with its limits written, ready for the first process of a lane run
+    /// as `uid` to join.
+    pub fn create_lane(
+        &self,
+        values: &[(&str, String)],
+        uid: libc::uid_t,
+    ) -> Result<LaneCgroup, CgroupError> {
         let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let lane = match spare {
             Some(lane) => lane,
@@ -244,7 +255,13 @@ impl CgroupTree {
                 return Err(error);
             }
         }
+        // Before any process can join it.
+        self.in_use().insert(lane.dir.clone(), uid);
         Ok(lane)
+    }
+
+    fn in_use(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, libc::uid_t>> {
+        self.in_use.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remove an ended lane's (empty) cgroup and make a fresh spare, off the caller's path when
@@ -252,16 +269,19 @@ impl CgroupTree {
     /// would contend (for the cgroup lock and, on small machines, the CPU) with the very lane
     /// that is joining its cgroup.
     pub fn release(&self, lane: &LaneCgroup) {
+        self.in_use().remove(&lane.dir);
         if let Err(Chore::Remove(dir)) = self.send(Chore::Remove(lane.dir.clone())) {
             let _ = fs::remove_dir(dir);
         }
         let _ = self.send(Chore::Refill);
     }
 
-    /// Whether process `pid` is in one of the lanes' cgroups, at any depth (a lane whose cgroup
-    /// is its own user's, in unprivileged mode, could make sub-cgroups). Read from cgroupfs,
-    /// which `ProtectProc=` does not hide. Unreadable counts as yes.
-    pub fn holds_process(&self, pid: i32) -> bool {
+    /// Whether process `pid`, running as `uid`, is in the cgroup of one of the lanes run as
+    /// `uid`, at any depth (a lane whose cgroup is its own user's, in unprivileged mode, could
+    /// make sub-cgroups). Only those lanes are read, not every lane's: a connection costs what
+    /// its own uid runs. Read from cgroupfs, which `ProtectProc=` does not hide. Unreadable
+    /// counts as yes.
+    pub fn holds_process(&self, pid: i32, uid: libc::uid_t) -> bool {
         fn walk(dir: &Path, wanted: &str, depth: usize, top: bool) -> bool {
             let entries = match fs::read_dir(dir) {
                 Ok(entries) => entries,
@@ -283,7 +303,22 @@ impl CgroupTree {
                 here || (depth > 0 && walk(&path, wanted, depth - 1, false))
             })
         }
-        walk(&self.lanes, &pid.to_string(), 8, true)
+        let wanted = pid.to_string();
+        let theirs: Vec<PathBuf> = self
+            .in_use()
+            .iter()
+            .filter(|(_, lane_uid)| **lane_uid == uid)
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        theirs.iter().any(|dir| {
+            let here = match fs::read_to_string(dir.join("cgroup.procs")) {
+                Ok(procs) => procs.lines().any(|p| p == wanted),
+                // Released (emptied) since it was listed: it holds no process now.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return false,
+                Err(_) => return true,
+            };
+            here || walk(dir, &wanted, 7, false)
+        })
     }
 
     /// Kill and remove every lane cgroup a previous helper left behind (it died or was killed

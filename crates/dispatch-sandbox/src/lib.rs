@@ -41,6 +41,8 @@ mod seccomp_filter;
 mod spawner;
 
 pub use child::ChildStep;
+/// The most lanes one helper can have running at once (its reaper's table).
+pub const MAX_LANES: usize = reaper::CAPACITY;
 pub use identity::{LaneIdentity, current_identity, resolve_identity};
 pub use spawner::{Containment, LaneEnd, LaneSpawner, LaneUsage, SpawnedLane, wait_for_exit};
 

@@ -57,16 +57,17 @@ impl Containment {
         self.tree.as_ref().map(CgroupTree::controllers)
     }
 
-    /// Whether process `pid` belongs to a lane: it is in a lane's cgroup, or, without cgroups,
-    /// this process (the helper, a subreaper) is among its ancestors. The helper refuses such
-    /// peers: a lane never dispatches. What cannot be told counts as yes.
-    pub fn holds_process(&self, pid: i32) -> bool {
+    /// Whether process `pid`, running as `uid`, belongs to a lane: it is in the cgroup of a lane
+    /// run as `uid`, or, without cgroups, this process (the helper, a subreaper) is among its
+    /// ancestors. The helper refuses such peers: a lane never dispatches. What cannot be told
+    /// counts as yes.
+    pub fn holds_process(&self, pid: i32, uid: libc::uid_t) -> bool {
         if pid <= 0 {
             // Not a process of this pid namespace: nothing can be checked.
             return true;
         }
         match &self.tree {
-            Some(tree) => tree.holds_process(pid),
+            Some(tree) => tree.holds_process(pid, uid),
             None => descends_from_this_process(pid).unwrap_or(true),
         }
     }
@@ -616,7 +617,7 @@ fn lane_cgroup(
         return Ok(None);
     };
     let values = lane.limits.cgroup_values(tree.controllers());
-    Ok(Some(tree.create_lane(&values)?))
+    Ok(Some(tree.create_lane(&values, lane.plan.identity.uid)?))
 }
 
 /// A spawner thread's life: put itself under the lanes' seccomp programs (reporting whether it

@@ -86,8 +86,15 @@ impl Helper {
             return;
         }
         let (uid, gid) = (sandbox.uid, sandbox.gid);
+        // Held by the removal itself, even if nobody waits for it any more. The semaphore is
+        // never closed, so a turn always comes.
+        let Ok(turn) = self.removals.clone().acquire_owned().await else {
+            return;
+        };
         let removed = tokio::task::spawn_blocking(move || {
-            crate::workdirs::remove(&path, uid, gid).map_err(|e| (path, e))
+            let removed = crate::workdirs::remove(&path, uid, gid).map_err(|e| (path, e));
+            drop(turn);
+            removed
         })
         .await;
         if let Ok(Err((path, error))) = removed {
