@@ -12,6 +12,9 @@ impl Helper {
             .load_all()
             .map_err(|e| format!("cannot read the job store: {e}"))?;
         let mut jobs = JobTable::default();
+        // Every lost job's record and audit record are queued before any is awaited, so a
+        // restart that lost a thousand lanes commits them together instead of one by one.
+        let mut lost = Vec::new();
         for mut record in records {
             if record.job.state == JobState::Running {
                 kill_stale_group(&record);
@@ -21,27 +24,31 @@ impl Helper {
                     "lost: the helper restarted while the lane was running; its outcome is unknown"
                         .into();
                 record.pgid = None;
-                self.store
-                    .save(&record)
-                    .map_err(|e| format!("cannot record lost job {}: {e}", record.job.handle))?;
-                self.audit
-                    .append(AuditEvent {
-                        event: "lost",
-                        handle: Some(record.job.handle.clone()),
-                        orguser: Some(record.job.orguser.clone()),
-                        repo: Some(record.job.repo.clone()),
-                        outcome: "lost".into(),
-                        detail: Some(record.job.detail.clone()),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| format!("cannot audit lost job {}: {e}", record.job.handle))?;
+                let saved = self.store.save_in_order(&record);
+                let audited = self.audit.append_in_order(AuditEvent {
+                    event: "lost",
+                    handle: Some(record.job.handle.clone()),
+                    orguser: Some(record.job.orguser.clone()),
+                    repo: Some(record.job.repo.clone()),
+                    outcome: "lost".into(),
+                    detail: Some(record.job.detail.clone()),
+                    ..Default::default()
+                });
+                lost.push((record.job.handle.clone(), saved, audited));
             }
             record.job.stdout = None;
             record.job.stderr = None;
             // A queued job gets its stop channel back: a cancel during its start must reach it.
             let stop = (record.job.state == JobState::Queued).then(mpsc::unbounded_channel);
             jobs.insert(JobEntry::new(record, stop));
+        }
+        for (handle, saved, audited) in lost {
+            saved
+                .await
+                .map_err(|e| format!("cannot record lost job {handle}: {e}"))?;
+            audited
+                .await
+                .map_err(|e| format!("cannot audit lost job {handle}: {e}"))?;
         }
         // What waited for a slot waits again, oldest first (not bounded: it was all accepted).
         let mut queued: Vec<&JobRecord> = jobs
