@@ -1072,6 +1072,10 @@ async fn sighup_reloads_the_allowlist() {
     );
     assert_ne!(grown, ALLOWLIST);
     std::fs::write(&allowlist, grown).unwrap();
+    // A limit sized at start is kept, and the reload says so.
+    let mut config = std::fs::read_to_string(&helper.config).unwrap();
+    config.push_str("\n[limits]\nmax_connections = 32\n");
+    std::fs::write(&helper.config, config).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(helper.pid()),
         nix::sys::signal::Signal::SIGHUP,
@@ -1080,6 +1084,14 @@ async fn sighup_reloads_the_allowlist() {
     wait_until("the reload to be audited", Duration::from_secs(5), || {
         !helper.audited("config_reloaded").is_empty()
     });
+    let reloaded = &helper.audited("config_reloaded")[0];
+    assert!(
+        reloaded["detail"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_connections keeps its old value, 64, until the helper restarts"),
+        "{reloaded}"
+    );
     let mut client = helper.client().await;
     match client.request(Request::Lanes).await {
         Response::Lanes { lanes } => {

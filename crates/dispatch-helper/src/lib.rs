@@ -535,11 +535,21 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
     let outcome = match config::load(config_path, &config::EnvOverrides::from_process()) {
         Ok(settings) => {
-            let detail = format!(
+            let mut detail = format!(
                 "{} targets, {} warnings",
                 settings.allowlist.targets().count(),
                 settings.warnings.len()
             );
+            // The accept loop's semaphore was sized at start.
+            let serving = helper.settings().file.limits.max_connections;
+            if settings.file.limits.max_connections != serving {
+                let kept = format!(
+                    "limits.max_connections keeps its old value, {serving}, until the helper restarts"
+                );
+                tracing::warn!("{kept}");
+                detail.push_str("; ");
+                detail.push_str(&kept);
+            }
             tracing::info!(%detail, "configuration reloaded (socket and state paths keep their old values until restart)");
             if !helper.spawner_inherits_exactly(&settings.sandbox) {
                 tracing::warn!(
