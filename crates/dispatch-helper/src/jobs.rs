@@ -159,6 +159,8 @@ pub struct Helper {
     /// (and under the shipped unit forks `chmod` and `rm` as the lane user) for as long as a
     /// big checkout takes, and the pool also serves every dispatch and every accepted peer.
     removals: Arc<tokio::sync::Semaphore>,
+    /// What the accept loop's connection semaphore was sized to (a reload cannot resize it).
+    pub max_connections_at_start: usize,
 }
 
 /// How many job directories are removed at once; the others wait their turn without a thread.
@@ -197,6 +199,7 @@ impl Helper {
         spawner: LaneSpawner,
     ) -> Arc<Helper> {
         Arc::new(Helper {
+            max_connections_at_start: settings.file.limits.max_connections,
             settings: RwLock::new(Arc::new(settings)),
             refusals: crate::admission::RefusalAudit::new(audit.clone()),
             audit,

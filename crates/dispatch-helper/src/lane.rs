@@ -143,7 +143,10 @@ async fn first_process_exit(lane: &SpawnedLane) {
         return;
     };
     let leader = lane.process_group();
-    tracing::warn!(%error, pid = leader, "a lane's pidfd could not be watched: a thread waits for its end instead");
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(%error, pid = leader, "a lane's pidfd could not be watched: a thread of the blocking pool waits for its end instead (said once; at 512 such lanes, requests wait for one to end)");
+    }
     let _ = tokio::task::spawn_blocking(move || dispatch_sandbox::wait_for_exit(leader)).await;
 }
 

@@ -289,7 +289,6 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// The daemon, step by step; each failure says which step.
 /// Every running lane holds about five fds here (its output pipes, its pidfd, its cgroup), so
 /// the soft limit systemd gives services (1024) would refuse lanes from about the 190th on,
 /// whatever `max_running_jobs` allows. Raised to the hard limit, as systemd advises programs
@@ -307,6 +306,7 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The daemon, step by step; each failure says which step.
 async fn serve(config_path: &Path) -> Result<(), String> {
     // Handlers first: a SIGHUP that arrives once the socket accepts connections must reload,
     // not kill the helper (SIGHUP's default action).
@@ -540,8 +540,8 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
                 settings.allowlist.targets().count(),
                 settings.warnings.len()
             );
-            // The accept loop's semaphore was sized at start.
-            let serving = helper.settings().file.limits.max_connections;
+            // The accept loop's semaphore was sized at start, whatever reloads said since.
+            let serving = helper.max_connections_at_start;
             if settings.file.limits.max_connections != serving {
                 let kept = format!(
                     "limits.max_connections keeps its old value, {serving}, until the helper restarts"

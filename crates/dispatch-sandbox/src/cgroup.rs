@@ -279,31 +279,15 @@ impl CgroupTree {
     /// Whether process `pid`, running as `uid`, is in the cgroup of one of the lanes run as
     /// `uid`, at any depth (a lane whose cgroup is its own user's, in unprivileged mode, could
     /// make sub-cgroups). Only those lanes are read, not every lane's: a connection costs what
-    /// its own uid runs. Read from cgroupfs, which `ProtectProc=` does not hide. Unreadable
-    /// counts as yes.
+    /// its own uid runs. Lanes run as the helper's own uid (unprivileged mode) own the
+    /// delegated tree and could move a process into a spare or a leftover cgroup, so for that
+    /// uid every cgroup under `lanes/` is read. Read from cgroupfs, which `ProtectProc=` does
+    /// not hide. Unreadable counts as yes.
     pub fn holds_process(&self, pid: i32, uid: libc::uid_t) -> bool {
-        fn walk(dir: &Path, wanted: &str, depth: usize, top: bool) -> bool {
-            let entries = match fs::read_dir(dir) {
-                Ok(entries) => entries,
-                // A lane's cgroup removed while it was being looked at (its lane ended, or the
-                // janitor took a spare): it holds no process now.
-                Err(error) if !top && error.kind() == std::io::ErrorKind::NotFound => {
-                    return false;
-                }
-                // The lanes' tree itself unreadable: nothing can be ruled out.
-                Err(_) => return true,
-            };
-            entries.flatten().any(|entry| {
-                let path = entry.path();
-                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    return false;
-                }
-                let here = fs::read_to_string(path.join("cgroup.procs"))
-                    .is_ok_and(|procs| procs.lines().any(|p| p == wanted));
-                here || (depth > 0 && walk(&path, wanted, depth - 1, false))
-            })
-        }
         let wanted = pid.to_string();
+        if uid == nix::unistd::geteuid().as_raw() {
+            return any_holds(&self.lanes, &wanted, 8, true);
+        }
         let theirs: Vec<PathBuf> = self
             .in_use()
             .iter()
@@ -317,7 +301,7 @@ impl CgroupTree {
                 Err(error) if error.kind() == io::ErrorKind::NotFound => return false,
                 Err(_) => return true,
             };
-            here || walk(dir, &wanted, 7, false)
+            here || any_holds(dir, &wanted, 7, false)
         })
     }
 
@@ -349,6 +333,27 @@ impl CgroupTree {
 static LANE_NUMBER: AtomicU64 = AtomicU64::new(0);
 
 /// Make a fresh lane cgroup (`lane-<helper pid>-<n>`) and open its `cgroup.procs`.
+/// Whether a cgroup below `dir` (down to `depth` more levels) lists `wanted` in its
+/// `cgroup.procs`. `top`: `dir` is the lanes' tree itself, so a `dir` that cannot be read rules
+/// nothing out; below it, a cgroup gone meanwhile (its lane ended, or the janitor removed a
+/// spare) holds no process.
+fn any_holds(dir: &Path, wanted: &str, depth: usize, top: bool) -> bool {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if !top && error.kind() == io::ErrorKind::NotFound => return false,
+        Err(_) => return true,
+    };
+    entries.flatten().any(|entry| {
+        let path = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            return false;
+        }
+        let here = fs::read_to_string(path.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|p| p == wanted));
+        here || (depth > 0 && any_holds(&path, wanted, depth - 1, false))
+    })
+}
+
 fn new_lane(lanes: &Path, controllers: Controllers) -> Result<LaneCgroup, CgroupError> {
     let number = LANE_NUMBER.fetch_add(1, Ordering::Relaxed);
     let dir = lanes.join(format!("lane-{}-{number}", std::process::id()));

@@ -89,6 +89,7 @@ impl Helper {
             .owned_by(peer.identity.uid)
             .rev()
             .map(|e| &e.record)
+            .filter(|r| r.owner_uid == peer.identity.uid)
             .filter(|r| {
                 matcher.as_ref().is_none_or(|m| {
                     m.is_match(r.job.description.as_deref().unwrap_or(&r.job.task_preview))
@@ -183,18 +184,17 @@ impl Helper {
                 format!("could not delete the record of {handle}: {error}"),
             ));
         }
+        // Audited now, not after the directory: its removal may wait its turn.
+        let audited = self.audit.append_in_order(AuditEvent {
+            event: "deleted",
+            peer: Some(peer.identity),
+            claimed_client: peer.claimed_client.clone(),
+            handle: Some(handle.to_owned()),
+            outcome: "deleted".into(),
+            ..Default::default()
+        });
         self.remove_work_dir(&entry.record).await;
-        let _ = self
-            .audit
-            .append(AuditEvent {
-                event: "deleted",
-                peer: Some(peer.identity),
-                claimed_client: peer.claimed_client.clone(),
-                handle: Some(handle.to_owned()),
-                outcome: "deleted".into(),
-                ..Default::default()
-            })
-            .await;
+        let _ = audited.await;
         Ok(handle.to_owned())
     }
 }

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How long a stopping helper waits for job directories being removed.
+const REMOVALS_AT_STOP: Duration = Duration::from_secs(30);
+
 impl Helper {
     pub(super) async fn supervise(
         self: Arc<Self>,
@@ -131,19 +134,18 @@ impl Helper {
                     .insert(entry);
                 continue;
             }
+            // Audited now, not after the directory: its removal may wait its turn.
+            let audited = self.audit.append_in_order(AuditEvent {
+                event: "pruned",
+                handle: Some(handle),
+                outcome: "deleted".into(),
+                detail: Some(format!(
+                    "more than {keep} finished dispatches were kept for uid {owner_uid}"
+                )),
+                ..Default::default()
+            });
             self.remove_work_dir(&entry.record).await;
-            let _ = self
-                .audit
-                .append(AuditEvent {
-                    event: "pruned",
-                    handle: Some(handle),
-                    outcome: "deleted".into(),
-                    detail: Some(format!(
-                        "more than {keep} finished dispatches were kept for uid {owner_uid}"
-                    )),
-                    ..Default::default()
-                })
-                .await;
+            let _ = audited.await;
         }
     }
 
@@ -185,6 +187,17 @@ impl Helper {
         let grace = self.settings().grace() + Duration::from_secs(3);
         for mut receiver in receivers {
             let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        }
+        // Job directories whose records are gone are removed before the helper exits: nothing
+        // would find them again. The semaphore is first come, first served, so all of them
+        // (those removing and those waiting) are done once every permit can be had.
+        let all = u32::try_from(super::CONCURRENT_REMOVALS).unwrap_or(u32::MAX);
+        let removed = self.removals.acquire_many(all);
+        if tokio::time::timeout(REMOVALS_AT_STOP, removed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("job directories still being removed at stop are left behind");
         }
     }
 }
