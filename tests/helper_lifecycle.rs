@@ -389,6 +389,55 @@ async fn a_helper_killed_mid_job_takes_the_lane_down_and_reports_it_lost_after_r
     assert_eq!(helper.audited("lost").len(), 1);
 }
 
+/// A restart that finds many jobs left running records them lost together: their records and
+/// audit records share commits, not two syncs each before the helper serves (which, with a
+/// slow disk and a thousand lanes, outlasted systemd's start timeout).
+#[tokio::test]
+async fn many_jobs_lost_at_once_are_recorded_in_shared_commits() {
+    const LANES: usize = 30;
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs_per_client = 32\nmax_running_jobs_per_lane = 32\n"
+            .into(),
+        ..Default::default()
+    };
+    let Some(mut helper) = start_helper("lost_together", options) else {
+        return;
+    };
+    let mut handles = Vec::new();
+    {
+        let mut client = helper.client().await;
+        for _ in 0..LANES {
+            let job = client
+                .dispatch_ok("alice-org", "alice-repo", "sleep:60")
+                .await;
+            assert_eq!(job.state, JobState::Running, "{job:?}");
+            handles.push(job.handle);
+        }
+    }
+    helper.kill9();
+    helper.launch();
+    let mut client = helper.client().await;
+    for handle in &handles {
+        assert_eq!(client.result(handle, 0).await.state, JobState::Lost);
+    }
+    drop(client);
+    helper.stop();
+    assert_eq!(helper.audited("lost").len(), LANES);
+    let stopped = helper.audited("helper_stopped");
+    let detail = stopped.last().unwrap()["detail"].as_str().unwrap();
+    let syncs: usize = detail
+        .split(" syncs")
+        .next()
+        .and_then(|before| before.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no sync count in {detail:?}"));
+    println!("{LANES} lost jobs recorded at start; the run made {syncs} syncs in all");
+    assert!(
+        syncs < LANES,
+        "{syncs} syncs for {LANES} lost jobs: they were committed one by one"
+    );
+    helper.assert_audit_chain_intact();
+}
+
 /// The helper's live child named `dispatch-reaper`.
 fn reaper_of(helper_pid: i32) -> Option<i32> {
     std::fs::read_dir("/proc")
