@@ -708,28 +708,17 @@ impl ExecImage {
 /// Block until `pid` (our child) has exited, without reaping it: until it is reaped its pid,
 /// which is also its group id, cannot be reused.
 pub(crate) fn wait_exited(pid: libc::pid_t) -> io::Result<()> {
-    loop {
-        // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our own child, writing into the local `info`.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        match rc {
-            0 => return Ok(()),
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
-            _ => return Err(io::Error::last_os_error()),
-        }
-    }
+    wait_unreaped(pid, 0).map(drop)
 }
 
 /// Whether `pid` (our child) has exited, without reaping it and without blocking.
 pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
+    Ok(wait_unreaped(pid, libc::WNOHANG)? == pid)
+}
+
+/// `waitid` for the exit of `pid` (our child) that leaves it unreaped (WNOWAIT), with `flags`
+/// besides; the pid it reports, zero when WNOHANG found the child still running.
+fn wait_unreaped(pid: libc::pid_t, flags: libc::c_int) -> io::Result<libc::pid_t> {
     loop {
         // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -739,13 +728,13 @@ pub(crate) fn has_exited(pid: libc::pid_t) -> io::Result<bool> {
                 libc::P_PID,
                 pid as libc::id_t,
                 &mut info,
-                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+                libc::WEXITED | libc::WNOWAIT | flags,
             )
         };
         match rc {
-            // With WNOHANG, a child that has not exited leaves si_pid zero.
-            // SAFETY: waitid filled `info` (or left it zeroed); si_pid reads a plain integer.
-            0 => return Ok(unsafe { info.si_pid() } == pid),
+            // SAFETY: waitid filled `info` (or, under WNOHANG, left it zeroed); si_pid reads
+            // a plain integer.
+            0 => return Ok(unsafe { info.si_pid() }),
             _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
             _ => return Err(io::Error::last_os_error()),
         }
