@@ -1,14 +1,16 @@
 //! Benchmark (printed, not asserted): dispatch round trips at the helper's socket, with 1 and 16
-//! concurrent clients, against a bare spawn of the same lane in the same run; and the helper's
-//! memory after 10,000 jobs.
+//! concurrent clients, against a bare spawn of the same lane in the same run; 16 clients again
+//! with the lane user's work area on a tmpfs, against the same on the machine's filesystem; and
+//! the helper's memory after 10,000 jobs.
 //!
 //! cargo bench --bench helper_socket     (as root, after `bash .ci/setup`)
 //!
-//! A dispatch round trip is: validate, commit the accepted audit record, commit the job record,
-//! fork and sandbox the lane, answer. The lane is /bin/true. Commits are grouped: one
-//! `fdatasync` per file covers every record queued meanwhile; the syncs each phase cost (read
-//! from the helper's own count, which it writes in its `helper_stopped` record) are printed
-//! per dispatch, the lane's end (record and audit) included.
+//! A dispatch round trip is: check, commit the acceptance and the job record (one journal line)
+//! while the lane's Landlock rules are prepared, fork and sandbox the lane, answer. The lane is
+//! /bin/true. Commits are grouped: one `fdatasync` covers every record queued meanwhile; the
+//! syncs each phase cost (read from the helper's own count, which it writes in its
+//! `helper_stopped` record) are printed per dispatch, the lane's end (record and audit)
+//! included.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -113,6 +115,42 @@ fn bare_spawns(count: usize) -> Vec<Duration> {
         .collect()
 }
 
+/// A tmpfs mounted over a lane user's work area, owned by that user as the area is, and
+/// unmounted when dropped.
+struct TmpfsArea(std::path::PathBuf);
+
+impl TmpfsArea {
+    fn mount(area: &std::path::Path) -> Option<TmpfsArea> {
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(area).ok()?;
+        let options = format!("mode=0700,uid={},gid={},size=64m", owner.uid(), owner.gid());
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "dispatch-bench"])
+            .arg(area)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| TmpfsArea(area.to_owned()))
+    }
+}
+
+impl Drop for TmpfsArea {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The filesystem type a path is on, as `findmnt` names it.
+fn filesystem_of(path: &std::path::Path) -> String {
+    std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T"])
+        .arg(path)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "its filesystem".into())
+}
+
 /// Until every job has ended (the newest end last).
 async fn wait_all_finished(helper: &TestHelper) -> u64 {
     let mut client = helper.client().await;
@@ -209,6 +247,8 @@ async fn main() {
     let paced_bare_p50 = percentile(&mut paced_bare, 0.5);
     wait_all_finished(&helper).await;
     let paced_syncs = stop_and_count_syncs(&mut helper).saturating_sub(idle_syncs);
+    let alice_area = helper.work.path().join(ALICE);
+    let work_filesystem = filesystem_of(helper.work.path());
     let mut phase = async |clients: usize, per_client: usize| {
         helper.launch();
         let (samples, wall) = run(clients, per_client, &helper).await;
@@ -218,6 +258,16 @@ async fn main() {
     };
     let (mut one, one_wall, one_syncs) = phase(1, 1000).await;
     let (mut sixteen, sixteen_wall, sixteen_syncs) = phase(16, 250).await;
+    // The same 16 clients with the lane user's work area on a tmpfs (the journal and the audit
+    // log stay where they were): what making and removing each job's directory costs on the
+    // machine's own filesystem.
+    let on_tmpfs = match TmpfsArea::mount(&alice_area) {
+        Some(_area) => {
+            let (samples, wall, _) = phase(16, 250).await;
+            Some(samples.len() as f64 / wall.as_secs_f64())
+        }
+        None => None,
+    };
     helper.launch();
     println!(
         "helper_socket: dispatch round trip over the Unix socket (lane /bin/true, uid drop, Landlock, seccomp, group-committed records)"
@@ -263,10 +313,20 @@ async fn main() {
         "  (1 paced: its baseline is the p50 of bare spawns interleaved with it in batches of 50, {:.1} µs)",
         micros(paced_bare_p50)
     );
+    let sixteen_rate = sixteen.len() as f64 / sixteen_wall.as_secs_f64();
     println!(
         "  (16 clients: bare spawns of the same lane by 16 threads, none of the helper, reach {bare_throughput:.1}/s; the dispatches reached {:.2}x that)",
-        sixteen.len() as f64 / sixteen_wall.as_secs_f64() / bare_throughput
+        sixteen_rate / bare_throughput
     );
+    match on_tmpfs {
+        Some(rate) => println!(
+            "  16 clients, job directories on a tmpfs: {rate:.1} dispatches/s ({:.2}x the same on {}; {:.2}x the bare spawns)",
+            rate / sixteen_rate,
+            work_filesystem,
+            rate / bare_throughput
+        ),
+        None => println!("  (16 clients on a tmpfs: not measured, the tmpfs could not be mounted)"),
+    }
 
     // Fill up to 10,000 jobs, let them finish, then read the helper's memory.
     let done = 50 + paced.len() + one.len() + sixteen.len();
