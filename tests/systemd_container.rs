@@ -11,7 +11,7 @@ use std::process::Command;
 use support::*;
 
 /// Checks the container run must report, each as `CHECK <name> PASS`.
-const REQUIRED: [&str; 41] = [
+const REQUIRED: [&str; 43] = [
     "helper_check",
     "socket",
     "dispatch_as_orguser_sandboxed",
@@ -43,6 +43,8 @@ const REQUIRED: [&str; 41] = [
     "escape_probe_denied_under_the_unit",
     "journal_has_helper_logs",
     "journal_has_containment",
+    "lanes_watched_on_pidfds",
+    "open_file_limit_raised",
     "job_dir_made_by_its_lane",
     "job_dir_removed_with_its_record",
     "personal_socket_listening",

@@ -378,6 +378,12 @@ step_security() {
 step_journal() {
     journalctl -u "$UNIT" --no-pager -o cat | grep -q 'serving'; check journal_has_helper_logs $? "'serving' in journalctl -u $UNIT"
     journalctl -u "$UNIT" --no-pager -o verbose | grep -q 'cgroup per lane'; check journal_has_containment $? "the lane containment is logged"
+    # Under the unit's SystemCallFilter every lane's end was awaited on its pidfd (never on a
+    # thread of the blocking pool), and the helper left systemd's soft limit of 1024 fds.
+    ! journalctl -u "$UNIT" --no-pager -o cat | grep -q 'pidfd could not be watched'
+    check lanes_watched_on_pidfds $? "no lane fell back to a blocking wait"
+    journalctl -u "$UNIT" --no-pager -o verbose | grep -q 'raised the open file limit'
+    check open_file_limit_raised $? "$(journalctl -u "$UNIT" --no-pager -o verbose | grep -m1 -A3 'raised the open file limit' | tr '\n' ' ')"
 }
 
 # personal: the personal helper as a `systemd --user` socket + service (systemd/user/), for a

@@ -296,11 +296,12 @@ fn jobs_command(config_path: &Path, state_dir: Option<PathBuf>) -> ExitCode {
 fn raise_open_file_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open file limit"),
+            Err(error) => {
                 tracing::warn!(%error, soft, hard, "could not raise the open file limit");
             }
-        }
+        },
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "could not read the open file limit"),
     }
