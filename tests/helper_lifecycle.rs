@@ -615,6 +615,15 @@ async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
     }
 }
 
+/// Ask the helper to reload its configuration.
+fn send_sighup(helper: &TestHelper) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_bad_reload_keeps_the_old_config() {
     let Some(helper) = start_helper("reload", HelperOptions::default()) else {
@@ -626,11 +635,7 @@ async fn a_bad_reload_keeps_the_old_config() {
         good.replace("argv = [", "argv = [\"relative/prog\", "),
     )
     .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    send_sighup(&helper);
     wait_until(
         "the failed reload to be audited",
         Duration::from_secs(5),
@@ -1125,11 +1130,7 @@ async fn sighup_reloads_the_allowlist() {
     let mut config = std::fs::read_to_string(&helper.config).unwrap();
     config.push_str("\n[limits]\nmax_connections = 32\n");
     std::fs::write(&helper.config, config).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    send_sighup(&helper);
     wait_until("the reload to be audited", Duration::from_secs(5), || {
         !helper.audited("config_reloaded").is_empty()
     });
@@ -1140,11 +1141,7 @@ async fn sighup_reloads_the_allowlist() {
         config.replace("max_connections = 32", "max_connections = 48"),
     )
     .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(helper.pid()),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    send_sighup(&helper);
     wait_until("the second reload", Duration::from_secs(5), || {
         helper.audited("config_reloaded").len() == 2
     });
