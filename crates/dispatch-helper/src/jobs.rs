@@ -164,7 +164,7 @@ pub struct Helper {
 }
 
 /// How many job directories are removed at once; the others wait their turn without a thread.
-const CONCURRENT_REMOVALS: usize = 4;
+const CONCURRENT_REMOVALS: u32 = 4;
 
 fn reply(kind: ErrorKind, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
@@ -210,7 +210,7 @@ impl Helper {
             connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             queued_env: Mutex::default(),
-            removals: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REMOVALS)),
+            removals: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REMOVALS as usize)),
         })
     }
 

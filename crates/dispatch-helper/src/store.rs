@@ -476,10 +476,11 @@ struct Readers {
 }
 
 fn opened<'a>(slot: &'a mut Option<File>, path: &Path) -> std::io::Result<&'a File> {
-    if slot.is_none() {
-        *slot = Some(File::open(path)?);
-    }
-    slot.as_ref().ok_or_else(|| io_error("opened just above"))
+    let file = match slot.take() {
+        Some(file) => file,
+        None => File::open(path)?,
+    };
+    Ok(slot.insert(file))
 }
 
 /// `<handle>.json` files of helpers before the journal (and their interrupted temp files).

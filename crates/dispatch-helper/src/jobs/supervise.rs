@@ -191,8 +191,7 @@ impl Helper {
         // Job directories whose records are gone are removed before the helper exits: nothing
         // would find them again. The semaphore is first come, first served, so all of them
         // (those removing and those waiting) are done once every permit can be had.
-        let all = u32::try_from(super::CONCURRENT_REMOVALS).unwrap_or(u32::MAX);
-        let removed = self.removals.acquire_many(all);
+        let removed = self.removals.acquire_many(super::CONCURRENT_REMOVALS);
         if tokio::time::timeout(REMOVALS_AT_STOP, removed)
             .await
             .is_err()
