@@ -11,10 +11,60 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 400;
+/// As many spawner threads as the helper starts.
+const HELPER_SPAWNER_THREADS: usize = 4;
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort_unstable();
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Throughput with 16 threads spawning at once, sandboxed (through a spawner of as many threads
+/// as the helper's) and bare, alternating rounds: the ceiling the helper's 16-client phase could
+/// reach with nothing of its own (no socket, records, job directories or supervision).
+fn concurrent_ceiling(spawner: &LaneSpawner, sandbox: &Sandbox, plan: &LanePlan) {
+    const THREADS: usize = 16;
+    const PER_THREAD: usize = 100;
+    let rate = |spawn_one: &(dyn Fn() + Sync)| {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| (0..PER_THREAD).for_each(|_| spawn_one()));
+            }
+        });
+        (THREADS * PER_THREAD) as f64 / started.elapsed().as_secs_f64()
+    };
+    let bare = || {
+        let status = Command::new("/bin/true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let sandboxed = || {
+        let lane = spawner
+            .spawn(sandbox.prepare(plan.clone()).unwrap())
+            .unwrap();
+        assert!(lane.wait().unwrap().status.success());
+    };
+    let (mut bare_rates, mut sandboxed_rates) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        bare_rates.push(rate(&bare));
+        sandboxed_rates.push(rate(&sandboxed));
+    }
+    let median = |rates: &mut Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
+    let (bare_rate, sandboxed_rate) = (median(&mut bare_rates), median(&mut sandboxed_rates));
+    println!(
+        "  {THREADS} threads at once, {} spawns each way x3 rounds: bare {bare_rate:.0}/s, sandboxed (spawner of {} threads) {sandboxed_rate:.0}/s, ratio {:.2}x",
+        THREADS * PER_THREAD,
+        HELPER_SPAWNER_THREADS,
+        sandboxed_rate / bare_rate
+    );
 }
 
 fn main() {
@@ -53,7 +103,7 @@ fn main() {
         None => Containment::none("not root"),
     };
     println!("containment: {}", containment.describe());
-    let spawner = LaneSpawner::start(1, containment, &sandbox).unwrap();
+    let spawner = LaneSpawner::start(HELPER_SPAWNER_THREADS, containment, &sandbox).unwrap();
     // For comparison: the same spawn with no cgroup (process group and subreaper only).
     let uncontained = LaneSpawner::start(1, Containment::none("comparison"), &sandbox).unwrap();
     let plan = LanePlan {
@@ -175,6 +225,7 @@ fn main() {
         percentile(&mut full_samples, 0.99).as_secs_f64() * 1e6,
         full_p50.as_secs_f64() / bare_p50.as_secs_f64()
     );
+    concurrent_ceiling(&spawner, &sandbox, &plan);
     drop(spawner);
     drop(uncontained);
     if let Some(base) = cgroup_base {

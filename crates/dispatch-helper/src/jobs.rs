@@ -52,6 +52,7 @@ impl Peer {
 
 use crate::lane::{self, StopReason};
 
+mod held;
 mod recover;
 mod requests;
 mod start;

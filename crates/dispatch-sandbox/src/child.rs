@@ -43,12 +43,13 @@ pub enum ChildStep {
     NoNewPrivs,
     Landlock,
     Seccomp,
+    Gate,
     Exec,
     Clone,
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 22] = [
+    const ALL: [ChildStep; 23] = [
         ChildStep::Signals,
         ChildStep::JoinCgroup,
         ChildStep::NewSession,
@@ -69,6 +70,7 @@ impl ChildStep {
         ChildStep::NoNewPrivs,
         ChildStep::Landlock,
         ChildStep::Seccomp,
+        ChildStep::Gate,
         ChildStep::Exec,
         ChildStep::Clone,
     ];
@@ -106,6 +108,7 @@ impl fmt::Display for ChildStep {
             ChildStep::NoNewPrivs => "no_new_privs (PR_SET_NO_NEW_PRIVS)",
             ChildStep::Landlock => "landlock (landlock_restrict_self)",
             ChildStep::Seccomp => "seccomp filter",
+            ChildStep::Gate => "wait for the helper's go-ahead before exec (it withheld it)",
             ChildStep::Exec => "exec of the dispatch program",
             ChildStep::Clone => "create the lane process (clone)",
         })
@@ -135,6 +138,8 @@ pub(crate) struct ChildPlan {
     /// Write end of the reaper's registration pipe.
     pub reaper_fd: RawFd,
     pub landlock_fd: Option<RawFd>,
+    /// The read end of the lane's gate, if it waits there before its exec (`gate.rs`).
+    pub gate_fd: Option<RawFd>,
     /// Programs the lane must add to those it inherits from its spawner thread: none unless
     /// the policy changed since that thread started.
     pub seccomp: Vec<BpfProgram>,
@@ -396,7 +401,13 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         install_seccomp(program)?;
     }
 
-    // 10. The lane starts with no signal blocked, and execs the fixed argv.
+    // 10. Held, fully sandboxed, until the helper lets it run (its record is durable, nothing
+    //     stopped it meanwhile). Still with every signal blocked: only a kill ends it here.
+    if let Some(fd) = plan.gate_fd {
+        wait_at_gate(fd)?;
+    }
+
+    // 11. The lane starts with no signal blocked, and execs the fixed argv.
     let none: u64 = 0;
     // SAFETY: raw rt_sigprocmask with a pointer to a live local of the kernel's sigset size.
     let rc = unsafe {
@@ -419,6 +430,22 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         );
     }
     Err((ChildStep::Exec, errno()))
+}
+
+/// One byte from the gate: [`crate::gate::GO`], or the spawn fails here. An end of file (the
+/// helper gone) or any other byte is a refusal.
+fn wait_at_gate(fd: RawFd) -> StepResult {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reads one byte into a live local.
+        let rc = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };
+        match rc {
+            1 if byte == crate::gate::GO => return Ok(()),
+            -1 if errno() == libc::EINTR => continue,
+            -1 => return Err((ChildStep::Gate, errno())),
+            _ => return Err((ChildStep::Gate, libc::ECANCELED)),
+        }
+    }
 }
 
 /// The plan's limits on the resources `which` selects.

@@ -19,7 +19,9 @@
 //! 9. seccomp: inherited at the clone from the spawner thread, which put itself under the
 //!    policy's programs when it started (attaching them per lane was the largest share of a
 //!    spawn); a lane whose policy has changed since adds its own, last
-//! 10. exec of the fixed argv
+//! 10. if the helper asked for it, wait at the lane's gate (`gate.rs`) until the helper lets it
+//!     run: everything above overlaps the sync of the job's record
+//! 11. exec of the fixed argv
 //!
 //! Any failing step aborts the spawn, and the error names the step.
 //!
@@ -31,6 +33,8 @@
 
 pub mod cgroup;
 mod child;
+mod gate;
+pub use gate::LaneGate;
 mod identity;
 mod landlock_rules;
 pub use landlock_rules::{kernel_landlock_abi, open_at_abi};
@@ -155,11 +159,23 @@ pub struct PreparedLane {
     seccomp: Vec<seccompiler::BpfProgram>,
     limits: Limits,
     enforcement: Enforcement,
+    /// The read end of the lane's gate, if it is held before its exec.
+    gate: Option<OwnedFd>,
 }
 
 impl PreparedLane {
     pub fn enforcement(&self) -> &Enforcement {
         &self.enforcement
+    }
+
+    /// Hold this lane, once spawned, at its last step before exec until the returned gate is
+    /// opened; dropping the gate unopened makes the spawn fail at that step, with nothing run.
+    /// The spawn is answered only after the exec (or the failure), so the gate must be opened
+    /// or dropped by someone other than the caller waiting for that answer.
+    pub fn hold_before_exec(&mut self) -> Result<LaneGate, SandboxError> {
+        let (gate, reader) = gate::new_gate()?;
+        self.gate = Some(reader);
+        Ok(gate)
     }
 }
 
@@ -314,6 +330,7 @@ impl Sandbox {
             seccomp: self.seccomp.clone(),
             limits: self.policy.limits,
             enforcement,
+            gate: None,
         })
     }
 }

@@ -552,7 +552,7 @@ impl LaneSpawner {
 
 /// A copy of `fd` numbered 3 or above (close-on-exec), so the child's dup2 onto 0–2 always
 /// creates a fresh descriptor even if the helper was started with its stdio closed.
-fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > 2 {
         Ok(fd)
     } else {
@@ -699,6 +699,7 @@ fn spawn_now(
     // The lane has its own copies now (or never will): the helper keeps only the read ends.
     drop(stdio.lane);
     drop(lane.landlock.take());
+    drop(lane.gate.take());
     if let Some(cgroup) = cgroup.as_mut() {
         cgroup.close_procs();
     }
@@ -788,6 +789,7 @@ fn child_plan(
         stdio: stdio.lane.each_ref().map(|fd| fd.as_raw_fd()),
         reaper_fd: reaper.writer.as_raw_fd(),
         landlock_fd: lane.landlock.as_ref().map(|fd| fd.as_raw_fd()),
+        gate_fd: lane.gate.as_ref().map(|fd| fd.as_raw_fd()),
         // A lane whose policy changed after this thread started (a reload) adds its own
         // programs on top: it then runs under both, never under less than its own.
         seccomp: if lane.seccomp == inherited_seccomp {

@@ -418,3 +418,79 @@ fn root_is_never_a_lane_user() {
     let err = resolve_identity("root").unwrap_err().to_string();
     assert!(err.contains("refusing to run a lane as uid 0"), "{err}");
 }
+
+/// A lane whose plan makes `dir/job` and writes `ran` there: what shows whether it ran.
+fn marking_plan(dir: &std::path::Path) -> LanePlan {
+    let identity = resolve_identity(USER).unwrap();
+    nix::unistd::chown(dir, Some(identity.uid.into()), Some(identity.gid.into())).unwrap();
+    LanePlan {
+        identity,
+        argv: vec!["/bin/sh".into(), "-c".into(), "echo ran > ran".into()],
+        work_dir: dir.join("job"),
+        make_work_dir: true,
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
+        change_uid: true,
+    }
+}
+
+#[test]
+fn a_held_lane_runs_nothing_until_its_gate_opens_and_never_if_it_is_dropped() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    if !ensure_user(USER) {
+        return;
+    }
+    let sandbox = dispatch_sandbox::Sandbox::new(SandboxPolicy::default()).unwrap();
+    let spawner = LaneSpawner::start(1, Containment::none("this test"), &sandbox).unwrap();
+    let spawn_held = |work: &std::path::Path| {
+        let mut prepared = sandbox.prepare(marking_plan(work)).unwrap();
+        let gate = prepared.hold_before_exec().unwrap();
+        let (reply, answer) = mpsc::channel();
+        spawner.spawn_then(prepared, move |outcome| {
+            let _ = reply.send(outcome);
+        });
+        (gate, answer)
+    };
+
+    // Opened: set up as far as the gate (its directory made), then nothing until the go.
+    let work = tempfile::tempdir().unwrap();
+    let (gate, answer) = spawn_held(work.path());
+    let held = answer.recv_timeout(Duration::from_millis(500));
+    assert!(
+        held.is_err(),
+        "the spawn was answered before the gate opened"
+    );
+    assert!(
+        work.path().join("job").is_dir(),
+        "set-up did not run while held"
+    );
+    assert!(
+        !work.path().join("job/ran").exists(),
+        "the lane ran before its gate opened: a breach"
+    );
+    gate.open().unwrap();
+    let lane = answer
+        .recv()
+        .unwrap()
+        .expect("an opened gate lets the lane exec");
+    assert!(lane.wait().unwrap().status.success());
+    assert!(
+        work.path().join("job/ran").exists(),
+        "the lane did not run once let go"
+    );
+
+    // Dropped: the spawn fails at the gate, and nothing ran.
+    let work = tempfile::tempdir().unwrap();
+    let (gate, answer) = spawn_held(work.path());
+    std::thread::sleep(Duration::from_millis(100));
+    drop(gate);
+    match answer.recv().unwrap() {
+        Err(error) => assert!(error.to_string().contains("go-ahead"), "{error}"),
+        Ok(_) => panic!("a lane whose gate was dropped was started: a breach"),
+    }
+    assert!(
+        !work.path().join("job/ran").exists(),
+        "a refused lane ran: a breach"
+    );
+}

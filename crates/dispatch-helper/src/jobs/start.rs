@@ -1,16 +1,17 @@
 //! From a dispatch request to a running lane, step by step: check (decide and plan); admit (a
 //! slot now, a place in the queue, or a refusal); audit the acceptance and save the record in
-//! one commit, preparing the lane meanwhile; spawn; supervise. A queued dispatch is checked
+//! one commit, preparing the lane and setting it up as far as its gate meanwhile; let it run;
+//! supervise. A queued dispatch is checked
 //! and prepared again, against the settings of the moment, when a slot frees
 //! ([`Helper::start_queued`]).
 
+use super::held::HeldLane;
 use super::recover::process_start_ticks;
 use super::*;
 use crate::commit::CommitError;
 use crate::config::LimitsConfig;
 use crate::queue::Waiting;
 use crate::store::QueuedRequest;
-use tokio::sync::oneshot;
 
 /// What admission decided.
 enum Admitted {
@@ -112,8 +113,8 @@ impl Helper {
     }
 
     /// The acceptance and the job's record are committed together (both or neither), and the
-    /// lane is prepared while they are synced: the costly part before the fork overlaps the
-    /// wait for the disk. The lane starts only once both are done.
+    /// lane is prepared and set up as far as its gate while they are synced: the costly part
+    /// of a start overlaps the wait for the disk. The lane runs only once both are done.
     ///
     /// `settings` are the ones the dispatch was checked and its acceptance audited against:
     /// the lane is prepared under them too, whatever a reload changed meanwhile.
@@ -125,15 +126,33 @@ impl Helper {
         accepted: AuditEvent,
     ) -> Result<JobView, ErrorReply> {
         let durable = self.commit_tied(accepted, &record);
-        let (durable, prepared) = tokio::join!(durable, prepare(settings, lane));
-        self.record_before_start(&mut record, durable).await?;
-        match prepared {
-            Ok(prepared) => self.launch(record, prepared).await,
+        let (durable, held) = tokio::join!(durable, self.prepare_held(settings, lane));
+        if let Err(refusal) = self.record_before_start(&mut record, durable).await {
+            if let Ok(held) = held {
+                held.abandon(self).await;
+            }
+            return Err(refusal);
+        }
+        match held {
+            Ok(held) => self.launch(record, held).await,
             Err(refusal) => {
                 let why = refusal.message.clone();
                 Err(self.never_ran(record, refusal.kind, why.clone(), why).await)
             }
         }
+    }
+
+    /// Prepare the lane and hand it to a spawner thread, held before its exec.
+    async fn prepare_held(
+        &self,
+        settings: &Arc<Settings>,
+        lane: PlannedLane,
+    ) -> Result<HeldLane, ErrorReply> {
+        let work_dir = lane.plan.work_dir.clone();
+        let owner = (lane.plan.identity.uid, lane.plan.identity.gid);
+        let prepared = prepare(settings, lane).await?;
+        self.spawn_held(prepared, work_dir, owner)
+            .map_err(|error| preparation_failed(&error))
     }
 
     /// An accepted and recorded job whose lane never ran (it could not be prepared, or did not
@@ -310,15 +329,18 @@ impl Helper {
             _ => Err(fail("its record is not a waiting dispatch".into())),
         };
         match turn {
-            Ok((mut fresh, prepared)) => {
+            Ok((mut fresh, held)) => {
                 let durable = self
                     .store
                     .save_async(&fresh)
                     .await
                     .map_err(|e| CommitError::Journal(e.to_string()));
                 let started = match self.record_before_start(&mut fresh, durable).await {
-                    Ok(()) => self.launch(fresh, prepared).await,
-                    Err(refusal) => Err(refusal),
+                    Ok(()) => self.launch(fresh, held).await,
+                    Err(refusal) => {
+                        held.abandon(&self).await;
+                        Err(refusal)
+                    }
                 };
                 if let Err(refusal) = started {
                     tracing::warn!(handle = %waiting.handle, message = %refusal.message, "a queued dispatch did not start");
@@ -340,7 +362,7 @@ impl Helper {
         record: &JobRecord,
         queued: QueuedRequest,
         handle: Handle,
-    ) -> Result<(JobRecord, dispatch_sandbox::PreparedLane), (String, JobState)> {
+    ) -> Result<(JobRecord, HeldLane), (String, JobState)> {
         let failed = |reason: String| (reason, JobState::Failed);
         let owner = record.owner_uid;
         let mut peer = tokio::task::spawn_blocking(move || owner_as_peer(owner))
@@ -373,7 +395,8 @@ impl Helper {
             &checked.lane.enforcement,
             &settings,
         );
-        let prepared = prepare(&settings, checked.lane)
+        let held = self
+            .prepare_held(&settings, checked.lane)
             .await
             .map_err(|reason| failed(reason.message))?;
         let mut record = record.clone();
@@ -384,10 +407,13 @@ impl Helper {
         record.job.state = JobState::Running;
         record.job.detail = "running".into();
         record.queued = None;
-        self.audit_turn(&record)
-            .await
-            .map_err(|error| failed(format!("the audit log could not be written: {error}")))?;
-        Ok((record, prepared))
+        if let Err(error) = self.audit_turn(&record).await {
+            held.abandon(self).await;
+            return Err(failed(format!(
+                "the audit log could not be written: {error}"
+            )));
+        }
+        Ok((record, held))
     }
 
     /// Take a queued dispatch out of line: cancelled before it ran. False if it has started.
@@ -418,7 +444,7 @@ impl Helper {
     async fn launch(
         self: &Arc<Self>,
         mut record: JobRecord,
-        prepared: dispatch_sandbox::PreparedLane,
+        held: HeldLane,
     ) -> Result<JobView, ErrorReply> {
         // In the table (with its stop channel) before the lane exists: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
@@ -428,6 +454,7 @@ impl Helper {
         let stopped_early =
             stop_receiver.try_recv().is_ok() || self.draining.load(Ordering::SeqCst);
         if stopped_early {
+            held.abandon(self).await;
             self.release(record.owner_uid, &lane_key(&record.job));
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();
@@ -437,7 +464,7 @@ impl Helper {
                 .record(&record.job.handle)
                 .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
         }
-        let lane = match self.spawn(prepared).await {
+        let lane = match held.release().await {
             Ok(lane) => lane,
             Err(error) => {
                 let detail = format!("the lane did not start: {error}");
@@ -454,25 +481,6 @@ impl Helper {
         tokio::spawn(async move { helper.supervise(handle, owner, lane, stop_receiver).await });
         tracing::info!(handle = %view.handle, orguser = %view.orguser, repo = %view.repo, "lane started");
         Ok(view)
-    }
-
-    /// Start the lane on a spawner thread; answered from there once the exec succeeded or a
-    /// step failed.
-    async fn spawn(
-        &self,
-        prepared: dispatch_sandbox::PreparedLane,
-    ) -> Result<dispatch_sandbox::SpawnedLane, dispatch_sandbox::SandboxError> {
-        let (done, spawned) = oneshot::channel();
-        self.spawner.spawn_then(prepared, move |outcome| {
-            // Nobody waits any more (the runtime is shutting down): ending the lane blocks, so
-            // not on the spawner thread.
-            if let Err(Ok(lane)) = done.send(outcome) {
-                std::thread::spawn(move || drop(lane));
-            }
-        });
-        spawned
-            .await
-            .unwrap_or(Err(dispatch_sandbox::SandboxError::SpawnerGone))
     }
 
     /// The running lane in its record: start time, enforcement, and the group to kill should a

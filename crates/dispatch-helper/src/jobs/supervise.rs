@@ -88,7 +88,11 @@ impl Helper {
         if self.settings().file.keep_work_dirs {
             return;
         }
-        let (uid, gid) = (sandbox.uid, sandbox.gid);
+        self.remove_dir_as(path, sandbox.uid, sandbox.gid).await;
+    }
+
+    /// Remove a job's directory as its lane user, at most `CONCURRENT_REMOVALS` at a time.
+    pub(super) async fn remove_dir_as(&self, path: std::path::PathBuf, uid: u32, gid: u32) {
         // Held by the removal itself, even if nobody waits for it any more. The semaphore is
         // never closed, so a turn always comes.
         let Ok(turn) = self.removals.clone().acquire_owned().await else {
