@@ -538,6 +538,15 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
         !journal.contains(&tag),
         "a job record exists for a dispatch whose acceptance was never audited"
     );
+    // Its lane was set up while the commit ran, held at its gate, then given up: the job
+    // directory it made is gone with it.
+    let area = helper.work.path().join(ALICE);
+    let left = || std::fs::read_dir(&area).map_or(0, |entries| entries.count());
+    wait_until(
+        "the directory of the lane given up to be removed",
+        Duration::from_secs(5),
+        || left() == 0,
+    );
 }
 
 #[tokio::test]
