@@ -46,7 +46,13 @@ type Answer = Result<(), CommitError>;
 struct Pending {
     work: Work,
     done: oneshot::Sender<Answer>,
+    /// Nobody waits for it to be durable at once: it may wait up to [`SOON`] for a commit to
+    /// join rather than cost one of its own.
+    soon: bool,
 }
+
+/// How long a record nobody waits for may wait for other work to share its sync.
+const SOON: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A handle to the writer thread.
 #[derive(Clone)]
@@ -57,13 +63,17 @@ pub struct Committer {
 impl Committer {
     /// Queue `work` now (its place in the order is taken here, not when the answer is
     /// awaited) and return what says when it is durable.
-    fn queue(&self, work: Work) -> impl std::future::Future<Output = Answer> + Send + 'static {
+    fn queue(
+        &self,
+        work: Work,
+        soon: bool,
+    ) -> impl std::future::Future<Output = Answer> + Send + 'static {
         let (done, answer) = oneshot::channel();
         let stopped_on = match &work {
             Work::Journal(_) => CommitError::Journal,
             Work::Audit(_) | Work::Tied(..) => CommitError::Audit,
         };
-        let sent = self.queue.send(Pending { work, done });
+        let sent = self.queue.send(Pending { work, done, soon });
         async move {
             let stopped = || stopped_on("the durable writer has stopped".to_owned());
             sent.map_err(|_| stopped())?;
@@ -76,16 +86,18 @@ impl Committer {
         &self,
         event: AuditEvent,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
-        let durable = self.queue(Work::Audit(Box::new(event)));
+        let durable = self.queue(Work::Audit(Box::new(event)), false);
         async move { durable.await.map_err(|e| e.to_string()) }
     }
 
-    /// Queue `op` now and return what says when it is durable.
+    /// Queue `op` now and return what says when it is durable. With `soon`, it is synced with
+    /// the next commit, or on its own after [`SOON`] if no other work came.
     pub fn queue_journal(
         &self,
         op: JournalOp,
+        soon: bool,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-        let durable = self.queue(Work::Journal(op));
+        let durable = self.queue(Work::Journal(op), soon);
         async move { durable.await.map_err(std::io::Error::other) }
     }
 
@@ -96,7 +108,7 @@ impl Committer {
         event: AuditEvent,
         record: JobRecord,
     ) -> impl std::future::Future<Output = Answer> + Send + 'static {
-        self.queue(Work::Tied(Box::new(event), Box::new(record)))
+        self.queue(Work::Tied(Box::new(event), Box::new(record)), false)
     }
 }
 
@@ -134,16 +146,27 @@ fn run(work: &mpsc::Receiver<Pending>, audit: &AuditLog, store: &JobStore) {
     }
 }
 
-/// `first` and what queued behind it.
+/// `first` and what queued behind it. A batch of records nobody waits for yet waits up to
+/// [`SOON`] for one somebody does, and then shares its sync.
 fn gather(first: Pending, work: &mpsc::Receiver<Pending>) -> Vec<Pending> {
+    let deadline = std::time::Instant::now() + SOON;
     let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        match work.try_recv() {
+    loop {
+        while batch.len() < MAX_BATCH {
+            match work.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= MAX_BATCH || batch.iter().any(|pending| !pending.soon) {
+            return batch;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match work.recv_timeout(left) {
             Ok(more) => batch.push(more),
-            Err(_) => break,
+            Err(_) => return batch,
         }
     }
-    batch
 }
 
 /// The audit log is synced once this much was written to it unsynced: what a crash can take
@@ -269,4 +292,60 @@ fn journal_lines(
         waiting.push((done, awaits));
     }
     (ops, waiting)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(handle: &str, soon: bool) -> Pending {
+        Pending {
+            work: Work::Journal(JournalOp::Remove(handle.into())),
+            done: oneshot::channel().0,
+            soon,
+        }
+    }
+
+    fn handles(batch: &[Pending]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|p| match &p.work {
+                Work::Journal(JournalOp::Remove(handle)) => handle.clone(),
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_record_nobody_waits_for_waits_for_company_then_commits_alone() {
+        let (queue, work) = mpsc::channel();
+        let started = std::time::Instant::now();
+        let batch = gather(pending("soon", true), &work);
+        assert!(
+            started.elapsed() >= SOON,
+            "it did not wait for others to join"
+        );
+        assert_eq!(handles(&batch), ["soon"]);
+        drop(queue);
+    }
+
+    #[test]
+    fn a_record_somebody_waits_for_takes_the_waiting_ones_along_at_once() {
+        let (queue, work) = mpsc::channel();
+        queue.send(pending("also soon", true)).unwrap();
+        queue.send(pending("awaited", false)).unwrap();
+        let batch = gather(pending("soon", true), &work);
+        assert_eq!(handles(&batch), ["soon", "also soon", "awaited"]);
+        // And one that is awaited from the start does not wait for anything.
+        queue.send(pending("behind", true)).unwrap();
+        let batch = gather(pending("first", false), &work);
+        assert_eq!(handles(&batch), ["first", "behind"]);
+    }
+
+    #[test]
+    fn at_shutdown_a_waiting_record_is_committed() {
+        let (queue, work) = mpsc::channel::<Pending>();
+        drop(queue);
+        assert_eq!(handles(&gather(pending("last", true), &work)), ["last"]);
+    }
 }

@@ -229,9 +229,26 @@ impl JobStore {
         &self,
         record: &JobRecord,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        self.save_queued(record, false)
+    }
+
+    /// [`JobStore::save_in_order`] for a record nobody waits for: synced with the next commit,
+    /// or by itself within `commit::SOON`, rather than costing a sync of its own at once.
+    pub fn save_soon(
+        &self,
+        record: &JobRecord,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+        self.save_queued(record, true)
+    }
+
+    fn save_queued(
+        &self,
+        record: &JobRecord,
+        soon: bool,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
         let op = JournalOp::Save(Box::new(record.clone()));
         let queued = match self.committer.get() {
-            Some(committer) => Ok(committer.queue_journal(op)),
+            Some(committer) => Ok(committer.queue_journal(op, soon)),
             None => Err(self.append_now(vec![op])),
         };
         async move {
@@ -249,7 +266,7 @@ impl JobStore {
 
     async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {
         match self.committer.get() {
-            Some(committer) => committer.queue_journal(op).await,
+            Some(committer) => committer.queue_journal(op, false).await,
             None => {
                 let store = self.clone();
                 tokio::task::spawn_blocking(move || store.append_now(vec![op]))

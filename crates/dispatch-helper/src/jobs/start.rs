@@ -485,14 +485,15 @@ impl Helper {
 
     /// The running lane in its record: start time, enforcement, and the group to kill should a
     /// crash leave it running. Queued for the journal now (so it lands before the lane's end),
-    /// not waited for: the record that makes a crash recoverable is the one saved before the
-    /// spawn.
+    /// not waited for, and synced with the next commit (within `commit::SOON` at most): the
+    /// record that makes a crash recoverable is the one saved before the spawn, and the lanes
+    /// of a helper that dies die with it.
     fn record_started(&self, record: &mut JobRecord, lane: &dispatch_sandbox::SpawnedLane) {
         record.job.started_at = Some(now_rfc3339());
         record.job.sandbox = Some(sandbox_report(&lane.enforcement, &self.settings()));
         record.pgid = Some(lane.process_group());
         record.pgid_start_ticks = process_start_ticks(lane.process_group());
-        let started = self.store.save_in_order(record);
+        let started = self.store.save_soon(record);
         let handle = record.job.handle.clone();
         tokio::spawn(async move {
             if let Err(error) = started.await {
