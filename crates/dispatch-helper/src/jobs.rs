@@ -333,28 +333,25 @@ impl Helper {
     /// waiters on a queued job keep waiting), or made.
     fn enter_starting(&self, record: JobRecord, stop: mpsc::UnboundedSender<StopReason>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        match jobs.get_mut(&record.job.handle) {
-            Some(entry) => {
-                entry.record = record;
-                entry.stop = Some(stop);
-            }
-            None => {
-                let (finished, _) = watch::channel(false);
-                jobs.insert(JobEntry {
-                    record,
-                    finished,
-                    stop: Some(stop),
-                    stop_receiver: None,
-                    live: None,
-                });
-            }
+        if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
+            entry.record = record;
+            entry.stop = Some(stop);
+            return;
         }
+        let (finished, _) = watch::channel(false);
+        jobs.insert(JobEntry {
+            record,
+            finished,
+            stop: Some(stop),
+            stop_receiver: None,
+            live: None,
+        });
     }
 
     /// The running record of a job already in the table (its stop channel stays).
     fn update_entry(&self, record: JobRecord) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = jobs.get_mut(&record.job.handle) {
+        if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
             entry.record = record;
         }
     }
@@ -379,7 +376,7 @@ impl Helper {
         record.job.stdout = None;
         record.job.stderr = None;
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = jobs.get_mut(&record.job.handle) {
+        if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
             entry.record = record;
             entry.stop = None;
             entry.stop_receiver = None;
@@ -402,7 +399,7 @@ impl Helper {
     fn stop_channel_for(&self, record: &JobRecord) -> StopChannel {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let entry = jobs.get_mut(&record.job.handle);
-        if let Some(entry) = entry
+        if let Some(mut entry) = entry
             && let (Some(sender), Some(receiver)) = (entry.stop.clone(), entry.stop_receiver.take())
         {
             return (sender, receiver);
@@ -412,7 +409,7 @@ impl Helper {
 
     fn show_live_output(&self, handle: &str, live: Option<LiveOutput>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = jobs.get_mut(handle) {
+        if let Some(mut entry) = jobs.get_mut(handle) {
             entry.live = live;
         }
     }

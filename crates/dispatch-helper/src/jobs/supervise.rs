@@ -46,7 +46,7 @@ impl Helper {
         self.persist_and_audit_finish(&record, event).await;
         {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(entry) = jobs.get_mut(&handle) {
+            if let Some(mut entry) = jobs.get_mut(&handle) {
                 record.job.stdout = None;
                 record.job.stderr = None;
                 entry.record = record;
@@ -114,17 +114,11 @@ impl Helper {
     pub(super) async fn prune_finished(&self, owner_uid: u32) {
         let keep = self.settings().file.limits.max_finished_jobs_per_client;
         // Taken out of the table at once: prunes that run side by side (every lane's end
-        // starts one) each take their own, and none does the others' work again. Newest
-        // first, so only the kept ones, the client's unfinished ones and the excess are read.
+        // starts one) each take their own, and none does the others' work again. Only the
+        // excess is read, from the client's finished jobs in order.
         let doomed: Vec<JobEntry> = {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let excess: Vec<String> = jobs
-                .owned_by(owner_uid)
-                .rev()
-                .filter(|e| e.stop.is_none() && e.record.job.state.is_terminal())
-                .skip(keep)
-                .map(|e| e.record.job.handle.clone())
-                .collect();
+            let excess = jobs.finished_beyond(owner_uid, keep);
             excess.iter().filter_map(|h| jobs.remove(h)).collect()
         };
         for entry in doomed {
