@@ -172,9 +172,26 @@ impl AuditLog {
         &self,
         event: AuditEvent,
     ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+        self.append_queued(event, false)
+    }
+
+    /// [`AuditLog::append_in_order`] of a record nobody waits for (retention's): it shares
+    /// the next commit, or is synced by itself within `commit::SOON`.
+    pub fn append_soon(
+        &self,
+        event: AuditEvent,
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+        self.append_queued(event, true)
+    }
+
+    fn append_queued(
+        &self,
+        event: AuditEvent,
+        soon: bool,
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
         // Queued now, or (before the writer runs) kept for a commit of its own.
         let queued = match self.committer.get() {
-            Some(committer) => Ok(committer.audit(event)),
+            Some(committer) => Ok(committer.audit(event, soon)),
             None => Err(event),
         };
         let log = self.clone();

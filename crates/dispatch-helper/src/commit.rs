@@ -67,7 +67,7 @@ impl Committer {
         &self,
         work: Work,
         soon: bool,
-    ) -> impl std::future::Future<Output = Answer> + Send + 'static {
+    ) -> impl std::future::Future<Output = Answer> + Send + use<> {
         let (done, answer) = oneshot::channel();
         let stopped_on = match &work {
             Work::Journal(_) => CommitError::Journal,
@@ -81,12 +81,14 @@ impl Committer {
         }
     }
 
-    /// Queue `event` now and return what says when it is durable.
+    /// Queue `event` now and return what says when it is durable; with `soon`, as
+    /// [`Committer::queue_journal`].
     pub fn audit(
         &self,
         event: AuditEvent,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
-        let durable = self.queue(Work::Audit(Box::new(event)), false);
+        soon: bool,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + use<> {
+        let durable = self.queue(Work::Audit(Box::new(event)), soon);
         async move { durable.await.map_err(|e| e.to_string()) }
     }
 
@@ -96,7 +98,7 @@ impl Committer {
         &self,
         op: JournalOp,
         soon: bool,
-    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + use<> {
         let durable = self.queue(Work::Journal(op), soon);
         async move { durable.await.map_err(std::io::Error::other) }
     }
@@ -107,7 +109,7 @@ impl Committer {
         &self,
         event: AuditEvent,
         record: JobRecord,
-    ) -> impl std::future::Future<Output = Answer> + Send + 'static {
+    ) -> impl std::future::Future<Output = Answer> + Send + use<> {
         self.queue(Work::Tied(Box::new(event), Box::new(record)), false)
     }
 }

@@ -264,6 +264,26 @@ impl JobStore {
             .await
     }
 
+    /// [`JobStore::remove_async`] of a record whose removal nobody waits for (retention),
+    /// queued now: its line shares the next commit, or is synced by itself within
+    /// `commit::SOON`.
+    pub fn remove_soon(
+        &self,
+        handle: &str,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + use<> {
+        let op = JournalOp::Remove(handle.to_owned());
+        let queued = match self.committer.get() {
+            Some(committer) => Ok(committer.queue_journal(op, true)),
+            None => Err((self.clone(), op)),
+        };
+        async move {
+            match queued {
+                Ok(durable) => durable.await,
+                Err((store, op)) => store.append_async(op).await,
+            }
+        }
+    }
+
     async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {
         match self.committer.get() {
             Some(committer) => committer.queue_journal(op, false).await,

@@ -121,29 +121,49 @@ impl Helper {
             let excess = jobs.finished_beyond(owner_uid, keep);
             excess.iter().filter_map(|h| jobs.remove(h)).collect()
         };
-        for entry in doomed {
+        // Nobody waits for retention: its lines share the next commit (or are synced by
+        // themselves within `commit::SOON`), all queued at once, so that many (after a reload
+        // lowered the limit) do not each wait for company. The directories go meanwhile, while
+        // the client that ended the lane has not yet sent its next dispatch.
+        let removals: Vec<_> = doomed
+            .into_iter()
+            .map(|entry| {
+                let removed = self.store.remove_soon(&entry.record.job.handle);
+                (entry, removed)
+            })
+            .collect();
+        let mut pruned = Vec::new();
+        for (entry, removed) in removals {
+            self.remove_work_dir(&entry.record).await;
             let handle = entry.record.job.handle.clone();
-            if let Err(error) = self.store.remove_async(&handle).await {
-                tracing::error!(%error, %handle, "could not prune a finished job");
-                // Not removed after all: it stays listed, as its record does.
+            if let Err(error) = removed.await {
+                tracing::error!(%error, %handle, "could not prune a finished job; it stays listed, without its directory");
                 self.jobs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(entry);
                 continue;
             }
-            // Audited now, not after the directory: its removal may wait its turn.
-            let audited = self.audit.append_in_order(AuditEvent {
-                event: "pruned",
-                handle: Some(handle),
-                outcome: "deleted".into(),
-                detail: Some(format!(
-                    "more than {keep} finished dispatches were kept for uid {owner_uid}"
-                )),
-                ..Default::default()
-            });
-            self.remove_work_dir(&entry.record).await;
-            let _ = audited.await;
+            pruned.push(handle);
+        }
+        let audits: Vec<_> = pruned
+            .into_iter()
+            .map(|handle| {
+                self.audit.append_soon(AuditEvent {
+                    event: "pruned",
+                    handle: Some(handle),
+                    outcome: "deleted".into(),
+                    detail: Some(format!(
+                        "more than {keep} finished dispatches were kept for uid {owner_uid}"
+                    )),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        for audited in audits {
+            if let Err(error) = audited.await {
+                tracing::error!(%error, "could not audit a pruned job");
+            }
         }
     }
 
