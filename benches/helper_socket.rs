@@ -6,7 +6,7 @@
 //! cargo bench --bench helper_socket     (as root, after `bash .ci/setup`)
 //!
 //! A dispatch round trip is: check, commit the acceptance and the job record (one journal line)
-//! while the lane's Landlock rules are prepared, fork and sandbox the lane, answer. The lane is
+//! while the lane is prepared, forked and sandboxed as far as its gate, let it exec, answer. The lane is
 //! /bin/true. Commits are grouped: one `fdatasync` covers every record queued meanwhile; the
 //! syncs each phase cost (read from the helper's own count, which it writes in its
 //! `helper_stopped` record) are printed per dispatch, the lane's end (record and audit)
