@@ -439,18 +439,18 @@ impl Helper {
         true
     }
 
-    /// Start the lane of an admitted job (its slot claimed) whose record is durable, and
-    /// supervise it. On failure the slot is released and the record says why.
+    /// Let the held lane of an admitted job (its slot claimed) whose record is durable run,
+    /// and supervise it. On failure the slot is released and the record says why.
     async fn launch(
         self: &Arc<Self>,
         mut record: JobRecord,
         held: HeldLane,
     ) -> Result<JobView, ErrorReply> {
-        // In the table (with its stop channel) before the lane exists: a cancel from now on
+        // In the table (with its stop channel) before the lane runs: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
         let (stop, mut stop_receiver) = self.stop_channel_for(&record);
         self.enter_starting(record.clone(), stop);
-        // A cancel that came while it started, or a shutdown: no lane at all.
+        // A cancel that came while it started, or a shutdown: it is given up at its gate.
         let stopped_early =
             stop_receiver.try_recv().is_ok() || self.draining.load(Ordering::SeqCst);
         if stopped_early {
