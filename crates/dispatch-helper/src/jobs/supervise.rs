@@ -146,6 +146,11 @@ impl Helper {
             }
             pruned.push(handle);
         }
+        self.audit_pruned(pruned, keep, owner_uid).await;
+    }
+
+    /// One `pruned` record per job retention removed, all queued at once (as the removals).
+    async fn audit_pruned(&self, pruned: Vec<String>, keep: usize, owner_uid: u32) {
         let audits: Vec<_> = pruned
             .into_iter()
             .map(|handle| {
