@@ -19,6 +19,17 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The baseline: `/bin/true` by std (posix_spawn), its output piped as a lane's is, waited for.
+fn bare_spawn() {
+    let status = Command::new("/bin/true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// Throughput with 16 threads spawning at once, sandboxed (through a spawner of as many threads
 /// as the helper's) and bare, alternating rounds: the ceiling the helper's 16-client phase could
 /// reach with nothing of its own (no socket, records, job directories or supervision).
@@ -34,15 +45,6 @@ fn concurrent_ceiling(spawner: &LaneSpawner, sandbox: &Sandbox, plan: &LanePlan)
         });
         (THREADS * PER_THREAD) as f64 / started.elapsed().as_secs_f64()
     };
-    let bare = || {
-        let status = Command::new("/bin/true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     let sandboxed = || {
         let lane = spawner
             .spawn(sandbox.prepare(plan.clone()).unwrap())
@@ -51,7 +53,7 @@ fn concurrent_ceiling(spawner: &LaneSpawner, sandbox: &Sandbox, plan: &LanePlan)
     };
     let (mut bare_rates, mut sandboxed_rates) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        bare_rates.push(rate(&bare));
+        bare_rates.push(rate(&bare_spawn));
         sandboxed_rates.push(rate(&sandboxed));
     }
     let median = |rates: &mut Vec<f64>| {
@@ -118,13 +120,7 @@ fn main() {
 
     let bare = || {
         let start = Instant::now();
-        let status = Command::new("/bin/true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        bare_spawn();
         start.elapsed()
     };
     // std uses posix_spawn (a vfork) when it can; any pre_exec hook forces a full fork. Printed
