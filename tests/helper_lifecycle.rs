@@ -1460,3 +1460,88 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
     }
     helper.assert_audit_chain_intact();
 }
+
+/// A stop (SIGTERM) while 16 clients dispatch: lanes being set up, held at their gate while
+/// their records are synced, or running. The helper stops in order (its `helper_stopped`
+/// record), no lane process is left, and after a restart no job it acknowledged as running
+/// says so still.
+#[tokio::test]
+async fn a_helper_stopped_under_load_ends_every_lane_and_leaves_none_running() {
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs = 64\nmax_running_jobs_per_client = 64\nmax_running_jobs_per_lane = 64\nmax_connections_per_client = 32\n".into(),
+        ..Default::default()
+    };
+    let Some(mut helper) = start_helper("stop_under_load", options) else {
+        return;
+    };
+    let tag = marker("stopload");
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, JobState)>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let mut client = helper.client().await;
+        let (acknowledged, tag) = (acknowledged.clone(), tag.clone());
+        clients.push(tokio::spawn(async move {
+            for task in 0.. {
+                let request = Request::Dispatch(DispatchRequest {
+                    orguser: "alice-org".into(),
+                    repo: "alice-repo".into(),
+                    // Half end at once, so lanes keep starting until the stop.
+                    task: format!("sleep:{} {tag}-{task}", if task % 2 == 0 { 30 } else { 0 }),
+                    description: None,
+                    lane_env: Vec::new(),
+                });
+                match client.try_request(request).await {
+                    Some(Response::Job(job)) => {
+                        acknowledged.lock().unwrap().push((job.handle, job.state))
+                    }
+                    // Refused while draining, or busy: try again until the helper is gone.
+                    Some(Response::Error(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Some(other) => panic!("{other:?}"),
+                    None => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped_before = helper.audited("helper_stopped").len();
+    helper.stop();
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_eq!(
+        helper.audited("helper_stopped").len(),
+        stopped_before + 1,
+        "the helper did not stop in order (killed after its stop timed out?)\n{}",
+        helper.stderr()
+    );
+    wait_until("no lane process left", Duration::from_secs(5), || {
+        processes_with(&tag).is_empty()
+    });
+    helper.launch();
+    let mut client = helper.client().await;
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 16,
+        "only {} dispatches acknowledged",
+        acked.len()
+    );
+    for (handle, _) in acked
+        .iter()
+        .filter(|(_, state)| *state == JobState::Running)
+    {
+        let job = client
+            .request(Request::Status {
+                handle: handle.clone(),
+                output_from: None,
+            })
+            .await;
+        match job {
+            Response::Job(job) => assert!(
+                job.state.is_terminal(),
+                "{handle} was running at the stop and is {:?} after the restart",
+                job.state
+            ),
+            other => panic!("acknowledged {handle} lost: {other:?}"),
+        }
+    }
+}
