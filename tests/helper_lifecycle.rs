@@ -1352,6 +1352,32 @@ async fn audit_records_a_crash_took_from_the_log_come_back_from_the_journal() {
 /// arrived is in the store after the restart (final or `lost` if it was running, never
 /// `running`; one that waited for a slot waits again or has started), and the audit chain
 /// verifies. Acknowledged means durable, group commit or not.
+/// Dispatch `sleep:30 TAG-N` and `sleep:0 TAG-N` in turn (half end at once, so lanes keep
+/// starting) until the helper is gone, noting each acknowledged handle with its state then. A
+/// refusal (busy, draining) is tried again.
+async fn dispatch_until_gone(
+    mut client: Client,
+    tag: String,
+    acknowledged: std::sync::Arc<std::sync::Mutex<Vec<(String, JobState)>>>,
+) {
+    for task in 1.. {
+        let sleep = if task % 2 == 0 { "sleep:30" } else { "sleep:0" };
+        let request = Request::Dispatch(DispatchRequest {
+            orguser: "alice-org".into(),
+            repo: "alice-repo".into(),
+            task: format!("{sleep} {tag}-{task}"),
+            description: None,
+            lane_env: Vec::new(),
+        });
+        match client.try_request(request).await {
+            Some(Response::Job(job)) => acknowledged.lock().unwrap().push((job.handle, job.state)),
+            Some(Response::Error(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Some(other) => panic!("{other:?}"),
+            None => return, // the helper is gone
+        }
+    }
+}
+
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
     let options = HelperOptions {
@@ -1366,7 +1392,7 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
     for round in 0..3 {
         let mut clients = Vec::new();
         for _ in 0..16 {
-            let Some(mut client) = Client::try_connect(&helper.socket).await else {
+            let Some(client) = Client::try_connect(&helper.socket).await else {
                 panic!(
                     "round {round}: the helper refused a client\nhelper: {}\naudit: {:?}",
                     helper
@@ -1383,31 +1409,12 @@ async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
                         .collect::<Vec<_>>()
                 );
             };
-            let acknowledged = acknowledged.clone();
-            clients.push(tokio::spawn(async move {
-                let mut task = 0;
-                loop {
-                    task += 1;
-                    let sleep = if task % 2 == 0 { "sleep:30" } else { "sleep:0" };
-                    let request = Request::Dispatch(DispatchRequest {
-                        orguser: "alice-org".into(),
-                        repo: "alice-repo".into(),
-                        task: format!("{sleep} kill9-round-{round}-{task}"),
-                        description: None,
-                        lane_env: Vec::new(),
-                    });
-                    match client.try_request(request).await {
-                        Some(Response::Job(job)) => {
-                            acknowledged.lock().unwrap().push((job.handle, job.state))
-                        }
-                        Some(Response::Error(_)) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await
-                        }
-                        Some(other) => panic!("{other:?}"),
-                        None => return, // the helper died
-                    }
-                }
-            }));
+            let tag = format!("kill9-round-{round}");
+            clients.push(tokio::spawn(dispatch_until_gone(
+                client,
+                tag,
+                acknowledged.clone(),
+            )));
         }
         tokio::time::sleep(Duration::from_millis(400 + 150 * round)).await;
         helper.kill9();
@@ -1478,29 +1485,12 @@ async fn a_helper_stopped_under_load_ends_every_lane_and_leaves_none_running() {
     let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, JobState)>::new()));
     let mut clients = Vec::new();
     for _ in 0..16 {
-        let mut client = helper.client().await;
-        let (acknowledged, tag) = (acknowledged.clone(), tag.clone());
-        clients.push(tokio::spawn(async move {
-            for task in 0.. {
-                let request = Request::Dispatch(DispatchRequest {
-                    orguser: "alice-org".into(),
-                    repo: "alice-repo".into(),
-                    // Half end at once, so lanes keep starting until the stop.
-                    task: format!("sleep:{} {tag}-{task}", if task % 2 == 0 { 30 } else { 0 }),
-                    description: None,
-                    lane_env: Vec::new(),
-                });
-                match client.try_request(request).await {
-                    Some(Response::Job(job)) => {
-                        acknowledged.lock().unwrap().push((job.handle, job.state))
-                    }
-                    // Refused while draining, or busy: try again until the helper is gone.
-                    Some(Response::Error(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    Some(other) => panic!("{other:?}"),
-                    None => return,
-                }
-            }
-        }));
+        let client = helper.client().await;
+        clients.push(tokio::spawn(dispatch_until_gone(
+            client,
+            tag.clone(),
+            acknowledged.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stopped_before = helper.audited("helper_stopped").len();
