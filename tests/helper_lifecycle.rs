@@ -1348,10 +1348,6 @@ async fn audit_records_a_crash_took_from_the_log_come_back_from_the_journal() {
     helper.assert_audit_chain_intact();
 }
 
-/// Kill -9 of the helper under 16 clients' load, three times: every dispatch whose reply
-/// arrived is in the store after the restart (final or `lost` if it was running, never
-/// `running`; one that waited for a slot waits again or has started), and the audit chain
-/// verifies. Acknowledged means durable, group commit or not.
 /// Dispatch `sleep:30 TAG-N` and `sleep:0 TAG-N` in turn (half end at once, so lanes keep
 /// starting) until the helper is gone, noting each acknowledged handle with its state then. A
 /// refusal (busy, draining) is tried again.
@@ -1378,6 +1374,10 @@ async fn dispatch_until_gone(
     }
 }
 
+/// Kill -9 of the helper under 16 clients' load, three times: every dispatch whose reply
+/// arrived is in the store after the restart (final or `lost` if it was running, never
+/// `running`; one that waited for a slot waits again or has started), and the audit chain
+/// verifies. Acknowledged means durable, group commit or not.
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_dispatch() {
     let options = HelperOptions {

@@ -171,7 +171,7 @@ impl AuditLog {
     pub fn append_in_order(
         &self,
         event: AuditEvent,
-    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + use<> {
         self.append_queued(event, false)
     }
 
@@ -180,7 +180,7 @@ impl AuditLog {
     pub fn append_soon(
         &self,
         event: AuditEvent,
-    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + use<> {
         self.append_queued(event, true)
     }
 
@@ -188,7 +188,7 @@ impl AuditLog {
         &self,
         event: AuditEvent,
         soon: bool,
-    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + use<> {
         // Queued now, or (before the writer runs) kept for a commit of its own.
         let queued = match self.committer.get() {
             Some(committer) => Ok(committer.audit(event, soon)),

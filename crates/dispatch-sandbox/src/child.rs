@@ -46,10 +46,11 @@ pub enum ChildStep {
     Gate,
     Exec,
     Clone,
+    EndedBeforeExec,
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 23] = [
+    const ALL: [ChildStep; 24] = [
         ChildStep::Signals,
         ChildStep::JoinCgroup,
         ChildStep::NewSession,
@@ -73,6 +74,7 @@ impl ChildStep {
         ChildStep::Gate,
         ChildStep::Exec,
         ChildStep::Clone,
+        ChildStep::EndedBeforeExec,
     ];
 
     fn from_code(code: i32) -> ChildStep {
@@ -108,9 +110,12 @@ impl fmt::Display for ChildStep {
             ChildStep::NoNewPrivs => "no_new_privs (PR_SET_NO_NEW_PRIVS)",
             ChildStep::Landlock => "landlock (landlock_restrict_self)",
             ChildStep::Seccomp => "seccomp filter",
-            ChildStep::Gate => "wait for the helper's go-ahead before exec (it withheld it)",
+            ChildStep::Gate => "wait for the helper's go-ahead (it withheld it)",
             ChildStep::Exec => "exec of the dispatch program",
             ChildStep::Clone => "create the lane process (clone)",
+            ChildStep::EndedBeforeExec => {
+                "the lane process ended before its exec (killed by a signal)"
+            }
         })
     }
 }
@@ -229,11 +234,19 @@ impl Drop for ChildStack {
 }
 
 /// Start the lane. Returns its pid (also its process group id) once it has exec'd.
-pub(crate) fn spawn(plan: &ChildPlan, stack: &mut ChildStack) -> Result<libc::pid_t, SpawnFailure> {
+///
+/// `child_pid` gets the child's pid from the kernel as the child is created, before it runs
+/// (`CLONE_PARENT_SETTID`): the helper's other threads know it while this one waits.
+pub(crate) fn spawn(
+    plan: &ChildPlan,
+    stack: &mut ChildStack,
+    child_pid: &AtomicI32,
+) -> Result<libc::pid_t, SpawnFailure> {
     let context = ChildContext {
         plan,
         report: ChildReport {
-            failed_step: AtomicI32::new(0),
+            // Until the child says it reached its exec: one killed before has not started.
+            failed_step: AtomicI32::new(ChildStep::EndedBeforeExec as i32),
             errno: AtomicI32::new(0),
         },
     };
@@ -254,8 +267,9 @@ pub(crate) fn spawn(plan: &ChildPlan, stack: &mut ChildStack) -> Result<libc::pi
         libc::clone(
             child_entry,
             stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
             (&raw const context).cast_mut().cast(),
+            child_pid.as_ptr(),
         )
     };
     let clone_error = io::Error::last_os_error();
@@ -283,7 +297,7 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildContext` passed to clone by `spawn`, whose thread is suspended
     // (CLONE_VFORK) and keeps it alive until this process execs or exits.
     let context = unsafe { &*arg.cast::<ChildContext<'_>>() };
-    let (step, errno) = match child_sequence(context.plan) {
+    let (step, errno) = match child_sequence(context.plan, &context.report) {
         Err(failure) => failure,
         Ok(()) => (ChildStep::Exec, libc::EINVAL),
     };
@@ -314,7 +328,7 @@ fn check(step: ChildStep, rc: libc::c_long) -> StepResult {
 }
 
 /// The fixed sequence. Only returns on failure: success ends in execve.
-fn child_sequence(plan: &ChildPlan) -> StepResult {
+fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
     block_all_signals()?;
     reset_signal_handlers()?;
 
@@ -335,6 +349,13 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     // 3. Resource limits, while still privileged; the open-file limit once the work directory
     //    is open (the lane has not yet shed the helper's fds, which may count past it).
     set_rlimits(plan, |resource| resource != libc::RLIMIT_NOFILE)?;
+
+    // Held, if the helper asks, until it lets the lane run (its record is durable, nothing
+    // stopped it meanwhile): still as root, so no process of the lane's user can signal, stop
+    // or trace it, and the helper's memory it shares keeps the helper's dumpable flag.
+    if let Some(fd) = plan.gate_fd {
+        hold_at_gate(plan, fd)?;
+    }
 
     // 4. Identity: groups, then gid, then uid (after setresuid the others could not change).
     if plan.change_uid {
@@ -360,14 +381,7 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     // 5. Death signal after the drop (changing credentials clears it), then make sure the
     //    helper did not die before it was armed. It fires when the spawner thread exits, which
     //    lives as long as the helper. The reaper takes care of the rest of the group.
-    let kill = libc::SIGKILL as libc::c_ulong;
-    // SAFETY: plain integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, kill, 0, 0, 0) };
-    check(ChildStep::ParentDeathSignal, rc.into())?;
-    // SAFETY: getppid takes no arguments.
-    if unsafe { libc::getppid() } != plan.helper_pid {
-        return Err((ChildStep::ParentAlive, libc::ESRCH));
-    }
+    arm_parent_death_signal(plan)?;
 
     // 6. Nothing inherited survives exec. CLOEXEC rather than close: the Landlock ruleset is
     //    still needed below.
@@ -401,13 +415,7 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         install_seccomp(program)?;
     }
 
-    // 10. Held, fully sandboxed, until the helper lets it run (its record is durable, nothing
-    //     stopped it meanwhile). Still with every signal blocked: only a kill ends it here.
-    if let Some(fd) = plan.gate_fd {
-        wait_at_gate(fd)?;
-    }
-
-    // 11. The lane starts with no signal blocked, and execs the fixed argv.
+    // 10. The lane starts with no signal blocked, and execs the fixed argv.
     let none: u64 = 0;
     // SAFETY: raw rt_sigprocmask with a pointer to a live local of the kernel's sigset size.
     let rc = unsafe {
@@ -420,6 +428,7 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
         )
     };
     check(ChildStep::Signals, rc)?;
+    report.failed_step.store(0, Ordering::SeqCst);
     // SAFETY: the exec image's NUL-terminated strings and NULL-terminated pointer arrays, owned
     // by `plan`.
     unsafe {
@@ -432,13 +441,18 @@ fn child_sequence(plan: &ChildPlan) -> StepResult {
     Err((ChildStep::Exec, errno()))
 }
 
-/// One byte from the gate: [`crate::gate::GO`], or the spawn fails here. An end of file (the
-/// helper gone) or any other byte is a refusal.
-fn wait_at_gate(fd: RawFd) -> StepResult {
+/// Wait at the gate: first keep only the descriptors still needed (none of another lane's
+/// pipes or gates stays open here while it waits), make sure the lane dies with the helper
+/// (armed again after the uid change, which clears it), then read one byte:
+/// [`crate::gate::GO`], or the spawn fails here. An end of file or any other byte is a refusal.
+fn hold_at_gate(plan: &ChildPlan, gate: RawFd) -> StepResult {
+    close_all_but(&[Some(gate), plan.landlock_fd])?;
+    arm_parent_death_signal(plan)?;
     let mut byte = 0u8;
     loop {
-        // SAFETY: reads one byte into a live local.
-        let rc = unsafe { libc::read(fd, (&raw mut byte).cast(), 1) };
+        // SAFETY: raw read (not libc's, a cancellation point that touches the parent thread's
+        // descriptor) of one byte into a live local.
+        let rc = unsafe { libc::syscall(libc::SYS_read, gate, (&raw mut byte).cast::<u8>(), 1) };
         match rc {
             1 if byte == crate::gate::GO => return Ok(()),
             -1 if errno() == libc::EINTR => continue,
@@ -446,6 +460,38 @@ fn wait_at_gate(fd: RawFd) -> StepResult {
             _ => return Err((ChildStep::Gate, libc::ECANCELED)),
         }
     }
+}
+
+/// Close every descriptor above stdio but those in `keep`.
+fn close_all_but(keep: &[Option<RawFd>; 2]) -> StepResult {
+    let (a, b) = match *keep {
+        [Some(a), Some(b)] => (a.min(b), a.max(b)),
+        [Some(only), None] | [None, Some(only)] => (only, only),
+        [None, None] => (2, 2),
+    };
+    for (first, last) in [(3, a - 1), (a + 1, b - 1), (b + 1, i32::MAX)] {
+        if first > last || last < 3 {
+            continue;
+        }
+        let first = first.max(3);
+        // SAFETY: plain integer arguments; closes only this process's own descriptor table.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32) };
+        check(ChildStep::CloseFds, rc)?;
+    }
+    Ok(())
+}
+
+/// `PR_SET_PDEATHSIG`, then check that the helper did not die before it was armed.
+fn arm_parent_death_signal(plan: &ChildPlan) -> StepResult {
+    let kill = libc::SIGKILL as libc::c_ulong;
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, kill, 0, 0, 0) };
+    check(ChildStep::ParentDeathSignal, rc.into())?;
+    // SAFETY: getppid takes no arguments.
+    if unsafe { libc::getppid() } != plan.helper_pid {
+        return Err((ChildStep::ParentAlive, libc::ESRCH));
+    }
+    Ok(())
 }
 
 /// The plan's limits on the resources `which` selects.

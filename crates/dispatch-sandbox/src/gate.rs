@@ -1,14 +1,16 @@
-//! The gate a lane waits at, set up and sandboxed, just before its exec.
+//! The gate a lane waits at, cloned and partly set up, before it takes its user's identity.
 //!
-//! The slow part of a spawn (clone, cgroup, identity, job directory, Landlock) needs nothing the
-//! helper is still deciding, so it can run while the job's record is being synced; the lane's
-//! own program must not run before that record is durable, nor after a cancel or a shutdown
-//! that came meanwhile. The child reads one byte from a pipe as its last step: [`GO`] lets it
-//! exec; anything else, or an end of file, makes it exit without running anything.
+//! The first part of a spawn (clone, signals, cgroup, session, reaper, stdio, rlimits) needs
+//! nothing the helper is still deciding, so it can run while the job's record is being synced;
+//! the lane must not run, nor make anything, before that record is durable, nor after a cancel
+//! or a shutdown that came meanwhile. The child reads one byte from a pipe: [`GO`] lets it go
+//! on to its identity and the rest of its sequence; anything else, or an end of file, makes it
+//! exit without running or making anything. It waits as root, so no process of the lane's
+//! user can stop it there and keep a spawner thread waiting.
 //!
-//! An explicit refusal rather than a close: every child cloned while the gate was open holds
-//! a copy of its write end until its own exec, so a close alone would reach the waiting lane
-//! only once those had moved on.
+//! An explicit refusal rather than a close: a child cloned while the gate was open holds a
+//! copy of its write end until it closes what it does not need, so a close alone could reach
+//! the waiting lane late.
 
 use crate::SandboxError;
 use std::io;

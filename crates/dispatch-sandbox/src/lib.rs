@@ -19,9 +19,11 @@
 //! 9. seccomp: inherited at the clone from the spawner thread, which put itself under the
 //!    policy's programs when it started (attaching them per lane was the largest share of a
 //!    spawn); a lane whose policy has changed since adds its own, last
-//! 10. if the helper asked for it, wait at the lane's gate (`gate.rs`) until the helper lets it
-//!     run: everything above overlaps the sync of the job's record
-//! 11. exec of the fixed argv
+//! 10. exec of the fixed argv
+//!
+//! If the helper asks, the child waits at a gate (`gate.rs`) between 3 and 4, still as root,
+//! until the helper lets the lane run: the clone and the first steps overlap the sync of the
+//! job's record.
 //!
 //! Any failing step aborts the spawn, and the error names the step.
 //!
@@ -168,8 +170,10 @@ impl PreparedLane {
         &self.enforcement
     }
 
-    /// Hold this lane, once spawned, at its last step before exec until the returned gate is
-    /// opened; dropping the gate unopened makes the spawn fail at that step, with nothing run.
+    /// Hold this lane, once spawned, before it takes its user's identity (still root, in its
+    /// cgroup, its stdio and rlimits set, nothing else of the helper's open) until the
+    /// returned gate is opened; dropping the gate unopened makes the spawn fail there, with
+    /// nothing made or run.
     /// The spawn is answered only after the exec (or the failure), so the gate must be opened
     /// or dropped by someone other than the caller waiting for that answer.
     pub fn hold_before_exec(&mut self) -> Result<LaneGate, SandboxError> {

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{ChildStderr, ChildStdout, ExitStatus};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
@@ -318,23 +319,27 @@ struct RegistryState {
 /// subreaper.
 pub(crate) struct OwnChildren {
     pids: std::collections::BTreeSet<libc::pid_t>,
-    /// Spawns between their reaper check and [`Registry::track`]/[`Registry::abandon`]: their
-    /// child may exist before it is known, so adopted orphans are left alone meanwhile.
-    in_flight: usize,
+    /// Spawns between their reaper check and [`Registry::track`]/[`Registry::abandon`], each
+    /// with its child's pid once the kernel wrote it there (0 before the clone): that child is
+    /// left alone by orphan reaping, however long it waits at its gate.
+    in_flight: Vec<Arc<AtomicI32>>,
 }
 
 pub(crate) static OWN_CHILDREN: Mutex<OwnChildren> = Mutex::new(OwnChildren {
     pids: std::collections::BTreeSet::new(),
-    in_flight: 0,
+    in_flight: Vec::new(),
 });
 
 /// A spawn in flight (see [`OwnChildren::in_flight`]); panic-safe.
-struct InFlight;
+struct InFlight {
+    child_pid: Arc<AtomicI32>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut own = own_children();
-        own.in_flight = own.in_flight.saturating_sub(1);
+        own_children()
+            .in_flight
+            .retain(|slot| !Arc::ptr_eq(slot, &self.child_pid));
     }
 }
 
@@ -357,19 +362,33 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reap (and, without cgroups, kill those of `kill_uid`) the orphans adopted as subreaper.
-    /// Skipped while a spawn is in flight; the next lane's end does it.
+    /// Reap (and, without cgroups, kill those of `kill_uid`) the orphans adopted as subreaper,
+    /// leaving alone the children of spawns in flight. Skipped while one of those has no pid
+    /// yet (it is being cloned); the next lane's end does it.
     fn reap_adopted(kill_uid: Option<libc::uid_t>) {
         let own = own_children();
-        if own.in_flight == 0 {
+        let in_flight: Vec<libc::pid_t> = own
+            .in_flight
+            .iter()
+            .map(|slot| slot.load(Ordering::SeqCst))
+            .collect();
+        if in_flight.contains(&0) {
+            return;
+        }
+        if in_flight.is_empty() {
             adopted::reap(&own.pids, kill_uid);
+        } else {
+            let mut ours = own.pids.clone();
+            ours.extend(in_flight);
+            adopted::reap(&ours, kill_uid);
         }
     }
 
     /// Count a spawn as in flight until the returned guard is dropped.
     fn spawn_in_flight() -> InFlight {
-        own_children().in_flight += 1;
-        InFlight
+        let child_pid = Arc::new(AtomicI32::new(0));
+        own_children().in_flight.push(child_pid.clone());
+        InFlight { child_pid }
     }
 
     fn kill_all_fd(&self) -> Option<i32> {
@@ -665,7 +684,7 @@ fn spawn_now(
     }
     let mut cgroup = lane_cgroup(&lane, containment)?;
     // Until the child is tracked (or gone), orphan reaping leaves the helper's children alone.
-    let _in_flight = Registry::spawn_in_flight();
+    let in_flight = Registry::spawn_in_flight();
     let reaper = match registry.reaper_for_next_lane() {
         Ok(reaper) => reaper,
         Err(error) => {
@@ -690,7 +709,7 @@ fn spawn_now(
             return Err(error);
         }
     };
-    let spawned = child::spawn(&child_plan, stack);
+    let spawned = child::spawn(&child_plan, stack, &in_flight.child_pid);
     if lane.plan.change_uid {
         // The child's uid change set the shared memory's dumpable flag to fs.suid_dumpable (0
         // or 2); put the helper's own back to 0, so it does not write core dumps either.

@@ -1,7 +1,7 @@
 //! From a dispatch request to a running lane, step by step: check (decide and plan); admit (a
 //! slot now, a place in the queue, or a refusal); audit the acceptance and save the record in
-//! one commit, preparing the lane and setting it up as far as its gate meanwhile; let it run;
-//! supervise. A queued dispatch is checked
+//! one commit, preparing the lane and starting its set-up as far as its gate meanwhile; let it
+//! run; supervise. A queued dispatch is checked
 //! and prepared again, against the settings of the moment, when a slot frees
 //! ([`Helper::start_queued`]).
 
@@ -113,8 +113,9 @@ impl Helper {
     }
 
     /// The acceptance and the job's record are committed together (both or neither), and the
-    /// lane is prepared and set up as far as its gate while they are synced: the costly part
-    /// of a start overlaps the wait for the disk. The lane runs only once both are done.
+    /// lane is prepared, cloned and set up as far as its gate while they are synced: part of
+    /// the cost of a start overlaps the wait for the disk. The lane runs only once both are
+    /// done.
     ///
     /// `settings` are the ones the dispatch was checked and its acceptance audited against:
     /// the lane is prepared under them too, whatever a reload changed meanwhile.
@@ -129,7 +130,7 @@ impl Helper {
         let (durable, held) = tokio::join!(durable, self.prepare_held(settings, lane));
         if let Err(refusal) = self.record_before_start(&mut record, durable).await {
             if let Ok(held) = held {
-                held.abandon(self).await;
+                held.abandon().await;
             }
             return Err(refusal);
         }
@@ -148,10 +149,8 @@ impl Helper {
         settings: &Arc<Settings>,
         lane: PlannedLane,
     ) -> Result<HeldLane, ErrorReply> {
-        let work_dir = lane.plan.work_dir.clone();
-        let owner = (lane.plan.identity.uid, lane.plan.identity.gid);
         let prepared = prepare(settings, lane).await?;
-        self.spawn_held(prepared, work_dir, owner)
+        self.spawn_held(prepared)
             .map_err(|error| preparation_failed(&error))
     }
 
@@ -278,7 +277,9 @@ impl Helper {
         self.audit_finish(&record, event).await;
         let owner = record.owner_uid;
         self.finish_entry(record);
-        self.prune_finished(owner).await;
+        // Not on the way of the reply (a cancel's, a start's): retention waits for company.
+        let helper = self.clone();
+        tokio::spawn(async move { helper.prune_finished(owner).await });
     }
 
     /// Start waiting dispatches while slots are free: clients in turn, each first in first out.
@@ -338,7 +339,7 @@ impl Helper {
                 let started = match self.record_before_start(&mut fresh, durable).await {
                     Ok(()) => self.launch(fresh, held).await,
                     Err(refusal) => {
-                        held.abandon(&self).await;
+                        held.abandon().await;
                         Err(refusal)
                     }
                 };
@@ -408,7 +409,7 @@ impl Helper {
         record.job.detail = "running".into();
         record.queued = None;
         if let Err(error) = self.audit_turn(&record).await {
-            held.abandon(self).await;
+            held.abandon().await;
             return Err(failed(format!(
                 "the audit log could not be written: {error}"
             )));
@@ -454,7 +455,7 @@ impl Helper {
         let stopped_early =
             stop_receiver.try_recv().is_ok() || self.draining.load(Ordering::SeqCst);
         if stopped_early {
-            held.abandon(self).await;
+            held.abandon().await;
             self.release(record.owner_uid, &lane_key(&record.job));
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();

@@ -124,7 +124,8 @@ impl Helper {
         // Nobody waits for retention: its lines share the next commit (or are synced by
         // themselves within `commit::SOON`), all queued at once, so that many (after a reload
         // lowered the limit) do not each wait for company. The directories go meanwhile, while
-        // the client that ended the lane has not yet sent its next dispatch.
+        // the client that ended the lane has not yet sent its next dispatch; each removal's
+        // `pruned` record is queued as soon as the removal is durable.
         let removals: Vec<_> = doomed
             .into_iter()
             .map(|entry| {
@@ -132,9 +133,11 @@ impl Helper {
                 (entry, removed)
             })
             .collect();
-        let mut pruned = Vec::new();
-        for (entry, removed) in removals {
+        for (entry, _) in &removals {
             self.remove_work_dir(&entry.record).await;
+        }
+        let mut audits = Vec::new();
+        for (entry, removed) in removals {
             let handle = entry.record.job.handle.clone();
             if let Err(error) = removed.await {
                 tracing::error!(%error, %handle, "could not prune a finished job; it stays listed, without its directory");
@@ -144,32 +147,31 @@ impl Helper {
                     .insert(entry);
                 continue;
             }
-            pruned.push(handle);
+            audits.push(self.audit_pruned(handle, keep, owner_uid));
         }
-        self.audit_pruned(pruned, keep, owner_uid).await;
-    }
-
-    /// One `pruned` record per job retention removed, all queued at once (as the removals).
-    async fn audit_pruned(&self, pruned: Vec<String>, keep: usize, owner_uid: u32) {
-        let audits: Vec<_> = pruned
-            .into_iter()
-            .map(|handle| {
-                self.audit.append_soon(AuditEvent {
-                    event: "pruned",
-                    handle: Some(handle),
-                    outcome: "deleted".into(),
-                    detail: Some(format!(
-                        "more than {keep} finished dispatches were kept for uid {owner_uid}"
-                    )),
-                    ..Default::default()
-                })
-            })
-            .collect();
         for audited in audits {
             if let Err(error) = audited.await {
                 tracing::error!(%error, "could not audit a pruned job");
             }
         }
+    }
+
+    /// The `pruned` record of a job retention removed, queued now.
+    fn audit_pruned(
+        &self,
+        handle: String,
+        keep: usize,
+        owner_uid: u32,
+    ) -> impl Future<Output = Result<(), crate::audit::AuditError>> + Send + use<> {
+        self.audit.append_soon(AuditEvent {
+            event: "pruned",
+            handle: Some(handle),
+            outcome: "deleted".into(),
+            detail: Some(format!(
+                "more than {keep} finished dispatches were kept for uid {owner_uid}"
+            )),
+            ..Default::default()
+        })
     }
 
     /// Jobs with a lane (or about to have one): queued ones wait for none and are kept, so a
