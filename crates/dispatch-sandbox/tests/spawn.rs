@@ -419,6 +419,32 @@ fn root_is_never_a_lane_user() {
     assert!(err.contains("refusing to run a lane as uid 0"), "{err}");
 }
 
+/// This process's children still running as spawner threads (a lane before its exec keeps
+/// the name of the thread that cloned it), with the `Uid:` line of each.
+fn held_children() -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            if field("Name:").starts_with("lane-spawner") {
+                found.push((pid, field("Uid:")));
+            }
+        }
+    }
+    found
+}
+
 /// A lane whose plan makes `dir/job` and writes `ran` there: what shows whether it ran.
 fn marking_plan(dir: &std::path::Path) -> LanePlan {
     let identity = resolve_identity(USER).unwrap();
@@ -464,6 +490,29 @@ fn a_held_lane_runs_nothing_until_its_gate_opens_and_never_if_it_is_dropped() {
     assert!(
         !work.path().join("job").exists(),
         "the lane made its directory before its gate opened: a breach"
+    );
+    // It waits as root: its user cannot stop it there (and so keep the spawner thread waiting).
+    let held_child = held_children();
+    assert_eq!(held_child.len(), 1, "one held lane: {held_child:?}");
+    let (pid, uids) = &held_child[0];
+    assert_eq!(
+        uids, "0\t0\t0\t0",
+        "the held lane is not root while it waits"
+    );
+    let identity = resolve_identity(USER).unwrap();
+    let stop = {
+        use std::os::unix::process::CommandExt;
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .uid(identity.uid)
+            .gid(identity.gid)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(
+        !stop.success(),
+        "the lane's user stopped the held lane: a breach"
     );
     gate.open().unwrap();
     let lane = answer
