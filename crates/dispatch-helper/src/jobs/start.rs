@@ -396,8 +396,7 @@ impl Helper {
             &checked.lane.enforcement,
             &settings,
         );
-        let held = self
-            .prepare_held(&settings, checked.lane)
+        let prepared = prepare(&settings, checked.lane)
             .await
             .map_err(|reason| failed(reason.message))?;
         let mut record = record.clone();
@@ -408,12 +407,13 @@ impl Helper {
         record.job.state = JobState::Running;
         record.job.detail = "running".into();
         record.queued = None;
-        if let Err(error) = self.audit_turn(&record).await {
-            held.abandon().await;
-            return Err(failed(format!(
-                "the audit log could not be written: {error}"
-            )));
-        }
+        self.audit_turn(&record)
+            .await
+            .map_err(|error| failed(format!("the audit log could not be written: {error}")))?;
+        // Held from here only through its record's commit, as a new dispatch's lane is.
+        let held = self
+            .spawn_held(prepared)
+            .map_err(|error| failed(preparation_failed(&error).message))?;
         Ok((record, held))
     }
 
