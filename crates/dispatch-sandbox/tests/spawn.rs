@@ -492,7 +492,14 @@ fn a_held_lane_runs_nothing_until_its_gate_opens_and_never_if_it_is_dropped() {
         "the lane made its directory before its gate opened: a breach"
     );
     // It waits as root: its user cannot stop it there (and so keep the spawner thread waiting).
-    let held_child = held_children();
+    // Tests run side by side: another test's lane may be between its clone and its exec for a
+    // moment; only a held one is still there a while later.
+    let first = held_children();
+    std::thread::sleep(Duration::from_millis(200));
+    let held_child: Vec<_> = held_children()
+        .into_iter()
+        .filter(|child| first.contains(child))
+        .collect();
     assert_eq!(held_child.len(), 1, "one held lane: {held_child:?}");
     let (pid, uids) = &held_child[0];
     assert_eq!(
