@@ -246,7 +246,16 @@ impl JobStore {
         record: &JobRecord,
         soon: bool,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + 'static {
-        let op = JournalOp::Save(Box::new(record.clone()));
+        self.queue_op(JournalOp::Save(Box::new(record.clone())), soon)
+    }
+
+    /// Queue `op` now (see [`JobStore::save_in_order`]); without the writer, appended on the
+    /// spot.
+    fn queue_op(
+        &self,
+        op: JournalOp,
+        soon: bool,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + use<> {
         let queued = match self.committer.get() {
             Some(committer) => Ok(committer.queue_journal(op, soon)),
             None => Err(self.append_now(vec![op])),
@@ -254,7 +263,7 @@ impl JobStore {
         async move {
             match queued {
                 Ok(durable) => durable.await,
-                Err(saved) => saved,
+                Err(appended) => appended,
             }
         }
     }
@@ -271,17 +280,7 @@ impl JobStore {
         &self,
         handle: &str,
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + use<> {
-        let op = JournalOp::Remove(handle.to_owned());
-        let queued = match self.committer.get() {
-            Some(committer) => Ok(committer.queue_journal(op, true)),
-            None => Err((self.clone(), op)),
-        };
-        async move {
-            match queued {
-                Ok(durable) => durable.await,
-                Err((store, op)) => store.append_async(op).await,
-            }
-        }
+        self.queue_op(JournalOp::Remove(handle.to_owned()), true)
     }
 
     async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {

@@ -332,7 +332,6 @@ impl CgroupTree {
 
 static LANE_NUMBER: AtomicU64 = AtomicU64::new(0);
 
-/// Make a fresh lane cgroup (`lane-<helper pid>-<n>`) and open its `cgroup.procs`.
 /// Whether a cgroup below `dir` (down to `depth` more levels) lists `wanted` in its
 /// `cgroup.procs`. `top`: `dir` is the lanes' tree itself, so a `dir` that cannot be read rules
 /// nothing out; below it, a cgroup gone meanwhile (its lane ended, or the janitor removed a
@@ -354,6 +353,7 @@ fn any_holds(dir: &Path, wanted: &str, depth: usize, top: bool) -> bool {
     })
 }
 
+/// Make a fresh lane cgroup (`lane-<helper pid>-<n>`) and open its `cgroup.procs`.
 fn new_lane(lanes: &Path, controllers: Controllers) -> Result<LaneCgroup, CgroupError> {
     let number = LANE_NUMBER.fetch_add(1, Ordering::Relaxed);
     let dir = lanes.join(format!("lane-{}-{number}", std::process::id()));

@@ -143,7 +143,7 @@ pub(crate) struct ChildPlan {
     /// Write end of the reaper's registration pipe.
     pub reaper_fd: RawFd,
     pub landlock_fd: Option<RawFd>,
-    /// The read end of the lane's gate, if it waits there before its exec (`gate.rs`).
+    /// The read end of the lane's gate, if it waits there before its identity (`gate.rs`).
     pub gate_fd: Option<RawFd>,
     /// Programs the lane must add to those it inherits from its spawner thread: none unless
     /// the policy changed since that thread started.

@@ -16,7 +16,7 @@ use crate::SandboxError;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
-/// The byte that lets a held lane exec.
+/// The byte that lets a held lane go on.
 pub(crate) const GO: u8 = 1;
 const STOP: u8 = 0;
 
@@ -40,7 +40,7 @@ pub(crate) fn new_gate() -> Result<(LaneGate, OwnedFd), SandboxError> {
 }
 
 impl LaneGate {
-    /// Let the lane exec. An error means it was not told and will not run (the pipe has room
+    /// Let the lane go on. An error means it was not told and will not run (the pipe has room
     /// for the byte, so this only fails if the descriptor does).
     pub fn open(mut self) -> io::Result<()> {
         match self.writer.take() {

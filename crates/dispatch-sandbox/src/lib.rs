@@ -161,7 +161,7 @@ pub struct PreparedLane {
     seccomp: Vec<seccompiler::BpfProgram>,
     limits: Limits,
     enforcement: Enforcement,
-    /// The read end of the lane's gate, if it is held before its exec.
+    /// The read end of the lane's gate, if it is held (see [`PreparedLane::hold_before_exec`]).
     gate: Option<OwnedFd>,
 }
 
@@ -174,6 +174,7 @@ impl PreparedLane {
     /// cgroup, its stdio and rlimits set, nothing else of the helper's open) until the
     /// returned gate is opened; dropping the gate unopened makes the spawn fail there, with
     /// nothing made or run.
+    ///
     /// The spawn is answered only after the exec (or the failure), so the gate must be opened
     /// or dropped by someone other than the caller waiting for that answer.
     pub fn hold_before_exec(&mut self) -> Result<LaneGate, SandboxError> {

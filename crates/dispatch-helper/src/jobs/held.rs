@@ -13,7 +13,7 @@ pub(super) struct HeldLane {
 }
 
 impl Helper {
-    /// Hand `prepared` to a spawner thread now, held before its exec.
+    /// Hand `prepared` to a spawner thread now, held at its gate.
     pub(super) fn spawn_held(&self, mut prepared: PreparedLane) -> Result<HeldLane, SandboxError> {
         let gate = prepared.hold_before_exec()?;
         let (done, started) = oneshot::channel();
@@ -29,7 +29,7 @@ impl Helper {
 }
 
 impl HeldLane {
-    /// Let the lane exec; its spawn's outcome, answered once it has exec'd or a step failed.
+    /// Let the lane go on; its spawn's outcome, answered once it has exec'd or a step failed.
     pub(super) async fn release(self) -> Result<SpawnedLane, SandboxError> {
         let HeldLane { gate, started } = self;
         if let Err(error) = gate.open() {
