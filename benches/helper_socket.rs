@@ -10,7 +10,10 @@
 //! /bin/true. Commits are grouped: one `fdatasync` covers every record queued meanwhile; the
 //! syncs each phase cost (read from the helper's own count, which it writes in its
 //! `helper_stopped` record) are printed per dispatch, the lane's end (record and audit)
-//! included.
+//! included. So is the CPU time each dispatch cost, from the helper's `/proc/<pid>/stat`: its
+//! lane's (the process from its clone to its exit, which the helper reaps) against a bare
+//! spawn's, and the helper's own threads' (less noisy than a rate on a shared machine, and
+//! what says where a dispatch's cost goes).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -37,6 +40,31 @@ fn status_kib(pid: i32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time in µs so far of process `pid`: its own threads, and the children it has reaped
+/// (the helper's: its lanes, each from its clone to its exit), from `/proc/<pid>/stat`.
+fn cpu_micros(pid: i32) -> (f64, f64) {
+    let ticks_per_second: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name: state (field 3), ..., utime (14), stime, cutime, cstime (17).
+    let fields: Vec<f64> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let micros = 1e6 / ticks_per_second;
+    (
+        (fields[11] + fields[12]) * micros,
+        (fields[13] + fields[14]) * micros,
+    )
 }
 
 async fn dispatch_rtt(client: &mut Client) -> Duration {
@@ -202,6 +230,7 @@ async fn main() {
     let mut bare = bare_spawns(300);
     let bare_p50 = percentile(&mut bare, 0.5);
     // The throughput baseline: 16 threads spawning it back to back, none of the helper.
+    let bare_cpu_before = cpu_micros(std::process::id() as i32).1;
     let bare_throughput = {
         let started = Instant::now();
         let spawners: Vec<_> = (0..16)
@@ -210,6 +239,8 @@ async fn main() {
         spawners.into_iter().for_each(|s| drop(s.join().unwrap()));
         4000.0 / started.elapsed().as_secs_f64()
     };
+    // What one bare spawn costs in CPU, from its clone to its exit.
+    let bare_cpu = (cpu_micros(std::process::id() as i32).1 - bare_cpu_before) / 4000.0;
 
     let mut warm = helper.client().await;
     let mut last = String::new();
@@ -251,19 +282,23 @@ async fn main() {
     let work_filesystem = filesystem_of(helper.work.path());
     let mut phase = async |clients: usize, per_client: usize| {
         helper.launch();
+        let before = cpu_micros(helper.pid());
         let (samples, wall) = run(clients, per_client, &helper).await;
         wait_all_finished(&helper).await;
+        let after = cpu_micros(helper.pid());
+        let count = samples.len() as f64;
+        let cpu = ((after.0 - before.0) / count, (after.1 - before.1) / count);
         let syncs = stop_and_count_syncs(&mut helper).saturating_sub(idle_syncs);
-        (samples, wall, syncs)
+        (samples, wall, syncs, cpu)
     };
-    let (mut one, one_wall, one_syncs) = phase(1, 1000).await;
-    let (mut sixteen, sixteen_wall, sixteen_syncs) = phase(16, 250).await;
+    let (mut one, one_wall, one_syncs, one_cpu) = phase(1, 1000).await;
+    let (mut sixteen, sixteen_wall, sixteen_syncs, sixteen_cpu) = phase(16, 250).await;
     // The same 16 clients with the lane user's work area on a tmpfs (the journal and the audit
     // log stay where they were): what making and removing each job's directory costs on the
     // machine's own filesystem.
     let on_tmpfs = match TmpfsArea::mount(&alice_area) {
         Some(_area) => {
-            let (samples, wall, _) = phase(16, 250).await;
+            let (samples, wall, _, _) = phase(16, 250).await;
             Some(samples.len() as f64 / wall.as_secs_f64())
         }
         None => None,
@@ -318,6 +353,13 @@ async fn main() {
         "  (16 clients: bare spawns of the same lane by 16 threads, none of the helper, reach {bare_throughput:.1}/s; the dispatches reached {:.2}x that)",
         sixteen_rate / bare_throughput
     );
+    for (label, (own, lanes)) in [("1 client ", one_cpu), ("16 clients", sixteen_cpu)] {
+        println!(
+            "  {label}: CPU per dispatch: the lane (its process, clone to exit) {lanes:>6.0} µs vs a bare spawn's {bare_cpu:>6.0} µs ({:.2}x); the helper's own threads {own:>6.0} µs ({:.2}x a bare spawn)",
+            lanes / bare_cpu,
+            own / bare_cpu
+        );
+    }
     match on_tmpfs {
         Some(rate) => println!(
             "  16 clients, job directories on a tmpfs: {rate:.1} dispatches/s ({:.2}x the same on {}; {:.2}x the bare spawns)",

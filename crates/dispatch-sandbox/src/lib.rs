@@ -45,6 +45,7 @@ pub use limits::{LimitReport, Limits, bytes};
 mod reaper;
 mod seccomp_filter;
 mod spawner;
+mod watchdog;
 
 pub use child::ChildStep;
 /// The most lanes one helper can have running at once (its reaper's table).
@@ -205,6 +206,11 @@ pub enum SandboxError {
     Spawn(std::io::Error),
     #[error("the lane spawner thread is gone")]
     SpawnerGone,
+    #[error(
+        "the lane was stopped (SIGSTOP) before its exec, so it was killed and nothing ran: a \
+         spawner thread is never left waiting for a stopped lane"
+    )]
+    StoppedBeforeExec,
     #[error("the lane reaper could not be started or reached: {0}")]
     Reaper(std::io::Error),
     #[error("{0} lanes are already running; no more can be tracked")]

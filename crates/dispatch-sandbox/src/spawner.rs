@@ -322,7 +322,19 @@ pub(crate) struct OwnChildren {
     /// Spawns between their reaper check and [`Registry::track`]/[`Registry::abandon`], each
     /// with its child's pid once the kernel wrote it there (0 before the clone): that child is
     /// left alone by orphan reaping, however long it waits at its gate.
-    in_flight: Vec<Arc<AtomicI32>>,
+    pub(crate) in_flight: Vec<Arc<InFlightSlot>>,
+}
+
+/// One spawn in flight, as orphan reaping and the stopped-lane watchdog see it.
+#[derive(Default)]
+pub(crate) struct InFlightSlot {
+    /// The child's pid, written by the kernel at the clone (`CLONE_PARENT_SETTID`).
+    pub(crate) child_pid: AtomicI32,
+    /// Set (under [`OWN_CHILDREN`]'s lock) once the clone returned: the child has exec'd or
+    /// exited, and may be reaped from then on, so its pid is no longer the watchdog's to kill.
+    pub(crate) settled: std::sync::atomic::AtomicBool,
+    /// The watchdog killed the child because it was stopped before its exec.
+    pub(crate) killed_stopped: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) static OWN_CHILDREN: Mutex<OwnChildren> = Mutex::new(OwnChildren {
@@ -332,14 +344,22 @@ pub(crate) static OWN_CHILDREN: Mutex<OwnChildren> = Mutex::new(OwnChildren {
 
 /// A spawn in flight (see [`OwnChildren::in_flight`]); panic-safe.
 struct InFlight {
-    child_pid: Arc<AtomicI32>,
+    slot: Arc<InFlightSlot>,
+}
+
+impl InFlight {
+    /// The clone returned: from here its child may be reaped.
+    fn settle(&self) {
+        let _own = own_children();
+        self.slot.settled.store(true, Ordering::SeqCst);
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         own_children()
             .in_flight
-            .retain(|slot| !Arc::ptr_eq(slot, &self.child_pid));
+            .retain(|slot| !Arc::ptr_eq(slot, &self.slot));
     }
 }
 
@@ -370,7 +390,7 @@ impl Registry {
         let in_flight: Vec<libc::pid_t> = own
             .in_flight
             .iter()
-            .map(|slot| slot.load(Ordering::SeqCst))
+            .map(|slot| slot.child_pid.load(Ordering::SeqCst))
             .collect();
         if in_flight.contains(&0) {
             return;
@@ -386,9 +406,9 @@ impl Registry {
 
     /// Count a spawn as in flight until the returned guard is dropped.
     fn spawn_in_flight() -> InFlight {
-        let child_pid = Arc::new(AtomicI32::new(0));
-        own_children().in_flight.push(child_pid.clone());
-        InFlight { child_pid }
+        let slot = Arc::new(InFlightSlot::default());
+        own_children().in_flight.push(slot.clone());
+        InFlight { slot }
     }
 
     fn kill_all_fd(&self) -> Option<i32> {
@@ -483,6 +503,7 @@ impl LaneSpawner {
     ) -> io::Result<LaneSpawner> {
         nix::sys::prctl::set_dumpable(false)?;
         nix::sys::prctl::set_child_subreaper(true)?;
+        crate::watchdog::start_once()?;
         let kill_all = match containment.tree() {
             Some(tree) => Some(tree.open_kill_all().map_err(io::Error::other)?),
             None => None,
@@ -709,7 +730,8 @@ fn spawn_now(
             return Err(error);
         }
     };
-    let spawned = child::spawn(&child_plan, stack, &in_flight.child_pid);
+    let spawned = child::spawn(&child_plan, stack, &in_flight.slot.child_pid);
+    in_flight.settle();
     if lane.plan.change_uid {
         // The child's uid change set the shared memory's dumpable flag to fs.suid_dumpable (0
         // or 2); put the helper's own back to 0, so it does not write core dumps either.
@@ -743,6 +765,9 @@ fn spawn_now(
             // Its child, if any, has exited (CLONE_VFORK returned without an exec).
             registry.abandon(failure.child);
             discard_cgroup(cgroup.as_ref(), containment);
+            if in_flight.slot.killed_stopped.load(Ordering::SeqCst) {
+                return Err(SandboxError::StoppedBeforeExec);
+            }
             Err(SandboxError::ChildStep {
                 step: failure.step,
                 error: failure.error,

@@ -205,6 +205,50 @@ fn lane_runs_as_the_user_with_every_layer_on() {
 }
 
 #[test]
+fn a_lane_starts_with_no_signal_blocked_or_ignored_whatever_its_helper_ignores() {
+    if !ensure_user(USER) {
+        return;
+    }
+    // Ignored signals survive exec: the helper's must be put back to the default in the
+    // child, which reads them from its status. This process, as the helper, ignores SIGPIPE
+    // (the Rust runtime does), so there is one to put back.
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ignored = own
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:\t"))
+        .unwrap();
+    let ignored = u64::from_str_radix(ignored, 16).unwrap();
+    assert_ne!(
+        ignored & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SigIgn {ignored:#x}"
+    );
+    let identity = resolve_identity(USER).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    nix::unistd::chown(
+        work.path(),
+        Some(identity.uid.into()),
+        Some(identity.gid.into()),
+    )
+    .unwrap();
+    let plan = LanePlan {
+        identity,
+        argv: vec!["/bin/cat".into(), "/proc/self/status".into()],
+        work_dir: work.path().to_owned(),
+        make_work_dir: false,
+        passed_env: Vec::new(),
+        exec_paths: Vec::new(),
+        change_uid: true,
+    };
+    let policy = SandboxPolicy::default();
+    let (end, out, err) = run_prepared(plan, Containment::none("this test"), &policy, &policy);
+    assert_eq!(end.status.code(), Some(0), "stderr: {err}");
+    for line in ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"] {
+        assert!(out.lines().any(|l| l == line), "no {line:?} in:\n{out}");
+    }
+}
+
+#[test]
 fn a_lane_runs_under_its_own_seccomp_policy_even_after_a_reload() {
     if !ensure_user(USER) {
         return;
@@ -545,4 +589,71 @@ fn a_held_lane_runs_nothing_until_its_gate_opens_and_never_if_it_is_dropped() {
         !work.path().join("job/ran").exists(),
         "a refused lane ran: a breach"
     );
+}
+
+#[test]
+fn a_lane_stopped_before_its_exec_is_killed_and_its_spawner_thread_goes_on() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    if !ensure_user(USER) {
+        return;
+    }
+    // One spawner thread: a lane that kept it waiting would keep every later one from starting.
+    let sandbox = dispatch_sandbox::Sandbox::new(SandboxPolicy::default()).unwrap();
+    let spawner = LaneSpawner::start(1, Containment::none("this test"), &sandbox).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut prepared = sandbox.prepare(marking_plan(work.path())).unwrap();
+    let gate = prepared.hold_before_exec().unwrap();
+    let (reply, answer) = mpsc::channel();
+    spawner.spawn_then(prepared, move |outcome| {
+        let _ = reply.send(outcome);
+    });
+    // Stopped while it waits: the one place a test can stop a lane before its exec at will. Its
+    // user can stop it between its uid change and its exec, a fraction of a millisecond later;
+    // what the spawner does about a stopped lane is the same wherever it stopped.
+    std::thread::sleep(Duration::from_millis(300));
+    let first = held_children();
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<_> = held_children()
+        .into_iter()
+        .filter(|child| first.contains(child))
+        .collect();
+    assert_eq!(held.len(), 1, "one held lane: {held:?}");
+    let pid = Pid::from_raw(held[0].0);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // If nothing kills it, it must not outlive the test (nor keep the spawner thread).
+    struct KillAtEnd(Pid);
+    impl Drop for KillAtEnd {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let _guard = KillAtEnd(pid);
+    gate.open().unwrap();
+    match answer.recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(error)) => assert!(error.to_string().contains("stopped"), "{error}"),
+        Ok(Ok(_)) => panic!("a lane stopped before its exec was started"),
+        Err(_) => panic!("a stopped lane kept its spawner thread waiting: a breach"),
+    }
+    assert!(
+        !work.path().join("job/ran").exists(),
+        "the stopped lane ran: a breach"
+    );
+    // The spawner thread is free: the next lane starts and runs.
+    let next = tempfile::tempdir().unwrap();
+    let (reply, answer) = mpsc::channel();
+    spawner.spawn_then(
+        sandbox.prepare(marking_plan(next.path())).unwrap(),
+        move |outcome| {
+            let _ = reply.send(outcome);
+        },
+    );
+    let lane = answer
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the spawner thread is still waiting")
+        .expect("the next lane starts");
+    assert!(lane.wait().unwrap().status.success());
+    assert!(next.path().join("job/ran").exists());
 }
