@@ -1535,3 +1535,118 @@ async fn a_helper_stopped_under_load_ends_every_lane_and_leaves_none_running() {
         }
     }
 }
+
+/// A process of alice's that stops, again and again, every process of alice's still named like
+/// a spawner thread: a lane between its uid change and its exec. Killed when dropped.
+struct StopsAlicesLanes(std::process::Child);
+
+impl StopsAlicesLanes {
+    fn start() -> StopsAlicesLanes {
+        use std::os::unix::process::CommandExt;
+        let alice = user(ALICE);
+        // Not pkill: `pkill -u` finds none of them (a lane before its exec is not dumpable, so
+        // its /proc directory is root's). This notes every new process named so, and tries to
+        // stop each again and again: refused while it is root (held at its gate), it succeeds
+        // once the lane has taken alice's uid, if that is before its exec; then it is done
+        // with it. Only alice's own processes can be stopped by her.
+        let script = "import os, signal\n\
+            seen, lanes = set(), set()\n\
+            while True:\n\
+            \x20   for name in os.listdir('/proc'):\n\
+            \x20       if name.isdigit() and name not in seen:\n\
+            \x20           seen.add(name)\n\
+            \x20           try:\n\
+            \x20               with open('/proc/' + name + '/stat') as stat:\n\
+            \x20                   if '(lane-spawner' in stat.read(64):\n\
+            \x20                       lanes.add(int(name))\n\
+            \x20           except OSError:\n\
+            \x20               pass\n\
+            \x20   for _ in range(50):\n\
+            \x20       for pid in list(lanes):\n\
+            \x20           try:\n\
+            \x20               os.kill(pid, signal.SIGSTOP)\n\
+            \x20               lanes.discard(pid)\n\
+            \x20           except PermissionError:\n\
+            \x20               pass\n\
+            \x20           except OSError:\n\
+            \x20               lanes.discard(pid)\n";
+        let child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .uid(alice.uid.as_raw())
+            .gid(alice.gid.as_raw())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        StopsAlicesLanes(child)
+    }
+}
+
+impl Drop for StopsAlicesLanes {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_user_who_stops_their_own_lanes_before_their_exec_hurts_only_themselves() {
+    let Some(helper) = start_helper(
+        "stopped_before_exec",
+        HelperOptions {
+            argv: vec!["/bin/true".into(), "{task}".into()],
+            // A stop that comes as the lane execs stops the program itself: it runs out its
+            // time, which is short here.
+            timeout_seconds: 2,
+            // Every dispatch a spawn: none waits in the queue for a slot.
+            extra_toml: "[limits]\nmax_running_jobs = 1024\nmax_running_jobs_per_client = 1024\n\
+                         max_running_jobs_per_lane = 1024\n"
+                .into(),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let dispatch = async |client: &mut Client, org: &str, repo: &str| {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client.dispatch(org, repo, "stop me"),
+        )
+        .await
+        .expect("a dispatch waited 10 s: a stopped lane keeps a spawner thread")
+    };
+    // Alice stops her own lanes where she can, between their uid change and their exec. The
+    // helper has 4 spawner threads: without the watchdog, 4 such stops would keep every lane
+    // of every user from starting.
+    let stopper = StopsAlicesLanes::start();
+    let (mut stopped, mut attempts) = (0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stopped < 8 && std::time::Instant::now() < deadline {
+        attempts += 1;
+        match dispatch(&mut client, "alice-org", "alice-repo").await {
+            Response::Error(error)
+                if error.message.contains("stopped (SIGSTOP) before its exec") =>
+            {
+                stopped += 1;
+            }
+            Response::Job(_) | Response::Error(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(stopper);
+    assert!(
+        stopped >= 8,
+        "alice's stopper hit only {stopped} of {attempts} lanes in 60 s: nothing was tested"
+    );
+    // Bob's lanes start as before, and alice's again once she stops stopping them.
+    for (org, repo) in [("bob-org", "bob-repo"), ("alice-org", "alice-repo")] {
+        for _ in 0..10 {
+            match dispatch(&mut client, org, repo).await {
+                Response::Job(job) => assert_eq!(job.state, JobState::Running),
+                other => panic!("{org}'s dispatch failed: {other:?}"),
+            }
+        }
+    }
+    eprintln!("alice's stopper hit {stopped} of {attempts} of her lanes before their exec");
+}

@@ -4,8 +4,8 @@
 //! the child's uid change to its exec (a fraction of a millisecond) any process of the lane's
 //! user may signal it, and a SIGSTOP there would keep the spawner thread waiting for good: a few
 //! of those and no lane of any user could start. So a thread of its own looks at every spawn in
-//! flight twenty times a second and kills a child it finds stopped: that lane fails, saying
-//! why, and its spawner thread goes on after 50 ms at most. Only the lane's own user can stop
+//! flight fifty times a second and kills a child it finds stopped: that lane fails, saying
+//! why, and its spawner thread goes on after 20 ms at most. Only the lane's own user can stop
 //! it there, so only that user's lanes fail. (Under the root helper a held lane waits at its
 //! gate as root, where its user cannot stop it; in personal mode lanes run as the helper's own
 //! user, who can stop one anywhere before its exec, and the same holds.)
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// How often spawns in flight are looked at: the longest a stopped lane holds its spawner.
-const EVERY: Duration = Duration::from_millis(50);
+const EVERY: Duration = Duration::from_millis(20);
 
 /// Start the watchdog, once per process (every spawner's spawns are in one table).
 pub(crate) fn start_once() -> std::io::Result<()> {
