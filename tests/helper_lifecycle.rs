@@ -1536,33 +1536,41 @@ async fn a_helper_stopped_under_load_ends_every_lane_and_leaves_none_running() {
     }
 }
 
-/// A process of alice's that stops, again and again, every process of alice's still named like
-/// a spawner thread: a lane between its uid change and its exec. Killed when dropped.
+/// A process of alice's that stops, again and again, every process of alice's that is a lane of
+/// the helper `helper_pid` between its uid change and its exec (still named like the spawner
+/// thread that cloned it). Killed when dropped.
 struct StopsAlicesLanes(std::process::Child);
 
 impl StopsAlicesLanes {
-    fn start() -> StopsAlicesLanes {
+    fn start(helper_pid: i32) -> StopsAlicesLanes {
         use std::os::unix::process::CommandExt;
         let alice = user(ALICE);
         // Not pkill: `pkill -u` finds none of them (a lane before its exec is not dumpable, so
-        // its /proc directory is root's). This notes every new process named so, and tries to
-        // stop each again and again: refused while it is root (held at its gate), it succeeds
-        // once the lane has taken alice's uid, if that is before its exec; then it is done
-        // with it. Only alice's own processes can be stopped by her.
-        let script = "import os, signal\n\
+        // its /proc directory is root's). This notes each new child of the helper named so, and
+        // tries to stop it again and again, each time only if it still is: refused while it is
+        // root (held at its gate), a stop succeeds once the lane has taken alice's uid, if that
+        // is before its exec; then it is done with it. Other tests' lanes are left alone.
+        let script = "import os, signal, sys\n\
+            helper = sys.argv[1]\n\
+            def unexeced_lane(pid):\n\
+            \x20   try:\n\
+            \x20       with open('/proc/%d/stat' % pid) as stat:\n\
+            \x20           name, rest = stat.read().rsplit(') ', 1)\n\
+            \x20   except (OSError, ValueError):\n\
+            \x20       return False\n\
+            \x20   return '(lane-spawner' in name and rest.split()[1] == helper\n\
             seen, lanes = set(), set()\n\
             while True:\n\
             \x20   for name in os.listdir('/proc'):\n\
             \x20       if name.isdigit() and name not in seen:\n\
             \x20           seen.add(name)\n\
-            \x20           try:\n\
-            \x20               with open('/proc/' + name + '/stat') as stat:\n\
-            \x20                   if '(lane-spawner' in stat.read(64):\n\
-            \x20                       lanes.add(int(name))\n\
-            \x20           except OSError:\n\
-            \x20               pass\n\
+            \x20           if unexeced_lane(int(name)):\n\
+            \x20               lanes.add(int(name))\n\
             \x20   for _ in range(50):\n\
             \x20       for pid in list(lanes):\n\
+            \x20           if not unexeced_lane(pid):\n\
+            \x20               lanes.discard(pid)\n\
+            \x20               continue\n\
             \x20           try:\n\
             \x20               os.kill(pid, signal.SIGSTOP)\n\
             \x20               lanes.discard(pid)\n\
@@ -1571,7 +1579,7 @@ impl StopsAlicesLanes {
             \x20           except OSError:\n\
             \x20               lanes.discard(pid)\n";
         let child = std::process::Command::new("python3")
-            .args(["-c", script])
+            .args(["-c", script, &helper_pid.to_string()])
             .uid(alice.uid.as_raw())
             .gid(alice.gid.as_raw())
             .stdout(std::process::Stdio::null())
@@ -1619,7 +1627,7 @@ async fn a_user_who_stops_their_own_lanes_before_their_exec_hurts_only_themselve
     // Alice stops her own lanes where she can, between their uid change and their exec. The
     // helper has 4 spawner threads: without the watchdog, 4 such stops would keep every lane
     // of every user from starting.
-    let stopper = StopsAlicesLanes::start();
+    let stopper = StopsAlicesLanes::start(helper.pid());
     let (mut stopped, mut attempts) = (0, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while stopped < 8 && std::time::Instant::now() < deadline {

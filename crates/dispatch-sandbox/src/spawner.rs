@@ -348,7 +348,8 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// The clone returned: from here its child may be reaped.
+    /// The clone returned: from here its child may be reaped, and only from here (the
+    /// watchdog's kill relies on it; see `watchdog.rs`).
     fn settle(&self) {
         let _own = own_children();
         self.slot.settled.store(true, Ordering::SeqCst);

@@ -5,13 +5,17 @@
 //! user may signal it, and a SIGSTOP there would keep the spawner thread waiting for good: a few
 //! of those and no lane of any user could start. So a thread of its own looks at every spawn in
 //! flight fifty times a second and kills a child it finds stopped: that lane fails, saying
-//! why, and its spawner thread goes on after 20 ms at most. Only the lane's own user can stop
-//! it there, so only that user's lanes fail. (Under the root helper a held lane waits at its
-//! gate as root, where its user cannot stop it; in personal mode lanes run as the helper's own
-//! user, who can stop one anywhere before its exec, and the same holds.)
+//! why, and its spawner thread goes on about 20 ms later. (One stopped just as it execs is
+//! killed all the same and ends by SIGKILL, as a lane that started: it may have begun to run.)
+//! Only the lane's own user can stop it there, so only that user's lanes fail. (Under the root
+//! helper a held lane waits at its gate as root, where its user cannot stop it; in personal
+//! mode lanes run as the helper's own user, who can stop one anywhere before its exec, and the
+//! same holds.)
 //!
 //! The pid it kills cannot be another process's: a spawn's child is reaped only after its slot
-//! is settled, which takes the same lock the watchdog holds while it looks and kills.
+//! is settled, which takes the same lock the watchdog holds while it looks and kills (this
+//! holds as long as nothing in the process reaps any child, `waitpid(-1)`, or has children
+//! reaped for it, SIGCHLD ignored: nothing does).
 
 use crate::spawner::own_children;
 use std::sync::atomic::Ordering;
@@ -38,7 +42,9 @@ pub(crate) fn start_once() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Kill each child of a spawn in flight that is stopped (or traced-stopped) before its exec.
+/// Kill each child of a spawn in flight that is stopped by a signal before its exec. Not one
+/// stopped by a tracer (`t`): only root can trace it (it is not dumpable), as someone debugging
+/// the helper with `strace -f` does.
 fn kill_stopped_in_flight() {
     let own = own_children();
     for slot in &own.in_flight {
@@ -55,14 +61,14 @@ fn kill_stopped_in_flight() {
     }
 }
 
-/// Whether `pid` is stopped, from its state in `/proc/<pid>/stat` (`T` or `t`).
+/// Whether `pid` is stopped by a signal, from its state in `/proc/<pid>/stat` (`T`).
 fn is_stopped(pid: libc::pid_t) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
             // The command name may hold spaces and parentheses: the state follows the last ')'.
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            Some(state == 'T' || state == 't')
+            Some(state == 'T')
         })
         .unwrap_or(false)
 }
