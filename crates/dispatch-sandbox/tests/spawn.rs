@@ -528,6 +528,23 @@ fn spawn_held(
 /// The tests that hold a lane, one at a time: each looks for the one held lane of this process.
 static HOLDING_A_LANE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What a test that holds a lane starts from, its turn taken: a spawner of one thread, so that a
+/// lane that kept it waiting would keep every later one from starting. None without the test
+/// user (`ensure_user` says so).
+fn one_thread_spawner() -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    dispatch_sandbox::Sandbox,
+    LaneSpawner,
+)> {
+    if !ensure_user(USER) {
+        return None;
+    }
+    let turn = HOLDING_A_LANE.lock().unwrap_or_else(|p| p.into_inner());
+    let sandbox = dispatch_sandbox::Sandbox::new(SandboxPolicy::default()).unwrap();
+    let spawner = LaneSpawner::start(1, Containment::none("this test"), &sandbox).unwrap();
+    Some((turn, sandbox, spawner))
+}
+
 /// The one lane of this process still before its exec a while later, with its `Uid:` line.
 /// Tests run side by side: another test's lane may be between its clone and its exec for a
 /// moment; only a held one is still there.
@@ -545,12 +562,9 @@ fn the_held_child() -> (i32, String) {
 #[test]
 fn a_held_lane_runs_nothing_until_its_gate_opens_and_never_if_it_is_dropped() {
     use std::time::Duration;
-    if !ensure_user(USER) {
+    let Some((_turn, sandbox, spawner)) = one_thread_spawner() else {
         return;
-    }
-    let _one_at_a_time = HOLDING_A_LANE.lock().unwrap_or_else(|p| p.into_inner());
-    let sandbox = dispatch_sandbox::Sandbox::new(SandboxPolicy::default()).unwrap();
-    let spawner = LaneSpawner::start(1, Containment::none("this test"), &sandbox).unwrap();
+    };
 
     // Opened: cloned and waiting, as root, having made nothing, until the go.
     let work = tempfile::tempdir().unwrap();
@@ -617,13 +631,9 @@ fn a_lane_stopped_before_its_exec_is_killed_and_its_spawner_thread_goes_on() {
     use nix::unistd::Pid;
     use std::sync::mpsc;
     use std::time::Duration;
-    if !ensure_user(USER) {
+    let Some((_turn, sandbox, spawner)) = one_thread_spawner() else {
         return;
-    }
-    let _one_at_a_time = HOLDING_A_LANE.lock().unwrap_or_else(|p| p.into_inner());
-    // One spawner thread: a lane that kept it waiting would keep every later one from starting.
-    let sandbox = dispatch_sandbox::Sandbox::new(SandboxPolicy::default()).unwrap();
-    let spawner = LaneSpawner::start(1, Containment::none("this test"), &sandbox).unwrap();
+    };
     let work = tempfile::tempdir().unwrap();
     let (gate, answer) = spawn_held(&sandbox, &spawner, work.path());
     // Stopped while it waits: the one place a test can stop a lane before its exec at will. Its
