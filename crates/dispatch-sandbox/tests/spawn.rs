@@ -85,14 +85,9 @@ fn run_contained_with(
     run_reloaded(script, containment, policy, policy)
 }
 
-/// `script` as a lane prepared under `policy`, spawned by threads that started under
-/// `spawner_policy` (as after a reload).
-fn run_reloaded(
-    script: &str,
-    containment: Containment,
-    policy: &SandboxPolicy,
-    spawner_policy: &SandboxPolicy,
-) -> (dispatch_sandbox::LaneEnd, String, String) {
+/// `argv` as a lane of the test user, in a work directory of its own (there while the returned
+/// directory is kept).
+fn plan_in_own_dir(argv: Vec<String>) -> (tempfile::TempDir, LanePlan) {
     let identity = resolve_identity(USER).unwrap();
     let work = tempfile::tempdir().unwrap();
     nix::unistd::chown(
@@ -103,13 +98,25 @@ fn run_reloaded(
     .unwrap();
     let plan = LanePlan {
         identity,
-        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        argv,
         work_dir: work.path().to_owned(),
         make_work_dir: false,
         passed_env: Vec::new(),
         exec_paths: Vec::new(),
         change_uid: true,
     };
+    (work, plan)
+}
+
+/// `script` as a lane prepared under `policy`, spawned by threads that started under
+/// `spawner_policy` (as after a reload).
+fn run_reloaded(
+    script: &str,
+    containment: Containment,
+    policy: &SandboxPolicy,
+    spawner_policy: &SandboxPolicy,
+) -> (dispatch_sandbox::LaneEnd, String, String) {
+    let (_work, plan) = plan_in_own_dir(vec!["/bin/sh".into(), "-c".into(), script.into()]);
     run_prepared(plan, containment, policy, spawner_policy)
 }
 
@@ -223,23 +230,7 @@ fn a_lane_starts_with_no_signal_blocked_or_ignored_whatever_its_helper_ignores()
         0,
         "SigIgn {ignored:#x}"
     );
-    let identity = resolve_identity(USER).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    nix::unistd::chown(
-        work.path(),
-        Some(identity.uid.into()),
-        Some(identity.gid.into()),
-    )
-    .unwrap();
-    let plan = LanePlan {
-        identity,
-        argv: vec!["/bin/cat".into(), "/proc/self/status".into()],
-        work_dir: work.path().to_owned(),
-        make_work_dir: false,
-        passed_env: Vec::new(),
-        exec_paths: Vec::new(),
-        change_uid: true,
-    };
+    let (_work, plan) = plan_in_own_dir(vec!["/bin/cat".into(), "/proc/self/status".into()]);
     let policy = SandboxPolicy::default();
     let (end, out, err) = run_prepared(plan, Containment::none("this test"), &policy, &policy);
     assert_eq!(end.status.code(), Some(0), "stderr: {err}");
