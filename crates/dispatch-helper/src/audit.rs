@@ -292,66 +292,56 @@ pub fn sha256_hex(text: &str) -> String {
 
 /// Check the chain. Returns the number of records, or the first broken line and why.
 pub fn verify(path: &Path) -> Result<u64, AuditError> {
-    let file = File::open(path).map_err(|source| AuditError::Io {
+    let io_error = |source| AuditError::Io {
         path: path.display().to_string(),
         source,
-    })?;
-    let corrupt = |line_no: usize, message: String| AuditError::Corrupt {
-        path: path.display().to_string(),
-        message: format!("line {line_no}: {message}"),
     };
+    let file = File::open(path).map_err(io_error)?;
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = 1u64;
     for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = index + 1;
-        let line = line.map_err(|source| AuditError::Io {
+        let line = line.map_err(io_error)?;
+        prev = verify_link(&line, &prev, expected_seq).map_err(|message| AuditError::Corrupt {
             path: path.display().to_string(),
-            source,
+            message: format!("line {}: {message}", index + 1),
         })?;
-        const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
-        if line.len() < SUFFIX_LEN || !line.ends_with("\"}") {
-            return Err(corrupt(line_no, "not a complete audit record".into()));
-        }
-        let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
-        let Some(stated) = suffix
-            .strip_prefix(",\"hash\":\"")
-            .and_then(|s| s.strip_suffix("\"}"))
-        else {
-            return Err(corrupt(
-                line_no,
-                "the record does not end with its hash".into(),
-            ));
-        };
-        let body = format!("{body_open}}}");
-        let actual = sha256_hex(&body);
-        if actual != stated {
-            return Err(corrupt(
-                line_no,
-                "the record was edited (its hash does not match its content)".into(),
-            ));
-        }
-        let value: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| corrupt(line_no, format!("not JSON: {e}")))?;
-        if value["prev"].as_str() != Some(prev.as_str()) {
-            return Err(corrupt(
-                line_no,
-                "the chain is broken here: a record before it was removed, reordered or edited"
-                    .into(),
-            ));
-        }
-        if value["seq"].as_u64() != Some(expected_seq) {
-            return Err(corrupt(
-                line_no,
-                format!(
-                    "sequence number {} where {expected_seq} was expected",
-                    value["seq"]
-                ),
-            ));
-        }
-        prev = stated.to_owned();
         expected_seq += 1;
     }
     Ok(expected_seq - 1)
+}
+
+/// One record: its own hash over its content, and its place in the chain (`prev`, the hash of
+/// the record before; `seq`, its number). Its hash, or why the chain breaks here.
+fn verify_link(line: &str, prev: &str, seq: u64) -> Result<String, String> {
+    const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+    if line.len() < SUFFIX_LEN || !line.ends_with("\"}") {
+        return Err("not a complete audit record".into());
+    }
+    let (body_open, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let Some(stated) = suffix
+        .strip_prefix(",\"hash\":\"")
+        .and_then(|s| s.strip_suffix("\"}"))
+    else {
+        return Err("the record does not end with its hash".into());
+    };
+    let body = format!("{body_open}}}");
+    if sha256_hex(&body) != stated {
+        return Err("the record was edited (its hash does not match its content)".into());
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("not JSON: {e}"))?;
+    if value["prev"].as_str() != Some(prev) {
+        return Err(
+            "the chain is broken here: a record before it was removed, reordered or edited".into(),
+        );
+    }
+    if value["seq"].as_u64() != Some(seq) {
+        return Err(format!(
+            "sequence number {} where {seq} was expected",
+            value["seq"]
+        ));
+    }
+    Ok(stated.to_owned())
 }
 
 #[cfg(test)]

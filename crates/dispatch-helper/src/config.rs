@@ -5,7 +5,7 @@ use dispatch_policy::{Allowlist, ArgvTemplate, DEFAULT_TEMPLATE};
 use dispatch_sandbox::SandboxPolicy;
 use nix::unistd::{Group, User};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -215,7 +215,7 @@ pub struct Settings {
     /// request waits on a group lookup.
     pub org_client_gids: std::collections::BTreeMap<String, BTreeSet<u32>>,
     /// Orgs whose unix account may not run lanes (root mode), with the reason (see `lane_users`).
-    pub refused_orgs: std::collections::BTreeMap<String, String>,
+    pub refused_orgs: BTreeMap<String, String>,
     /// The lane accounts' identities, each looked up at most once a second (a reload starts
     /// afresh).
     pub identities: crate::identities::IdentityCache,
@@ -249,6 +249,16 @@ impl EnvOverrides {
             timeout: get("DISPATCH_TIMEOUT"),
         }
     }
+
+    /// These, each falling back to the configuration's `[environment]` table.
+    fn or(&self, table: &EnvironmentTable) -> EnvOverrides {
+        EnvOverrides {
+            repos_json: self.repos_json.clone().or(table.repos_json.clone()),
+            ssh_host: self.ssh_host.clone().or(table.ssh_host.clone()),
+            max_iterations: self.max_iterations.clone().or(table.max_iterations.clone()),
+            timeout: self.timeout.clone().or(table.timeout.clone()),
+        }
+    }
 }
 
 pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
@@ -256,21 +266,8 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     if running_as_root {
         check_strict_modes(path)?;
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut file: ConfigFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let table = &file.environment;
-    let env = EnvOverrides {
-        repos_json: env.repos_json.clone().or(table.repos_json.clone()),
-        ssh_host: env.ssh_host.clone().or(table.ssh_host.clone()),
-        max_iterations: env.max_iterations.clone().or(table.max_iterations.clone()),
-        timeout: env.timeout.clone().or(table.timeout.clone()),
-    };
+    let mut file = read_file(path)?;
+    let env = env.or(&file.environment);
     let env_warnings = apply_env(&mut file, &env);
     check_pass_env(&file.pass_env, running_as_root)?;
     validate_host(&file.host)?;
@@ -302,18 +299,10 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     let (admitted_uids, admitted_gids) = admitted_clients(&file.clients, own_uid, &mut warnings);
     let org_client_gids = org_client_gids(&loaded.allowlist, &mut warnings);
     let refused_orgs = if running_as_root {
-        crate::lane_users::vet(
-            &loaded.allowlist,
-            &file.forbidden_lane_groups,
-            file.allow_shared_unix_users,
-            crate::lane_users::Account::lookup,
-        )
+        refused_orgs(&file, &loaded.allowlist, &mut warnings)
     } else {
         Default::default()
     };
-    for (org, reason) in &refused_orgs {
-        warnings.push(format!("org {org} refused: {reason}"));
-    }
     Ok(Settings {
         refused_orgs,
         file,
@@ -330,26 +319,51 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<Settings, ConfigError> {
     })
 }
 
+fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// The orgs whose lane users may not run lanes (see `lane_users::vet`), each with a warning.
+fn refused_orgs(
+    file: &ConfigFile,
+    allowlist: &Allowlist,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let refused = crate::lane_users::vet(
+        allowlist,
+        &file.forbidden_lane_groups,
+        file.allow_shared_unix_users,
+        crate::lane_users::Account::lookup,
+    );
+    for (org, reason) in &refused {
+        warnings.push(format!("org {org} refused: {reason}"));
+    }
+    refused
+}
+
 /// The running caps and the timeout are at least 1 (at 0 nothing would ever run), and the
 /// output tail is within its range.
 fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
     let limits = &file.limits;
     let caps = [
-        ("max_running_jobs", limits.max_running_jobs),
+        ("max_running_jobs", limits.max_running_jobs as u64),
         (
             "max_running_jobs_per_client",
-            limits.max_running_jobs_per_client,
+            limits.max_running_jobs_per_client as u64,
         ),
         (
             "max_running_jobs_per_lane",
-            limits.max_running_jobs_per_lane,
+            limits.max_running_jobs_per_lane as u64,
         ),
     ];
-    if let Some((name, _)) = caps.iter().find(|(_, cap)| *cap == 0) {
-        return Err(ConfigError::Invalid(format!(
-            "limits.{name} must be at least 1 (at 0 every dispatch would wait forever)"
-        )));
-    }
+    refuse_zero(&caps, "every dispatch would wait forever")?;
     let serving = [
         ("max_connections", limits.max_connections as u64),
         (
@@ -363,11 +377,7 @@ fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
         ("idle_timeout_seconds", limits.idle_timeout_seconds),
         ("max_list", u64::from(limits.max_list)),
     ];
-    if let Some((name, _)) = serving.iter().find(|(_, value)| *value == 0) {
-        return Err(ConfigError::Invalid(format!(
-            "limits.{name} must be at least 1 (at 0 no request would ever be served)"
-        )));
-    }
+    refuse_zero(&serving, "no request would ever be served")?;
     if limits.max_running_jobs > dispatch_sandbox::MAX_LANES {
         return Err(ConfigError::Invalid(format!(
             "limits.max_running_jobs is {}, but one helper can run at most {} lanes (its \
@@ -376,6 +386,28 @@ fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
             dispatch_sandbox::MAX_LANES
         )));
     }
+    check_durations(file)?;
+    if file.timeout_seconds == 0 {
+        return Err(ConfigError::Invalid(
+            "timeout_seconds must be at least 1".into(),
+        ));
+    }
+    check_output_tail_bytes(limits.output_tail_bytes)
+}
+
+/// The first of `limits` that is 0 is refused, saying what would happen at 0.
+fn refuse_zero(limits: &[(&str, u64)], at_zero: &str) -> Result<(), ConfigError> {
+    match limits.iter().find(|(_, value)| *value == 0) {
+        Some((name, _)) => Err(ConfigError::Invalid(format!(
+            "limits.{name} must be at least 1 (at 0 {at_zero})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// No wait may be so long that the clock arithmetic of it overflows.
+fn check_durations(file: &ConfigFile) -> Result<(), ConfigError> {
+    let limits = &file.limits;
     let durations = [
         ("limits.idle_timeout_seconds", limits.idle_timeout_seconds),
         (
@@ -384,18 +416,13 @@ fn check_limits(file: &ConfigFile) -> Result<(), ConfigError> {
         ),
         ("kill_grace_seconds", file.kill_grace_seconds),
     ];
-    if let Some((name, value)) = durations.iter().find(|(_, value)| *value > TEN_YEARS) {
-        return Err(ConfigError::Invalid(format!(
+    match durations.iter().find(|(_, value)| *value > TEN_YEARS) {
+        Some((name, value)) => Err(ConfigError::Invalid(format!(
             "{name} is {value}, more than ten years ({TEN_YEARS} seconds): the clock \
              arithmetic of a wait that long would overflow"
-        )));
+        ))),
+        None => Ok(()),
     }
-    if file.timeout_seconds == 0 {
-        return Err(ConfigError::Invalid(
-            "timeout_seconds must be at least 1".into(),
-        ));
-    }
-    check_output_tail_bytes(limits.output_tail_bytes)
 }
 
 /// The longest wait a setting may ask for.

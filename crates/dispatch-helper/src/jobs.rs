@@ -10,7 +10,7 @@ use dispatch_policy::{Handle, OrgPolicy, PolicyError, Task, TemplateValues};
 use dispatch_proto::{
     DispatchRequest, ErrorKind, ErrorReply, JobState, JobView, Lane, OutputOffsets, SandboxReport,
 };
-use dispatch_sandbox::{LanePlan, LaneSpawner, SpawnedLane};
+use dispatch_sandbox::{LaneIdentity, LanePlan, LaneSpawner, SpawnedLane};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Pid, User};
 use std::collections::HashMap;
@@ -269,18 +269,7 @@ impl Helper {
         request: &DispatchRequest,
         handle: &Handle,
     ) -> Result<Decision, ErrorReply> {
-        let task = Task::parse(&request.task).map_err(|e| policy_reply(&e))?;
-        if task.is_option_like() && !settings.file.allow_option_like_tasks {
-            return Err(policy_reply(&task.option_like_error()));
-        }
-        if let Some(description) = &request.description
-            && (description.chars().count() > 512 || description.contains('\0'))
-        {
-            return Err(reply(
-                ErrorKind::Invalid,
-                "invalid description: at most 512 characters, no NUL",
-            ));
-        }
+        let task = Self::check_text(settings, request)?;
         // Orgs this client may not use are unknown to it, exactly as dispatch_lanes shows them.
         let (org, target) = settings
             .allowlist
@@ -290,17 +279,7 @@ impl Helper {
             .map_err(|e| policy_reply(&e))?;
         let unix_user =
             lane_unix_user(settings, org).map_err(|m| reply(ErrorKind::NotPermitted, m))?;
-        let identity = if settings.unprivileged {
-            settings.identities.resolve_own()
-        } else {
-            settings.identities.resolve(&unix_user)
-        }
-        .map_err(|e| {
-            reply(
-                ErrorKind::NotPermitted,
-                format!("orguser {}: {e}", org.orguser),
-            )
-        })?;
+        let identity = Self::lane_identity(settings, org, &unix_user)?;
         let argv = settings.template.render(&TemplateValues {
             orguser: &target.orguser,
             repo: &target.repo,
@@ -326,6 +305,43 @@ impl Helper {
             work_dir: work_area.join(handle.to_string()),
             identity,
             work_area,
+        })
+    }
+
+    /// The task and the description: data within their bounds, never an option unless the
+    /// configuration allows it.
+    fn check_text(settings: &Settings, request: &DispatchRequest) -> Result<Task, ErrorReply> {
+        let task = Task::parse(&request.task).map_err(|e| policy_reply(&e))?;
+        if task.is_option_like() && !settings.file.allow_option_like_tasks {
+            return Err(policy_reply(&task.option_like_error()));
+        }
+        if let Some(description) = &request.description
+            && (description.chars().count() > 512 || description.contains('\0'))
+        {
+            return Err(reply(
+                ErrorKind::Invalid,
+                "invalid description: at most 512 characters, no NUL",
+            ));
+        }
+        Ok(task)
+    }
+
+    /// Who the lane runs as: the org's unix user, or the helper's own user in personal mode.
+    fn lane_identity(
+        settings: &Settings,
+        org: &OrgPolicy,
+        unix_user: &str,
+    ) -> Result<LaneIdentity, ErrorReply> {
+        if settings.unprivileged {
+            settings.identities.resolve_own()
+        } else {
+            settings.identities.resolve(unix_user)
+        }
+        .map_err(|e| {
+            reply(
+                ErrorKind::NotPermitted,
+                format!("orguser {}: {e}", org.orguser),
+            )
         })
     }
 

@@ -3,7 +3,7 @@
 
 use crate::config::Settings;
 use dispatch_proto::{JobState, ResourceUsage};
-use dispatch_sandbox::cgroup::Controllers;
+use dispatch_sandbox::cgroup::{Controllers, LaneCgroup};
 use dispatch_sandbox::{LaneEnd, Limits, SpawnedLane, bytes};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -110,22 +110,7 @@ pub async fn watch(
                 lane.kill_all();
                 escalate = None;
             }
-            _ = sample.tick() => {
-                let tasks = cgroup.as_ref().map_or(0, |c| c.task_count().unwrap_or(0));
-                watched.peak_tasks = watched.peak_tasks.max(tasks);
-                if let Some(limit) = plan.user_process_limit
-                    && (cgroup.is_none() || tasks as u64 * 2 >= limit)
-                {
-                    watched.peak_tasks = watched.peak_tasks.max(recent_user_tasks(plan.uid));
-                }
-                let Some(cgroup) = &cgroup else { continue };
-                let usage = cgroup.usage();
-                let used = Duration::from_micros(usage.cpu_user_usec + usage.cpu_system_usec);
-                if used >= plan.cpu_budget && watched.reason.is_none() {
-                    watched.reason = Some(StopReason::CpuTime);
-                    lane.kill_all();
-                }
-            }
+            _ = sample.tick() => take_sample(lane, cgroup.as_deref(), &plan, &mut watched),
         }
     }
     // What the first process left running is still there until the wait kills it: count it.
@@ -133,6 +118,30 @@ pub async fn watch(
         watched.peak_tasks = watched.peak_tasks.max(cgroup.task_count().unwrap_or(0));
     }
     watched
+}
+
+/// One periodic look at a running lane: its peak task count so far, and its CPU budget, at
+/// which all of it is killed at once.
+fn take_sample(
+    lane: &SpawnedLane,
+    cgroup: Option<&LaneCgroup>,
+    plan: &WatchPlan,
+    watched: &mut Watched,
+) {
+    let tasks = cgroup.map_or(0, |c| c.task_count().unwrap_or(0));
+    watched.peak_tasks = watched.peak_tasks.max(tasks);
+    if let Some(limit) = plan.user_process_limit
+        && (cgroup.is_none() || tasks as u64 * 2 >= limit)
+    {
+        watched.peak_tasks = watched.peak_tasks.max(recent_user_tasks(plan.uid));
+    }
+    let Some(cgroup) = cgroup else { return };
+    let usage = cgroup.usage();
+    let used = Duration::from_micros(usage.cpu_user_usec + usage.cpu_system_usec);
+    if used >= plan.cpu_budget && watched.reason.is_none() {
+        watched.reason = Some(StopReason::CpuTime);
+        lane.kill_all();
+    }
 }
 
 /// Until the lane's first process has exited (it is not reaped). Watched on its pidfd by the
@@ -276,9 +285,17 @@ fn limit_reached(
     watched: Watched,
     limits: &Limits,
 ) -> Option<(&'static str, String)> {
+    counted_limit(end, &watched, limits).or_else(|| inferred_limit(end, &watched, limits))
+}
+
+/// A limit the helper or a cgroup controller counted the lane reaching.
+fn counted_limit(
+    end: &LaneEnd,
+    watched: &Watched,
+    limits: &Limits,
+) -> Option<(&'static str, String)> {
     let usage = &end.usage;
     let cpu_ms = usage.cpu_user_ms + usage.cpu_system_ms;
-    let memory = bytes(limits.memory_bytes);
     if watched.reason == Some(StopReason::CpuTime) {
         return Some((
             "cpu_time",
@@ -290,6 +307,7 @@ fn limit_reached(
         ));
     }
     if let Some(kills) = usage.oom_kills.filter(|&k| k > 0) {
+        let memory = bytes(limits.memory_bytes);
         return Some((
             "memory",
             format!(
@@ -297,15 +315,24 @@ fn limit_reached(
             ),
         ));
     }
-    if let Some(refused) = usage.pids_max_hits.filter(|&r| r > 0) {
-        return Some((
-            "processes",
-            format!(
-                "process limit {} reached: {refused} forks were refused (pids.max)",
-                limits.processes
-            ),
-        ));
-    }
+    let refused = usage.pids_max_hits.filter(|&r| r > 0)?;
+    Some((
+        "processes",
+        format!(
+            "process limit {} reached: {refused} forks were refused (pids.max)",
+            limits.processes
+        ),
+    ))
+}
+
+/// A limit an rlimit held, inferred from how the lane ended and its peaks.
+fn inferred_limit(
+    end: &LaneEnd,
+    watched: &Watched,
+    limits: &Limits,
+) -> Option<(&'static str, String)> {
+    let usage = &end.usage;
+    let cpu_ms = usage.cpu_user_ms + usage.cpu_system_ms;
     // SIGKILL at the hard limit, SIGXCPU at the soft one (they are equal here).
     let killed_by_cpu = matches!(end.status.signal(), Some(9 | 24));
     if killed_by_cpu && cpu_ms + 500 >= limits.cpu_seconds * 1000 {
@@ -331,8 +358,9 @@ fn limit_reached(
         return Some((
             "memory",
             format!(
-                "memory limit {memory} reached, judging by its peak: a process grew to {} \
+                "memory limit {} reached, judging by its peak: a process grew to {} \
                  (RLIMIT_DATA holds the limit for each process; an allocation past it fails)",
+                bytes(limits.memory_bytes),
                 bytes_rounded(usage.peak_memory_bytes)
             ),
         ));

@@ -316,14 +316,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     let mut hangup = handler(SignalKind::hangup())?;
     let mut terminate = handler(SignalKind::terminate())?;
     let mut interrupt = handler(SignalKind::interrupt())?;
-    let settings = config::load(config_path, &config::EnvOverrides::from_process())
-        .map_err(|e| format!("load configuration: {e}"))?;
-    for warning in &settings.warnings {
-        tracing::warn!(%warning, "configuration");
-    }
-    if settings.unprivileged {
-        tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
-    }
+    let settings = load_settings(config_path)?;
     raise_open_file_limit();
     create_own_dirs(&settings)?;
     // Before the audit log is opened (and perhaps repaired) or the socket taken over.
@@ -338,15 +331,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
         .map_err(|e| format!("socket {}: {e}", settings.file.socket.display()))?;
     let socket_path = settings.file.socket.clone();
     let helper = jobs::Helper::new(settings, audit, store, spawner);
-    let warnings = helper
-        .recover()
-        .await
-        .map_err(|e| format!("recover jobs: {e}"))?;
-    for warning in warnings {
-        tracing::warn!(%warning, "job store");
-    }
-    // Dispatches that were waiting for a slot when the last helper stopped start now.
-    helper.start_queued();
+    recover_jobs(&helper).await?;
     audit_start(&helper, audit_notes, &socket_path).await?;
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -369,6 +354,32 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     server.abort();
     stop(&helper, why).await;
+    Ok(())
+}
+
+fn load_settings(config_path: &Path) -> Result<config::Settings, String> {
+    let settings = config::load(config_path, &config::EnvOverrides::from_process())
+        .map_err(|e| format!("load configuration: {e}"))?;
+    for warning in &settings.warnings {
+        tracing::warn!(%warning, "configuration");
+    }
+    if settings.unprivileged {
+        tracing::warn!(user = %settings.own_user, "not running as root: every lane runs as the helper's own user");
+    }
+    Ok(settings)
+}
+
+/// The job table back from the store, every lane left running marked lost; dispatches that
+/// were waiting for a slot when the last helper stopped start now.
+async fn recover_jobs(helper: &Arc<jobs::Helper>) -> Result<(), String> {
+    let warnings = helper
+        .recover()
+        .await
+        .map_err(|e| format!("recover jobs: {e}"))?;
+    for warning in warnings {
+        tracing::warn!(%warning, "job store");
+    }
+    helper.start_queued();
     Ok(())
 }
 

@@ -248,53 +248,8 @@ async fn handshake(
     writer: &mut OwnedWriteHalf,
     idle: Duration,
 ) -> bool {
-    let first = tokio::time::timeout(
-        idle,
-        read_frame::<RequestEnvelope, _>(&mut *reader, FrameLimit::REQUEST),
-    )
-    .await;
-    let hello_id = match first {
-        Err(_) => {
-            let detail = "no handshake before the idle timeout";
-            audit_violation(helper, Some(peer), "idle_timeout", detail);
-            return false;
-        }
-        Ok(Ok(None)) => {
-            let detail = "closed before the handshake";
-            audit_violation(helper, Some(peer), "protocol_violation", detail);
-            return false;
-        }
-        Ok(Err(error)) => {
-            let detail = format!("bad handshake frame: {}", describe(&error));
-            refuse_handshake(helper, peer, writer, 0, &describe(&error), &detail).await;
-            return false;
-        }
-        Ok(Ok(Some(RequestEnvelope {
-            id,
-            body:
-                Request::Hello {
-                    version,
-                    client_name,
-                },
-        }))) => {
-            peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
-            if version != PROTOCOL_VERSION {
-                let message = CodecError::WrongVersion {
-                    peer: version,
-                    ours: PROTOCOL_VERSION,
-                }
-                .to_string();
-                refuse_handshake(helper, peer, writer, id, &message, &message).await;
-                return false;
-            }
-            id
-        }
-        Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
-            let message = "the first request on a connection must be Hello (the handshake)";
-            let detail = "request before the handshake";
-            refuse_handshake(helper, peer, writer, id, message, detail).await;
-            return false;
-        }
+    let Some(hello_id) = read_hello(helper, peer, reader, writer, idle).await else {
+        return false;
     };
     let settings = helper.settings();
     let hello = Response::Hello(HelloReply {
@@ -312,6 +267,65 @@ async fn handshake(
     write_frame(writer, &envelope, FrameLimit::RESPONSE)
         .await
         .is_ok()
+}
+
+/// The id of the peer's Hello, its claimed name noted; `None` (refused and audited) for
+/// anything else.
+async fn read_hello(
+    helper: &Arc<Helper>,
+    peer: &mut Peer,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    idle: Duration,
+) -> Option<u64> {
+    let first = tokio::time::timeout(
+        idle,
+        read_frame::<RequestEnvelope, _>(&mut *reader, FrameLimit::REQUEST),
+    )
+    .await;
+    match first {
+        Err(_) => {
+            let detail = "no handshake before the idle timeout";
+            audit_violation(helper, Some(peer), "idle_timeout", detail);
+            None
+        }
+        Ok(Ok(None)) => {
+            let detail = "closed before the handshake";
+            audit_violation(helper, Some(peer), "protocol_violation", detail);
+            None
+        }
+        Ok(Err(error)) => {
+            let detail = format!("bad handshake frame: {}", describe(&error));
+            refuse_handshake(helper, peer, writer, 0, &describe(&error), &detail).await;
+            None
+        }
+        Ok(Ok(Some(RequestEnvelope {
+            id,
+            body:
+                Request::Hello {
+                    version,
+                    client_name,
+                },
+        }))) => {
+            peer.claimed_client = client_name.map(|n| n.chars().take(128).collect());
+            if version != PROTOCOL_VERSION {
+                let message = CodecError::WrongVersion {
+                    peer: version,
+                    ours: PROTOCOL_VERSION,
+                }
+                .to_string();
+                refuse_handshake(helper, peer, writer, id, &message, &message).await;
+                return None;
+            }
+            Some(id)
+        }
+        Ok(Ok(Some(RequestEnvelope { id, .. }))) => {
+            let message = "the first request on a connection must be Hello (the handshake)";
+            let detail = "request before the handshake";
+            refuse_handshake(helper, peer, writer, id, message, detail).await;
+            None
+        }
+    }
 }
 
 /// One task writes every response of a connection, in the order they are sent to it: the
@@ -394,27 +408,25 @@ async fn read_requests(
         let envelope = match frame {
             Ok(Some(envelope)) => envelope,
             Ok(None) => return None,
-            Err(error) => {
-                let _ = responses
-                    .send(ResponseEnvelope {
-                        id: 0,
-                        body: protocol_error(describe(&error)),
-                    })
-                    .await;
-                return Some(("protocol_violation", describe(&error)));
-            }
+            Err(error) => return Some(protocol_violation(responses, 0, describe(&error)).await),
         };
         if let Request::Hello { .. } = envelope.body {
-            let _ = responses
-                .send(ResponseEnvelope {
-                    id: envelope.id,
-                    body: protocol_error("duplicate handshake"),
-                })
-                .await;
-            return Some(("protocol_violation", "duplicate handshake".into()));
+            let message = "duplicate handshake".to_owned();
+            return Some(protocol_violation(responses, envelope.id, message).await);
         }
         start_request(helper, peer, envelope, responses, in_flight, max_in_flight).await;
     }
+}
+
+/// Answer request `id` with a protocol error saying `message`: the connection ends after it.
+async fn protocol_violation(
+    responses: &mpsc::Sender<ResponseEnvelope>,
+    id: u64,
+    message: String,
+) -> (&'static str, String) {
+    let body = protocol_error(message.clone());
+    let _ = responses.send(ResponseEnvelope { id, body }).await;
+    ("protocol_violation", message)
 }
 
 /// Run one request on a task of its own, its response sent when done; past the connection's

@@ -425,37 +425,14 @@ impl JobStore {
         let mut state = self.lock();
         let snapshot = self.dir.join("snapshot.jsonl");
         let aside = self.dir.join(".snapshot.jsonl.tmp");
+        let (lines, index) = self.snapshot_lines(&state)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&aside)?;
-        let mut index = HashMap::with_capacity(state.index.len());
-        let mut offset = 0u64;
-        let mut buffer = Vec::new();
-        let mut handles: Vec<&String> = state.index.keys().collect();
-        handles.sort();
-        let mut readers = Readers::default();
-        for handle in handles {
-            let at = &state.index[handle];
-            // One unreadable record must not stop the helper (this runs at start) or make every
-            // later compaction fail: it is left out, and said so.
-            let record = match self.read_with(at, &mut readers) {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::error!(%error, %handle, "job record unreadable; left out of the snapshot");
-                    continue;
-                }
-            };
-            let line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
-            let len = line.len() as u64;
-            buffer.extend_from_slice(&line);
-            buffer.push(b'\n');
-            index.insert(handle.clone(), Location::Snapshot { offset, len });
-            offset += len + 1;
-        }
-        file.write_all(&buffer)?;
+        file.write_all(&lines)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&aside, &snapshot)?;
@@ -471,7 +448,7 @@ impl JobStore {
         journal.set_len(0)?;
         journal.sync_all()?;
         state.journal_bytes = 0;
-        state.snapshot_bytes = offset;
+        state.snapshot_bytes = lines.len() as u64;
         for path in std::mem::take(&mut state.legacy) {
             if let Err(error) = fs::remove_file(&path)
                 && error.kind() != std::io::ErrorKind::NotFound
@@ -481,6 +458,35 @@ impl JobStore {
             }
         }
         sync_dir(&self.dir)
+    }
+
+    /// Every live record as one line, in handle order, and where each will be in the snapshot.
+    fn snapshot_lines(
+        &self,
+        state: &State,
+    ) -> std::io::Result<(Vec<u8>, HashMap<String, Location>)> {
+        let mut index = HashMap::with_capacity(state.index.len());
+        let mut lines = Vec::new();
+        let mut handles: Vec<&String> = state.index.keys().collect();
+        handles.sort();
+        let mut readers = Readers::default();
+        for handle in handles {
+            // One unreadable record must not stop the helper (this runs at start) or make every
+            // later compaction fail: it is left out, and said so.
+            let record = match self.read_with(&state.index[handle], &mut readers) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%error, %handle, "job record unreadable; left out of the snapshot");
+                    continue;
+                }
+            };
+            let line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+            let (offset, len) = (lines.len() as u64, line.len() as u64);
+            lines.extend_from_slice(&line);
+            lines.push(b'\n');
+            index.insert(handle.clone(), Location::Snapshot { offset, len });
+        }
+        Ok((lines, index))
     }
 }
 

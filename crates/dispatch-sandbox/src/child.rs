@@ -338,8 +338,7 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
         join_cgroup(fd)?;
     }
     // Own session and process group, so the helper can signal the whole lane at once.
-    // SAFETY: setsid takes no arguments.
-    check(ChildStep::NewSession, unsafe { libc::setsid() }.into())?;
+    new_session()?;
 
     // 2. The reaper learns of the group before anything in it runs: no process of the lane
     //    exists before its group is registered for the kill that follows the helper's death.
@@ -361,20 +360,13 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
     if plan.change_uid {
         drop_identity(plan)?;
     }
-    // Ambient capabilities would survive exec; a root helper's are already gone with the uid
-    // change, an unprivileged helper's (systemd AmbientCapabilities=) must not reach the lane.
-    let clear = libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong;
-    // SAFETY: plain integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) };
-    check(ChildStep::AmbientCapabilities, rc.into())?;
+    clear_ambient_capabilities()?;
     verify_ids(plan)?;
     // Entered as the lane user, so the directory's own permissions apply.
     if plan.make_work_dir {
         make_work_dir(plan)?;
     } else {
-        // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
-        let rc = unsafe { libc::chdir(plan.work_dir.as_ptr()) };
-        check(ChildStep::ChangeDir, rc.into())?;
+        enter_work_dir(plan)?;
     }
     set_rlimits(plan, |resource| resource == libc::RLIMIT_NOFILE)?;
 
@@ -383,29 +375,13 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
     //    lives as long as the helper. The reaper takes care of the rest of the group.
     arm_parent_death_signal(plan)?;
 
-    // 6. Nothing inherited survives exec. CLOEXEC rather than close: the Landlock ruleset is
-    //    still needed below.
-    // SAFETY: plain integer arguments.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    check(ChildStep::CloseFds, rc)?;
-
-    // 7. no_new_privs: exec can no longer grant privileges (setuid bits, file capabilities).
-    // SAFETY: plain integer arguments.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
-    check(ChildStep::NoNewPrivs, rc.into())?;
+    // 6. Nothing inherited survives exec; 7. exec can grant no privileges.
+    mark_inherited_fds_cloexec()?;
+    set_no_new_privs()?;
 
     // 8. Landlock, on the ruleset the helper built.
     if let Some(fd) = plan.landlock_fd {
-        // SAFETY: `fd` is a Landlock ruleset fd owned by the prepared lane, open in this child.
-        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) };
-        check(ChildStep::Landlock, rc)?;
+        restrict_with_landlock(fd)?;
     }
 
     // 9. seccomp: the lane inherited the spawner thread's filter at the clone (see
@@ -416,19 +392,65 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
     }
 
     // 10. The lane starts with no signal blocked, and execs the fixed argv.
-    let none: u64 = 0;
-    // SAFETY: raw rt_sigprocmask with a pointer to a live local of the kernel's sigset size.
+    unblock_all_signals()?;
+    report.failed_step.store(0, Ordering::SeqCst);
+    exec_lane(plan)
+}
+
+fn new_session() -> StepResult {
+    // SAFETY: setsid takes no arguments.
+    check(ChildStep::NewSession, unsafe { libc::setsid() }.into())
+}
+
+/// Ambient capabilities would survive exec; a root helper's are already gone with the uid
+/// change, an unprivileged helper's (systemd AmbientCapabilities=) must not reach the lane.
+fn clear_ambient_capabilities() -> StepResult {
+    let clear = libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong;
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, clear, 0, 0, 0) };
+    check(ChildStep::AmbientCapabilities, rc.into())
+}
+
+/// The work directory the helper named, where the lane does not make its own.
+fn enter_work_dir(plan: &ChildPlan) -> StepResult {
+    // SAFETY: `work_dir` is a NUL-terminated string owned by `plan`.
+    let rc = unsafe { libc::chdir(plan.work_dir.as_ptr()) };
+    check(ChildStep::ChangeDir, rc.into())
+}
+
+/// CLOEXEC rather than close: the Landlock ruleset is still needed after this.
+fn mark_inherited_fds_cloexec() -> StepResult {
+    // SAFETY: plain integer arguments.
     let rc = unsafe {
         libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &raw const none,
-            std::ptr::null_mut::<u64>(),
-            KERNEL_SIGSET_SIZE,
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    check(ChildStep::Signals, rc)?;
-    report.failed_step.store(0, Ordering::SeqCst);
+    check(ChildStep::CloseFds, rc)
+}
+
+/// no_new_privs: exec can no longer grant privileges (setuid bits, file capabilities).
+fn set_no_new_privs() -> StepResult {
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+    check(ChildStep::NoNewPrivs, rc.into())
+}
+
+fn restrict_with_landlock(ruleset: RawFd) -> StepResult {
+    // SAFETY: `ruleset` is a Landlock ruleset fd owned by the prepared lane, open in this child.
+    let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) };
+    check(ChildStep::Landlock, rc)
+}
+
+fn unblock_all_signals() -> StepResult {
+    set_signal_mask(libc::SIG_SETMASK, 0)
+}
+
+/// Returns only if the exec failed.
+fn exec_lane(plan: &ChildPlan) -> StepResult {
     // SAFETY: the exec image's NUL-terminated strings and NULL-terminated pointer arrays, owned
     // by `plan`.
     unsafe {
@@ -553,14 +575,17 @@ const KERNEL_SIGSET_SIZE: usize = 8;
 
 /// Every signal, glibc's internal ones included (its `sigprocmask` wrapper leaves those out).
 fn block_all_signals() -> StepResult {
-    let all: u64 = !0;
-    // SAFETY: raw rt_sigprocmask on this thread with a pointer to a live local of the kernel's
-    // sigset size.
+    set_signal_mask(libc::SIG_BLOCK, !0)
+}
+
+/// Raw `rt_sigprocmask` on this thread: every bit of `mask`, glibc's internal signals too.
+fn set_signal_mask(how: libc::c_int, mask: u64) -> StepResult {
+    // SAFETY: raw rt_sigprocmask with a pointer to a live local of the kernel's sigset size.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            &raw const all,
+            how,
+            &raw const mask,
             std::ptr::null_mut::<u64>(),
             KERNEL_SIGSET_SIZE,
         )

@@ -119,77 +119,84 @@ impl Limits {
     /// whether lanes keep the helper's uid (see [`Limits::rlimits`]).
     pub fn report(&self, cgroup: Option<Controllers>, same_uid: bool) -> Vec<LimitReport> {
         let c = cgroup.unwrap_or_default();
-        let pick = |held: bool, cgroup: &str, fallback: &str| {
-            if held { cgroup } else { fallback }.to_owned()
+        let pick = |held: bool, cgroup: &'static str, fallback: &'static str| {
+            if held { cgroup } else { fallback }
         };
+        let cpu_rate = self
+            .cpu_percent
+            .map_or("unbounded".to_owned(), |p| format!("{p}% of one CPU"));
         vec![
-            LimitReport {
-                limit: "processes".to_owned(),
-                value: self.processes.to_string(),
-                mechanism: match (c.pids, same_uid) {
-                    (true, _) => "cgroup pids.max (the whole lane)".to_owned(),
-                    (false, false) => {
-                        "RLIMIT_NPROC (counts every process of the lane's user, across its lanes)"
-                            .to_owned()
-                    }
-                    (false, true) => "not enforced: no pids controller, and RLIMIT_NPROC would \
-                                      count every process of the helper's own user"
-                        .to_owned(),
-                },
-            },
-            LimitReport {
-                limit: "memory".to_owned(),
-                value: bytes(self.memory_bytes),
-                mechanism: pick(
+            held_by(
+                "processes",
+                self.processes.to_string(),
+                processes_held_by(c, same_uid),
+            ),
+            held_by(
+                "memory",
+                bytes(self.memory_bytes),
+                pick(
                     c.memory,
                     "cgroup memory.max (the whole lane; the lane is killed at the limit)",
                     "RLIMIT_DATA (each process; an allocation past it fails)",
                 ),
-            },
-            LimitReport {
-                limit: "swap".to_owned(),
-                value: bytes(self.swap_bytes),
-                mechanism: match (c.memory, c.swap) {
-                    (true, true) => "cgroup memory.swap.max".to_owned(),
-                    (true, false) => "not limited: this kernel accounts no swap".to_owned(),
-                    (false, _) => "RLIMIT_DATA (swapped-out data still counts against each \
-                                   process's memory limit)"
-                        .to_owned(),
-                },
-            },
-            LimitReport {
-                limit: "cpu_time".to_owned(),
-                value: format!("{} s", self.cpu_seconds),
-                mechanism: pick(
+            ),
+            held_by("swap", bytes(self.swap_bytes), swap_held_by(c)),
+            held_by(
+                "cpu_time",
+                format!("{} s", self.cpu_seconds),
+                pick(
                     cgroup.is_some(),
                     "cgroup cpu.stat (the whole lane, enforced by the helper) and RLIMIT_CPU (each process)",
                     "RLIMIT_CPU (each process)",
                 ),
-            },
-            LimitReport {
-                limit: "cpu_rate".to_owned(),
-                value: self
-                    .cpu_percent
-                    .map_or("unbounded".to_owned(), |p| format!("{p}% of one CPU")),
-                mechanism: match (c.cpu, self.cpu_percent) {
-                    (_, None) => "none (not configured)".to_owned(),
-                    (true, Some(_)) => "cgroup cpu.max".to_owned(),
-                    (false, Some(_)) => {
-                        "none: no cpu controller here (cpu_time still bounds the total)".to_owned()
-                    }
-                },
-            },
-            LimitReport {
-                limit: "open_files".to_owned(),
-                value: self.nofile.to_string(),
-                mechanism: "RLIMIT_NOFILE (each process)".to_owned(),
-            },
-            LimitReport {
-                limit: "file_size".to_owned(),
-                value: bytes(self.fsize),
-                mechanism: "RLIMIT_FSIZE (each file)".to_owned(),
-            },
+            ),
+            held_by("cpu_rate", cpu_rate, cpu_rate_held_by(c, self.cpu_percent)),
+            held_by(
+                "open_files",
+                self.nofile.to_string(),
+                "RLIMIT_NOFILE (each process)",
+            ),
+            held_by("file_size", bytes(self.fsize), "RLIMIT_FSIZE (each file)"),
         ]
+    }
+}
+
+fn held_by(limit: &str, value: String, mechanism: &str) -> LimitReport {
+    LimitReport {
+        limit: limit.to_owned(),
+        value,
+        mechanism: mechanism.to_owned(),
+    }
+}
+
+fn processes_held_by(c: Controllers, same_uid: bool) -> &'static str {
+    match (c.pids, same_uid) {
+        (true, _) => "cgroup pids.max (the whole lane)",
+        (false, false) => {
+            "RLIMIT_NPROC (counts every process of the lane's user, across its lanes)"
+        }
+        (false, true) => {
+            "not enforced: no pids controller, and RLIMIT_NPROC would count every process of \
+             the helper's own user"
+        }
+    }
+}
+
+fn swap_held_by(c: Controllers) -> &'static str {
+    match (c.memory, c.swap) {
+        (true, true) => "cgroup memory.swap.max",
+        (true, false) => "not limited: this kernel accounts no swap",
+        (false, _) => {
+            "RLIMIT_DATA (swapped-out data still counts against each process's memory limit)"
+        }
+    }
+}
+
+fn cpu_rate_held_by(c: Controllers, percent: Option<u32>) -> &'static str {
+    match (c.cpu, percent) {
+        (_, None) => "none (not configured)",
+        (true, Some(_)) => "cgroup cpu.max",
+        (false, Some(_)) => "none: no cpu controller here (cpu_time still bounds the total)",
     }
 }
 

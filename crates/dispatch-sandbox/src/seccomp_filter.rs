@@ -132,46 +132,78 @@ const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, SandboxError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|e| SandboxError::Seccomp(format!("unsupported architecture: {e:?}")))?;
-    let cond = |arg: u8, len: Len, op: Op, value: u64| {
-        SeccompCondition::new(arg, len, op, value)
-            .map_err(|e| SandboxError::Seccomp(format!("condition on arg {arg}: {e}")))
-    };
-    let rule = |conditions: Vec<SeccompCondition>| {
-        SeccompRule::new(conditions).map_err(|e| SandboxError::Seccomp(format!("rule: {e}")))
-    };
-
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    rules.extend(argument_rules()?);
+    rules.insert(libc::SYS_socket, socket_rules(policy)?);
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| SandboxError::Seccomp(format!("build deny list: {e}")))?;
+    let deny = BpfProgram::try_from(deny)
+        .map_err(|e| SandboxError::Seccomp(format!("compile deny list: {e}")))?;
+    Ok(vec![abi_gate(arch), deny])
+}
 
-    // Injecting keystrokes into a terminal. The command is compared as 32 bits: the kernel
-    // truncates it to unsigned int, and a 64-bit compare could be dodged by setting the upper
-    // half (CVE-2019-10063).
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![
-            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI)?])?,
-            rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX)?])?,
-        ],
-    );
-    // Changing the execution domain (personality(0xffffffff) only queries it).
-    rules.insert(
-        libc::SYS_personality,
-        vec![rule(vec![
-            cond(0, Len::Dword, Op::Ne, 0)?,
-            cond(0, Len::Dword, Op::Ne, 0xffff_ffff)?,
-        ])?],
-    );
-    // clone with any namespace flag.
-    rules.insert(
-        libc::SYS_clone,
-        NAMESPACE_FLAGS
-            .iter()
-            .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
-            .collect::<Result<_, _>>()?,
-    );
-    // Sockets of the families lanes use and no others (netlink, packet, crypto, vsock, … are
-    // kernel attack surface and nothing ssh or git needs): a socket of any other family is
-    // refused, as one condition per allowed family, all of which must hold to refuse.
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<SeccompCondition, SandboxError> {
+    SeccompCondition::new(arg, len, op, value)
+        .map_err(|e| SandboxError::Seccomp(format!("condition on arg {arg}: {e}")))
+}
+
+/// A rule matches when all its conditions hold.
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SandboxError> {
+    SeccompRule::new(conditions).map_err(|e| SandboxError::Seccomp(format!("rule: {e}")))
+}
+
+/// System calls refused only for some arguments (any matching rule refuses), sockets aside.
+fn argument_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, SandboxError> {
+    Ok(vec![
+        // Injecting keystrokes into a terminal. The command is compared as 32 bits: the kernel
+        // truncates it to unsigned int, and a 64-bit compare could be dodged by setting the
+        // upper half (CVE-2019-10063).
+        (
+            libc::SYS_ioctl,
+            vec![
+                rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCSTI)?])?,
+                rule(vec![cond(1, Len::Dword, Op::Eq, libc::TIOCLINUX)?])?,
+            ],
+        ),
+        // Changing the execution domain (personality(0xffffffff) only queries it).
+        (
+            libc::SYS_personality,
+            vec![rule(vec![
+                cond(0, Len::Dword, Op::Ne, 0)?,
+                cond(0, Len::Dword, Op::Ne, 0xffff_ffff)?,
+            ])?],
+        ),
+        // clone with any namespace flag.
+        (
+            libc::SYS_clone,
+            NAMESPACE_FLAGS
+                .iter()
+                .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
+                .collect::<Result<_, _>>()?,
+        ),
+        // A connected pair reaches nothing outside the lane: only AF_UNIX, always.
+        (
+            libc::SYS_socketpair,
+            vec![rule(vec![cond(
+                0,
+                Len::Dword,
+                Op::Ne,
+                libc::AF_UNIX as u64,
+            )?])?],
+        ),
+    ])
+}
+
+/// Sockets of the families lanes use and no others (netlink, packet, crypto, vsock, … are
+/// kernel attack surface and nothing ssh or git needs): a socket of any other family is
+/// refused, as one condition per allowed family, all of which must hold to refuse.
+fn socket_rules(policy: &SandboxPolicy) -> Result<Vec<SeccompRule>, SandboxError> {
     let mut families = vec![libc::AF_INET, libc::AF_INET6];
     if policy.allow_unix_sockets {
         families.push(libc::AF_UNIX);
@@ -180,7 +212,7 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
         .iter()
         .map(|&family| cond(0, Len::Dword, Op::Ne, family as u64))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut socket_rules = vec![rule(not_allowed)?];
+    let mut rules = vec![rule(not_allowed)?];
     // Within the Internet families, only the stream and datagram sockets ssh, git and the
     // resolver use: raw, reliable-datagram, seqpacket (SCTP), DCCP and packet sockets, and the
     // protocols that load rarely used kernel modules, are refused.
@@ -192,7 +224,7 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
             libc::SOCK_DCCP,
             SOCK_PACKET,
         ] {
-            socket_rules.push(rule(vec![
+            rules.push(rule(vec![
                 cond(0, Len::Dword, Op::Eq, family as u64)?,
                 cond(1, Len::Dword, Op::MaskedEq(0xf), kind as u64)?,
             ])?);
@@ -205,31 +237,9 @@ pub(crate) fn compile(policy: &SandboxPolicy) -> Result<Vec<BpfProgram>, Sandbox
         IPPROTO_SMC,
         libc::IPPROTO_MPTCP,
     ] {
-        socket_rules.push(rule(vec![cond(2, Len::Dword, Op::Eq, protocol as u64)?])?);
+        rules.push(rule(vec![cond(2, Len::Dword, Op::Eq, protocol as u64)?])?);
     }
-    rules.insert(libc::SYS_socket, socket_rules);
-    // A connected pair reaches nothing outside the lane: only AF_UNIX, always.
-    rules.insert(
-        libc::SYS_socketpair,
-        vec![rule(vec![cond(
-            0,
-            Len::Dword,
-            Op::Ne,
-            libc::AF_UNIX as u64,
-        )?])?],
-    );
-
-    let deny = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| SandboxError::Seccomp(format!("build deny list: {e}")))?;
-
-    let deny = BpfProgram::try_from(deny)
-        .map_err(|e| SandboxError::Seccomp(format!("compile deny list: {e}")))?;
-    Ok(vec![abi_gate(arch), deny])
+    Ok(rules)
 }
 
 const SECCOMP_DATA_NR: u32 = 0;

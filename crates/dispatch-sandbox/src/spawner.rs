@@ -707,26 +707,9 @@ fn spawn_now(
     let mut cgroup = lane_cgroup(&lane, containment)?;
     // Until the child is tracked (or gone), orphan reaping leaves the helper's children alone.
     let in_flight = Registry::spawn_in_flight();
-    let reaper = match registry.reaper_for_next_lane() {
-        Ok(reaper) => reaper,
+    let (reaper, child_plan) = match reaper_and_plan(&lane, &stdio, cgroup.as_ref(), context) {
+        Ok(both) => both,
         Err(error) => {
-            discard_cgroup(cgroup.as_ref(), containment);
-            return Err(error);
-        }
-    };
-    let controllers = containment.controllers();
-    let inherited = context.inherited_seccomp;
-    let child_plan = match child_plan(
-        &lane,
-        &stdio,
-        cgroup.as_ref(),
-        &reaper,
-        controllers,
-        inherited,
-    ) {
-        Ok(plan) => plan,
-        Err(error) => {
-            registry.abandon(None);
             discard_cgroup(cgroup.as_ref(), containment);
             return Err(error);
         }
@@ -748,19 +731,8 @@ fn spawn_now(
     match spawned {
         Ok(pid) => {
             registry.track(pid, &reaper);
-            lane.enforcement.containment = containment.describe();
-            lane.enforcement.limits = lane.limits.report(controllers, !lane.plan.change_uid);
-            Ok(SpawnedLane {
-                pid,
-                stdout: Some(ChildStdout::from(stdio.out_read)),
-                stderr: Some(ChildStderr::from(stdio.err_read)),
-                enforcement: lane.enforcement,
-                cgroup: cgroup.map(Arc::new),
-                containment: containment.clone(),
-                uid: lane.plan.identity.uid,
-                registry: registry.clone(),
-                reaped: false,
-            })
+            let output = (stdio.out_read, stdio.err_read);
+            Ok(tracked_lane(pid, lane, output, cgroup, context))
         }
         Err(failure) => {
             // Its child, if any, has exited (CLONE_VFORK returned without an exec).
@@ -774,6 +746,52 @@ fn spawn_now(
                 error: failure.error,
             })
         }
+    }
+}
+
+/// The reaper that will watch the lane's group, and the child's plan: a plan that cannot be
+/// made gives the reaper's place back.
+fn reaper_and_plan(
+    lane: &PreparedLane,
+    stdio: &Stdio,
+    cgroup: Option<&LaneCgroup>,
+    context: &SpawnContext<'_>,
+) -> Result<(Arc<Reaper>, ChildPlan), SandboxError> {
+    let registry = context.registry;
+    let reaper = registry.reaper_for_next_lane()?;
+    let controllers = context.containment.controllers();
+    let inherited = context.inherited_seccomp;
+    match child_plan(lane, stdio, cgroup, &reaper, controllers, inherited) {
+        Ok(plan) => Ok((reaper, plan)),
+        Err(error) => {
+            registry.abandon(None);
+            Err(error)
+        }
+    }
+}
+
+/// A lane that exec'd, with what it is held to and the read ends of its output.
+fn tracked_lane(
+    pid: libc::pid_t,
+    mut lane: PreparedLane,
+    (stdout, stderr): (OwnedFd, OwnedFd),
+    cgroup: Option<LaneCgroup>,
+    context: &SpawnContext<'_>,
+) -> SpawnedLane {
+    let containment = context.containment;
+    lane.enforcement.containment = containment.describe();
+    let controllers = containment.controllers();
+    lane.enforcement.limits = lane.limits.report(controllers, !lane.plan.change_uid);
+    SpawnedLane {
+        pid,
+        stdout: Some(ChildStdout::from(stdout)),
+        stderr: Some(ChildStderr::from(stderr)),
+        enforcement: lane.enforcement,
+        cgroup: cgroup.map(Arc::new),
+        containment: containment.clone(),
+        uid: lane.plan.identity.uid,
+        registry: context.registry.clone(),
+        reaped: false,
     }
 }
 

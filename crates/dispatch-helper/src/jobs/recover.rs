@@ -18,22 +18,9 @@ impl Helper {
         for mut record in records {
             if record.job.state == JobState::Running {
                 kill_stale_group(&record);
-                record.job.state = JobState::Lost;
-                record.job.finished_at = Some(now_rfc3339());
-                record.job.detail =
-                    "lost: the helper restarted while the lane was running; its outcome is unknown"
-                        .into();
-                record.pgid = None;
+                mark_lost(&mut record);
                 let saved = self.store.save_in_order(&record);
-                let audited = self.audit.append_in_order(AuditEvent {
-                    event: "lost",
-                    handle: Some(record.job.handle.clone()),
-                    orguser: Some(record.job.orguser.clone()),
-                    repo: Some(record.job.repo.clone()),
-                    outcome: "lost".into(),
-                    detail: Some(record.job.detail.clone()),
-                    ..Default::default()
-                });
+                let audited = self.audit.append_in_order(lost_event(&record));
                 lost.push((record.job.handle.clone(), saved, audited));
             }
             record.job.stdout = None;
@@ -50,27 +37,51 @@ impl Helper {
                 .await
                 .map_err(|e| format!("cannot audit lost job {handle}: {e}"))?;
         }
-        // What waited for a slot waits again, oldest first (not bounded: it was all accepted).
+        self.queue_again(&jobs);
+        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;
+        Ok(warnings)
+    }
+}
+
+impl Helper {
+    /// What waited for a slot waits again, oldest first (not bounded: it was all accepted).
+    fn queue_again(&self, jobs: &JobTable) {
         let mut queued: Vec<&JobRecord> = jobs
             .values()
             .map(|e| &e.record)
             .filter(|r| r.job.state == JobState::Queued)
             .collect();
         queued.sort_by(|a, b| a.job.requested_at.cmp(&b.job.requested_at));
-        {
-            let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
-            for record in queued {
-                let waiting = crate::queue::Waiting {
-                    handle: record.job.handle.clone(),
-                    lane: lane_key(&record.job),
-                };
-                let _ = capacity
-                    .queue
-                    .push(record.owner_uid, waiting, usize::MAX, usize::MAX);
-            }
+        let mut capacity = self.capacity.lock().unwrap_or_else(|p| p.into_inner());
+        for record in queued {
+            let waiting = crate::queue::Waiting {
+                handle: record.job.handle.clone(),
+                lane: lane_key(&record.job),
+            };
+            let _ = capacity
+                .queue
+                .push(record.owner_uid, waiting, usize::MAX, usize::MAX);
         }
-        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;
-        Ok(warnings)
+    }
+}
+
+fn mark_lost(record: &mut JobRecord) {
+    record.job.state = JobState::Lost;
+    record.job.finished_at = Some(now_rfc3339());
+    record.job.detail =
+        "lost: the helper restarted while the lane was running; its outcome is unknown".into();
+    record.pgid = None;
+}
+
+fn lost_event(record: &JobRecord) -> AuditEvent {
+    AuditEvent {
+        event: "lost",
+        handle: Some(record.job.handle.clone()),
+        orguser: Some(record.job.orguser.clone()),
+        repo: Some(record.job.repo.clone()),
+        outcome: "lost".into(),
+        detail: Some(record.job.detail.clone()),
+        ..Default::default()
     }
 }
 
