@@ -1658,3 +1658,92 @@ async fn a_user_who_stops_their_own_lanes_before_their_exec_hurts_only_themselve
     }
     eprintln!("alice's stopper hit {stopped} of {attempts} of her lanes before their exec");
 }
+
+/// A stop (SIGTERM) while dispatches that waited for the one slot take their turn, one after
+/// another: none of them is cancelled by it. One whose turn the stop interrupts (checked,
+/// prepared, its lane held at the gate) goes back in line, in the store, and runs after the
+/// restart; only a lane already running is stopped. Several stops at different moments of the
+/// queue's turnover, since the window is a few milliseconds each time.
+#[tokio::test]
+async fn a_stop_while_queued_dispatches_take_their_turn_cancels_none_of_them() {
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs = 1\nmax_running_jobs_per_client = 1\nmax_queued_per_client = 200\nmax_finished_jobs_per_client = 1000\n".into(),
+        ..Default::default()
+    };
+    let Some(mut helper) = start_helper("stop_at_turn", options) else {
+        return;
+    };
+    let tag = marker("turn");
+    let mut queued = Vec::new();
+    for round in 0..10u64 {
+        let mut client = helper.client().await;
+        for task in 0..30 {
+            let request = Request::Dispatch(DispatchRequest {
+                orguser: "alice-org".into(),
+                repo: "alice-repo".into(),
+                task: format!("sleep:0 {tag}-{round}-{task}"),
+                description: None,
+                lane_env: Vec::new(),
+            });
+            match client.request(request).await {
+                Response::Job(job) if job.state == JobState::Queued => queued.push(job.handle),
+                Response::Job(_) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5 + 11 * round)).await;
+        helper.stop();
+        helper.launch();
+    }
+    let mut client = helper.client().await;
+    for handle in &queued {
+        let job = client.result(handle, 30_000).await;
+        assert!(job.state.is_terminal(), "{handle}: {:?}", job.state);
+        assert!(
+            !job.detail.contains("never ran"),
+            "{handle} waited for its turn and was cancelled by a stop: {:?} {}",
+            job.state,
+            job.detail
+        );
+    }
+    assert!(queued.len() >= 200, "only {} dispatches waited", queued.len());
+    // How often a stop came in the window this test is about (it varies from run to run).
+    let requeued = helper.audited("queued_dispatch_requeued");
+    eprintln!("{} of 10 stops interrupted a turn", requeued.len());
+    for record in &requeued {
+        let handle = record["handle"].as_str().unwrap_or_default();
+        let job = client.result(handle, 0).await;
+        assert!(job.started_at.is_some(), "{handle} put back in line never ran: {job:?}");
+    }
+    helper.assert_audit_chain_intact();
+}
+
+/// A finished job whose stored record cannot be read (its journal lines damaged on disk) is an
+/// error naming it, not a result that silently has no output.
+#[tokio::test]
+async fn a_result_whose_record_cannot_be_read_is_an_error_not_a_result_without_output() {
+    let Some(helper) = start_helper("damaged_result", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let job = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
+    let done = client.result(&job.handle, 20_000).await;
+    assert!(done.state.is_terminal(), "{:?}", done.state);
+    let shown = done.stdout.map(|t| t.text).unwrap_or_default();
+    assert!(shown.contains("lane ran"), "{shown:?}");
+    // Every line about the job overwritten in place (same length, so nothing else moves).
+    let journal = helper.state.join("jobs").join("journal.jsonl");
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let damaged: String = text
+        .split_inclusive('\n')
+        .map(|line| match line.contains(&job.handle) {
+            true => "x".repeat(line.len() - 1) + "\n",
+            false => line.to_owned(),
+        })
+        .collect();
+    assert_ne!(text, damaged);
+    std::fs::write(&journal, damaged).unwrap();
+    let error = client.error(Request::result(&job.handle, 0)).await;
+    assert_eq!(error.kind, ErrorKind::Internal, "{error:?}");
+    assert!(error.message.contains(&job.handle), "{}", error.message);
+}

@@ -111,7 +111,7 @@ impl JournalOp {
 }
 
 /// Where a record's latest line is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Location {
     Snapshot {
         offset: u64,
@@ -152,6 +152,20 @@ pub struct JobStore {
 
 fn io_error(message: impl Into<String>) -> std::io::Error {
     std::io::Error::other(message.into())
+}
+
+/// A record whose bytes are there but are not a record.
+fn damaged(why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string())
+}
+
+/// Whether a failed read found a damaged record (not JSON, not a record, or cut short), as
+/// opposed to failing to read at all.
+fn is_damage(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 impl JobStore {
@@ -376,7 +390,7 @@ impl JobStore {
 
     /// As [`JobStore::read`], through files opened once for a pass over many records.
     fn read_with(&self, at: &Location, readers: &mut Readers) -> std::io::Result<JobRecord> {
-        let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(std::io::Error::other);
+        let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(damaged);
         match at {
             Location::Legacy(path) => parse(&fs::read(path)?),
             Location::Snapshot { offset, len } => {
@@ -388,15 +402,17 @@ impl JobStore {
                 match serde_json::from_slice(&read_at(file, *offset, *len)?) {
                     Ok(JournalOp::Save(record) | JournalOp::Accepted { record, .. }) => Ok(*record),
                     Ok(JournalOp::Remove(_) | JournalOp::Audit(_)) => {
-                        Err(io_error("the index points at a line that saves no record"))
+                        Err(damaged("the index points at a line that saves no record"))
                     }
-                    Err(error) => Err(std::io::Error::other(error)),
+                    Err(error) => Err(damaged(error)),
                 }
             }
         }
     }
 
-    /// Every record, plus a warning for each that could not be read.
+    /// Every record, plus a warning for each that is damaged. Any other failure to read one
+    /// (an I/O error, no file descriptor left) fails the whole load: a record left out of the
+    /// helper's table would be a job nobody marks lost or starts again.
     pub fn load_all(&self) -> std::io::Result<(Vec<JobRecord>, Vec<String>)> {
         let state = self.lock();
         let mut records = Vec::with_capacity(state.index.len());
@@ -405,7 +421,10 @@ impl JobStore {
         for (handle, at) in &state.index {
             match self.read_with(at, &mut readers) {
                 Ok(record) => records.push(record),
-                Err(why) => warnings.push(format!("job record {handle} unreadable: {why}")),
+                Err(why) if is_damage(&why) => {
+                    warnings.push(format!("job record {handle} unreadable: {why}"))
+                }
+                Err(why) => return Err(std::io::Error::new(why.kind(), format!("job record {handle}: {why}"))),
             }
         }
         Ok((records, warnings))
@@ -425,7 +444,9 @@ impl JobStore {
         let mut state = self.lock();
         let snapshot = self.dir.join("snapshot.jsonl");
         let aside = self.dir.join(".snapshot.jsonl.tmp");
-        let (lines, index) = self.snapshot_lines(&state)?;
+        let mut readers = Readers::default();
+        let read = |at: &Location| self.read_with(at, &mut readers);
+        let (lines, index) = Self::snapshot_lines(&state, read)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -461,23 +482,28 @@ impl JobStore {
     }
 
     /// Every live record as one line, in handle order, and where each will be in the snapshot.
+    /// A damaged record is left out (and said so): it must not stop the helper (this runs at
+    /// start) or make every later compaction fail. Any other failure to read one stops the
+    /// compaction, which leaves the snapshot and the journal as they are: a record left out
+    /// here would be gone for good.
     fn snapshot_lines(
-        &self,
         state: &State,
+        mut read: impl FnMut(&Location) -> std::io::Result<JobRecord>,
     ) -> std::io::Result<(Vec<u8>, HashMap<String, Location>)> {
         let mut index = HashMap::with_capacity(state.index.len());
         let mut lines = Vec::new();
         let mut handles: Vec<&String> = state.index.keys().collect();
         handles.sort();
-        let mut readers = Readers::default();
         for handle in handles {
-            // One unreadable record must not stop the helper (this runs at start) or make every
-            // later compaction fail: it is left out, and said so.
-            let record = match self.read_with(&state.index[handle], &mut readers) {
+            let record = match read(&state.index[handle]) {
                 Ok(record) => record,
-                Err(error) => {
-                    tracing::error!(%error, %handle, "job record unreadable; left out of the snapshot");
+                Err(error) if is_damage(&error) => {
+                    tracing::error!(%error, %handle, "job record damaged; left out of the snapshot");
                     continue;
+                }
+                Err(error) => {
+                    let why = format!("job record {handle}: {error}");
+                    return Err(std::io::Error::new(error.kind(), why));
                 }
             };
             let line = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
@@ -661,6 +687,46 @@ mod tests {
             at,
             line: line.into(),
         }
+    }
+
+    #[test]
+    fn compaction_leaves_out_a_damaged_record_and_stops_at_a_record_it_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.save(&record("d-1", "Succeeded")).unwrap();
+        store.save(&record("d-2", "Queued")).unwrap();
+        let d2 = store.lock().index["d-2"].clone();
+        let failing = |kind: std::io::ErrorKind| {
+            let state = store.lock();
+            JobStore::snapshot_lines(&state, |at| {
+                if *at == d2 {
+                    Err(std::io::Error::new(kind, "as the test says"))
+                } else {
+                    store.read(at)
+                }
+            })
+        };
+        // Damaged: the others are kept.
+        let (lines, index) = failing(std::io::ErrorKind::InvalidData).unwrap();
+        assert_eq!(index.keys().collect::<Vec<_>>(), ["d-1"]);
+        assert!(!lines.is_empty());
+        // Not read (EIO, no descriptor left, ...): no snapshot is made without it.
+        let Err(error) = failing(std::io::ErrorKind::Other) else {
+            panic!("a snapshot was made without a record that could not be read");
+        };
+        assert!(error.to_string().contains("d-2"), "{error}");
+        // A damaged line in the journal is damage, not an I/O error.
+        let Location::Journal { offset, len } = d2 else {
+            panic!("{d2:?}")
+        };
+        let file = OpenOptions::new().write(true).open(store.journal_path()).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![b'x'; len as usize], offset)
+            .unwrap();
+        store.compact().unwrap();
+        assert_eq!(
+            states(&JobStore::open(dir.path()).unwrap()),
+            vec![("d-1".to_owned(), "succeeded".to_owned())]
+        );
     }
 
     #[test]

@@ -52,17 +52,15 @@ impl Helper {
         }
         let record = self.owned(peer, handle)?;
         if record.job.state.is_terminal() {
-            // Output tails live on disk only.
-            if let Ok(full) = self.store.load_async(handle).await {
-                let mut view = full.view(Detail::Full);
-                if let Some(from) = output_from {
-                    let cut = |tail: &mut Option<dispatch_proto::OutputTail>, from: u64| {
-                        *tail = tail.as_ref().map(|t| crate::output::stored_from(t, from));
-                    };
-                    cut(&mut view.stdout, from.stdout);
-                    cut(&mut view.stderr, from.stderr);
+            // Output tails live on disk only. A record deleted or pruned meanwhile is answered
+            // from memory; one that cannot be read is an error, not a result without output.
+            match self.store.load_async(handle).await {
+                Ok(full) => return Ok(stored_view(&full, output_from)),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    let message = format!("could not read the record of {handle}: {error}");
+                    return Err(reply(ErrorKind::Internal, message));
                 }
-                return Ok(view);
             }
         }
         let mut view = record.view(Detail::Full);
@@ -264,4 +262,17 @@ fn compile_filter(pattern: &str) -> Result<globset::GlobSet, ErrorReply> {
         .add(glob)
         .build()
         .map_err(|e| invalid(e.to_string()))
+}
+
+/// A finished job's stored record as a full view, its output from `output_from` on.
+fn stored_view(full: &JobRecord, output_from: Option<OutputOffsets>) -> JobView {
+    let mut view = full.view(Detail::Full);
+    if let Some(from) = output_from {
+        let cut = |tail: &mut Option<dispatch_proto::OutputTail>, from: u64| {
+            *tail = tail.as_ref().map(|t| crate::output::stored_from(t, from));
+        };
+        cut(&mut view.stdout, from.stdout);
+        cut(&mut view.stderr, from.stderr);
+    }
+    view
 }

@@ -135,7 +135,7 @@ impl Helper {
             return Err(refusal);
         }
         match held {
-            Ok(held) => self.launch(record, held).await,
+            Ok(held) => self.launch(record, held, None).await,
             Err(refusal) => {
                 let why = refusal.message.clone();
                 Err(self.never_ran(record, refusal.kind, why.clone(), why).await)
@@ -331,13 +331,14 @@ impl Helper {
         };
         match turn {
             Ok((mut fresh, held)) => {
+                let waited = record.clone();
                 let durable = self
                     .store
                     .save_async(&fresh)
                     .await
                     .map_err(|e| CommitError::Journal(e.to_string()));
                 let started = match self.record_before_start(&mut fresh, durable).await {
-                    Ok(()) => self.launch(fresh, held).await,
+                    Ok(()) => self.launch(fresh, held, Some(waited)).await,
                     Err(refusal) => {
                         held.abandon().await;
                         Err(refusal)
@@ -417,6 +418,33 @@ impl Helper {
         Ok((record, held))
     }
 
+    /// A dispatch whose turn a stopping helper interrupted, before its lane ran: saved back as
+    /// it waited (its task kept), so the next start queues it again in its place, and audited.
+    /// If that save fails, the store still says it started, and the next start records it as
+    /// lost: it never runs twice.
+    async fn back_in_line(self: &Arc<Self>, waited: JobRecord) -> JobView {
+        if let Err(error) = self.store.save_async(&waited).await {
+            tracing::error!(%error, handle = %waited.job.handle, "could not put an interrupted turn back in line");
+        }
+        let event = AuditEvent {
+            event: "queued_dispatch_requeued",
+            handle: Some(waited.job.handle.clone()),
+            orguser: Some(waited.job.orguser.clone()),
+            repo: Some(waited.job.repo.clone()),
+            outcome: "queued".into(),
+            detail: Some("the helper stopped as its turn came; it waits for the next start".into()),
+            ..Default::default()
+        };
+        if let Err(error) = self.audit.append(event).await {
+            tracing::error!(%error, handle = %waited.job.handle, "could not audit an interrupted turn");
+        }
+        let view = waited.view(Detail::Summary);
+        // Out of the running for the stop's count, and waiters told (nothing more happens to it
+        // in this helper).
+        self.finish_entry(waited);
+        view
+    }
+
     /// Take a queued dispatch out of line: cancelled before it ran. False if it has started.
     pub(super) async fn cancel_queued(self: &Arc<Self>, handle: &str) -> bool {
         let removed = self
@@ -441,22 +469,28 @@ impl Helper {
     }
 
     /// Let the held lane of an admitted job (its slot claimed) whose record is durable run,
-    /// and supervise it. On failure the slot is released and the record says why.
+    /// and supervise it. On failure the slot is released and the record says why. `waited`:
+    /// the record of a dispatch that waited for its turn, as it waited.
     async fn launch(
         self: &Arc<Self>,
         mut record: JobRecord,
         held: HeldLane,
+        waited: Option<JobRecord>,
     ) -> Result<JobView, ErrorReply> {
         // In the table (with its stop channel) before the lane runs: a cancel from now on
         // reaches the lane's supervisor, which stops the lane as soon as it runs.
         let (stop, mut stop_receiver) = self.stop_channel_for(&record);
         self.enter_starting(record.clone(), stop);
         // A cancel that came while it started, or a shutdown: it is given up at its gate.
-        let stopped_early =
-            stop_receiver.try_recv().is_ok() || self.draining.load(Ordering::SeqCst);
-        if stopped_early {
+        let stop_request = stop_receiver.try_recv().ok();
+        if stop_request.is_some() || self.draining.load(Ordering::SeqCst) {
+            let cancelled = stop_request == Some(StopReason::Cancel);
             held.abandon().await;
             self.release(record.owner_uid, &lane_key(&record.job));
+            // A stop is not a cancel: what waited for its turn waits again, for the next start.
+            if let (false, Some(waited)) = (cancelled, waited) {
+                return Ok(self.back_in_line(waited).await);
+            }
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();
             self.end_without_lane(record.clone(), view_state, detail, "cancelled")
