@@ -1706,14 +1706,21 @@ async fn a_stop_while_queued_dispatches_take_their_turn_cancels_none_of_them() {
             job.detail
         );
     }
-    assert!(queued.len() >= 200, "only {} dispatches waited", queued.len());
+    assert!(
+        queued.len() >= 200,
+        "only {} dispatches waited",
+        queued.len()
+    );
     // How often a stop came in the window this test is about (it varies from run to run).
     let requeued = helper.audited("queued_dispatch_requeued");
     eprintln!("{} of 10 stops interrupted a turn", requeued.len());
     for record in &requeued {
         let handle = record["handle"].as_str().unwrap_or_default();
         let job = client.result(handle, 0).await;
-        assert!(job.started_at.is_some(), "{handle} put back in line never ran: {job:?}");
+        assert!(
+            job.started_at.is_some(),
+            "{handle} put back in line never ran: {job:?}"
+        );
     }
     helper.assert_audit_chain_intact();
 }
@@ -1726,7 +1733,9 @@ async fn a_result_whose_record_cannot_be_read_is_an_error_not_a_result_without_o
         return;
     };
     let mut client = helper.client().await;
-    let job = client.dispatch_ok("alice-org", "alice-repo", "exit:0").await;
+    let job = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
     let done = client.result(&job.handle, 20_000).await;
     assert!(done.state.is_terminal(), "{:?}", done.state);
     let shown = done.stdout.map(|t| t.text).unwrap_or_default();

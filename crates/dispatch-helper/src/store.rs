@@ -424,7 +424,12 @@ impl JobStore {
                 Err(why) if is_damage(&why) => {
                     warnings.push(format!("job record {handle} unreadable: {why}"))
                 }
-                Err(why) => return Err(std::io::Error::new(why.kind(), format!("job record {handle}: {why}"))),
+                Err(why) => {
+                    return Err(std::io::Error::new(
+                        why.kind(),
+                        format!("job record {handle}: {why}"),
+                    ));
+                }
             }
         }
         Ok((records, warnings))
@@ -719,9 +724,11 @@ mod tests {
         let Location::Journal { offset, len } = d2 else {
             panic!("{d2:?}")
         };
-        let file = OpenOptions::new().write(true).open(store.journal_path()).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &vec![b'x'; len as usize], offset)
+        let file = OpenOptions::new()
+            .write(true)
+            .open(store.journal_path())
             .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &vec![b'x'; len as usize], offset).unwrap();
         store.compact().unwrap();
         assert_eq!(
             states(&JobStore::open(dir.path()).unwrap()),

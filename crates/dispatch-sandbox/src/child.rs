@@ -88,7 +88,7 @@ impl ChildStep {
 impl fmt::Display for ChildStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            ChildStep::Signals => "reset signal handlers",
+            ChildStep::Signals => "block, reset or unblock signals (rt_sigprocmask, rt_sigaction)",
             ChildStep::JoinCgroup => "enter the lane's cgroup (cgroup.procs)",
             ChildStep::NewSession => "new session (setsid)",
             ChildStep::RegisterWithReaper => "register the process group with the lane reaper",
@@ -106,16 +106,14 @@ impl fmt::Display for ChildStep {
             ChildStep::ChangeDir => "enter the lane work directory (chdir, as the lane user)",
             ChildStep::ParentDeathSignal => "parent death signal (PR_SET_PDEATHSIG)",
             ChildStep::ParentAlive => "parent still alive (getppid)",
-            ChildStep::CloseFds => "close inherited fds (close_range CLOEXEC)",
+            ChildStep::CloseFds => "close inherited fds (close_range)",
             ChildStep::NoNewPrivs => "no_new_privs (PR_SET_NO_NEW_PRIVS)",
             ChildStep::Landlock => "landlock (landlock_restrict_self)",
             ChildStep::Seccomp => "seccomp filter",
             ChildStep::Gate => "wait for the helper's go-ahead (it withheld it)",
             ChildStep::Exec => "exec of the dispatch program",
             ChildStep::Clone => "create the lane process (clone)",
-            ChildStep::EndedBeforeExec => {
-                "the lane process ended before its exec (killed by a signal)"
-            }
+            ChildStep::EndedBeforeExec => "the lane process ended before its exec",
         })
     }
 }
@@ -362,6 +360,12 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
     }
     clear_ambient_capabilities()?;
     verify_ids(plan)?;
+
+    // 5. Death signal again at once (changing credentials cleared it), then make sure the
+    //    helper did not die before it was armed: a lane whose helper is gone makes nothing.
+    //    It fires when the spawner thread exits, which lives as long as the helper. The reaper
+    //    takes care of the rest of the group.
+    arm_parent_death_signal(plan)?;
     // Entered as the lane user, so the directory's own permissions apply.
     if plan.make_work_dir {
         make_work_dir(plan)?;
@@ -369,11 +373,6 @@ fn child_sequence(plan: &ChildPlan, report: &ChildReport) -> StepResult {
         enter_work_dir(plan)?;
     }
     set_rlimits(plan, |resource| resource == libc::RLIMIT_NOFILE)?;
-
-    // 5. Death signal after the drop (changing credentials clears it), then make sure the
-    //    helper did not die before it was armed. It fires when the spawner thread exits, which
-    //    lives as long as the helper. The reaper takes care of the rest of the group.
-    arm_parent_death_signal(plan)?;
 
     // 6. Nothing inherited survives exec; 7. exec can grant no privileges.
     mark_inherited_fds_cloexec()?;

@@ -215,6 +215,9 @@ pub(crate) fn build(
     let ruleset: Option<OwnedFd> = created.into();
     let ruleset =
         ruleset.ok_or_else(|| SandboxError::Landlock("the kernel returned no ruleset".into()))?;
+    // The child's stdio goes onto 0–2 before it uses the ruleset: never one of those numbers.
+    let ruleset = crate::spawner::above_stdio(ruleset)
+        .map_err(|e| SandboxError::Landlock(format!("copy the ruleset above stdio: {e}")))?;
     Ok(BuiltRuleset {
         ruleset: Some(ruleset),
         work_dir_access: AccessFs::from_all(abi).bits(),

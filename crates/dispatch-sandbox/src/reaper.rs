@@ -109,6 +109,9 @@ impl Reaper {
         if self.exited.load(Ordering::SeqCst) {
             return true;
         }
+        // Held across the wait: once reaped the pid is free, and is forgotten before any new
+        // child's entry under it could be made.
+        let mut own = crate::spawner::own_children();
         // SAFETY: a zeroed siginfo_t is a valid output buffer for waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: waitid on our own child (not yet reaped: `exited` is false), into `info`.
@@ -124,9 +127,23 @@ impl Reaper {
         let exited = rc == -1 || unsafe { info.si_pid() } == self.pid;
         if exited {
             self.exited.store(true, Ordering::SeqCst);
-            crate::spawner::own_children().remove(self.pid);
+            own.remove(self.pid);
         }
         exited
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// True while the reaper is stopped by a signal (`T`): it reads no registration, and would
+    /// kill nothing if the helper died, until continued. Only a process of the helper's own
+    /// user can stop it: in personal mode, a lane where Landlock cannot scope its signals.
+    pub(crate) fn is_stopped(&self) -> bool {
+        // Not reaped yet (`exited` is false), so the pid is still the reaper's own.
+        !self.exited.load(std::sync::atomic::Ordering::SeqCst)
+            && crate::watchdog::is_stopped(self.pid)
     }
 
     /// Stop a reaper that must not act on its end-of-file (one that could not be told of every
@@ -135,9 +152,10 @@ impl Reaper {
         if !self.has_exited() {
             // SAFETY: kill of our own child, not yet reaped (`has_exited` is false).
             unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let mut own = crate::spawner::own_children();
             let _ = crate::child::reap(self.pid);
             self.exited.store(true, std::sync::atomic::Ordering::SeqCst);
-            crate::spawner::own_children().remove(self.pid);
+            own.remove(self.pid);
         }
     }
 }

@@ -229,8 +229,14 @@ impl SpawnedLane {
         }
         // Whatever happened to the wait, the cgroup is emptied and the leader forgotten.
         let cleanup_error = self.end_cgroup();
-        let reaped = exited.and_then(|()| child::reap_with_usage(self.pid));
-        own_children().remove(self.pid);
+        // Reaped and forgotten under one lock: once reaped its pid is free, and a new lane's
+        // entry under the same pid must not be the one forgotten.
+        let reaped = {
+            let mut own = own_children();
+            let reaped = exited.and_then(|()| child::reap_with_usage(self.pid));
+            own.remove(self.pid);
+            reaped
+        };
         let cgroup_usage = self.cgroup.as_ref().map(|c| c.usage());
         if cleanup_error.is_none() {
             self.remove_cgroup();
@@ -417,10 +423,11 @@ impl Registry {
     }
 
     /// The reaper to register the next lane with. A reaper that died (only SIGKILL can end it
-    /// early) is replaced, and every live group is registered with its successor.
+    /// early) or is stopped (it would read no registration and kill nothing) is replaced, and
+    /// every live group is registered with its successor.
     fn reaper_for_next_lane(&self) -> Result<Arc<Reaper>, SandboxError> {
         let mut state = self.lock();
-        if state.reaper.has_exited() {
+        if state.reaper.has_exited() || state.reaper.is_stopped() {
             Self::replace_reaper(&mut state, self.kill_all_fd())?;
         }
         if state.live.len() >= reaper::CAPACITY {
@@ -429,12 +436,12 @@ impl Registry {
         Ok(state.reaper.clone())
     }
 
-    /// A spawn that got its reaper failed; `child`, if it was created, has exited.
-    fn abandon(&self, child: Option<libc::pid_t>) {
-        if let Some(pid) = child {
-            self.forget(pid);
-            let _ = child::reap(pid);
-        }
+    /// A spawn that got its reaper failed; `child`, if it was created, has exited: how it
+    /// ended, once reaped.
+    fn abandon(&self, child: Option<libc::pid_t>) -> Option<ExitStatus> {
+        let pid = child?;
+        self.forget(pid);
+        child::reap(pid).ok()
     }
 
     /// Stop the current reaper if it still runs (one that missed a message must not act on
@@ -466,7 +473,7 @@ impl Registry {
         // If the reaper was replaced while this lane started, the new one must hear of it too;
         // if it cannot be told, a successor is (the next spawn retries if that fails as well).
         if !Arc::ptr_eq(&state.reaper, used) && state.reaper.send(reaper::REGISTER, pgid).is_err() {
-            let _ = Self::replace_reaper(&mut state, self.kill_all_fd());
+            Self::replace_reaper_now(&mut state, self.kill_all_fd());
         }
     }
 
@@ -475,7 +482,16 @@ impl Registry {
         state.live.remove(&pgid);
         // A reaper that missed a FORGET could later kill whatever reuses the id: replace it.
         if state.reaper.send(reaper::FORGET, pgid).is_err() {
-            let _ = Self::replace_reaper(&mut state, self.kill_all_fd());
+            Self::replace_reaper_now(&mut state, self.kill_all_fd());
+        }
+    }
+
+    /// [`Registry::replace_reaper`] where no spawn waits to fail: the old reaper is gone either
+    /// way, so a failure is said loudly (the running lanes have no reaper until the next spawn,
+    /// which tries again and fails closed if it cannot).
+    fn replace_reaper_now(state: &mut RegistryState, kill_all: Option<i32>) {
+        if let Err(error) = Self::replace_reaper(state, kill_all) {
+            tracing::error!(%error, "the lane reaper could not be replaced: until the next spawn, lanes are not killed should the helper die");
         }
     }
 }
@@ -736,16 +752,40 @@ fn spawn_now(
         }
         Err(failure) => {
             // Its child, if any, has exited (CLONE_VFORK returned without an exec).
-            registry.abandon(failure.child);
+            let ended = registry.abandon(failure.child);
             discard_cgroup(cgroup.as_ref(), containment);
-            if in_flight.slot.killed_stopped.load(Ordering::SeqCst) {
-                return Err(SandboxError::StoppedBeforeExec);
-            }
-            Err(SandboxError::ChildStep {
-                step: failure.step,
-                error: failure.error,
-            })
+            let stopped = in_flight.slot.killed_stopped.load(Ordering::SeqCst);
+            Err(spawn_error(failure, ended, stopped))
         }
+    }
+}
+
+/// Why a spawn failed, as its user can act on it: the step and its error, with the cause
+/// where the error alone does not say it. `ended`: how its child ended; `stopped`: the
+/// watchdog killed it, stopped before its exec.
+fn spawn_error(
+    failure: child::SpawnFailure,
+    ended: Option<ExitStatus>,
+    stopped: bool,
+) -> SandboxError {
+    if stopped {
+        return SandboxError::StoppedBeforeExec;
+    }
+    let error = match (failure.step, ended) {
+        // No step failed: the process was ended from outside. How is the cause.
+        (child::ChildStep::EndedBeforeExec, Some(status)) => io::Error::other(status.to_string()),
+        // execve's EAGAIN has one cause: the new uid is past its RLIMIT_NPROC.
+        (child::ChildStep::Exec, _) if failure.error.raw_os_error() == Some(libc::EAGAIN) => {
+            io::Error::other(
+                "the lane user already runs as many processes as the lane's process limit \
+                 (RLIMIT_NPROC counts every process of that user, lanes or not)",
+            )
+        }
+        _ => failure.error,
+    };
+    SandboxError::ChildStep {
+        step: failure.step,
+        error,
     }
 }
 
@@ -939,6 +979,45 @@ mod adopted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_reaper_is_replaced_at_the_next_spawn() {
+        let registry = Registry {
+            state: Mutex::new(RegistryState {
+                reaper: Arc::new(Reaper::start(None).unwrap()),
+                live: HashSet::new(),
+            }),
+            kill_all: None,
+        };
+        let first = registry.reaper_for_next_lane().unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &registry.reaper_for_next_lane().unwrap()
+        ));
+        let pid = nix::unistd::Pid::from_raw(first.pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !first.is_stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reaper never stopped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let next = registry.reaper_for_next_lane().unwrap();
+        let kept = Arc::ptr_eq(&first, &next);
+        if kept {
+            // Ended here, or the stopped copy of this test process would hold its output open.
+            first.discard();
+        }
+        assert!(
+            !kept,
+            "a stopped reaper was kept: it would kill nothing if the helper died"
+        );
+        assert!(first.has_exited(), "the stopped reaper was not ended");
+        assert!(!next.is_stopped() && !next.has_exited());
+        next.discard();
+    }
 
     #[test]
     fn only_a_non_dumpable_credential_change_is_allowed() {

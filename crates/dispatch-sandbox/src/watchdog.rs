@@ -62,7 +62,7 @@ fn kill_stopped_in_flight() {
 }
 
 /// Whether `pid` is stopped by a signal, from its state in `/proc/<pid>/stat` (`T`).
-fn is_stopped(pid: libc::pid_t) -> bool {
+pub(crate) fn is_stopped(pid: libc::pid_t) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {

@@ -669,3 +669,32 @@ fn a_lane_stopped_before_its_exec_is_killed_and_its_spawner_thread_goes_on() {
     assert!(lane.wait().unwrap().status.success());
     assert!(next.path().join("job/ran").exists());
 }
+
+#[test]
+fn a_lane_ended_from_outside_before_its_exec_says_how_it_ended() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::time::Duration;
+    let Some((_turn, sandbox, spawner)) = one_thread_spawner() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (gate, answer) = spawn_held(&sandbox, &spawner, work.path());
+    std::thread::sleep(Duration::from_millis(300));
+    // Blocked until the lane's last step before its exec, then delivered: it ends there.
+    kill(Pid::from_raw(the_held_child().0), Signal::SIGTERM).unwrap();
+    gate.open().unwrap();
+    match answer.recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(error)) => {
+            let said = error.to_string();
+            assert!(said.contains("ended before its exec"), "{said}");
+            assert!(said.contains("SIGTERM"), "the cause is not named: {said}");
+        }
+        Ok(Ok(_)) => panic!("a lane ended before its exec was started"),
+        Err(_) => panic!("no answer"),
+    }
+    assert!(
+        !work.path().join("job/ran").exists(),
+        "the lane ran: a breach"
+    );
+}
