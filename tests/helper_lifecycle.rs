@@ -1756,3 +1756,60 @@ async fn a_result_whose_record_cannot_be_read_is_an_error_not_a_result_without_o
     assert_eq!(error.kind, ErrorKind::Internal, "{error:?}");
     assert!(error.message.contains(&job.handle), "{}", error.message);
 }
+
+/// Makes a file immutable (`chattr +i`: even the helper's open descriptor can no longer write
+/// it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Option<Immutable> {
+        let set = Command::new("chattr").arg("+i").arg(&path).status();
+        set.is_ok_and(|s| s.success()).then_some(Immutable(path))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A cancel of a waiting dispatch whose end cannot be recorded (the journal refuses every
+/// write) is an error saying so: the store still holds it waiting, and a restart would run it.
+/// Not a reply that it was cancelled.
+#[tokio::test]
+async fn a_cancel_that_cannot_be_recorded_says_so() {
+    let options = HelperOptions {
+        extra_toml: "[limits]\nmax_running_jobs = 1\n".into(),
+        ..Default::default()
+    };
+    let Some(helper) = start_helper("cancel_not_durable", options) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let tag = marker("undurable");
+    let running = client
+        .dispatch_ok("alice-org", "alice-repo", &format!("sleep:30 {tag}"))
+        .await;
+    let waiting = client
+        .dispatch_ok("alice-org", "alice-repo", &format!("sleep:0 {tag}"))
+        .await;
+    assert_eq!(waiting.state, JobState::Queued, "{running:?}");
+    let journal = helper.state.join("jobs").join("journal.jsonl");
+    let Some(_immutable) = Immutable::set(journal) else {
+        let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        return skip("a_cancel_that_cannot_be_recorded_says_so", why);
+    };
+    let error = client
+        .error(Request::Cancel {
+            handle: waiting.handle.clone(),
+        })
+        .await;
+    assert_eq!(error.kind, ErrorKind::Internal, "{error:?}");
+    assert!(
+        error.message.contains(&waiting.handle) && error.message.contains("could not be recorded"),
+        "{}",
+        error.message
+    );
+}

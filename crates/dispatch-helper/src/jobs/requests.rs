@@ -127,7 +127,7 @@ impl Helper {
         if record.job.state.is_terminal() {
             return Ok(record.view(Detail::Summary));
         }
-        if record.job.state == JobState::Queued && self.cancel_queued(handle).await {
+        if record.job.state == JobState::Queued && self.cancel_queued(handle).await? {
             return Ok(self.owned(peer, handle)?.view(Detail::Summary));
         }
         let (stop, receiver) = {

@@ -173,8 +173,17 @@ impl Helper {
             "dispatch {} failed before the lane ran: {why}",
             record.job.handle
         );
-        self.finish_or_insert(record);
+        self.finish_and_prune(record);
         reply(kind, message)
+    }
+
+    /// A job that ended without its lane running, in the table as finished; its client's
+    /// finished records are then pruned to the limit, off the caller's path.
+    fn finish_and_prune(self: &Arc<Self>, record: JobRecord) {
+        let owner = record.owner_uid;
+        self.finish_or_insert(record);
+        let helper = self.clone();
+        tokio::spawn(async move { helper.prune_finished(owner).await });
     }
 
     /// A slot now, else a place in the queue, else why neither.
@@ -240,16 +249,24 @@ impl Helper {
                 limits.max_queued,
             );
         if let Err(why) = placed {
-            if let Some(record) = self.record(&handle) {
-                self.end_without_lane(
-                    record,
-                    JobState::Failed,
-                    format!("not queued: {why}"),
-                    "spawn_failed",
-                )
-                .await;
-            }
-            return Err(reply(ErrorKind::Busy, why));
+            let Some(record) = self.record(&handle) else {
+                return Err(reply(ErrorKind::Busy, why));
+            };
+            let detail = format!("not queued: {why}");
+            return match self
+                .end_without_lane(record, JobState::Failed, detail, "spawn_failed")
+                .await
+            {
+                Ok(()) => Err(reply(ErrorKind::Busy, why)),
+                // Saved as waiting, and it could not be undone: the next start would run it.
+                Err(error) => Err(reply(
+                    ErrorKind::Internal,
+                    format!(
+                        "{why}; and the record of {handle} could not be updated ({error}): \
+                         after a restart it would wait for its turn"
+                    ),
+                )),
+            };
         }
         self.start_queued();
         Ok(view)
@@ -257,22 +274,27 @@ impl Helper {
 
     /// A job that ends without ever having a lane (cancelled while it waited, refused at its
     /// turn, or not queued after all). Its final record must reach the store: one left saying
-    /// `queued` would run at the next start. If it cannot be saved it is removed instead.
+    /// `queued` would run at the next start. If it cannot be saved it is removed instead; if
+    /// that fails too, the error says so (the store still holds it as it was).
     async fn end_without_lane(
         self: &Arc<Self>,
         mut record: JobRecord,
         state: JobState,
         detail: String,
         event: &'static str,
-    ) {
+    ) -> Result<(), String> {
         record.queued = None;
         self.forget_queued_env(&record.job.handle);
         record.job.state = state;
         record.job.finished_at = Some(now_rfc3339());
         record.job.detail = detail;
+        let mut durable = Ok(());
         if let Err(error) = self.store.save_async(&record).await {
             tracing::error!(%error, handle = %record.job.handle, "could not record the end of a queued job; removing its record");
-            let _ = self.store.remove_async(&record.job.handle).await;
+            if let Err(removal) = self.store.remove_async(&record.job.handle).await {
+                tracing::error!(error = %removal, handle = %record.job.handle, "could not remove the record of a queued job that ended either");
+                durable = Err(format!("{error}; removing its record instead: {removal}"));
+            }
         }
         self.audit_finish(&record, event).await;
         let owner = record.owner_uid;
@@ -280,6 +302,7 @@ impl Helper {
         // Not on the way of the reply (a cancel's, a start's): retention waits for company.
         let helper = self.clone();
         tokio::spawn(async move { helper.prune_finished(owner).await });
+        durable
     }
 
     /// Start waiting dispatches while slots are free: clients in turn, each first in first out.
@@ -351,7 +374,10 @@ impl Helper {
             Err((reason, state)) => {
                 self.release(owner, &waiting.lane);
                 let detail = format!("not started when its turn came: {reason}");
-                self.end_without_lane(record, state, detail, "spawn_failed")
+                // Nobody waits for its answer; if its end is not durable (logged), the next
+                // start gives it its turn again.
+                let _ = self
+                    .end_without_lane(record, state, detail, "spawn_failed")
                     .await;
             }
         }
@@ -445,8 +471,10 @@ impl Helper {
         view
     }
 
-    /// Take a queued dispatch out of line: cancelled before it ran. False if it has started.
-    pub(super) async fn cancel_queued(self: &Arc<Self>, handle: &str) -> bool {
+    /// Take a queued dispatch out of line: cancelled before it ran. False if it has started;
+    /// an error if the cancellation could not be recorded (the store still holds it waiting, so
+    /// the next start would run it: its client must know).
+    pub(super) async fn cancel_queued(self: &Arc<Self>, handle: &str) -> Result<bool, ErrorReply> {
         let removed = self
             .capacity
             .lock()
@@ -454,18 +482,25 @@ impl Helper {
             .queue
             .remove(handle);
         let Some(record) = self.record(handle).filter(|_| removed) else {
-            return false;
+            return Ok(false);
         };
         self.queued_env
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(handle);
         let detail = "cancelled while it waited for a lane; it never ran".to_owned();
-        self.end_without_lane(record, JobState::Cancelled, detail, "cancelled")
+        let durable = self
+            .end_without_lane(record, JobState::Cancelled, detail, "cancelled")
             .await;
         // Behind it, its client's next dispatch may now be startable.
         self.start_queued();
-        true
+        durable.map(|()| true).map_err(|error| {
+            let message = format!(
+                "{handle} is cancelled in this helper, but the cancellation could not be \
+                 recorded ({error}): after a restart it would wait for its turn again"
+            );
+            reply(ErrorKind::Internal, message)
+        })
     }
 
     /// Let the held lane of an admitted job (its slot claimed) whose record is durable run,
@@ -493,7 +528,10 @@ impl Helper {
             }
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();
-            self.end_without_lane(record.clone(), view_state, detail, "cancelled")
+            // Saved as running before: if this end is not durable (logged), the next start
+            // records it lost, and it never runs.
+            let _ = self
+                .end_without_lane(record.clone(), view_state, detail, "cancelled")
                 .await;
             return Ok(self
                 .record(&record.job.handle)
@@ -567,7 +605,7 @@ impl Helper {
         record.job.detail =
             format!("the job's record could not be saved, so its lane was not started: {error}");
         self.persist_and_audit_finish(record, "spawn_failed").await;
-        self.finish_or_insert(record.clone());
+        self.finish_and_prune(record.clone());
         Err(reply(
             ErrorKind::Internal,
             format!(
