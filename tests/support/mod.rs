@@ -246,14 +246,20 @@ impl TestHelper {
             .stdout(Stdio::null())
             .stderr(log);
         let _ = std::fs::remove_file(&self.socket);
+        let started_before = self.starts_audited();
         self.child = Some(command.spawn().expect("start dispatch-helper"));
-        self.wait_ready();
+        self.wait_ready(started_before);
     }
 
-    pub fn wait_ready(&mut self) {
+    /// Until the helper serves: its socket takes connections (it is bound before the job
+    /// store is recovered) and it has audited its start (after its repairs, if any), which
+    /// it does only then.
+    fn wait_ready(&mut self, started_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && self.starts_audited() > started_before
+            {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
@@ -277,6 +283,16 @@ impl TestHelper {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// `helper_started` records so far, read while the helper may be writing (a line not yet
+    /// whole is not counted).
+    fn starts_audited(&self) -> usize {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.ends_with('}') && line.contains("\"event\":\"helper_started\""))
+            .count()
     }
 
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
