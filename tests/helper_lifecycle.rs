@@ -1660,14 +1660,14 @@ async fn a_user_who_stops_their_own_lanes_before_their_exec_hurts_only_themselve
 }
 
 /// A stop (SIGTERM) while dispatches that waited for the one slot take their turn, one after
-/// another: none of them is cancelled by it. One whose turn the stop interrupts (checked,
-/// prepared, its lane held at the gate) goes back in line, in the store, and runs after the
-/// restart; only a lane already running is stopped. Several stops at different moments of the
-/// queue's turnover, since the window is a few milliseconds each time.
+/// another: none of them is cancelled or lost by it. One whose turn the stop interrupts
+/// (checked, prepared, its lane held at the gate) goes back in line, in the store, and runs
+/// after the restart; only a lane already running is stopped. Stops at different moments of
+/// the queue's turnover until one has come in that window (a few milliseconds each time).
 #[tokio::test]
 async fn a_stop_while_queued_dispatches_take_their_turn_cancels_none_of_them() {
     let options = HelperOptions {
-        extra_toml: "[limits]\nmax_running_jobs = 1\nmax_running_jobs_per_client = 1\nmax_queued_per_client = 200\nmax_finished_jobs_per_client = 1000\n".into(),
+        extra_toml: "[limits]\nmax_running_jobs = 1\nmax_running_jobs_per_client = 1\nmax_queued_per_client = 2000\nmax_queued = 2000\nmax_finished_jobs_per_client = 2000\n".into(),
         ..Default::default()
     };
     let Some(mut helper) = start_helper("stop_at_turn", options) else {
@@ -1675,30 +1675,43 @@ async fn a_stop_while_queued_dispatches_take_their_turn_cancels_none_of_them() {
     };
     let tag = marker("turn");
     let mut queued = Vec::new();
-    for round in 0..10u64 {
+    let mut stops = 0;
+    while stops < 40 && (stops < 10 || helper.audited("queued_dispatch_requeued").is_empty()) {
         let mut client = helper.client().await;
         for task in 0..30 {
             let request = Request::Dispatch(DispatchRequest {
                 orguser: "alice-org".into(),
                 repo: "alice-repo".into(),
-                task: format!("sleep:0 {tag}-{round}-{task}"),
+                task: format!("sleep:0 {tag}-{stops}-{task}"),
                 description: None,
                 lane_env: Vec::new(),
             });
             match client.request(request).await {
                 Response::Job(job) if job.state == JobState::Queued => queued.push(job.handle),
                 Response::Job(_) => {}
-                other => panic!("round {round}: {other:?}"),
+                other => panic!("stop {stops}: {other:?}"),
             }
         }
-        tokio::time::sleep(Duration::from_millis(5 + 11 * round)).await;
+        tokio::time::sleep(Duration::from_millis(5 + 11 * (stops % 10))).await;
         helper.stop();
         helper.launch();
+        stops += 1;
     }
+    let requeued = helper.audited("queued_dispatch_requeued");
+    eprintln!("{} of {stops} stops interrupted a turn", requeued.len());
+    assert!(
+        !requeued.is_empty(),
+        "no stop of {stops} came while a waiting dispatch took its turn"
+    );
     let mut client = helper.client().await;
     for handle in &queued {
         let job = client.result(handle, 30_000).await;
-        assert!(job.state.is_terminal(), "{handle}: {:?}", job.state);
+        assert!(
+            job.state.is_terminal() && job.state != JobState::Lost,
+            "{handle} waited for its turn and is {:?} after the stops: {}",
+            job.state,
+            job.detail
+        );
         assert!(
             !job.detail.contains("never ran"),
             "{handle} waited for its turn and was cancelled by a stop: {:?} {}",
@@ -1711,9 +1724,6 @@ async fn a_stop_while_queued_dispatches_take_their_turn_cancels_none_of_them() {
         "only {} dispatches waited",
         queued.len()
     );
-    // How often a stop came in the window this test is about (it varies from run to run).
-    let requeued = helper.audited("queued_dispatch_requeued");
-    eprintln!("{} of 10 stops interrupted a turn", requeued.len());
     for record in &requeued {
         let handle = record["handle"].as_str().unwrap_or_default();
         let job = client.result(handle, 0).await;

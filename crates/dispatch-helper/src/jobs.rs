@@ -153,6 +153,9 @@ pub struct Helper {
     connections: Arc<Mutex<HashMap<u32, usize>>>,
     /// Set once shutdown begins: no new lane may start after its snapshot of running ones.
     draining: std::sync::atomic::AtomicBool,
+    /// Queued dispatches taking their turn (slot claimed, not yet started or back in line): a
+    /// stop waits for them before it looks at what runs.
+    turns: Arc<std::sync::atomic::AtomicUsize>,
     /// The passed environment of queued dispatches, by handle: in memory only, as its values
     /// (tokens) are never written down. A dispatch queued before a restart starts without it.
     queued_env: Mutex<HashMap<String, Vec<(String, String)>>>,
@@ -210,6 +213,7 @@ impl Helper {
             capacity: Mutex::new(Capacity::default()),
             connections: Arc::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            turns: Arc::default(),
             queued_env: Mutex::default(),
             removals: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_REMOVALS as usize)),
         })
@@ -383,6 +387,20 @@ impl Helper {
             self.finish_entry(record);
         } else {
             self.insert(record, None);
+        }
+    }
+
+    /// A job whose turn a stop interrupted, waiting again: its waiting record, and a stop
+    /// channel again. Waiters are woken (this helper is stopping; they see it waiting).
+    fn requeue_entry(&self, record: JobRecord) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            entry.record = record;
+            entry.stop = Some(sender);
+            entry.stop_receiver = Some(receiver);
+            entry.live = None;
+            let _ = entry.finished.send(true);
         }
     }
 

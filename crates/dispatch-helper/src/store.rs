@@ -392,7 +392,14 @@ impl JobStore {
     fn read_with(&self, at: &Location, readers: &mut Readers) -> std::io::Result<JobRecord> {
         let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(damaged);
         match at {
-            Location::Legacy(path) => parse(&fs::read(path)?),
+            // Gone since it was listed (a running helper's compaction removed it, as a
+            // read-only `jobs` beside it may see): its record is not there to keep.
+            Location::Legacy(path) => match fs::read(path) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    Err(damaged(format!("{} is gone: {error}", path.display())))
+                }
+                read => parse(&read?),
+            },
             Location::Snapshot { offset, len } => {
                 let file = opened(&mut readers.snapshot, &self.dir.join("snapshot.jsonl"))?;
                 parse(&read_at(file, *offset, *len)?)

@@ -152,6 +152,11 @@ impl Helper {
         let grace = self.settings().grace() + Duration::from_secs(3);
         let mut receiver = receiver;
         let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+        // Back in line meanwhile (a stop interrupted its turn before this cancel reached it):
+        // taken out of line now.
+        if self.owned(peer, handle)?.job.state == JobState::Queued {
+            self.cancel_queued(handle).await?;
+        }
         Ok(self.owned(peer, handle)?.view(Detail::Summary))
     }
 

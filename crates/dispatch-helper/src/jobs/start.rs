@@ -274,35 +274,41 @@ impl Helper {
 
     /// A job that ends without ever having a lane (cancelled while it waited, refused at its
     /// turn, or not queued after all). Its final record must reach the store: one left saying
-    /// `queued` would run at the next start. If it cannot be saved it is removed instead; if
-    /// that fails too, the error says so (the store still holds it as it was).
+    /// `queued` would run at the next start. If it cannot be saved it is removed instead. Only
+    /// then is its end audited and shown; if neither can be done nothing changes here, and the
+    /// error says why.
     async fn end_without_lane(
         self: &Arc<Self>,
-        mut record: JobRecord,
+        record: JobRecord,
         state: JobState,
         detail: String,
         event: &'static str,
     ) -> Result<(), String> {
-        record.queued = None;
-        self.forget_queued_env(&record.job.handle);
-        record.job.state = state;
-        record.job.finished_at = Some(now_rfc3339());
-        record.job.detail = detail;
-        let mut durable = Ok(());
-        if let Err(error) = self.store.save_async(&record).await {
-            tracing::error!(%error, handle = %record.job.handle, "could not record the end of a queued job; removing its record");
-            if let Err(removal) = self.store.remove_async(&record.job.handle).await {
-                tracing::error!(error = %removal, handle = %record.job.handle, "could not remove the record of a queued job that ended either");
-                durable = Err(format!("{error}; removing its record instead: {removal}"));
-            }
-        }
-        self.audit_finish(&record, event).await;
-        let owner = record.owner_uid;
-        self.finish_entry(record);
-        // Not on the way of the reply (a cancel's, a start's): retention waits for company.
-        let helper = self.clone();
-        tokio::spawn(async move { helper.prune_finished(owner).await });
-        durable
+        let ended = ended_without_lane(record, state, detail);
+        self.record_end_without_lane(&ended).await?;
+        self.announce_end_without_lane(ended, event).await;
+        Ok(())
+    }
+
+    /// Saved as ended, or failing that removed: an error only if neither could be done.
+    async fn record_end_without_lane(&self, ended: &JobRecord) -> Result<(), String> {
+        let handle = &ended.job.handle;
+        let Err(error) = self.store.save_async(ended).await else {
+            return Ok(());
+        };
+        tracing::error!(%error, %handle, "could not record the end of a job that never ran; removing its record");
+        self.store.remove_async(handle).await.map_err(|removal| {
+            tracing::error!(error = %removal, %handle, "could not remove its record either");
+            format!("{error}; removing its record instead: {removal}")
+        })
+    }
+
+    /// The end audited, the entry finished (waiters woken), and its client's finished records
+    /// pruned off the caller's path.
+    async fn announce_end_without_lane(self: &Arc<Self>, ended: JobRecord, event: &'static str) {
+        self.forget_queued_env(&ended.job.handle);
+        self.audit_finish(&ended, event).await;
+        self.finish_and_prune(ended);
     }
 
     /// Start waiting dispatches while slots are free: clients in turn, each first in first out.
@@ -331,7 +337,11 @@ impl Helper {
             };
             let Some((uid, waiting)) = next else { return };
             let helper = self.clone();
-            tokio::spawn(async move { helper.start_waiting(uid, waiting).await });
+            let turn = TurnInFlight::count(&self.turns);
+            tokio::spawn(async move {
+                helper.start_waiting(uid, waiting).await;
+                drop(turn);
+            });
         }
     }
 
@@ -452,6 +462,17 @@ impl Helper {
         if let Err(error) = self.store.save_async(&waited).await {
             tracing::error!(%error, handle = %waited.job.handle, "could not put an interrupted turn back in line");
         }
+        // In line here too (nothing starts while the helper stops): a cancel takes it out.
+        let waiting = Waiting {
+            handle: waited.job.handle.clone(),
+            lane: lane_key(&waited.job),
+        };
+        let _ = self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .push(waited.owner_uid, waiting, usize::MAX, usize::MAX);
         let event = AuditEvent {
             event: "queued_dispatch_requeued",
             handle: Some(waited.job.handle.clone()),
@@ -465,9 +486,7 @@ impl Helper {
             tracing::error!(%error, handle = %waited.job.handle, "could not audit an interrupted turn");
         }
         let view = waited.view(Detail::Summary);
-        // Out of the running for the stop's count, and waiters told (nothing more happens to it
-        // in this helper).
-        self.finish_entry(waited);
+        self.requeue_entry(waited);
         view
     }
 
@@ -489,18 +508,32 @@ impl Helper {
             .unwrap_or_else(|p| p.into_inner())
             .remove(handle);
         let detail = "cancelled while it waited for a lane; it never ran".to_owned();
+        let (owner, lane) = (record.owner_uid, lane_key(&record.job));
         let durable = self
             .end_without_lane(record, JobState::Cancelled, detail, "cancelled")
             .await;
+        if let Err(error) = durable {
+            // Nothing changed: it waits again (at the back of its client's line).
+            let waiting = Waiting {
+                handle: handle.to_owned(),
+                lane,
+            };
+            let _ = self
+                .capacity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue
+                .push(owner, waiting, usize::MAX, usize::MAX);
+            self.start_queued();
+            let message = format!(
+                "{handle} could not be cancelled: its end could not be recorded ({error}); it \
+                 is still waiting for its turn"
+            );
+            return Err(reply(ErrorKind::Internal, message));
+        }
         // Behind it, its client's next dispatch may now be startable.
         self.start_queued();
-        durable.map(|()| true).map_err(|error| {
-            let message = format!(
-                "{handle} is cancelled in this helper, but the cancellation could not be \
-                 recorded ({error}): after a restart it would wait for its turn again"
-            );
-            reply(ErrorKind::Internal, message)
-        })
+        Ok(true)
     }
 
     /// Let the held lane of an admitted job (its slot claimed) whose record is durable run,
@@ -517,9 +550,12 @@ impl Helper {
         let (stop, mut stop_receiver) = self.stop_channel_for(&record);
         self.enter_starting(record.clone(), stop);
         // A cancel that came while it started, or a shutdown: it is given up at its gate.
-        let stop_request = stop_receiver.try_recv().ok();
-        if stop_request.is_some() || self.draining.load(Ordering::SeqCst) {
-            let cancelled = stop_request == Some(StopReason::Cancel);
+        let (mut stopped, mut cancelled) = (false, false);
+        while let Ok(reason) = stop_receiver.try_recv() {
+            stopped = true;
+            cancelled |= reason == StopReason::Cancel;
+        }
+        if stopped || self.draining.load(Ordering::SeqCst) {
             held.abandon().await;
             self.release(record.owner_uid, &lane_key(&record.job));
             // A stop is not a cancel: what waited for its turn waits again, for the next start.
@@ -528,11 +564,11 @@ impl Helper {
             }
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();
+            let ended = ended_without_lane(record.clone(), view_state, detail);
             // Saved as running before: if this end is not durable (logged), the next start
-            // records it lost, and it never runs.
-            let _ = self
-                .end_without_lane(record.clone(), view_state, detail, "cancelled")
-                .await;
+            // records it lost, and it never runs. Either way it is over here.
+            let _ = self.record_end_without_lane(&ended).await;
+            self.announce_end_without_lane(ended, "cancelled").await;
             return Ok(self
                 .record(&record.job.handle)
                 .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
@@ -962,6 +998,31 @@ fn new_record(
 fn owner_as_peer(uid: u32) -> Option<Peer> {
     let user = User::from_uid(uid.into()).ok().flatten()?;
     Some(Peer::from_cred(uid, user.gid.as_raw(), None))
+}
+
+/// `record` as it ends without a lane: `state`, now, saying `detail`, no longer waiting.
+fn ended_without_lane(mut record: JobRecord, state: JobState, detail: String) -> JobRecord {
+    record.queued = None;
+    record.job.state = state;
+    record.job.finished_at = Some(now_rfc3339());
+    record.job.detail = detail;
+    record
+}
+
+/// One queued dispatch taking its turn, counted until its task ends (or is dropped unrun).
+struct TurnInFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl TurnInFlight {
+    fn count(turns: &Arc<std::sync::atomic::AtomicUsize>) -> TurnInFlight {
+        turns.fetch_add(1, Ordering::SeqCst);
+        TurnInFlight(turns.clone())
+    }
+}
+
+impl Drop for TurnInFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[cfg(test)]

@@ -186,16 +186,18 @@ impl Helper {
     pub async fn shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         // A dispatch that claimed capacity just before the flag was set registers its job right
-        // after spawning; give it a moment to appear in the snapshot below.
+        // after spawning, and a queued one taking its turn starts or goes back in line; give
+        // them a moment to appear in the snapshot below.
         let settle = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self
-            .capacity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .total
-            > self.registered_running()
-            && tokio::time::Instant::now() < settle
-        {
+        let unsettled = || {
+            let claimed = self
+                .capacity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .total;
+            claimed > self.registered_running() || self.turns.load(Ordering::SeqCst) > 0
+        };
+        while unsettled() && tokio::time::Instant::now() < settle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let receivers: Vec<_> = {
