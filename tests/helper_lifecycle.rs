@@ -1822,4 +1822,7 @@ async fn a_cancel_that_cannot_be_recorded_says_so() {
         "{}",
         error.message
     );
+    // Nothing changed: it still waits, as the store says.
+    let after = client.result(&waiting.handle, 0).await;
+    assert_eq!(after.state, JobState::Queued, "{after:?}");
 }

@@ -353,7 +353,8 @@ impl TestHelper {
             .unwrap_or_default()
     }
 
-    /// SIGTERM, and wait (up to 5 s, then SIGKILL).
+    /// SIGTERM, and wait (up to 30 s, then SIGKILL: a helper waits up to 5 s for starts in
+    /// progress, then its lanes' grace period, before it syncs and exits).
     pub fn stop(&mut self) {
         let Some(child) = self.child.as_mut() else {
             return;
@@ -362,7 +363,7 @@ impl TestHelper {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if child.try_wait().unwrap().is_some() {
                 return;

@@ -391,7 +391,8 @@ impl Helper {
     }
 
     /// A job whose turn a stop interrupted, waiting again: its waiting record, and a stop
-    /// channel again. Waiters are woken (this helper is stopping; they see it waiting).
+    /// channel again. Those who waited for its turn's end are woken (they see it waiting); a
+    /// new wait is for its real end.
     fn requeue_entry(&self, record: JobRecord) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
@@ -400,7 +401,8 @@ impl Helper {
             entry.stop = Some(sender);
             entry.stop_receiver = Some(receiver);
             entry.live = None;
-            let _ = entry.finished.send(true);
+            let turn_ended = std::mem::replace(&mut entry.finished, watch::channel(false).0);
+            turn_ended.send_replace(true);
         }
     }
 

@@ -392,8 +392,9 @@ impl JobStore {
     fn read_with(&self, at: &Location, readers: &mut Readers) -> std::io::Result<JobRecord> {
         let parse = |bytes: &[u8]| serde_json::from_slice(bytes).map_err(damaged);
         match at {
-            // Gone since it was listed (a running helper's compaction removed it, as a
-            // read-only `jobs` beside it may see): its record is not there to keep.
+            // Gone since it was listed: a running helper's compaction moved it into its new
+            // snapshot, as a read-only `jobs` beside it may see (which then leaves it out and
+            // says so: run it again). A helper itself folds these files in at its start.
             Location::Legacy(path) => match fs::read(path) {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                     Err(damaged(format!("{} is gone: {error}", path.display())))

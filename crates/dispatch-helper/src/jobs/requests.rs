@@ -127,7 +127,7 @@ impl Helper {
         if record.job.state.is_terminal() {
             return Ok(record.view(Detail::Summary));
         }
-        if record.job.state == JobState::Queued && self.cancel_queued(handle).await? {
+        if self.cancel_if_waiting(peer, handle).await? {
             return Ok(self.owned(peer, handle)?.view(Detail::Summary));
         }
         let (stop, receiver) = {
@@ -149,15 +149,27 @@ impl Helper {
         if let Some(stop) = stop {
             let _ = stop.send(StopReason::Cancel);
         }
-        let grace = self.settings().grace() + Duration::from_secs(3);
-        let mut receiver = receiver;
-        let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
         // Back in line meanwhile (a stop interrupted its turn before this cancel reached it):
-        // taken out of line now.
-        if self.owned(peer, handle)?.job.state == JobState::Queued {
-            self.cancel_queued(handle).await?;
+        // taken out of line, now or once that turn has ended.
+        if !self.cancel_if_waiting(peer, handle).await? {
+            let grace = self.settings().grace() + Duration::from_secs(3);
+            let mut receiver = receiver;
+            let _ = tokio::time::timeout(grace, receiver.wait_for(|done| *done)).await;
+            self.cancel_if_waiting(peer, handle).await?;
         }
         Ok(self.owned(peer, handle)?.view(Detail::Summary))
+    }
+
+    /// Cancel `handle` if it is waiting in line: whether it was.
+    async fn cancel_if_waiting(
+        self: &Arc<Self>,
+        peer: &Peer,
+        handle: &str,
+    ) -> Result<bool, ErrorReply> {
+        if self.owned(peer, handle)?.job.state != JobState::Queued {
+            return Ok(false);
+        }
+        self.cancel_queued(handle).await
     }
 
     pub async fn delete(&self, peer: &Peer, handle: &str) -> Result<String, ErrorReply> {

@@ -253,19 +253,30 @@ impl Helper {
                 return Err(reply(ErrorKind::Busy, why));
             };
             let detail = format!("not queued: {why}");
+            let lane = lane_key(&record.job);
             return match self
                 .end_without_lane(record, JobState::Failed, detail, "spawn_failed")
                 .await
             {
                 Ok(()) => Err(reply(ErrorKind::Busy, why)),
-                // Saved as waiting, and it could not be undone: the next start would run it.
-                Err(error) => Err(reply(
-                    ErrorKind::Internal,
-                    format!(
-                        "{why}; and the record of {handle} could not be updated ({error}): \
-                         after a restart it would wait for its turn"
-                    ),
-                )),
+                // Saved as waiting, and that cannot be undone: so it waits, past the bound
+                // (a cancel can take it out of line).
+                Err(error) => {
+                    self.wait_again(
+                        owner,
+                        Waiting {
+                            handle: handle.to_string(),
+                            lane,
+                        },
+                    );
+                    Err(reply(
+                        ErrorKind::Internal,
+                        format!(
+                            "{why}; but {handle} was already recorded as waiting, and that \
+                             could not be undone ({error}): it waits for its turn"
+                        ),
+                    ))
+                }
             };
         }
         self.start_queued();
@@ -288,6 +299,41 @@ impl Helper {
         self.record_end_without_lane(&ended).await?;
         self.announce_end_without_lane(ended, event).await;
         Ok(())
+    }
+
+    /// [`Helper::end_without_lane`] where the job is over in this helper whether or not its end
+    /// can be recorded; if it cannot, its detail says so, and what the next start will do.
+    async fn end_without_lane_anyway(
+        self: &Arc<Self>,
+        record: JobRecord,
+        state: JobState,
+        detail: String,
+        event: &'static str,
+    ) {
+        let was_waiting = record.job.state == JobState::Queued;
+        let mut ended = ended_without_lane(record, state, detail);
+        if let Err(error) = self.record_end_without_lane(&ended).await {
+            let next_start = match was_waiting {
+                true => "it waits for its turn again",
+                false => "it is recorded lost",
+            };
+            ended.job.detail = format!(
+                "{}; this end could not be recorded ({error}): after a restart {next_start}",
+                ended.job.detail
+            );
+        }
+        self.announce_end_without_lane(ended, event).await;
+    }
+
+    /// A dispatch whose turn did not come after all, back in line (first among its client's
+    /// next ones only by the next start's order: here it goes last).
+    fn wait_again(&self, owner: u32, waiting: Waiting) {
+        let _ = self
+            .capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .push(owner, waiting, usize::MAX, usize::MAX);
     }
 
     /// Saved as ended, or failing that removed: an error only if neither could be done.
@@ -353,7 +399,9 @@ impl Helper {
             return self.release(owner, &waiting.lane);
         };
         if self.draining.load(Ordering::SeqCst) {
-            return self.release(owner, &waiting.lane);
+            // Stopping: it keeps its place, here and in the store (which still has it waiting).
+            self.release(owner, &waiting.lane);
+            return self.wait_again(owner, waiting);
         }
         let fail = |reason: String| (reason, JobState::Failed);
         let turn = match (record.queued.clone(), Handle::parse(&waiting.handle)) {
@@ -384,10 +432,9 @@ impl Helper {
             Err((reason, state)) => {
                 self.release(owner, &waiting.lane);
                 let detail = format!("not started when its turn came: {reason}");
-                // Nobody waits for its answer; if its end is not durable (logged), the next
-                // start gives it its turn again.
-                let _ = self
-                    .end_without_lane(record, state, detail, "spawn_failed")
+                // Not put back in line if its end cannot be recorded: a broken store would
+                // make that a loop. The store still has it waiting: the next start tries again.
+                self.end_without_lane_anyway(record, state, detail, "spawn_failed")
                     .await;
             }
         }
@@ -467,12 +514,7 @@ impl Helper {
             handle: waited.job.handle.clone(),
             lane: lane_key(&waited.job),
         };
-        let _ = self
-            .capacity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue
-            .push(waited.owner_uid, waiting, usize::MAX, usize::MAX);
+        self.wait_again(waited.owner_uid, waiting);
         let event = AuditEvent {
             event: "queued_dispatch_requeued",
             handle: Some(waited.job.handle.clone()),
@@ -518,12 +560,7 @@ impl Helper {
                 handle: handle.to_owned(),
                 lane,
             };
-            let _ = self
-                .capacity
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .queue
-                .push(owner, waiting, usize::MAX, usize::MAX);
+            self.wait_again(owner, waiting);
             self.start_queued();
             let message = format!(
                 "{handle} could not be cancelled: its end could not be recorded ({error}); it \
@@ -564,11 +601,10 @@ impl Helper {
             }
             let view_state = JobState::Cancelled;
             let detail = "cancelled before its lane started; it never ran".to_owned();
-            let ended = ended_without_lane(record.clone(), view_state, detail);
-            // Saved as running before: if this end is not durable (logged), the next start
-            // records it lost, and it never runs. Either way it is over here.
-            let _ = self.record_end_without_lane(&ended).await;
-            self.announce_end_without_lane(ended, "cancelled").await;
+            // Saved as running before: if this end cannot be recorded, the next start records
+            // it lost, and it never runs.
+            self.end_without_lane_anyway(record.clone(), view_state, detail, "cancelled")
+                .await;
             return Ok(self
                 .record(&record.job.handle)
                 .map_or_else(|| record.view(Detail::Summary), |r| r.view(Detail::Summary)));
