@@ -73,69 +73,12 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         Some(dir) => dir,
         None => new_private_dir()?,
     };
-    let root = nix::unistd::geteuid().is_root();
     let helper_bin = sibling("dispatch-helper", "DISPATCH_HELPER_BIN")?;
     let socket = dir.join("helper.sock");
     let audit_log = dir.join("audit.jsonl");
-    let (allowlist, argv, work_dir) = {
-        let lane = sibling("dispatch-demo-lane", "DISPATCH_DEMO_LANE_BIN")?;
-        let lane = if root {
-            // nobody cannot traverse most install locations (e.g. /root/.cargo/bin).
-            let copy = dir.join("dispatch-demo-lane");
-            std::fs::copy(&lane, &copy).map_err(|e| format!("copy the demo lane: {e}"))?;
-            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| e.to_string())?;
-            copy
-        } else {
-            lane
-        };
-        let unix_user = if root {
-            r#", "unix_user": "nobody""#
-        } else {
-            ""
-        };
-        let allowlist = dir.join("repos.json");
-        write(
-            &allowlist,
-            &format!(
-                r#"{{"orgs": {{"{DEMO_ORGUSER}": {{"note": "demo org"{unix_user}}}}},
-  "repos": {{"{DEMO_REPO}": {{"org": "{DEMO_ORGUSER}", "github": "dispatch-mcp/demo-repo"}},
-            "hello-world": {{"org": "{DEMO_ORGUSER}", "github": "dispatch-mcp/hello-world"}}}}}}
-"#
-            ),
-        )?;
-        let work = dir.join("work");
-        std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
-        if root && let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {
-            nix::unistd::chown(&work, Some(nobody.uid), Some(nobody.gid))
-                .map_err(|e| e.to_string())?;
-        }
-        let lane = toml_string(&lane.display().to_string());
-        let argv = format!(
-            r#"[{lane}, "{{orguser}}", "{{repo}}", "{{task}}", "--host", "{{host}}", "--max", "{{max_iterations}}"]"#
-        );
-        (allowlist, argv, work.display().to_string())
-    };
-    let search_path =
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let lanes = demo_lanes(&dir)?;
     let config = dir.join("helper.toml");
-    write(
-        &config,
-        &format!(
-            "# Written by dispatch-mcp for its embedded helper.\nallowlist = {}\nargv = {argv}\nsearch_path = {}\n\
-             state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n{}\
-             # No delegated cgroup here: lanes are contained by their process group and the\n\
-             # helper as subreaper (each job's sandbox report says so).\n\
-             [sandbox]\nallow_uncontained = true\n",
-            toml_string(&allowlist.display().to_string()),
-            toml_string(&search_path),
-            toml_string(&dir.join("state").display().to_string()),
-            toml_string(&audit_log.display().to_string()),
-            toml_string(&socket.display().to_string()),
-            toml_string(&work_dir),
-            "",
-        ),
-    )?;
+    write(&config, &config_text(&dir, &lanes, &socket, &audit_log))?;
     let mut child = tokio::process::Command::new(&helper_bin)
         .args(["serve", "--die-with-parent", "--config"])
         .arg(&config)
@@ -146,12 +89,100 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("start {}: {e}", helper_bin.display()))?;
+    wait_for_socket(&mut child, &socket, &config).await?;
+    Ok(EmbeddedHelper {
+        socket,
+        audit_log,
+        _child: child,
+    })
+}
+
+/// The demo's lanes: their allowlist, the argv template of the demo lane program, and the
+/// lanes' work directory.
+struct DemoLanes {
+    allowlist: PathBuf,
+    argv: String,
+    work_dir: String,
+}
+
+/// Written into `dir`: the demo allowlist, and (as root, for `nobody`) a copy of the demo lane
+/// program and a work directory `nobody` owns.
+fn demo_lanes(dir: &Path) -> Result<DemoLanes, String> {
+    let root = nix::unistd::geteuid().is_root();
+    let lane = sibling("dispatch-demo-lane", "DISPATCH_DEMO_LANE_BIN")?;
+    let lane = if root {
+        // nobody cannot traverse most install locations (e.g. /root/.cargo/bin).
+        let copy = dir.join("dispatch-demo-lane");
+        std::fs::copy(&lane, &copy).map_err(|e| format!("copy the demo lane: {e}"))?;
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        copy
+    } else {
+        lane
+    };
+    let unix_user = if root {
+        r#", "unix_user": "nobody""#
+    } else {
+        ""
+    };
+    let allowlist = dir.join("repos.json");
+    write(
+        &allowlist,
+        &format!(
+            r#"{{"orgs": {{"{DEMO_ORGUSER}": {{"note": "demo org"{unix_user}}}}},
+  "repos": {{"{DEMO_REPO}": {{"org": "{DEMO_ORGUSER}", "github": "dispatch-mcp/demo-repo"}},
+            "hello-world": {{"org": "{DEMO_ORGUSER}", "github": "dispatch-mcp/hello-world"}}}}}}
+"#
+        ),
+    )?;
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+    if root && let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") {
+        nix::unistd::chown(&work, Some(nobody.uid), Some(nobody.gid)).map_err(|e| e.to_string())?;
+    }
+    let lane = toml_string(&lane.display().to_string());
+    let argv = format!(
+        r#"[{lane}, "{{orguser}}", "{{repo}}", "{{task}}", "--host", "{{host}}", "--max", "{{max_iterations}}"]"#
+    );
+    Ok(DemoLanes {
+        allowlist,
+        argv,
+        work_dir: work.display().to_string(),
+    })
+}
+
+/// The embedded helper's configuration.
+fn config_text(dir: &Path, lanes: &DemoLanes, socket: &Path, audit_log: &Path) -> String {
+    let search_path =
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    format!(
+        "# Written by dispatch-mcp for its embedded helper.\nallowlist = {}\nargv = {}\nsearch_path = {}\n\
+         state_dir = {}\naudit_log = {}\nsocket = {}\nsocket_mode = 0o600\nwork_dir = {}\n\
+         # No delegated cgroup here: lanes are contained by their process group and the\n\
+         # helper as subreaper (each job's sandbox report says so).\n\
+         [sandbox]\nallow_uncontained = true\n",
+        toml_string(&lanes.allowlist.display().to_string()),
+        lanes.argv,
+        toml_string(&search_path),
+        toml_string(&dir.join("state").display().to_string()),
+        toml_string(&audit_log.display().to_string()),
+        toml_string(&socket.display().to_string()),
+        toml_string(&lanes.work_dir),
+    )
+}
+
+/// Until the helper's socket exists, it exits, or 15 s have passed.
+async fn wait_for_socket(
+    child: &mut tokio::process::Child,
+    socket: &Path,
+    config: &Path,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         // Bound means listening (bind and listen are one step there); a probe connection
         // would be audited as a client that said nothing.
-        if std::fs::symlink_metadata(&socket).is_ok() {
-            break;
+        if std::fs::symlink_metadata(socket).is_ok() {
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
@@ -167,9 +198,4 @@ pub async fn start(dir: Option<PathBuf>) -> Result<EmbeddedHelper, String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(EmbeddedHelper {
-        socket,
-        audit_log,
-        _child: child,
-    })
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +240,16 @@ impl HelperClient {
                 .map_err(|e| unreachable(e.to_string()))?,
         };
         let (mut reader, mut writer) = stream.into_split();
+        let hello = self.handshake(&mut reader, &mut writer).await?;
+        Ok(Connection::start(reader, writer, hello))
+    }
+
+    /// Our Hello, and the helper's: what it offers, or why it does not serve us.
+    async fn handshake(
+        &self,
+        reader: &mut OwnedReadHalf,
+        writer: &mut OwnedWriteHalf,
+    ) -> Result<HelloReply, HelperError> {
         let client_name = self
             .client_name
             .lock()
@@ -256,32 +267,37 @@ impl HelperClient {
         let not_admitted = || HelperError::NotAdmitted {
             socket: self.socket.display().to_string(),
         };
-        write_frame(&mut writer, &hello, FrameLimit::REQUEST)
+        write_frame(&mut *writer, &hello, FrameLimit::REQUEST)
             .await
             .map_err(|_| not_admitted())?;
-        let reply: Option<ResponseEnvelope> = read_frame(&mut reader, FrameLimit::RESPONSE)
+        let reply: Option<ResponseEnvelope> = read_frame(&mut *reader, FrameLimit::RESPONSE)
             .await
             .map_err(|e| match e {
-            dispatch_proto::CodecError::Io(_) | dispatch_proto::CodecError::Closed => {
-                not_admitted()
-            }
-            other => HelperError::Protocol(other.to_string()),
-        })?;
-        let hello = match reply.map(|r| r.body) {
-            Some(Response::Hello(hello)) => hello,
-            Some(Response::Error(error)) => return Err(HelperError::Protocol(error.message)),
-            Some(other) => {
-                return Err(HelperError::Protocol(format!(
-                    "unexpected handshake reply {other:?}"
-                )));
-            }
+                dispatch_proto::CodecError::Io(_) | dispatch_proto::CodecError::Closed => {
+                    not_admitted()
+                }
+                other => HelperError::Protocol(other.to_string()),
+            })?;
+        match reply.map(|r| r.body) {
+            Some(Response::Hello(hello)) => Ok(hello),
+            Some(Response::Error(error)) => Err(HelperError::Protocol(error.message)),
+            Some(other) => Err(HelperError::Protocol(format!(
+                "unexpected handshake reply {other:?}"
+            ))),
             // The helper closes without a word on peers it does not admit.
-            None => {
-                return Err(HelperError::NotAdmitted {
-                    socket: self.socket.display().to_string(),
-                });
-            }
-        };
+            None => Err(not_admitted()),
+        }
+    }
+}
+
+impl Connection {
+    /// The connection's two pumps: one task writes queued frames, one hands each response to
+    /// its waiter; either ending (an error, the end of the stream) finishes the connection.
+    fn start(
+        mut reader: OwnedReadHalf,
+        mut writer: OwnedWriteHalf,
+        hello: HelloReply,
+    ) -> Connection {
         let shared = Arc::new(Mutex::new(Shared {
             alive: true,
             pending: HashMap::new(),
@@ -314,13 +330,13 @@ impl HelperClient {
             lock(&reader_shared).close();
         });
         let places = (hello.max_in_flight as usize).max(1);
-        Ok(Connection {
+        Connection {
             outbox,
             shared,
             in_flight: Arc::new(tokio::sync::Semaphore::new(places)),
             waits: Arc::new(tokio::sync::Semaphore::new((places / 2).max(1))),
             hello,
-        })
+        }
     }
 }
 
