@@ -391,8 +391,7 @@ impl Helper {
     }
 
     /// A job whose turn a stop interrupted, waiting again: its waiting record, and a stop
-    /// channel again. Those who waited for its turn's end are woken (they see it waiting); a
-    /// new wait is for its real end.
+    /// channel again.
     fn requeue_entry(&self, record: JobRecord) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(mut entry) = jobs.get_mut(&record.job.handle) {
@@ -401,6 +400,18 @@ impl Helper {
             entry.stop = Some(sender);
             entry.stop_receiver = Some(receiver);
             entry.live = None;
+        }
+    }
+
+    /// A job back in line: those who waited for its turn's end are woken (they see it
+    /// waiting, and a cancel among them takes it out of line); a new wait is for its real end.
+    /// A stop request that came meanwhile is dropped: it was for the turn that did not happen.
+    fn wake_waiters_of_turn(&self, handle: &str) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut entry) = jobs.get_mut(handle) {
+            if let Some(stops) = entry.stop_receiver.as_mut() {
+                while stops.try_recv().is_ok() {}
+            }
             let turn_ended = std::mem::replace(&mut entry.finished, watch::channel(false).0);
             turn_ended.send_replace(true);
         }
@@ -417,7 +428,7 @@ impl Helper {
             entry.stop = None;
             entry.stop_receiver = None;
             entry.live = None;
-            let _ = entry.finished.send(true);
+            entry.finished.send_replace(true);
         }
     }
 

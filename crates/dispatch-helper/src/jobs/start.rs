@@ -269,6 +269,7 @@ impl Helper {
                             lane,
                         },
                     );
+                    self.start_queued();
                     Err(reply(
                         ErrorKind::Internal,
                         format!(
@@ -326,14 +327,17 @@ impl Helper {
     }
 
     /// A dispatch whose turn did not come after all, back in line (first among its client's
-    /// next ones only by the next start's order: here it goes last).
+    /// next ones only by the next start's order: here it goes last), and whoever waited for
+    /// that turn told.
     fn wait_again(&self, owner: u32, waiting: Waiting) {
+        let handle = waiting.handle.clone();
         let _ = self
             .capacity
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .queue
             .push(owner, waiting, usize::MAX, usize::MAX);
+        self.wake_waiters_of_turn(&handle);
     }
 
     /// Saved as ended, or failing that removed: an error only if neither could be done.
@@ -509,12 +513,6 @@ impl Helper {
         if let Err(error) = self.store.save_async(&waited).await {
             tracing::error!(%error, handle = %waited.job.handle, "could not put an interrupted turn back in line");
         }
-        // In line here too (nothing starts while the helper stops): a cancel takes it out.
-        let waiting = Waiting {
-            handle: waited.job.handle.clone(),
-            lane: lane_key(&waited.job),
-        };
-        self.wait_again(waited.owner_uid, waiting);
         let event = AuditEvent {
             event: "queued_dispatch_requeued",
             handle: Some(waited.job.handle.clone()),
@@ -528,7 +526,14 @@ impl Helper {
             tracing::error!(%error, handle = %waited.job.handle, "could not audit an interrupted turn");
         }
         let view = waited.view(Detail::Summary);
+        // In line here too (nothing starts while the helper stops): a cancel takes it out.
+        let waiting = Waiting {
+            handle: waited.job.handle.clone(),
+            lane: lane_key(&waited.job),
+        };
+        let owner = waited.owner_uid;
         self.requeue_entry(waited);
+        self.wait_again(owner, waiting);
         view
     }
 

@@ -52,7 +52,7 @@ impl Helper {
                 entry.record = record;
                 entry.stop = None;
                 entry.live = None;
-                let _ = entry.finished.send(true);
+                entry.finished.send_replace(true);
             }
         }
         self.prune_finished(owner_uid).await;
