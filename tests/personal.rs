@@ -512,3 +512,33 @@ async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
     assert!(!error.contains("demo"), "{error}");
     drop(front);
 }
+
+/// A personal helper admits its own user: one that closes the handshake is stopping (idle, or
+/// killed and its last threads not yet gone, its socket still taking connections). The front
+/// tries again and finds or starts its successor, rather than tell the agent it is "not
+/// admitted". Played here by a socket that takes one connection, closes it and goes away.
+#[tokio::test]
+async fn a_personal_helper_closing_the_handshake_is_replaced_not_reported_as_a_refusal() {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(world) = World::new("personal mode: a helper that stops during the handshake") else {
+        return;
+    };
+    let dir = world.path("run/dispatch-mcp");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    nix::unistd::chown(&dir, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let socket = dir.join("helper.sock");
+    let stopping = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    nix::unistd::chown(&socket, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let closed_once = std::thread::spawn(move || {
+        let (connection, _) = stopping.accept().unwrap();
+        std::fs::remove_file(&socket).unwrap();
+        drop(stopping);
+        drop(connection);
+    });
+    let front = world.front(&[]).await;
+    let handle = dispatch(&front, "after a helper that stopped").await;
+    closed_once.join().unwrap();
+    assert_eq!(result(&front, &handle).await["status"], "succeeded");
+    assert!(world.helper_pid().is_some(), "a new helper serves");
+    drop(front);
+}

@@ -217,7 +217,7 @@ impl HelperClient {
         {
             return Ok(connection.clone());
         }
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_until_admitted())
             .await
             .map_err(|_| HelperError::Unreachable {
                 socket: self.socket.display().to_string(),
@@ -226,6 +226,22 @@ impl HelperClient {
         let connection = Arc::new(connection);
         *slot = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// [`HelperClient::connect`], again while a personal helper closes the handshake: it admits
+    /// its own user, so one that closes is stopping (idle, or killed and its last threads not
+    /// yet gone, its socket still taking connections). The next attempt finds or starts its
+    /// successor. A system helper's refusal is final.
+    async fn connect_until_admitted(&self) -> Result<Connection, HelperError> {
+        loop {
+            match self.connect().await {
+                Err(HelperError::NotAdmitted { .. }) if self.launcher.is_some() => {
+                    tracing::debug!("the personal helper closed the handshake; trying again");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Connection, HelperError> {
