@@ -542,3 +542,53 @@ async fn a_personal_helper_closing_the_handshake_is_replaced_not_reported_as_a_r
     assert!(world.helper_pid().is_some(), "a new helper serves");
     drop(front);
 }
+
+/// One that keeps closing the handshake (this user's connections used up, a front inside a
+/// lane) is not retried for ever: within seconds the agent is told what that can mean.
+#[tokio::test]
+async fn a_personal_helper_that_keeps_closing_the_handshake_is_reported_as_such() {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(world) = World::new("personal mode: a helper that refuses every handshake") else {
+        return;
+    };
+    let dir = world.path("run/dispatch-mcp");
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    nix::unistd::chown(&dir, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let socket = dir.join("helper.sock");
+    let refusing = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    nix::unistd::chown(&socket, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    refusing.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let refuser = std::thread::spawn(move || {
+        let mut refused = 0;
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            match refusing.accept() {
+                Ok((connection, _)) => {
+                    refused += 1;
+                    drop(connection);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        refused
+    });
+    let front = world.front(&[]).await;
+    let started = std::time::Instant::now();
+    let said = error_text(
+        call(
+            &front,
+            "dispatch_unit",
+            json!({"orguser": "acme", "repo": "widgets", "task_description": "refused"}),
+        )
+        .await,
+    );
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = refuser.join().unwrap();
+    assert!(said.contains("kept closing"), "{said}");
+    assert!(said.contains("max_connections_per_client"), "{said}");
+    assert!(took < Duration::from_secs(15), "retried for {took:?}");
+    assert!((2..100).contains(&refused), "{refused} handshakes tried");
+    drop(front);
+}

@@ -37,6 +37,11 @@ pub enum HelperError {
         "the dispatch helper at {socket} closed the connection during the handshake: this user is probably not an admitted client (see [clients] in the helper config)"
     )]
     NotAdmitted { socket: String },
+    /// A personal helper (which admits its own user) that kept closing the handshake.
+    #[error(
+        "the personal dispatch helper at {socket} kept closing the connection during the handshake: this user has too many connections open to it (limits.max_connections_per_client), or this process runs inside one of its lanes (see {log})"
+    )]
+    PersonalHelperRefused { socket: String, log: String },
 }
 
 /// How long connecting and the handshake may take.
@@ -232,12 +237,24 @@ impl HelperClient {
     /// its own user, so one that closes is stopping (idle, or killed and its last threads not
     /// yet gone, its socket still taking connections). The next attempt finds or starts its
     /// successor. A system helper's refusal is final.
+    /// Tried for a few seconds, backing off: a helper stopping is gone in milliseconds, and
+    /// what lasts (this user's connections used up, or a front inside a lane) is said as such.
     async fn connect_until_admitted(&self) -> Result<Connection, HelperError> {
+        let Some(launcher) = &self.launcher else {
+            return self.connect().await;
+        };
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut pause = Duration::from_millis(20);
         loop {
             match self.connect().await {
-                Err(HelperError::NotAdmitted { .. }) if self.launcher.is_some() => {
+                Err(HelperError::NotAdmitted { socket }) => {
+                    if tokio::time::Instant::now() + pause > give_up {
+                        let log = launcher.log_path().display().to_string();
+                        return Err(HelperError::PersonalHelperRefused { socket, log });
+                    }
                     tracing::debug!("the personal helper closed the handshake; trying again");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
                 outcome => return outcome,
             }

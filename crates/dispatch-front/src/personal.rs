@@ -200,6 +200,11 @@ impl Launcher {
         Ok(true)
     }
 
+    /// Where the helper's stderr goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The pid of the helper holding the state's lock, if it is alive and a dispatch-helper.
     fn running_helper(&self) -> Option<nix::unistd::Pid> {
         let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;

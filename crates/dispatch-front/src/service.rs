@@ -404,7 +404,9 @@ impl DispatchService {
                 "{error}. It may be overloaded; check it with `systemctl status dispatch-helper`. \
                  If this was dispatch_unit, check dispatch_list before retrying."
             ),
-            HelperError::Protocol(_) | HelperError::NotAdmitted { .. } => error.to_string(),
+            HelperError::Protocol(_)
+            | HelperError::NotAdmitted { .. }
+            | HelperError::PersonalHelperRefused { .. } => error.to_string(),
         })
     }
 

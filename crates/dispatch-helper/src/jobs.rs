@@ -405,13 +405,11 @@ impl Helper {
 
     /// A job back in line: those who waited for its turn's end are woken (they see it
     /// waiting, and a cancel among them takes it out of line); a new wait is for its real end.
-    /// A stop request that came meanwhile is dropped: it was for the turn that did not happen.
+    /// A cancel request already sent stays: a cancel that reached it takes effect at its next
+    /// turn, even one whose own caller was told the cancellation could not be recorded.
     fn wake_waiters_of_turn(&self, handle: &str) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(mut entry) = jobs.get_mut(handle) {
-            if let Some(stops) = entry.stop_receiver.as_mut() {
-                while stops.try_recv().is_ok() {}
-            }
             let turn_ended = std::mem::replace(&mut entry.finished, watch::channel(false).0);
             turn_ended.send_replace(true);
         }
