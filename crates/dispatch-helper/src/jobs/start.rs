@@ -550,10 +550,7 @@ impl Helper {
         let Some(record) = self.record(handle).filter(|_| removed) else {
             return Ok(false);
         };
-        self.queued_env
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(handle);
+        // Its passed environment goes with its end (kept if the end cannot be recorded).
         let detail = "cancelled while it waited for a lane; it never ran".to_owned();
         let (owner, lane) = (record.owner_uid, lane_key(&record.job));
         let durable = self
