@@ -143,6 +143,19 @@ impl World {
         alive(pid).then_some(pid)
     }
 
+    /// A socket of the test's own where the user's helper's would be (in a run directory the
+    /// user owns, as the front makes it), and its path.
+    fn listen_in_the_helpers_place(&self) -> (std::os::unix::net::UnixListener, PathBuf) {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.path("run/dispatch-mcp");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        nix::unistd::chown(&dir, Some(self.user.uid), Some(self.user.gid)).unwrap();
+        let socket = dir.join("helper.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        nix::unistd::chown(&socket, Some(self.user.uid), Some(self.user.gid)).unwrap();
+        (listener, socket)
+    }
+
     fn audit(&self) -> String {
         std::fs::read_to_string(self.state().join("audit.jsonl")).unwrap_or_default()
     }
@@ -519,16 +532,10 @@ async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
 /// admitted". Played here by a socket that takes one connection, closes it and goes away.
 #[tokio::test]
 async fn a_personal_helper_closing_the_handshake_is_replaced_not_reported_as_a_refusal() {
-    use std::os::unix::fs::DirBuilderExt;
     let Some(world) = World::new("personal mode: a helper that stops during the handshake") else {
         return;
     };
-    let dir = world.path("run/dispatch-mcp");
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
-    nix::unistd::chown(&dir, Some(world.user.uid), Some(world.user.gid)).unwrap();
-    let socket = dir.join("helper.sock");
-    let stopping = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    nix::unistd::chown(&socket, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let (stopping, socket) = world.listen_in_the_helpers_place();
     let closed_once = std::thread::spawn(move || {
         let (connection, _) = stopping.accept().unwrap();
         std::fs::remove_file(&socket).unwrap();
@@ -547,16 +554,10 @@ async fn a_personal_helper_closing_the_handshake_is_replaced_not_reported_as_a_r
 /// lane) is not retried for ever: within seconds the agent is told what that can mean.
 #[tokio::test]
 async fn a_personal_helper_that_keeps_closing_the_handshake_is_reported_as_such() {
-    use std::os::unix::fs::DirBuilderExt;
     let Some(world) = World::new("personal mode: a helper that refuses every handshake") else {
         return;
     };
-    let dir = world.path("run/dispatch-mcp");
-    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
-    nix::unistd::chown(&dir, Some(world.user.uid), Some(world.user.gid)).unwrap();
-    let socket = dir.join("helper.sock");
-    let refusing = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    nix::unistd::chown(&socket, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let (refusing, _) = world.listen_in_the_helpers_place();
     refusing.set_nonblocking(true).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
