@@ -549,6 +549,47 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
     );
 }
 
+/// A deletion and its `deleted` record are one journal line: one that cannot be audited is not
+/// made (it used to be, and the client was told it was deleted).
+#[tokio::test]
+async fn a_deletion_that_cannot_be_audited_is_refused_and_the_job_stays() {
+    let Some(helper) = start_helper("delete_unaudited", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let done = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    let done = client.result(&done.handle, 10_000).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    // Root ignores file modes, so make the log impossible to append to: a directory.
+    std::fs::rename(&helper.audit, helper.audit.with_extension("moved")).unwrap();
+    std::fs::create_dir(&helper.audit).unwrap();
+    let error = client
+        .error(Request::Delete {
+            handle: done.handle.clone(),
+        })
+        .await;
+    assert_eq!(error.kind, ErrorKind::Internal, "{error:?}");
+    assert!(
+        error.message.contains(&done.handle)
+            && error.message.contains("was not deleted")
+            && error.message.contains("could not be audited"),
+        "{}",
+        error.message
+    );
+    // Still listed and still stored, with no removal in the journal.
+    let after = client.result(&done.handle, 0).await;
+    assert_eq!(after.state, JobState::Succeeded, "{after:?}");
+    assert!(stored_record(&helper.state, &done.handle).is_some());
+    let journal =
+        std::fs::read_to_string(helper.state.join("jobs/journal.jsonl")).unwrap_or_default();
+    assert!(
+        !journal.contains("\"removed\"") && !journal.contains("\"remove\""),
+        "a removal was journaled without its audit record"
+    );
+}
+
 #[tokio::test]
 async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
     let Some(helper) = start_helper("audit_verify", HelperOptions::default()) else {

@@ -634,9 +634,12 @@ pub fn stored_record(state_dir: &Path, handle: &str) -> Option<serde_json::Value
         let Ok(op) = serde_json::from_str::<serde_json::Value>(line) else {
             continue; // a torn last line, as the helper would cut it
         };
-        if op["save"]["handle"] == handle {
-            latest = Some(op["save"].clone());
-        } else if op["remove"] == handle {
+        // A record saved alone or with its audit record (an acceptance, an end, a loss); a
+        // removal alone or with its audit record (a deletion, a pruning).
+        let saved = [&op["save"], &op["accepted"]["record"]];
+        if let Some(record) = saved.into_iter().find(|r| r["handle"] == handle) {
+            latest = Some(record.clone());
+        } else if op["remove"] == handle || op["removed"]["handle"] == handle {
             latest = None;
         }
     }

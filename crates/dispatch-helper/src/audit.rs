@@ -117,7 +117,13 @@ impl AuditLog {
             path: path.display().to_string(),
             source,
         };
+        let created = !path.exists();
         let mut file = open_for_append(path).map_err(io)?;
+        if created && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Its name durable before any record in it is: the log is synced before each
+            // compaction drops the journal's copies of its records.
+            crate::store::sync_dir(dir).map_err(io)?;
+        }
         let repaired = cut_torn_tail(&mut file).map_err(io)?;
         let (seq, prev) = last_link(&mut file).map_err(io)?;
         let log = AuditLog {
@@ -173,15 +179,6 @@ impl AuditLog {
         event: AuditEvent,
     ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + use<> {
         self.append_queued(event, false)
-    }
-
-    /// [`AuditLog::append_in_order`] of a record nobody waits for (retention's): it shares
-    /// the next commit, or is synced by itself within `commit::SOON`.
-    pub fn append_soon(
-        &self,
-        event: AuditEvent,
-    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + use<> {
-        self.append_queued(event, true)
     }
 
     fn append_queued(

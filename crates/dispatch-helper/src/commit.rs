@@ -18,9 +18,15 @@ const MAX_BATCH: usize = 1024;
 enum Work {
     Audit(Box<AuditEvent>),
     Journal(JournalOp),
-    /// A dispatch's acceptance and its job record, which exist together or not at all: one
-    /// journal line holds both.
-    Tied(Box<AuditEvent>, Box<JobRecord>),
+    /// A change to the job store and the audit record of the event that made it, which exist
+    /// together or not at all: one journal line holds both.
+    Tied(Box<AuditEvent>, Change),
+}
+
+/// A change to the job store that is made only with its audit record (see [`tied`]).
+pub enum Change {
+    Save(Box<JobRecord>),
+    Remove(String),
 }
 
 /// Which file a commit failed on.
@@ -103,14 +109,47 @@ impl Committer {
         async move { durable.await.map_err(std::io::Error::other) }
     }
 
-    /// Commit a dispatch's acceptance `event` and its `record` together, both or neither;
-    /// queued now, as [`Committer::queue`].
-    pub fn tied(
+    /// Commit `event` and `change` together, both or neither; queued now, as
+    /// [`Committer::queue`].
+    fn tied(
         &self,
         event: AuditEvent,
-        record: JobRecord,
+        change: Change,
+        soon: bool,
     ) -> impl std::future::Future<Output = Answer> + Send + use<> {
-        self.queue(Work::Tied(Box::new(event), Box::new(record)), false)
+        self.queue(Work::Tied(Box::new(event), change), soon)
+    }
+}
+
+/// Commit `change` with the audit record `event` of what made it, both or neither (one journal
+/// line, queued now: its place in the writer's order is taken here); an error says which file
+/// failed. Before the writer runs, the audit record is made durable first and the change only
+/// then: a crash between the two leaves a record of an event whose change is made again.
+pub fn tied(
+    audit: &AuditLog,
+    store: &JobStore,
+    event: AuditEvent,
+    change: Change,
+    soon: bool,
+) -> impl std::future::Future<Output = Answer> + Send + 'static {
+    let queued = match store.committer() {
+        Some(committer) => Ok(committer.tied(event, change, soon)),
+        None => Err((event, change, audit.clone(), store.clone())),
+    };
+    async move {
+        let (event, change, audit, store) = match queued {
+            Ok(durable) => return durable.await,
+            Err(unqueued) => unqueued,
+        };
+        audit
+            .append(event)
+            .await
+            .map_err(|e| CommitError::Audit(e.to_string()))?;
+        let changed = match change {
+            Change::Save(record) => store.save_async(&record).await,
+            Change::Remove(handle) => store.remove_async(&handle).await,
+        };
+        changed.map_err(|e| CommitError::Journal(e.to_string()))
     }
 }
 
@@ -180,8 +219,8 @@ enum Entry {
     Journal(JournalOp),
     /// An audit record: its line.
     Audit,
-    /// An acceptance (its line) with its record.
-    Accepted(Box<JobRecord>),
+    /// An audit record (its line) with the change it goes with.
+    Tied(Change),
 }
 
 /// What a caller in a batch waits for.
@@ -189,8 +228,8 @@ enum Entry {
 enum Awaits {
     Journal,
     Audit,
-    /// Both: the acceptance first.
-    Accepted,
+    /// Both: the audit record first.
+    Both,
 }
 
 /// One batch, one sync: the audit records are chained (the log opened for them), every journal
@@ -233,7 +272,7 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
         let answer = match awaits {
             Awaits::Journal => journal.clone(),
             Awaits::Audit => audited.clone(),
-            Awaits::Accepted => audited.clone().and(journal.clone()),
+            Awaits::Both => audited.clone().and(journal.clone()),
         };
         let _ = done.send(answer);
     }
@@ -250,9 +289,9 @@ fn sort_batch(batch: Vec<Pending>) -> (Vec<AuditEvent>, Vec<(Entry, oneshot::Sen
                 events.push(*event);
                 Entry::Audit
             }
-            Work::Tied(event, record) => {
+            Work::Tied(event, change) => {
                 events.push(*event);
-                Entry::Accepted(record)
+                Entry::Tied(change)
             }
         };
         entries.push((entry, pending.done));
@@ -274,7 +313,7 @@ fn journal_lines(
     for (entry, done) in entries {
         let (op, awaits) = match (entry, refused) {
             (Entry::Journal(op), _) => (op, Awaits::Journal),
-            (Entry::Audit | Entry::Accepted(_), Some(refused)) => {
+            (Entry::Audit | Entry::Tied(_), Some(refused)) => {
                 let _ = done.send(Err(refused.clone()));
                 continue;
             }
@@ -282,13 +321,14 @@ fn journal_lines(
                 JournalOp::Audit(lines.next().expect("one line per event")),
                 Awaits::Audit,
             ),
-            (Entry::Accepted(record), None) => (
-                JournalOp::Accepted {
-                    audit: lines.next().expect("one line per event"),
-                    record,
-                },
-                Awaits::Accepted,
-            ),
+            (Entry::Tied(change), None) => {
+                let audit = lines.next().expect("one line per event");
+                let op = match change {
+                    Change::Save(record) => JournalOp::Audited { audit, record },
+                    Change::Remove(handle) => JournalOp::AuditedRemove { audit, handle },
+                };
+                (op, Awaits::Both)
+            }
         };
         ops.push(op);
         waiting.push((done, awaits));

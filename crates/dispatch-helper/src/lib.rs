@@ -398,12 +398,8 @@ fn create_own_dirs(settings: &config::Settings) -> Result<(), String> {
     }
     if settings.file.work_dir.is_empty() {
         let lanes = settings.file.state_dir.join("lanes");
-        if !lanes.is_dir() {
-            std::fs::DirBuilder::new()
-                .mode(0o711)
-                .create(&lanes)
-                .map_err(|e| format!("create {}: {e}", lanes.display()))?;
-        }
+        store::create_dir_durably(&lanes, 0o711)
+            .map_err(|e| format!("create {}: {e}", lanes.display()))?;
     }
     Ok(())
 }
@@ -631,13 +627,7 @@ fn lock_single_instance(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::F
 }
 
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
+    store::create_dir_durably(path, 0o700)
 }
 
 fn take_or_bind_socket(settings: &config::Settings) -> std::io::Result<tokio::net::UnixListener> {

@@ -84,11 +84,19 @@ pub enum JournalOp {
     Remove(String),
     /// An audit record's line, kept durable here for the audit log (see `audit`).
     Audit(KeptAudit),
-    /// A dispatch's acceptance (its audit record's line) and its job record, in one line: a
-    /// crash keeps both or neither.
-    Accepted {
+    /// A job record and the audit record's line of the event that made it (a dispatch
+    /// accepted, a lane ended, a job found lost), in one line: a crash keeps both or neither.
+    /// Named for the first such event in the journal's text.
+    #[serde(rename = "accepted")]
+    Audited {
         audit: KeptAudit,
         record: Box<JobRecord>,
+    },
+    /// A job's removal (deleted, pruned) and its audit record's line, in one line.
+    #[serde(rename = "removed")]
+    AuditedRemove {
+        audit: KeptAudit,
+        handle: String,
     },
 }
 
@@ -96,15 +104,25 @@ impl JournalOp {
     /// The record this line saves, if any.
     fn saved(&self) -> Option<&JobRecord> {
         match self {
-            JournalOp::Save(record) | JournalOp::Accepted { record, .. } => Some(record),
-            JournalOp::Remove(_) | JournalOp::Audit(_) => None,
+            JournalOp::Save(record) | JournalOp::Audited { record, .. } => Some(record),
+            JournalOp::Remove(_) | JournalOp::AuditedRemove { .. } | JournalOp::Audit(_) => None,
+        }
+    }
+
+    /// The job this line removes, if any.
+    fn removed(&self) -> Option<&str> {
+        match self {
+            JournalOp::Remove(handle) | JournalOp::AuditedRemove { handle, .. } => Some(handle),
+            JournalOp::Save(_) | JournalOp::Audited { .. } | JournalOp::Audit(_) => None,
         }
     }
 
     /// The audit record's line this one keeps, if any.
     fn audit_line(&self) -> Option<&KeptAudit> {
         match self {
-            JournalOp::Audit(line) | JournalOp::Accepted { audit: line, .. } => Some(line),
+            JournalOp::Audit(line)
+            | JournalOp::Audited { audit: line, .. }
+            | JournalOp::AuditedRemove { audit: line, .. } => Some(line),
             JournalOp::Save(_) | JournalOp::Remove(_) => None,
         }
     }
@@ -183,10 +201,7 @@ impl JobStore {
     fn open_as(state_dir: &Path, writable: bool) -> std::io::Result<JobStore> {
         let dir = state_dir.join("jobs");
         if writable {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)?;
+            create_dir_durably(&dir, 0o700)?;
         }
         let mut state = State {
             index: HashMap::new(),
@@ -285,16 +300,6 @@ impl JobStore {
     pub async fn remove_async(&self, handle: &str) -> std::io::Result<()> {
         self.append_async(JournalOp::Remove(handle.to_owned()))
             .await
-    }
-
-    /// [`JobStore::remove_async`] of a record whose removal nobody waits for (retention),
-    /// queued now: its line shares the next commit, or is synced by itself within
-    /// `commit::SOON`.
-    pub fn remove_soon(
-        &self,
-        handle: &str,
-    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send + use<> {
-        self.queue_op(JournalOp::Remove(handle.to_owned()), true)
     }
 
     async fn append_async(&self, op: JournalOp) -> std::io::Result<()> {
@@ -408,10 +413,12 @@ impl JobStore {
             Location::Journal { offset, len } => {
                 let file = opened(&mut readers.journal, &self.journal_path())?;
                 match serde_json::from_slice(&read_at(file, *offset, *len)?) {
-                    Ok(JournalOp::Save(record) | JournalOp::Accepted { record, .. }) => Ok(*record),
-                    Ok(JournalOp::Remove(_) | JournalOp::Audit(_)) => {
-                        Err(damaged("the index points at a line that saves no record"))
-                    }
+                    Ok(JournalOp::Save(record) | JournalOp::Audited { record, .. }) => Ok(*record),
+                    Ok(
+                        JournalOp::Remove(_)
+                        | JournalOp::AuditedRemove { .. }
+                        | JournalOp::Audit(_),
+                    ) => Err(damaged("the index points at a line that saves no record")),
                     Err(error) => Err(damaged(error)),
                 }
             }
@@ -537,9 +544,32 @@ pub(crate) fn sync_data(file: &File) -> std::io::Result<()> {
     file.sync_data()
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     File::open(dir)?.sync_all()
+}
+
+/// Make `dir` and any missing parents (each with `mode`), every new name synced into its
+/// parent: a directory a power cut takes back takes every record written in it since.
+pub(crate) fn create_dir_durably(dir: &Path, mode: u32) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    // Outermost first: each parent holds its child's name once synced.
+    for made in missing.iter().rev() {
+        if let Some(parent) = made.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 fn read_at(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
@@ -625,7 +655,7 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
 fn index_line(index: &mut HashMap<String, Location>, op: &JournalOp, at: Location) {
     if let Some(record) = op.saved() {
         index.insert(record.job.handle.clone(), at);
-    } else if let JournalOp::Remove(handle) = op {
+    } else if let Some(handle) = op.removed() {
         index.remove(handle);
     }
 }
@@ -745,20 +775,26 @@ mod tests {
     }
 
     #[test]
-    fn an_acceptance_line_saves_its_record_and_audit_lines_are_kept_for_the_log() {
+    fn audited_lines_save_or_remove_their_record_and_audit_lines_are_kept_for_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
         store
             .append_now(vec![
                 JournalOp::Audit(kept(0, "{\"seq\":1}")),
-                JournalOp::Accepted {
+                JournalOp::Audited {
                     audit: kept(11, "{\"seq\":2}"),
                     record: Box::new(record("d-1", "Running")),
                 },
                 JournalOp::Save(Box::new(record("d-2", "Queued"))),
+                JournalOp::Save(Box::new(record("d-3", "Succeeded"))),
+                JournalOp::AuditedRemove {
+                    audit: kept(22, "{\"seq\":3}"),
+                    handle: "d-3".into(),
+                },
             ])
             .unwrap();
         assert_eq!(store.load("d-1").unwrap().job.state.as_str(), "running");
+        assert!(store.load("d-3").is_err(), "an audited removal removes");
         drop(store);
         let reopened = JobStore::open(dir.path()).unwrap();
         assert_eq!(
@@ -770,7 +806,11 @@ mod tests {
         );
         assert_eq!(
             reopened.take_kept_audit(),
-            vec![kept(0, "{\"seq\":1}"), kept(11, "{\"seq\":2}")]
+            vec![
+                kept(0, "{\"seq\":1}"),
+                kept(11, "{\"seq\":2}"),
+                kept(22, "{\"seq\":3}")
+            ]
         );
         assert!(reopened.take_kept_audit().is_empty(), "taken once");
         // Compaction keeps the records, not the audit lines (the log is synced before it).

@@ -12,16 +12,19 @@ impl Helper {
             .load_all()
             .map_err(|e| format!("cannot read the job store: {e}"))?;
         let mut jobs = JobTable::default();
-        // Every lost job's record and audit record are queued before any is awaited, so a
-        // restart that lost a thousand lanes commits them together instead of one by one.
+        // Every lost job's record (with its audit record) is queued before any is awaited, so
+        // a restart that lost a thousand lanes commits them together instead of one by one.
         let mut lost = Vec::new();
         for mut record in records {
             if record.job.state == JobState::Running {
                 kill_stale_group(&record);
                 mark_lost(&mut record);
-                let saved = self.store.save_in_order(&record);
-                let audited = self.audit.append_in_order(lost_event(&record));
-                lost.push((record.job.handle.clone(), saved, audited));
+                // One line with its `lost` record: a start that cannot audit it changes
+                // nothing, and the next start finds the job running and tries again.
+                let event = lost_event(&record);
+                let saved = Change::Save(Box::new(record.clone()));
+                let saved = commit::tied(&self.audit, &self.store, event, saved, false);
+                lost.push((record.job.handle.clone(), saved));
             }
             record.job.stdout = None;
             record.job.stderr = None;
@@ -29,13 +32,11 @@ impl Helper {
             let stop = (record.job.state == JobState::Queued).then(mpsc::unbounded_channel);
             jobs.insert(JobEntry::new(record, stop));
         }
-        for (handle, saved, audited) in lost {
-            saved
-                .await
-                .map_err(|e| format!("cannot record lost job {handle}: {e}"))?;
-            audited
-                .await
-                .map_err(|e| format!("cannot audit lost job {handle}: {e}"))?;
+        for (handle, saved) in lost {
+            saved.await.map_err(|e| match e {
+                CommitError::Audit(e) => format!("cannot audit lost job {handle}: {e}"),
+                CommitError::Journal(e) => format!("cannot record lost job {handle}: {e}"),
+            })?;
         }
         self.queue_again(&jobs);
         *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = jobs;

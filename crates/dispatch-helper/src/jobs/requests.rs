@@ -188,28 +188,33 @@ impl Helper {
             .unwrap_or_else(|p| p.into_inner())
             .remove(handle)
             .ok_or_else(|| unknown_handle(handle))?;
-        if let Err(error) = self.store.remove_async(handle).await {
-            // Not deleted after all: the job stays listed, as its record does.
-            self.jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(entry);
-            return Err(reply(
-                ErrorKind::Internal,
-                format!("could not delete the record of {handle}: {error}"),
-            ));
-        }
-        // Audited now, not after the directory: its removal may wait its turn.
-        let audited = self.audit.append_in_order(AuditEvent {
+        // The removal and its `deleted` record are one journal line: a deletion that cannot be
+        // audited is not made.
+        let deleted = AuditEvent {
             event: "deleted",
             peer: Some(peer.identity),
             claimed_client: peer.claimed_client.clone(),
             handle: Some(handle.to_owned()),
             outcome: "deleted".into(),
             ..Default::default()
-        });
+        };
+        let removal = Change::Remove(handle.to_owned());
+        if let Err(error) = commit::tied(&self.audit, &self.store, deleted, removal, false).await {
+            // Not deleted after all: the job stays listed, as its record does.
+            self.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry);
+            let what = match error {
+                CommitError::Audit(_) => "its deletion could not be audited",
+                CommitError::Journal(_) => "its record could not be removed",
+            };
+            return Err(reply(
+                ErrorKind::Internal,
+                format!("{handle} was not deleted: {what}: {error}"),
+            ));
+        }
         self.remove_work_dir(&entry.record).await;
-        let _ = audited.await;
         Ok(handle.to_owned())
     }
 }

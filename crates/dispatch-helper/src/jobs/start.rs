@@ -8,7 +8,6 @@
 use super::held::HeldLane;
 use super::recover::process_start_ticks;
 use super::*;
-use crate::commit::CommitError;
 use crate::config::LimitsConfig;
 use crate::queue::Waiting;
 use crate::store::QueuedRequest;
@@ -690,37 +689,14 @@ impl Helper {
     }
 
     /// Commit a dispatch's acceptance `event` and its `record`, both or neither, queued now
-    /// (their place in the writer's order is taken here): in one journal line through the
-    /// writer, or (before it runs) one after the other, the record only once the acceptance is
-    /// durable.
+    /// (their place in the writer's order is taken here).
     fn commit_tied(
         &self,
         event: AuditEvent,
         record: &JobRecord,
     ) -> impl Future<Output = Result<(), CommitError>> + Send + 'static {
-        let queued = match self.store.committer() {
-            Some(committer) => Ok(committer.tied(event, record.clone())),
-            None => Err((
-                event,
-                record.clone(),
-                self.audit.clone(),
-                self.store.clone(),
-            )),
-        };
-        async move {
-            let (event, record, audit, store) = match queued {
-                Ok(durable) => return durable.await,
-                Err(unqueued) => unqueued,
-            };
-            audit
-                .append(event)
-                .await
-                .map_err(|e| CommitError::Audit(e.to_string()))?;
-            store
-                .save_async(&record)
-                .await
-                .map_err(|e| CommitError::Journal(e.to_string()))
-        }
+        let record = Change::Save(Box::new(record.clone()));
+        commit::tied(&self.audit, &self.store, event, record, false)
     }
 
     /// A lane's slot is free: give it back and start whatever waited for one.

@@ -58,17 +58,25 @@ impl Helper {
         self.prune_finished(owner_uid).await;
     }
 
-    /// A job's final record and its audit record (`event`), queued together so that one sync
-    /// covers both.
+    /// A job's final record with its audit record (`event`), in one journal line: a crash
+    /// keeps both or neither. An end that cannot be audited (the log has failed, and every
+    /// dispatch is refused until it is repaired) is still saved by itself: what the lane did
+    /// has happened, and a record of it is worth more than both-or-neither.
     pub(super) async fn persist_and_audit_finish(&self, record: &JobRecord, event: &'static str) {
-        let saved = self.store.save_in_order(record);
-        let audited = self.audit.append_in_order(end_event(record, event));
-        let (saved, audited) = tokio::join!(saved, audited);
-        if let Err(error) = saved {
-            tracing::error!(%error, handle = %record.job.handle, "could not persist a finished job");
-        }
-        if let Err(error) = audited {
-            tracing::error!(%error, handle = %record.job.handle, "could not audit a job's end");
+        let handle = &record.job.handle;
+        let ended = end_event(record, event);
+        let saved = Change::Save(Box::new(record.clone()));
+        match commit::tied(&self.audit, &self.store, ended, saved, false).await {
+            Ok(()) => {}
+            Err(CommitError::Audit(error)) => {
+                tracing::error!(%error, %handle, "could not audit a job's end; saving it unaudited");
+                if let Err(error) = self.store.save_in_order(record).await {
+                    tracing::error!(%error, %handle, "could not persist a finished job");
+                }
+            }
+            Err(CommitError::Journal(error)) => {
+                tracing::error!(%error, %handle, "could not persist a finished job");
+            }
         }
     }
 
@@ -123,55 +131,33 @@ impl Helper {
         };
         // Nobody waits for retention: its lines share the next commit (or are synced by
         // themselves within `commit::SOON`), all queued at once, so that many (after a reload
-        // lowered the limit) do not each wait for company. The directories go meanwhile, while
-        // the client that ended the lane has not yet sent its next dispatch; each removal's
-        // `pruned` record is queued as soon as the removal is durable.
+        // lowered the limit) do not each wait for company. Each removal is one line with its
+        // `pruned` record. The directories go meanwhile, while the client that ended the lane
+        // has not yet sent its next dispatch: a crash before the commit brings back a record
+        // whose directory is gone (pruned again later), never a directory without a record.
         let removals: Vec<_> = doomed
             .into_iter()
             .map(|entry| {
-                let removed = self.store.remove_soon(&entry.record.job.handle);
+                let handle = entry.record.job.handle.clone();
+                let pruned = pruned_event(handle.clone(), keep, owner_uid);
+                let removal = Change::Remove(handle);
+                let removed = commit::tied(&self.audit, &self.store, pruned, removal, true);
                 (entry, removed)
             })
             .collect();
         for (entry, _) in &removals {
             self.remove_work_dir(&entry.record).await;
         }
-        let mut audits = Vec::new();
         for (entry, removed) in removals {
-            let handle = entry.record.job.handle.clone();
             if let Err(error) = removed.await {
+                let handle = &entry.record.job.handle;
                 tracing::error!(%error, %handle, "could not prune a finished job; it stays listed, without its directory");
                 self.jobs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(entry);
-                continue;
-            }
-            audits.push(self.audit_pruned(handle, keep, owner_uid));
-        }
-        for audited in audits {
-            if let Err(error) = audited.await {
-                tracing::error!(%error, "could not audit a pruned job");
             }
         }
-    }
-
-    /// The `pruned` record of a job retention removed, queued now.
-    fn audit_pruned(
-        &self,
-        handle: String,
-        keep: usize,
-        owner_uid: u32,
-    ) -> impl Future<Output = Result<(), crate::audit::AuditError>> + Send + use<> {
-        self.audit.append_soon(AuditEvent {
-            event: "pruned",
-            handle: Some(handle),
-            outcome: "deleted".into(),
-            detail: Some(format!(
-                "more than {keep} finished dispatches were kept for uid {owner_uid}"
-            )),
-            ..Default::default()
-        })
     }
 
     /// Jobs with a lane (or about to have one): queued ones wait for none and are kept, so a
@@ -296,5 +282,18 @@ fn judge(
             record.job.state = JobState::Failed;
             record.job.detail = format!("could not wait for the lane: {other:?}");
         }
+    }
+}
+
+/// The `pruned` record of a job retention removed.
+fn pruned_event(handle: String, keep: usize, owner_uid: u32) -> AuditEvent {
+    AuditEvent {
+        event: "pruned",
+        handle: Some(handle),
+        outcome: "deleted".into(),
+        detail: Some(format!(
+            "more than {keep} finished dispatches were kept for uid {owner_uid}"
+        )),
+        ..Default::default()
     }
 }
