@@ -284,10 +284,10 @@ impl Helper {
     }
 
     /// A job that ends without ever having a lane (cancelled while it waited, refused at its
-    /// turn, or not queued after all). Its final record must reach the store: one left saying
-    /// `queued` would run at the next start. If it cannot be saved it is removed instead. Only
-    /// then is its end audited and shown; if neither can be done nothing changes here, and the
-    /// error says why.
+    /// turn, or not queued after all). Its final record must reach the store (with its audit
+    /// record, in one line): one left saying `queued` would run at the next start. If it cannot
+    /// be saved it is removed instead. Only then is its end shown; if neither can be done
+    /// nothing changes here, and the error says why.
     async fn end_without_lane(
         self: &Arc<Self>,
         record: JobRecord,
@@ -296,8 +296,8 @@ impl Helper {
         event: &'static str,
     ) -> Result<(), String> {
         let ended = ended_without_lane(record, state, detail);
-        self.record_end_without_lane(&ended).await?;
-        self.announce_end_without_lane(ended, event).await;
+        let audited = self.record_end_without_lane(&ended, event).await?;
+        self.announce_end_without_lane(ended, event, audited).await;
         Ok(())
     }
 
@@ -312,17 +312,21 @@ impl Helper {
     ) {
         let was_waiting = record.job.state == JobState::Queued;
         let mut ended = ended_without_lane(record, state, detail);
-        if let Err(error) = self.record_end_without_lane(&ended).await {
-            let next_start = match was_waiting {
-                true => "it waits for its turn again",
-                false => "it is recorded lost",
-            };
-            ended.job.detail = format!(
-                "{}; this end could not be recorded ({error}): after a restart {next_start}",
-                ended.job.detail
-            );
-        }
-        self.announce_end_without_lane(ended, event).await;
+        let audited = match self.record_end_without_lane(&ended, event).await {
+            Ok(audited) => audited,
+            Err(error) => {
+                let next_start = match was_waiting {
+                    true => "it waits for its turn again",
+                    false => "it is recorded lost",
+                };
+                ended.job.detail = format!(
+                    "{}; this end could not be recorded ({error}): after a restart {next_start}",
+                    ended.job.detail
+                );
+                false
+            }
+        };
+        self.announce_end_without_lane(ended, event, audited).await;
     }
 
     /// A dispatch whose turn did not come after all, back in line (first among its client's
@@ -339,24 +343,50 @@ impl Helper {
         self.wake_waiters_of_turn(&handle);
     }
 
-    /// Saved as ended, or failing that removed: an error only if neither could be done.
-    async fn record_end_without_lane(&self, ended: &JobRecord) -> Result<(), String> {
+    /// Saved as ended with its audit record (`event`), or failing the audit saved alone, or
+    /// failing the save removed: an error only if none could be done. Whether the end was
+    /// audited with it.
+    async fn record_end_without_lane(
+        &self,
+        ended: &JobRecord,
+        event: &'static str,
+    ) -> Result<bool, String> {
         let handle = &ended.job.handle;
-        let Err(error) = self.store.save_async(ended).await else {
-            return Ok(());
+        let audit_record = super::supervise::end_event(ended, event);
+        let saved = Change::Save(Box::new(ended.clone()));
+        let error = match commit::tied(&self.audit, &self.store, audit_record, saved, false).await {
+            Ok(()) => return Ok(true),
+            Err(CommitError::Audit(error)) => {
+                tracing::error!(%error, %handle, "could not audit the end of a job that never ran; saving it unaudited");
+                match self.store.save_async(ended).await {
+                    Ok(()) => return Ok(false),
+                    Err(error) => error.to_string(),
+                }
+            }
+            Err(CommitError::Journal(error)) => error,
         };
         tracing::error!(%error, %handle, "could not record the end of a job that never ran; removing its record");
-        self.store.remove_async(handle).await.map_err(|removal| {
-            tracing::error!(error = %removal, %handle, "could not remove its record either");
-            format!("{error}; removing its record instead: {removal}")
-        })
+        match self.store.remove_async(handle).await {
+            Ok(()) => Ok(false),
+            Err(removal) => {
+                tracing::error!(error = %removal, %handle, "could not remove its record either");
+                Err(format!("{error}; removing its record instead: {removal}"))
+            }
+        }
     }
 
-    /// The end audited, the entry finished (waiters woken), and its client's finished records
-    /// pruned off the caller's path.
-    async fn announce_end_without_lane(self: &Arc<Self>, ended: JobRecord, event: &'static str) {
+    /// The end audited (unless `audited` with its record already), the entry finished
+    /// (waiters woken), and its client's finished records pruned off the caller's path.
+    async fn announce_end_without_lane(
+        self: &Arc<Self>,
+        ended: JobRecord,
+        event: &'static str,
+        audited: bool,
+    ) {
         self.forget_queued_env(&ended.job.handle);
-        self.audit_finish(&ended, event).await;
+        if !audited {
+            self.audit_finish(&ended, event).await;
+        }
         self.finish_and_prune(ended);
     }
 

@@ -215,7 +215,7 @@ impl Helper {
 }
 
 /// The audit record of a job's end.
-fn end_event(record: &JobRecord, event: &'static str) -> AuditEvent {
+pub(super) fn end_event(record: &JobRecord, event: &'static str) -> AuditEvent {
     AuditEvent {
         event,
         handle: Some(record.job.handle.clone()),
