@@ -651,6 +651,26 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
     Ok(offset)
 }
 
+/// Where the journal's last acknowledged commit ends: after its last newline, or before the
+/// first line holding a NUL byte if that comes first. No line the helper writes holds one
+/// (JSON escapes control characters), but a power cut during a commit can leave its pages
+/// half written, and a filesystem may read back zeros where they did not reach the disk,
+/// even before a later page that did. Every commit syncs everything before it, so nothing
+/// from such a line on was acknowledged.
+fn torn_end(bytes: &[u8]) -> usize {
+    let complete = bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
+    match bytes[..complete].iter().position(|&b| b == 0) {
+        Some(nul) => bytes[..nul]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1),
+        None => complete,
+    }
+}
+
 /// Where the record a journal line saves now is (or that a removed one is gone).
 fn index_line(index: &mut HashMap<String, Location>, op: &JournalOp, at: Location) {
     if let Some(record) = op.saved() {
@@ -660,8 +680,8 @@ fn index_line(index: &mut HashMap<String, Location>, op: &JournalOp, at: Locatio
     }
 }
 
-/// Apply the journal to the index; a torn last line (no newline: its commit never returned)
-/// is cut off. A damaged line before the last one stops the helper (nothing guesses).
+/// Apply the journal to the index; a torn end (a commit that never returned) is cut off. A
+/// damaged line before it stops the helper (nothing guesses).
 fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Result<()> {
     let mut file = match OpenOptions::new().read(true).write(writable).open(path) {
         Ok(file) => file,
@@ -671,11 +691,13 @@ fn replay_journal(path: &Path, state: &mut State, writable: bool) -> std::io::Re
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0))?;
     file.read_to_end(&mut bytes)?;
-    let complete = bytes
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |at| at + 1);
+    let complete = torn_end(&bytes);
     if complete < bytes.len() {
+        tracing::warn!(
+            journal = %path.display(),
+            cut = bytes.len() - complete,
+            "the job journal ends in a commit a crash interrupted; its bytes are cut off"
+        );
         if writable {
             file.set_len(complete as u64)?;
             file.sync_all()?;
@@ -908,6 +930,45 @@ mod tests {
             vec![("d-1".to_owned(), "running".to_owned())]
         );
         assert!(fs::read(&journal).unwrap().ends_with(b"\n"));
+    }
+
+    #[test]
+    fn a_commit_a_power_cut_left_with_zeroed_pages_is_cut_and_a_damaged_earlier_line_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.save(&record("d-1", "Running")).unwrap();
+        let journal = store.journal_path();
+        let acknowledged = fs::metadata(&journal).unwrap().len();
+        // The interrupted commit: a line whose middle page never reached the disk (zeros), and
+        // a whole line after it that did. Neither was acknowledged.
+        let mut torn = b"{\"save\":{\"handle\":\"d-2\",\"orguser\":\"".to_vec();
+        torn.extend(std::iter::repeat_n(0u8, 4096));
+        torn.extend(b"\"}}\n");
+        torn.extend(
+            serde_json::to_vec(&JournalOp::Save(Box::new(record("d-3", "Running")))).unwrap(),
+        );
+        torn.push(b'\n');
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(&torn).unwrap();
+        drop(store);
+        let reopened = JobStore::open(dir.path()).unwrap();
+        assert_eq!(
+            states(&reopened),
+            vec![("d-1".to_owned(), "running".to_owned())]
+        );
+        assert_eq!(fs::metadata(&journal).unwrap().len(), acknowledged);
+        // A damaged line that is not a torn write, followed by a good one, still stops the
+        // start: it may have been acknowledged.
+        drop(reopened);
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(b"{\"save\":not json}\n").unwrap();
+        file.write_all(&serde_json::to_vec(&JournalOp::Remove("d-1".into())).unwrap())
+            .unwrap();
+        file.write_all(b"\n").unwrap();
+        let refused = JobStore::open(dir.path())
+            .err()
+            .expect("a damaged line was skipped");
+        assert!(refused.to_string().contains("at byte"), "{refused}");
     }
 
     #[test]
