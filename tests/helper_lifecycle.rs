@@ -662,7 +662,22 @@ async fn audit_verify_passes_on_a_real_log_and_names_each_tampering() {
         let (ok, text) = verify(&tampered);
         assert!(!ok, "{what}: verify passed on a tampered log");
         assert!(text.contains(expected), "{what}: {text}");
+        assert!(!text.contains("crash interrupted"), "{what}: {text}");
     }
+    // A last record a crash cut short still fails, saying what it is and what repairs it.
+    let last = original.last().unwrap();
+    let mut torn = original[..original.len() - 1].join("\n") + "\n";
+    torn.push_str(&last[..last.len() / 2]);
+    std::fs::write(&tampered, torn).unwrap();
+    let (ok, text) = verify(&tampered);
+    assert!(!ok, "verify passed on a log whose last record is cut short");
+    assert!(
+        text.contains(&format!(
+            "line {}: not a complete audit record",
+            original.len()
+        )) && text.contains("a write a crash interrupted"),
+        "{text}"
+    );
 }
 
 /// Ask the helper to reload its configuration.

@@ -296,15 +296,46 @@ pub fn verify(path: &Path) -> Result<u64, AuditError> {
     let file = File::open(path).map_err(io_error)?;
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = 1u64;
-    for (index, line) in BufReader::new(file).lines().enumerate() {
+    for (index, line) in BufReader::new(&file).lines().enumerate() {
         let line = line.map_err(io_error)?;
-        prev = verify_link(&line, &prev, expected_seq).map_err(|message| AuditError::Corrupt {
-            path: path.display().to_string(),
-            message: format!("line {}: {message}", index + 1),
+        prev = verify_link(&line, &prev, expected_seq).map_err(|mut message| {
+            if torn_at_end(path, &line) {
+                message.push_str(
+                    " (the log's last line, with no newline: a write a crash interrupted, which \
+                     the helper cuts off and writes back from its job journal at its next start)",
+                );
+            }
+            AuditError::Corrupt {
+                path: path.display().to_string(),
+                message: format!("line {}: {message}", index + 1),
+            }
         })?;
         expected_seq += 1;
     }
     Ok(expected_seq - 1)
+}
+
+/// Whether `line` is the end of the file at `path`, unterminated.
+fn torn_at_end(path: &Path, line: &str) -> bool {
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = file.seek(SeekFrom::End(0)) else {
+        return false;
+    };
+    let mut last = [0u8; 1];
+    let ends_unterminated = len > 0
+        && file.seek(SeekFrom::Start(len - 1)).is_ok()
+        && file.read_exact(&mut last).is_ok()
+        && last[0] != b'\n';
+    ends_unterminated
+        && file
+            .seek(SeekFrom::Start(len.saturating_sub(line.len() as u64)))
+            .is_ok()
+        && {
+            let mut tail = Vec::new();
+            file.read_to_end(&mut tail).is_ok() && tail == line.as_bytes()
+        }
 }
 
 /// One record: its own hash over its content, and its place in the chain (`prev`, the hash of
