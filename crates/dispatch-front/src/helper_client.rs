@@ -53,8 +53,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(25);
 #[derive(Default)]
 struct Shared {
     alive: bool,
-    pending: HashMap<u64, oneshot::Sender<Response>>,
+    pending: HashMap<u64, Waiter>,
 }
+
+/// A request the helper has not answered yet.
+struct Waiter {
+    answer: oneshot::Sender<Response>,
+    /// Its places (see [`Connection::in_flight`]), held until the helper answers it or the
+    /// connection ends, not until its caller stops waiting: the helper serves it till then,
+    /// and counts it against this connection's limit.
+    _places: Places,
+}
+
+type Places = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 impl Shared {
     fn close(&mut self) {
@@ -185,33 +199,36 @@ impl HelperClient {
         let connection = self.connection().await?;
         // Our turn first (held until the answer): the helper would refuse more than this.
         let waiting = matches!(body, Request::Result { wait_ms, .. } if wait_ms > 0);
-        let _wait_place = match waiting {
+        let wait_place = match waiting {
             true => Some(place(&connection.waits).await?),
             false => None,
         };
-        let _place = place(&connection.in_flight).await?;
+        let places = (place(&connection.in_flight).await?, wait_place);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST)
             .map_err(|e| HelperError::Protocol(e.to_string()))?;
-        let (sender, receiver) = oneshot::channel();
+        let (answer, receiver) = oneshot::channel();
         {
             let mut shared = lock(&connection.shared);
             if !shared.alive {
                 return Err(HelperError::Disconnected);
             }
-            shared.pending.insert(id, sender);
+            let waiter = Waiter {
+                answer,
+                _places: places,
+            };
+            shared.pending.insert(id, waiter);
         }
         if connection.outbox.send(frame).await.is_err() {
             lock(&connection.shared).pending.remove(&id);
             return Err(HelperError::Disconnected);
         }
+        // Given up on (or this future dropped), the request keeps its places until the helper
+        // answers it: the reader drops its waiter then.
         match tokio::time::timeout(patience, receiver).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(HelperError::Disconnected),
-            Err(_) => {
-                lock(&connection.shared).pending.remove(&id);
-                Err(HelperError::Timeout(patience.as_secs()))
-            }
+            Err(_) => Err(HelperError::Timeout(patience.as_secs())),
         }
     }
 
@@ -357,7 +374,8 @@ impl Connection {
             {
                 let waiter = lock(&reader_shared).pending.remove(&response.id);
                 if let Some(waiter) = waiter {
-                    let _ = waiter.send(response.body);
+                    // Its caller may have stopped listening; its places go back either way.
+                    let _ = waiter.answer.send(response.body);
                 }
             }
             lock(&reader_shared).close();
@@ -387,4 +405,101 @@ async fn place(
         .acquire_owned()
         .await
         .map_err(|_| HelperError::Disconnected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A helper that serves 2 requests at once on its one connection: it answers those it holds
+    /// each time it is told to, and records the most it ever held unanswered.
+    fn holding_helper(listener: UnixListener) -> (mpsc::Sender<()>, Arc<AtomicU64>) {
+        let (answer, mut told) = mpsc::channel::<()>(8);
+        let most = Arc::new(AtomicU64::new(0));
+        let held_most = most.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (mut reader, mut writer) = stream.into_split();
+            let hello: RequestEnvelope = read_frame(&mut reader, FrameLimit::REQUEST)
+                .await
+                .unwrap()
+                .unwrap();
+            let reply = Response::Hello(HelloReply {
+                version: PROTOCOL_VERSION,
+                helper_version: "test".into(),
+                peer_uid: 0,
+                unprivileged: true,
+                max_in_flight: 2,
+                pass_env: Vec::new(),
+            });
+            let envelope = ResponseEnvelope {
+                id: hello.id,
+                body: reply,
+            };
+            write_frame(&mut writer, &envelope, FrameLimit::RESPONSE)
+                .await
+                .unwrap();
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    request = read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST) => {
+                        let Ok(Some(request)) = request else { return };
+                        held.push(request.id);
+                        held_most.fetch_max(held.len() as u64, Ordering::SeqCst);
+                    }
+                    Some(()) = told.recv() => {
+                        for id in held.drain(..) {
+                            let body = Response::Lanes { lanes: Vec::new() };
+                            let envelope = ResponseEnvelope { id, body };
+                            write_frame(&mut writer, &envelope, FrameLimit::RESPONSE)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                }
+            }
+        });
+        (answer, most)
+    }
+
+    /// A caller that stops waiting (an MCP client that cancels its call) does not free its
+    /// request's place while the helper still serves it: the helper would refuse one more.
+    #[tokio::test]
+    async fn a_request_given_up_on_keeps_its_place_until_the_helper_answers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("helper.sock");
+        let (answer, most) = holding_helper(UnixListener::bind(&socket).unwrap());
+        let client = Arc::new(HelperClient::new(socket));
+        let call = |client: &Arc<HelperClient>| {
+            let client = client.clone();
+            tokio::spawn(async move { client.request(Request::Lanes).await })
+        };
+        for _ in 0..2 {
+            let given_up = call(&client);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            given_up.abort();
+        }
+        let third = call(&client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "the helper was sent more requests than it serves at once"
+        );
+        assert!(!third.is_finished(), "{:?}", third.await);
+        // Once the helper answers the two, the third goes, and is answered in its turn.
+        answer.send(()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        answer.send(()).await.unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(answered, Ok(Response::Lanes { .. })),
+            "{answered:?}"
+        );
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+    }
 }
