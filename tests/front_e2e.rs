@@ -21,6 +21,8 @@ use support::*;
 struct TestClient {
     tasks: bool,
     progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
+    /// Its `clientInfo.name`, if not the usual one.
+    name: Option<String>,
 }
 
 impl ClientHandler for TestClient {
@@ -30,7 +32,8 @@ impl ClientHandler for TestClient {
         } else {
             ClientCapabilities::default()
         };
-        ClientConfig::new(caps, Implementation::new("e2e-test-client", "1.0.0"))
+        let name = self.name.as_deref().unwrap_or("e2e-test-client");
+        ClientConfig::new(caps, Implementation::new(name, "1.0.0"))
     }
 
     async fn on_progress(
@@ -310,6 +313,14 @@ async fn expected_failures_are_tool_errors_that_say_what_to_do() {
         error.contains("8001 characters long") && error.contains("Fix that argument"),
         "{error}"
     );
+    // Too long even to reach the helper: said as such, never as the helper's fault.
+    let error = tool_error(call(&client, "dispatch_unit", json!({"orguser": "alice-org", "repo": "alice-repo", "task_description": "x".repeat(70_000)})).await);
+    assert!(
+        error.contains("too large to send")
+            && error.contains("task_description")
+            && !error.contains("broke the protocol"),
+        "{error}"
+    );
     let error = tool_error(
         call(
             &client,
@@ -360,6 +371,26 @@ async fn expected_failures_are_tool_errors_that_say_what_to_do() {
         "{error}"
     );
     orphan.cancel().await.unwrap();
+    client.cancel().await.unwrap();
+}
+
+/// A client's name is only a claim the helper records (its first 128 characters): one too long
+/// to send whole used to fail the handshake, as if the user were not admitted.
+#[tokio::test]
+async fn a_client_with_a_huge_name_is_served_and_recorded_by_the_start_of_it() {
+    let Some(helper) = start_helper("huge client name", HelperOptions::default()) else {
+        return;
+    };
+    let name = "é".repeat(100_000);
+    let handler = TestClient {
+        name: Some(name.clone()),
+        ..TestClient::default()
+    };
+    let client = front(&helper.socket, handler).await;
+    dispatched(&client, "exit:0").await;
+    let accepted = helper.audited("dispatch_accepted");
+    let claimed = accepted[0]["claimed_client"].as_str().unwrap_or_default();
+    assert_eq!(claimed, "é".repeat(128));
     client.cancel().await.unwrap();
 }
 

@@ -31,6 +31,11 @@ pub enum HelperError {
     Timeout(u64),
     #[error("the dispatch helper broke the protocol: {0}")]
     Protocol(String),
+    /// Refused here, before anything was sent: the helper would reject a frame this long.
+    #[error(
+        "the request is too large to send: its arguments encode to {bytes} bytes, and a request may take at most {limit}; shorten the longest (a task_description may have at most 8000 characters)"
+    )]
+    TooLarge { bytes: u64, limit: u32 },
     /// The helper answered, then closed the connection during the handshake: it refuses
     /// peers it does not admit without a word.
     #[error(
@@ -43,6 +48,9 @@ pub enum HelperError {
     )]
     PersonalHelperRefused { socket: String, log: String },
 }
+
+/// The characters of a client's claimed name the helper records.
+pub const CLAIMED_NAME_CHARS: usize = 128;
 
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -156,11 +164,13 @@ impl HelperClient {
         &self.socket
     }
 
-    /// The MCP client's name, passed to the helper as a claim on the next (re)connection.
+    /// The MCP client's name, passed to the helper as a claim on the next (re)connection: its
+    /// first [`CLAIMED_NAME_CHARS`] characters, all the helper keeps (a longer one could not
+    /// even be sent).
     pub fn set_client_name(&self, name: Option<String>) {
         let mut current = self.client_name.lock().unwrap_or_else(|p| p.into_inner());
         if current.is_none() {
-            *current = name;
+            *current = name.map(|n| n.chars().take(CLAIMED_NAME_CHARS).collect());
         }
     }
 
@@ -205,8 +215,15 @@ impl HelperClient {
         };
         let places = (place(&connection.in_flight).await?, wait_place);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST)
-            .map_err(|e| HelperError::Protocol(e.to_string()))?;
+        let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST).map_err(
+            |e| match e {
+                dispatch_proto::CodecError::Oversized { length, limit } => HelperError::TooLarge {
+                    bytes: length,
+                    limit,
+                },
+                other => HelperError::Protocol(other.to_string()),
+            },
+        )?;
         let (answer, receiver) = oneshot::channel();
         {
             let mut shared = lock(&connection.shared);

@@ -383,6 +383,9 @@ impl DispatchService {
     }
 
     fn helper_failure(&self, error: HelperError) -> ToolFailure {
+        if let HelperError::TooLarge { .. } = error {
+            return ToolFailure(error.to_string(), Blame::Request);
+        }
         ToolFailure::server(match error {
             HelperError::Unreachable { .. } if self.helper.is_personal() => format!(
                 "{error}. This is your personal dispatch helper (no system helper answered at \
@@ -405,6 +408,7 @@ impl DispatchService {
                  If this was dispatch_unit, check dispatch_list before retrying."
             ),
             HelperError::Protocol(_)
+            | HelperError::TooLarge { .. }
             | HelperError::NotAdmitted { .. }
             | HelperError::PersonalHelperRefused { .. } => error.to_string(),
         })
