@@ -150,8 +150,10 @@ pub fn core_list(dispatches: &[DispatchOutput], skip: usize, page: usize) -> Val
         .map(core_task)
         .collect();
     let mut result = json!({ "tasks": tasks });
-    if dispatches.len() > skip + page {
-        result["nextCursor"] = json!(format!("after:{}", skip + page));
+    // The cursor is the client's: any number may come back.
+    let next = skip.saturating_add(page);
+    if dispatches.len() > next {
+        result["nextCursor"] = json!(format!("after:{next}"));
     }
     result
 }
@@ -217,6 +219,14 @@ mod tests {
         let last = core_list(&all, parse_cursor(Some("after:4")).unwrap(), 2);
         assert_eq!((skip, last["tasks"].as_array().unwrap().len()), (2, 1));
         assert!(last.get("nextCursor").is_none());
+        // A cursor past every number pages past the end, never round to the start.
+        let past = core_list(
+            &all,
+            parse_cursor(Some("after:18446744073709551615")).unwrap(),
+            2,
+        );
+        assert_eq!(past["tasks"].as_array().unwrap().len(), 0);
+        assert!(past.get("nextCursor").is_none(), "{past}");
         assert!(
             parse_cursor(Some("page-2"))
                 .unwrap_err()
