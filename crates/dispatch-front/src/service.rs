@@ -37,10 +37,10 @@ pub struct StatusArgs {
     /// A handle returned by dispatch_unit.
     pub handle: String,
     /// Only the stdout after this byte offset (a `next_offset` from an earlier answer).
-    #[serde(default, deserialize_with = "lenient::offset")]
+    #[serde(default, deserialize_with = "lenient::stdout_offset")]
     pub stdout_offset: Option<u64>,
     /// Only the stderr after this byte offset (a `next_offset` from an earlier answer).
-    #[serde(default, deserialize_with = "lenient::offset")]
+    #[serde(default, deserialize_with = "lenient::stderr_offset")]
     pub stderr_offset: Option<u64>,
 }
 
@@ -49,13 +49,13 @@ pub struct ResultArgs {
     /// A handle returned by dispatch_unit.
     pub handle: String,
     /// Wait up to this many seconds for the dispatch to finish (0 or absent: answer at once).
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::seconds")]
     pub wait_seconds: Option<u32>,
     /// Only the stdout after this byte offset (a `next_offset` from an earlier answer).
-    #[serde(default, deserialize_with = "lenient::offset")]
+    #[serde(default, deserialize_with = "lenient::stdout_offset")]
     pub stdout_offset: Option<u64>,
     /// Only the stderr after this byte offset (a `next_offset` from an earlier answer).
-    #[serde(default, deserialize_with = "lenient::offset")]
+    #[serde(default, deserialize_with = "lenient::stderr_offset")]
     pub stderr_offset: Option<u64>,
 }
 
@@ -73,10 +73,10 @@ pub struct ListArgs {
     #[serde(default)]
     pub filter: Option<String>,
     /// Include the argv of each dispatch.
-    #[serde(default, deserialize_with = "lenient::boolean")]
+    #[serde(default, deserialize_with = "lenient::detail")]
     pub detail: Option<bool>,
     /// At most this many dispatches, newest first (default and cap: the helper's `max_list`).
-    #[serde(default, deserialize_with = "lenient::number")]
+    #[serde(default, deserialize_with = "lenient::limit")]
     pub limit: Option<u32>,
 }
 
@@ -84,43 +84,93 @@ pub struct ListArgs {
 pub struct NoArgs {}
 
 /// Some clients (the MCP Inspector CLI, agents writing JSON by hand) send numbers and booleans
-/// as strings. The schema says integer/boolean; a string that parses as one is accepted too.
+/// as strings, or whole numbers as `30.0`. The schema says integer/boolean; a value that means
+/// one is accepted too, and anything else is refused naming the argument and the value.
 mod lenient {
     use serde::{Deserialize, Deserializer, de::Error};
+    use serde_json::Value;
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Loose<T> {
-        Value(T),
-        Text(String),
-    }
-
-    fn parse<'de, D, T>(deserializer: D, what: &str) -> Result<Option<T>, D::Error>
+    /// A whole number `T` from a number (`30`, `30.0`) or a string of one.
+    fn whole<'de, D, T>(deserializer: D, field: &str, what: &str) -> Result<Option<T>, D::Error>
     where
         D: Deserializer<'de>,
-        T: Deserialize<'de> + std::str::FromStr,
+        T: TryFrom<u64>,
     {
-        match Option::<Loose<T>>::deserialize(deserializer)? {
-            None => Ok(None),
-            Some(Loose::Value(value)) => Ok(Some(value)),
-            Some(Loose::Text(text)) => text
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| D::Error::custom(format!("expected {what}, got {text:?}"))),
-        }
+        let refuse =
+            |shown: String| D::Error::custom(format!("{field}: expected {what}, got {shown}"));
+        let value = match Option::<Value>::deserialize(deserializer)? {
+            None | Some(Value::Null) => return Ok(None),
+            Some(value) => value,
+        };
+        let number = match &value {
+            Value::Number(number) => number.as_u64().or_else(|| {
+                number
+                    .as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+                    .map(|f| f as u64)
+            }),
+            Value::String(text) => text.trim().parse().ok(),
+            _ => None,
+        };
+        number
+            .and_then(|n| T::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| refuse(value.to_string()))
     }
 
-    pub fn number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
-        parse(deserializer, "a whole number of seconds")
+    pub fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+        whole(deserializer, "wait_seconds", "a whole number of seconds")
     }
 
-    pub fn offset<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-        parse(deserializer, "a byte offset (a whole number)")
+    pub fn limit<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+        whole(deserializer, "limit", "a whole number of dispatches")
     }
 
-    pub fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
-        parse(deserializer, "true or false")
+    pub fn stdout_offset<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        whole(
+            deserializer,
+            "stdout_offset",
+            "a byte offset (a whole number)",
+        )
+    }
+
+    pub fn stderr_offset<'de, D>(deserializer: D) -> Result<Option<u64>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        whole(
+            deserializer,
+            "stderr_offset",
+            "a byte offset (a whole number)",
+        )
+    }
+
+    /// true or false, as a boolean, a string (any case) or 1/0.
+    pub fn detail<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+        let value = match Option::<Value>::deserialize(deserializer)? {
+            None | Some(Value::Null) => return Ok(None),
+            Some(value) => value,
+        };
+        let meant = match &value {
+            Value::Bool(b) => Some(*b),
+            Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" => Some(true),
+                "false" | "0" => Some(false),
+                _ => None,
+            },
+            Value::Number(n) => match n.as_u64() {
+                Some(1) => Some(true),
+                Some(0) => Some(false),
+                _ => None,
+            },
+            _ => None,
+        };
+        meant
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("detail: expected true or false, got {value}")))
     }
 }
 
@@ -622,6 +672,46 @@ mod tests {
         );
         let args: ListArgs = serde_json::from_value(serde_json::json!({"detail": "true"})).unwrap();
         assert_eq!(args.detail, Some(true));
+    }
+
+    #[test]
+    fn a_whole_number_written_as_a_float_is_taken_and_anything_else_is_named_when_refused() {
+        let result = |args: serde_json::Value| serde_json::from_value::<ResultArgs>(args);
+        let list = |args: serde_json::Value| serde_json::from_value::<ListArgs>(args);
+        let args = result(serde_json::json!({"handle": "h", "wait_seconds": 30.0})).unwrap();
+        assert_eq!(args.wait_seconds, Some(30));
+        let args = list(serde_json::json!({"detail": "True", "limit": "7"})).unwrap();
+        assert_eq!((args.detail, args.limit), (Some(true), Some(7)));
+        let refused = [
+            (
+                result(serde_json::json!({"handle": "h", "wait_seconds": -1})).err(),
+                "wait_seconds: expected a whole number of seconds, got -1",
+            ),
+            (
+                result(serde_json::json!({"handle": "h", "wait_seconds": 2.5})).err(),
+                "wait_seconds: expected a whole number of seconds, got 2.5",
+            ),
+            (
+                result(serde_json::json!({"handle": "h", "wait_seconds": true})).err(),
+                "wait_seconds: expected a whole number of seconds, got true",
+            ),
+            (
+                result(serde_json::json!({"handle": "h", "stderr_offset": [1]})).err(),
+                "stderr_offset: expected a byte offset (a whole number), got [1]",
+            ),
+            (
+                list(serde_json::json!({"limit": 5_000_000_000u64})).err(),
+                "limit: expected a whole number of dispatches, got 5000000000",
+            ),
+            (
+                list(serde_json::json!({"detail": "maybe"})).err(),
+                "detail: expected true or false, got \"maybe\"",
+            ),
+        ];
+        for (error, expected) in refused {
+            let error = error.expect("refused").to_string();
+            assert!(error.contains(expected), "{error}");
+        }
     }
 
     #[test]
