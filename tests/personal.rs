@@ -510,6 +510,25 @@ async fn the_python_variables_keep_their_meaning_and_leniency() {
     drop(front);
 }
 
+/// A relative `DISPATCH_REPOS_JSON` names a file from where the client started the front, as
+/// it did for the Python server, not from wherever the helper runs.
+#[tokio::test]
+async fn a_relative_allowlist_path_is_read_from_where_the_front_started() {
+    let Some(world) = World::new("personal mode: relative DISPATCH_REPOS_JSON") else {
+        return;
+    };
+    let lanes = world.path("home/lanes");
+    std::fs::create_dir(&lanes).unwrap();
+    std::fs::rename(world.path("home/.repos.json"), lanes.join("repos.json")).unwrap();
+    nix::unistd::chown(&lanes, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let front = world
+        .front(&[("DISPATCH_REPOS_JSON", "lanes/repos.json")])
+        .await;
+    let done = result(&front, &dispatch(&front, "quick").await).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    drop(front);
+}
+
 #[tokio::test]
 async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
     let Some(world) = World::new("personal mode: no allowlist") else {

@@ -82,6 +82,20 @@ pub fn paths() -> Result<(PathBuf, PathBuf), String> {
     Ok((state_dir, runtime.join("helper.sock")))
 }
 
+/// A relative `DISPATCH_REPOS_JSON` names a file from where the MCP client started this front,
+/// as it did for the Python server; the helper runs elsewhere (in its state directory), so it
+/// is given the whole path. `~/…` stays for the helper to expand.
+fn from_here(name: &str, value: String) -> String {
+    let relative = !value.starts_with('/') && !value.starts_with('~');
+    if name != "DISPATCH_REPOS_JSON" || !relative {
+        return value;
+    }
+    match std::env::current_dir() {
+        Ok(here) => here.join(&value).display().to_string(),
+        Err(_) => value,
+    }
+}
+
 /// The names passed to lanes: `DISPATCH_PASS_ENV` (comma or space separated; empty for none),
 /// else the default.
 fn pass_env() -> Vec<String> {
@@ -345,6 +359,7 @@ fn config_text(state_dir: &Path, socket: &Path) -> Result<String, String> {
     let mut environment = String::new();
     for name in PYTHON_VARIABLES {
         if let Some(value) = env_nonempty(name) {
+            let value = from_here(name, value);
             environment.push_str(&format!("{name} = {}\n", toml_string(&value)));
         }
     }
