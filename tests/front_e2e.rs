@@ -212,6 +212,14 @@ async fn every_tool_works_and_describes_itself() {
     // As the Python server's detail: what the command printed (its end).
     let printed = result["stdout"]["text"].as_str().unwrap().trim();
     assert_eq!(result["detail"], printed);
+    // The same detail whichever tool reports the dispatch, and however much output a result
+    // asks for (these carry no output).
+    let status = ok(call(&client, "dispatch_status", json!({"handle": handle})).await);
+    assert_eq!(status["detail"], printed, "{status}");
+    let next = result["stdout"]["next_offset"].clone();
+    let newer = json!({"handle": handle, "stdout_offset": next, "stderr_offset": 1 << 30});
+    let nothing_new = ok(call(&client, "dispatch_result", newer).await);
+    assert_eq!(nothing_new["detail"], printed, "{nothing_new}");
     assert!(
         result["stdout"]["text"]
             .as_str()
@@ -230,6 +238,7 @@ async fn every_tool_works_and_describes_itself() {
     assert_eq!(list["count"], 1);
     assert_eq!(list["dispatches"][0]["handle"], handle.as_str());
     assert!(list["dispatches"][0]["argv"].is_array());
+    assert_eq!(list["dispatches"][0]["detail"], printed);
     let limited = ok(call(&client, "dispatch_list", json!({"limit": "1"})).await);
     assert_eq!(limited["count"], 1);
     let none = ok(call(&client, "dispatch_list", json!({"filter": "deploy*"})).await);

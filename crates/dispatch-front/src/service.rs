@@ -278,33 +278,6 @@ pub struct DispatchOutput {
     pub stopped_by: Option<String>,
 }
 
-/// At most this much of a command's output goes into `detail`.
-const SUMMARY_CHARS: usize = 500;
-
-/// The end of what the command printed (stdout, else stderr), once it exited by itself: what
-/// the Python server's `detail` carried.
-fn output_summary(job: &JobView) -> Option<String> {
-    let exited = job.exit_code.is_some() && job.stopped_by.is_none();
-    let printed = |tail: &Option<dispatch_proto::OutputTail>| {
-        tail.as_ref()
-            .map(|t| t.text.trim().to_owned())
-            .filter(|text| !text.is_empty())
-    };
-    let text = printed(&job.stdout).or_else(|| printed(&job.stderr))?;
-    exited.then(|| {
-        let count = text.chars().count();
-        let end: String = text
-            .chars()
-            .skip(count.saturating_sub(SUMMARY_CHARS))
-            .collect();
-        if count > SUMMARY_CHARS {
-            format!("…{end}")
-        } else {
-            end
-        }
-    })
-}
-
 impl From<JobView> for DispatchOutput {
     fn from(job: JobView) -> Self {
         let tail = |t: dispatch_proto::OutputTail| OutputTail {
@@ -314,7 +287,6 @@ impl From<JobView> for DispatchOutput {
             offset: t.offset,
             next_offset: t.next_offset,
         };
-        let summary = output_summary(&job);
         DispatchOutput {
             handle: job.handle,
             orguser: job.orguser,
@@ -323,7 +295,7 @@ impl From<JobView> for DispatchOutput {
             status: job.state.as_str().to_owned(),
             requested_at: job.requested_at,
             returncode: job.exit_code,
-            detail: summary.unwrap_or_else(|| job.detail.clone()),
+            detail: job.summary.unwrap_or_else(|| job.detail.clone()),
             outcome: job.detail,
             description: job.description,
             task_preview: job.task_preview,

@@ -16,4 +16,4 @@ pub use codec::{
 pub use messages::*;
 
 /// Version of the message set. The helper refuses a handshake with any other value.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;

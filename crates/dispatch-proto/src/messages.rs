@@ -281,6 +281,10 @@ pub struct JobView {
     /// The limit that stopped the lane: `processes`, `memory`, `cpu_time` or `wall_clock`.
     #[serde(default)]
     pub stopped_by: Option<String>,
+    /// Once the command has exited by itself having printed something: the end of its stdout
+    /// (else its stderr), at most 500 characters. In every view, unlike the output tails.
+    #[serde(default)]
+    pub summary: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

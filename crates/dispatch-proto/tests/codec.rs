@@ -50,6 +50,7 @@ fn job() -> JobView {
             peak_memory_whole_lane: true,
         }),
         stopped_by: Some("memory".into()),
+        summary: Some("out".into()),
     }
 }
 

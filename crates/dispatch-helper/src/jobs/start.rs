@@ -1033,6 +1033,7 @@ fn new_record(
             sandbox: Some(sandbox_report(enforcement, settings)),
             usage: None,
             stopped_by: None,
+            summary: None,
         },
     }
 }
