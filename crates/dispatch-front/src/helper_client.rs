@@ -207,11 +207,22 @@ impl HelperClient {
             _ => Duration::ZERO,
         } + Duration::from_secs(60);
         let connection = self.connection().await?;
-        // Our turn first (held until the answer): the helper would refuse more than this.
-        let waiting = matches!(body, Request::Result { wait_ms, .. } if wait_ms > 0);
-        let wait_place = match waiting {
-            true => Some(place(&connection.waits).await?),
-            false => None,
+        // Our turn first (held until the answer): the helper would refuse more than this. A
+        // result that would wait waits for a place no longer than it would have waited for the
+        // dispatch, then asks without waiting: its caller hears within the time it gave.
+        let mut body = body;
+        let wait_place = match &mut body {
+            Request::Result { wait_ms, .. } if *wait_ms > 0 => {
+                let given = Duration::from_millis(u64::from(*wait_ms));
+                match tokio::time::timeout(given, place(&connection.waits)).await {
+                    Ok(place) => Some(place?),
+                    Err(_) => {
+                        *wait_ms = 0;
+                        None
+                    }
+                }
+            }
+            _ => None,
         };
         let places = (place(&connection.in_flight).await?, wait_place);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -430,9 +441,17 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// A helper that serves 2 requests at once on its one connection: it answers those it holds
-    /// each time it is told to, and records the most it ever held unanswered.
-    fn holding_helper(listener: UnixListener) -> (mpsc::Sender<()>, Arc<AtomicU64>) {
+    /// each time it is told to, records the most it ever held unanswered, and passes on each
+    /// request it receives.
+    fn holding_helper(
+        listener: UnixListener,
+    ) -> (
+        mpsc::Sender<()>,
+        Arc<AtomicU64>,
+        mpsc::UnboundedReceiver<Request>,
+    ) {
         let (answer, mut told) = mpsc::channel::<()>(8);
+        let (seen, received) = mpsc::unbounded_channel();
         let most = Arc::new(AtomicU64::new(0));
         let held_most = most.clone();
         tokio::spawn(async move {
@@ -463,6 +482,7 @@ mod tests {
                     request = read_frame::<RequestEnvelope, _>(&mut reader, FrameLimit::REQUEST) => {
                         let Ok(Some(request)) = request else { return };
                         held.push(request.id);
+                        let _ = seen.send(request.body);
                         held_most.fetch_max(held.len() as u64, Ordering::SeqCst);
                     }
                     Some(()) = told.recv() => {
@@ -477,7 +497,7 @@ mod tests {
                 }
             }
         });
-        (answer, most)
+        (answer, most, received)
     }
 
     /// A caller that stops waiting (an MCP client that cancels its call) does not free its
@@ -486,7 +506,7 @@ mod tests {
     async fn a_request_given_up_on_keeps_its_place_until_the_helper_answers_it() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("helper.sock");
-        let (answer, most) = holding_helper(UnixListener::bind(&socket).unwrap());
+        let (answer, most, _received) = holding_helper(UnixListener::bind(&socket).unwrap());
         let client = Arc::new(HelperClient::new(socket));
         let call = |client: &Arc<HelperClient>| {
             let client = client.clone();
@@ -518,5 +538,49 @@ mod tests {
             "{answered:?}"
         );
         assert_eq!(most.load(Ordering::SeqCst), 2);
+    }
+
+    /// A result that would wait, finding every place for waits taken, asks without waiting once
+    /// the time it was given is up, rather than waiting for a place past it.
+    #[tokio::test]
+    async fn a_result_that_finds_no_place_to_wait_asks_without_waiting_in_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("helper.sock");
+        let (_answer, _most, mut received) = holding_helper(UnixListener::bind(&socket).unwrap());
+        let client = Arc::new(HelperClient::new(socket));
+        let result = |client: &Arc<HelperClient>, wait_ms: u32| {
+            let client = client.clone();
+            let body = Request::Result {
+                handle: "d-1".into(),
+                wait_ms,
+                output_from: None,
+            };
+            tokio::spawn(async move { client.request(body).await })
+        };
+        // 2 places, 1 of them for waits: a long wait holds it.
+        let _long = result(&client, 60_000);
+        let first = tokio::time::timeout(Duration::from_secs(5), received.recv()).await;
+        assert!(
+            matches!(
+                first,
+                Ok(Some(Request::Result {
+                    wait_ms: 60_000,
+                    ..
+                }))
+            ),
+            "{first:?}"
+        );
+        let started = std::time::Instant::now();
+        let _short = result(&client, 300);
+        let second = tokio::time::timeout(Duration::from_secs(5), received.recv()).await;
+        assert!(
+            matches!(second, Ok(Some(Request::Result { wait_ms: 0, .. }))),
+            "{second:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

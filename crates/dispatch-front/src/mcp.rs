@@ -394,7 +394,9 @@ impl DispatchServer {
         Ok(tasks::core_task(&output))
     }
 
-    /// Blocks until the dispatch has finished (or the client cancels this request).
+    /// Blocks until the dispatch has finished (or the client cancels this request), asking the
+    /// helper in slices short enough that a few such waits do not hold every place the helper
+    /// leaves for waits for long.
     async fn core_task_result(
         &self,
         id: TaskIdParams,
@@ -405,7 +407,7 @@ impl DispatchServer {
                 _ = ctx.ct.cancelled() => {
                     return Err(McpError::internal_error("tasks/result was cancelled; the task keeps running", None));
                 }
-                job = self.service.result_once(id.task_id.clone(), 30_000, None) => job.map_err(task_error)?,
+                job = self.service.result_once(id.task_id.clone(), TASK_RESULT_SLICE_MS, None) => job.map_err(task_error)?,
             };
             if job.state.is_terminal() {
                 return Ok(tasks::core_result(&job.into()));
@@ -573,3 +575,6 @@ impl ServerHandler for DispatchServer {
             .map_err(task_error)
     }
 }
+
+/// How long one wait of `tasks/result` asks the helper for.
+const TASK_RESULT_SLICE_MS: u32 = 5_000;
