@@ -1878,7 +1878,60 @@ async fn a_cancel_that_cannot_be_recorded_says_so() {
         "{}",
         error.message
     );
-    // Nothing changed: it still waits, as the store says.
+    // Nothing changed: it still waits, as the store says, and the audit log does not say it
+    // was cancelled.
     let after = client.result(&waiting.handle, 0).await;
     assert_eq!(after.state, JobState::Queued, "{after:?}");
+    let cancelled = helper.audited("cancelled");
+    assert!(
+        cancelled
+            .iter()
+            .all(|r| r["handle"] != waiting.handle.as_str()),
+        "{cancelled:?}"
+    );
+}
+
+/// A deletion whose removal the journal refuses is not made, and not audited as made (its
+/// audit record went with the removal's journal line; it used to be written to the log alone).
+#[tokio::test]
+async fn a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited() {
+    let Some(helper) = start_helper("delete_not_durable", HelperOptions::default()) else {
+        return;
+    };
+    let mut client = helper.client().await;
+    let done = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    let done = client.result(&done.handle, 10_000).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let journal = helper.state.join("jobs").join("journal.jsonl");
+    let Some(_immutable) = Immutable::set(journal) else {
+        let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        return skip(
+            "a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited",
+            why,
+        );
+    };
+    let error = client
+        .error(Request::Delete {
+            handle: done.handle.clone(),
+        })
+        .await;
+    assert_eq!(error.kind, ErrorKind::Internal, "{error:?}");
+    assert!(
+        error
+            .message
+            .contains("was not deleted: its record could not be removed"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        client.result(&done.handle, 0).await.state,
+        JobState::Succeeded
+    );
+    assert!(
+        helper.audited("deleted").is_empty(),
+        "a deletion that was not made is in the audit log"
+    );
 }

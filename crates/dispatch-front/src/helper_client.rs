@@ -201,11 +201,14 @@ impl HelperClient {
     }
 
     async fn request_once(&self, body: Request) -> Result<Response, HelperError> {
-        // A wait asked of the helper, plus room for the dispatch itself (fsyncs, a fork).
+        // A wait asked of the helper, plus room for the dispatch itself (fsyncs, a fork): the
+        // whole call, its turn included, ends within this.
         let patience = match &body {
             Request::Result { wait_ms, .. } => Duration::from_millis(u64::from(*wait_ms)),
             _ => Duration::ZERO,
         } + Duration::from_secs(60);
+        let deadline = tokio::time::Instant::now() + patience;
+        let too_late = || HelperError::Timeout(patience.as_secs());
         let connection = self.connection().await?;
         // Our turn first (held until the answer): the helper would refuse more than this. A
         // result that would wait waits for a place no longer than it would have waited for the
@@ -224,7 +227,9 @@ impl HelperClient {
             }
             _ => None,
         };
-        let places = (place(&connection.in_flight).await?, wait_place);
+        let in_flight = tokio::time::timeout_at(deadline, place(&connection.in_flight))
+            .await
+            .map_err(|_| too_late())??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_frame(&RequestEnvelope { id, body }, FrameLimit::REQUEST).map_err(
             |e| match e {
@@ -235,6 +240,12 @@ impl HelperClient {
                 other => HelperError::Protocol(other.to_string()),
             },
         )?;
+        // Room in the outbox before the request is registered: once registered it is sent at
+        // once, so a caller that gives up can never leave a registered request unsent.
+        let room = tokio::time::timeout_at(deadline, connection.outbox.reserve())
+            .await
+            .map_err(|_| too_late())?
+            .map_err(|_| HelperError::Disconnected)?;
         let (answer, receiver) = oneshot::channel();
         {
             let mut shared = lock(&connection.shared);
@@ -243,20 +254,17 @@ impl HelperClient {
             }
             let waiter = Waiter {
                 answer,
-                _places: places,
+                _places: (in_flight, wait_place),
             };
             shared.pending.insert(id, waiter);
         }
-        if connection.outbox.send(frame).await.is_err() {
-            lock(&connection.shared).pending.remove(&id);
-            return Err(HelperError::Disconnected);
-        }
+        room.send(frame);
         // Given up on (or this future dropped), the request keeps its places until the helper
         // answers it: the reader drops its waiter then.
-        match tokio::time::timeout(patience, receiver).await {
+        match tokio::time::timeout_at(deadline, receiver).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(_)) => Err(HelperError::Disconnected),
-            Err(_) => Err(HelperError::Timeout(patience.as_secs())),
+            Err(_) => Err(too_late()),
         }
     }
 

@@ -287,6 +287,8 @@ impl From<JobView> for DispatchOutput {
             offset: t.offset,
             next_offset: t.next_offset,
         };
+        // Kept by the helper since protocol 5; from the tails for a job that ended before.
+        let summary = job.summary.clone().or_else(|| job.output_summary());
         DispatchOutput {
             handle: job.handle,
             orguser: job.orguser,
@@ -295,7 +297,7 @@ impl From<JobView> for DispatchOutput {
             status: job.state.as_str().to_owned(),
             requested_at: job.requested_at,
             returncode: job.exit_code,
-            detail: job.summary.unwrap_or_else(|| job.detail.clone()),
+            detail: summary.unwrap_or_else(|| job.detail.clone()),
             outcome: job.detail,
             description: job.description,
             task_preview: job.task_preview,
@@ -644,6 +646,29 @@ mod tests {
         );
         let args: ListArgs = serde_json::from_value(serde_json::json!({"detail": "true"})).unwrap();
         assert_eq!(args.detail, Some(true));
+    }
+
+    /// `detail` is the helper's summary of the output; a job that ended under an older helper
+    /// has none, and gets it from its tails as before.
+    #[test]
+    fn detail_is_the_helpers_summary_or_else_the_end_of_the_tails() {
+        let job = |summary: Option<&str>, stdout: Option<&str>| -> JobView {
+            serde_json::from_value(serde_json::json!({
+                "handle": "d-1", "orguser": "acme", "repo": "web", "github": "acme/web",
+                "unix_user": "acme", "description": null, "task_preview": "t",
+                "task_sha256": "00", "state": "Succeeded", "requested_at": "2026-12-01T00:00:00Z",
+                "started_at": null, "finished_at": null, "exit_code": 0, "signal": null,
+                "detail": "exited with status 0", "argv": null,
+                "stdout": stdout.map(|text| serde_json::json!({"text": text, "total_bytes": 4,
+                    "truncated": false, "offset": 0, "next_offset": 4})),
+                "stderr": null, "sandbox": null, "summary": summary
+            }))
+            .unwrap()
+        };
+        let detail = |view: JobView| DispatchOutput::from(view).detail;
+        assert_eq!(detail(job(Some("done"), None)), "done");
+        assert_eq!(detail(job(None, Some("old\n"))), "old");
+        assert_eq!(detail(job(None, None)), "exited with status 0");
     }
 
     #[test]

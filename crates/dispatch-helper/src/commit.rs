@@ -20,7 +20,18 @@ enum Work {
     Journal(JournalOp),
     /// A change to the job store and the audit record of the event that made it, which exist
     /// together or not at all: one journal line holds both.
-    Tied(Box<AuditEvent>, Change),
+    Tied(Box<AuditEvent>, Change, IfNotJournaled),
+}
+
+/// What becomes of a tied change's audit record if the journal cannot be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfNotJournaled {
+    /// Written to the log by itself: it tells of something that happened whatever the store
+    /// says (a dispatch accepted, then refused for want of its record; a lane that ended).
+    AuditAlone,
+    /// Dropped with the change: it tells of the change itself (a deletion, a pruning, a job
+    /// marked lost or ended without its lane), which was not made.
+    Neither,
 }
 
 /// A change to the job store that is made only with its audit record (see [`tied`]).
@@ -115,25 +126,28 @@ impl Committer {
         &self,
         event: AuditEvent,
         change: Change,
+        unjournaled: IfNotJournaled,
         soon: bool,
     ) -> impl std::future::Future<Output = Answer> + Send + use<> {
-        self.queue(Work::Tied(Box::new(event), change), soon)
+        self.queue(Work::Tied(Box::new(event), change, unjournaled), soon)
     }
 }
 
 /// Commit `change` with the audit record `event` of what made it, both or neither (one journal
 /// line, queued now: its place in the writer's order is taken here); an error says which file
-/// failed. Before the writer runs, the audit record is made durable first and the change only
-/// then: a crash between the two leaves a record of an event whose change is made again.
+/// failed, and `unjournaled` what became of the audit record if the journal failed. Before the
+/// writer runs, the audit record is made durable first and the change only then: a crash
+/// between the two leaves a record of an event whose change is made again.
 pub fn tied(
     audit: &AuditLog,
     store: &JobStore,
     event: AuditEvent,
     change: Change,
+    unjournaled: IfNotJournaled,
     soon: bool,
 ) -> impl std::future::Future<Output = Answer> + Send + 'static {
     let queued = match store.committer() {
-        Some(committer) => Ok(committer.tied(event, change, soon)),
+        Some(committer) => Ok(committer.tied(event, change, unjournaled, soon)),
         None => Err((event, change, audit.clone(), store.clone())),
     };
     async move {
@@ -240,7 +254,11 @@ enum Awaits {
 /// caller gets the outcome of what it waits for; one whose audit record could not be written
 /// has nothing in the journal.
 fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
-    let (events, entries) = sort_batch(batch);
+    let Sorted {
+        events,
+        alone,
+        entries,
+    } = sort_batch(batch);
     let (chained, refused) = match (!events.is_empty()).then(|| audit.chain(&events)) {
         Some(Ok(chained)) => (Some(chained), None),
         Some(Err(error)) => (None, Some(CommitError::Audit(error.to_string()))),
@@ -264,9 +282,10 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
             }
             Ok(())
         }
-        Some(chained) => chained
-            .write_and_sync()
-            .map_err(|e| CommitError::Audit(e.to_string())),
+        Some(chained) => {
+            drop(chained);
+            audit_alone(audit, events, &alone)
+        }
     };
     for (done, awaits) in waiting {
         let answer = match awaits {
@@ -278,25 +297,57 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
     }
 }
 
-/// The batch's audit events, in order, and what each item becomes.
-fn sort_batch(batch: Vec<Pending>) -> (Vec<AuditEvent>, Vec<(Entry, oneshot::Sender<Answer>)>) {
-    let mut events = Vec::new();
-    let mut entries = Vec::with_capacity(batch.len());
+/// The journal failed: the batch's audit records that stand without it (all but those of
+/// changes that were not made), chained again and made durable in the log itself, so that
+/// refusals, ends and an acceptance whose record could not be saved are still audited.
+fn audit_alone(audit: &AuditLog, events: Vec<AuditEvent>, alone: &[bool]) -> Answer {
+    let standing: Vec<AuditEvent> = events
+        .into_iter()
+        .zip(alone)
+        .filter_map(|(event, &alone)| alone.then_some(event))
+        .collect();
+    if standing.is_empty() {
+        return Ok(());
+    }
+    audit
+        .chain(&standing)
+        .and_then(|chained| chained.write_and_sync())
+        .map_err(|e| CommitError::Audit(e.to_string()))
+}
+
+/// A batch sorted for its commit.
+struct Sorted {
+    /// Its audit events, in order.
+    events: Vec<AuditEvent>,
+    /// Whether each stands without the journal (see [`IfNotJournaled`]).
+    alone: Vec<bool>,
+    /// What each item becomes, and who waits for it.
+    entries: Vec<(Entry, oneshot::Sender<Answer>)>,
+}
+
+fn sort_batch(batch: Vec<Pending>) -> Sorted {
+    let mut sorted = Sorted {
+        events: Vec::new(),
+        alone: Vec::new(),
+        entries: Vec::with_capacity(batch.len()),
+    };
     for pending in batch {
         let entry = match pending.work {
             Work::Journal(op) => Entry::Journal(op),
             Work::Audit(event) => {
-                events.push(*event);
+                sorted.events.push(*event);
+                sorted.alone.push(true);
                 Entry::Audit
             }
-            Work::Tied(event, change) => {
-                events.push(*event);
+            Work::Tied(event, change, unjournaled) => {
+                sorted.events.push(*event);
+                sorted.alone.push(unjournaled == IfNotJournaled::AuditAlone);
                 Entry::Tied(change)
             }
         };
-        entries.push((entry, pending.done));
+        sorted.entries.push((entry, pending.done));
     }
-    (events, entries)
+    sorted
 }
 
 /// The journal lines of a batch, in queue order, with who waits for what. Audit records take

@@ -2,6 +2,7 @@
 //! settings, then run, tracked, persisted and audited.
 
 use crate::audit::{AuditEvent, AuditLog, PeerIdentity, sha256_hex};
+use crate::commit::IfNotJournaled::{AuditAlone, Neither};
 use crate::commit::{self, Change, CommitError};
 use crate::config::{Settings, work_dir};
 use crate::now_rfc3339;

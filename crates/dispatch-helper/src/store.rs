@@ -652,23 +652,33 @@ fn read_snapshot(path: &Path, index: &mut HashMap<String, Location>) -> std::io:
 }
 
 /// Where the journal's last acknowledged commit ends: after its last newline, or before the
-/// first line holding a NUL byte if that comes first. No line the helper writes holds one
-/// (JSON escapes control characters), but a power cut during a commit can leave its pages
-/// half written, and a filesystem may read back zeros where they did not reach the disk,
-/// even before a later page that did. Every commit syncs everything before it, so nothing
-/// from such a line on was acknowledged.
+/// first line holding a NUL byte if no whole line follows it. No line the helper writes holds
+/// one (JSON escapes control characters), but a power cut during a commit can leave its pages
+/// half written, and a filesystem may read back zeros where they did not reach the disk. Every
+/// commit syncs everything before it, so nothing from such a line on was acknowledged, as long
+/// as it is the journal's damaged end: a whole line after it may have been (zeros in the middle
+/// of synced data are the disk's damage, not a commit's), and then nothing is cut and the start
+/// stops at the damaged line.
 fn torn_end(bytes: &[u8]) -> usize {
     let complete = bytes
         .iter()
         .rposition(|&b| b == b'\n')
         .map_or(0, |at| at + 1);
-    match bytes[..complete].iter().position(|&b| b == 0) {
-        Some(nul) => bytes[..nul]
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |at| at + 1),
-        None => complete,
-    }
+    let Some(nul) = bytes[..complete].iter().position(|&b| b == 0) else {
+        return complete;
+    };
+    let torn = bytes[..nul]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
+    let after = bytes[nul..complete]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(complete, |at| nul + at + 1);
+    let whole_line_after = bytes[after..complete]
+        .split(|&b| b == b'\n')
+        .any(|line| serde_json::from_slice::<JournalOp>(line).is_ok());
+    if whole_line_after { complete } else { torn }
 }
 
 /// Where the record a journal line saves now is (or that a removed one is gone).
@@ -933,23 +943,29 @@ mod tests {
     }
 
     #[test]
-    fn a_commit_a_power_cut_left_with_zeroed_pages_is_cut_and_a_damaged_earlier_line_is_not() {
+    fn a_commit_a_power_cut_left_with_zeroed_pages_is_cut_and_other_damage_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let store = JobStore::open(dir.path()).unwrap();
         store.save(&record("d-1", "Running")).unwrap();
         let journal = store.journal_path();
         let acknowledged = fs::metadata(&journal).unwrap().len();
+        let line = |op: JournalOp| {
+            let mut line = serde_json::to_vec(&op).unwrap();
+            line.push(b'\n');
+            line
+        };
+        let saved = |handle: &str| line(JournalOp::Save(Box::new(record(handle, "Running"))));
         // The interrupted commit: a line whose middle page never reached the disk (zeros), and
-        // a whole line after it that did. Neither was acknowledged.
-        let mut torn = b"{\"save\":{\"handle\":\"d-2\",\"orguser\":\"".to_vec();
-        torn.extend(std::iter::repeat_n(0u8, 4096));
-        torn.extend(b"\"}}\n");
-        torn.extend(
-            serde_json::to_vec(&JournalOp::Save(Box::new(record("d-3", "Running")))).unwrap(),
-        );
+        // after it a page of zeros ending in a newline. None of it was acknowledged.
+        let mut torn = saved("d-2");
+        torn.splice(20..20, std::iter::repeat_n(0u8, 4096));
+        torn.extend(std::iter::repeat_n(0u8, 4095));
         torn.push(b'\n');
-        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
-        file.write_all(&torn).unwrap();
+        let append = |bytes: &[u8]| {
+            let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+            file.write_all(bytes).unwrap();
+        };
+        append(&torn);
         drop(store);
         let reopened = JobStore::open(dir.path()).unwrap();
         assert_eq!(
@@ -957,14 +973,29 @@ mod tests {
             vec![("d-1".to_owned(), "running".to_owned())]
         );
         assert_eq!(fs::metadata(&journal).unwrap().len(), acknowledged);
-        // A damaged line that is not a torn write, followed by a good one, still stops the
-        // start: it may have been acknowledged.
         drop(reopened);
-        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
-        file.write_all(b"{\"save\":not json}\n").unwrap();
-        file.write_all(&serde_json::to_vec(&JournalOp::Remove("d-1".into())).unwrap())
+        // Zeros followed by a whole line: the line may have been acknowledged, so the start
+        // stops at the damage rather than drop it.
+        append(&torn);
+        append(&saved("d-3"));
+        let refused = JobStore::open(dir.path())
+            .err()
+            .expect("a whole line was dropped");
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("at byte {acknowledged}")),
+            "{refused}"
+        );
+        // As does a damaged line that is no torn write.
+        OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap()
+            .set_len(acknowledged)
             .unwrap();
-        file.write_all(b"\n").unwrap();
+        append(b"{\"save\":not json}\n");
+        append(&line(JournalOp::Remove("d-1".into())));
         let refused = JobStore::open(dir.path())
             .err()
             .expect("a damaged line was skipped");

@@ -287,6 +287,36 @@ pub struct JobView {
     pub summary: Option<String>,
 }
 
+/// At most this much of a command's output goes into its summary.
+const SUMMARY_CHARS: usize = 500;
+
+impl JobView {
+    /// The end of what the command printed (stdout, else stderr; at most 500 characters),
+    /// from this view's output tails, once it exited by itself: the Python server's `detail`.
+    /// The helper keeps it as [`JobView::summary`] when the lane ends.
+    pub fn output_summary(&self) -> Option<String> {
+        let exited = self.exit_code.is_some() && self.stopped_by.is_none();
+        let printed = |tail: &Option<OutputTail>| {
+            tail.as_ref()
+                .map(|t| t.text.trim().to_owned())
+                .filter(|text| !text.is_empty())
+        };
+        let text = printed(&self.stdout).or_else(|| printed(&self.stderr))?;
+        exited.then(|| {
+            let count = text.chars().count();
+            let end: String = text
+                .chars()
+                .skip(count.saturating_sub(SUMMARY_CHARS))
+                .collect();
+            if count > SUMMARY_CHARS {
+                format!("…{end}")
+            } else {
+                end
+            }
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lane {
     pub orguser: String,

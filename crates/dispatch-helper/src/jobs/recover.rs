@@ -23,7 +23,7 @@ impl Helper {
                 // nothing, and the next start finds the job running and tries again.
                 let event = lost_event(&record);
                 let saved = Change::Save(Box::new(record.clone()));
-                let saved = commit::tied(&self.audit, &self.store, event, saved, false);
+                let saved = commit::tied(&self.audit, &self.store, event, saved, Neither, false);
                 lost.push((record.job.handle.clone(), saved));
             }
             record.job.stdout = None;

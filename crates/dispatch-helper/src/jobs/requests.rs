@@ -199,7 +199,9 @@ impl Helper {
             ..Default::default()
         };
         let removal = Change::Remove(handle.to_owned());
-        if let Err(error) = commit::tied(&self.audit, &self.store, deleted, removal, false).await {
+        if let Err(error) =
+            commit::tied(&self.audit, &self.store, deleted, removal, Neither, false).await
+        {
             // Not deleted after all: the job stays listed, as its record does.
             self.jobs
                 .lock()
@@ -235,13 +237,28 @@ fn approximate_size(view: &JobView) -> usize {
         &view.requested_at,
         &view.detail,
     ];
+    let optional = [
+        &view.description,
+        &view.started_at,
+        &view.finished_at,
+        &view.stopped_by,
+        &view.summary,
+    ];
     let argv: usize = view.argv.iter().flatten().map(|a| a.len() + 5).sum();
-    let sandbox = view
-        .sandbox
-        .as_ref()
-        .map_or(0, |s| s.landlock.len() + s.groups.len() * 5 + 64);
+    let sandbox = view.sandbox.as_ref().map_or(0, |s| {
+        let limits: usize = s
+            .limits
+            .iter()
+            .map(|l| l.limit.len() + l.value.len() + l.mechanism.len() + 15)
+            .sum();
+        s.landlock.len() + s.containment.len() + s.groups.len() * 5 + limits + 64
+    });
     strings.iter().map(|s| s.len() + 5).sum::<usize>()
-        + view.description.as_ref().map_or(0, String::len)
+        + optional
+            .iter()
+            .flat_map(|s| s.as_ref())
+            .map(|s| s.len() + 5)
+            .sum::<usize>()
         + argv
         + sandbox
         + 256
@@ -297,4 +314,45 @@ fn stored_view(full: &JobRecord, output_from: Option<OutputOffsets>) -> JobView 
         cut(&mut view.stderr, from.stderr);
     }
     view
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The list budget relies on it: a view's estimate is never below its encoded size, with
+    /// every field that has text at its longest (multibyte, where a client may choose it).
+    #[test]
+    fn a_views_estimate_is_at_least_its_encoded_size() {
+        let long = |n: usize| "✓".repeat(n);
+        let limit = serde_json::json!({
+            "limit": "processes", "value": "256",
+            "mechanism": "RLIMIT_NPROC (counts every process of the lane's user, across its lanes)"
+        });
+        let view: JobView = serde_json::from_value(serde_json::json!({
+            "handle": format!("d-{}", "0".repeat(32)), "orguser": long(64), "repo": long(64),
+            "github": long(128), "unix_user": "someone", "description": long(500),
+            "task_preview": long(120), "task_sha256": "0".repeat(64), "state": "Succeeded",
+            "requested_at": "2026-12-01T03:00:00.000Z", "started_at": "2026-12-01T03:00:00.000Z",
+            "finished_at": "2026-12-01T03:00:01.000Z", "exit_code": 0, "signal": null,
+            "detail": long(200), "argv": [long(300), long(8000)], "stdout": null, "stderr": null,
+            "sandbox": {
+                "uid": 1000, "gid": 1000, "groups": [1000, 27, 100], "landlock_abi": 7,
+                "landlock": long(200), "seccomp": true, "no_new_privs": true, "same_uid": false,
+                "containment": long(200), "limits": vec![limit; 8]
+            },
+            "usage": {"cpu_user_ms": 1, "cpu_system_ms": 1, "peak_memory_bytes": 1,
+                      "peak_memory_whole_lane": true},
+            "stopped_by": "wall_clock", "summary": long(500)
+        }))
+        .unwrap();
+        let encoded = dispatch_proto::encode_frame(&view, dispatch_proto::FrameLimit::RESPONSE)
+            .unwrap()
+            .len();
+        assert!(
+            approximate_size(&view) >= encoded,
+            "estimated {} for {encoded} bytes",
+            approximate_size(&view)
+        );
+    }
 }

@@ -354,7 +354,16 @@ impl Helper {
         let handle = &ended.job.handle;
         let audit_record = super::supervise::end_event(ended, event);
         let saved = Change::Save(Box::new(ended.clone()));
-        let error = match commit::tied(&self.audit, &self.store, audit_record, saved, false).await {
+        let error = match commit::tied(
+            &self.audit,
+            &self.store,
+            audit_record,
+            saved,
+            Neither,
+            false,
+        )
+        .await
+        {
             Ok(()) => return Ok(true),
             Err(CommitError::Audit(error)) => {
                 tracing::error!(%error, %handle, "could not audit the end of a job that never ran; saving it unaudited");
@@ -726,7 +735,7 @@ impl Helper {
         record: &JobRecord,
     ) -> impl Future<Output = Result<(), CommitError>> + Send + 'static {
         let record = Change::Save(Box::new(record.clone()));
-        commit::tied(&self.audit, &self.store, event, record, false)
+        commit::tied(&self.audit, &self.store, event, record, AuditAlone, false)
     }
 
     /// A lane's slot is free: give it back and start whatever waited for one.

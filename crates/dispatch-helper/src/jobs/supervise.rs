@@ -38,7 +38,7 @@ impl Helper {
         record.job.stderr = Some(stderr);
         record.pgid = None;
         judge(&mut record, ended, watched, &settings);
-        record.job.summary = output_summary(&record.job);
+        record.job.summary = record.job.output_summary();
         let event = match record.job.state {
             JobState::TimedOut => "timed_out",
             JobState::Cancelled => "cancelled",
@@ -67,7 +67,7 @@ impl Helper {
         let handle = &record.job.handle;
         let ended = end_event(record, event);
         let saved = Change::Save(Box::new(record.clone()));
-        match commit::tied(&self.audit, &self.store, ended, saved, false).await {
+        match commit::tied(&self.audit, &self.store, ended, saved, AuditAlone, false).await {
             Ok(()) => {}
             Err(CommitError::Audit(error)) => {
                 tracing::error!(%error, %handle, "could not audit a job's end; saving it unaudited");
@@ -142,7 +142,8 @@ impl Helper {
                 let handle = entry.record.job.handle.clone();
                 let pruned = pruned_event(handle.clone(), keep, owner_uid);
                 let removal = Change::Remove(handle);
-                let removed = commit::tied(&self.audit, &self.store, pruned, removal, true);
+                let removed =
+                    commit::tied(&self.audit, &self.store, pruned, removal, Neither, true);
                 (entry, removed)
             })
             .collect();
@@ -297,31 +298,4 @@ fn pruned_event(handle: String, keep: usize, owner_uid: u32) -> AuditEvent {
         )),
         ..Default::default()
     }
-}
-
-/// At most this much of a command's output goes into its summary.
-const SUMMARY_CHARS: usize = 500;
-
-/// The end of what the command printed (stdout, else stderr), once it exited by itself: what
-/// the Python server's `detail` carried, kept in the record for every view.
-fn output_summary(job: &JobView) -> Option<String> {
-    let exited = job.exit_code.is_some() && job.stopped_by.is_none();
-    let printed = |tail: &Option<dispatch_proto::OutputTail>| {
-        tail.as_ref()
-            .map(|t| t.text.trim().to_owned())
-            .filter(|text| !text.is_empty())
-    };
-    let text = printed(&job.stdout).or_else(|| printed(&job.stderr))?;
-    exited.then(|| {
-        let count = text.chars().count();
-        let end: String = text
-            .chars()
-            .skip(count.saturating_sub(SUMMARY_CHARS))
-            .collect();
-        if count > SUMMARY_CHARS {
-            format!("…{end}")
-        } else {
-            end
-        }
-    })
 }
