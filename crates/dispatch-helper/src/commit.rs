@@ -249,10 +249,9 @@ enum Awaits {
 /// One batch, one sync: the audit records are chained (the log opened for them), every journal
 /// line (the audit records' lines among them, in queue order) is appended to the journal and
 /// synced, and only then are the audit records written to the log: it never holds one the
-/// journal does not. Should the journal fail, they are written to the log and synced there, so
-/// refusals, ends and an acceptance whose record could not be saved are still audited. Each
-/// caller gets the outcome of what it waits for; one whose audit record could not be written
-/// has nothing in the journal.
+/// journal does not. Should the journal fail, those that stand without it are written to the
+/// log and synced there (see [`audit_alone`]). Each caller gets the outcome of what it waits
+/// for; one whose audit record could not be written has nothing in the journal.
 fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
     let Sorted {
         events,
