@@ -549,6 +549,16 @@ async fn an_unwritable_audit_log_refuses_the_dispatch_and_nothing_runs() {
     );
 }
 
+/// A dispatch of alice's that ran and succeeded.
+async fn a_finished_job(client: &mut Client) -> JobView {
+    let done = client
+        .dispatch_ok("alice-org", "alice-repo", "exit:0")
+        .await;
+    let done = client.result(&done.handle, 10_000).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    done
+}
+
 /// A deletion and its `deleted` record are one journal line: one that cannot be audited is not
 /// made (it used to be, and the client was told it was deleted).
 #[tokio::test]
@@ -557,11 +567,7 @@ async fn a_deletion_that_cannot_be_audited_is_refused_and_the_job_stays() {
         return;
     };
     let mut client = helper.client().await;
-    let done = client
-        .dispatch_ok("alice-org", "alice-repo", "exit:0")
-        .await;
-    let done = client.result(&done.handle, 10_000).await;
-    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let done = a_finished_job(&mut client).await;
     // Root ignores file modes, so make the log impossible to append to: a directory.
     std::fs::rename(&helper.audit, helper.audit.with_extension("moved")).unwrap();
     std::fs::create_dir(&helper.audit).unwrap();
@@ -1899,11 +1905,7 @@ async fn a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited() {
         return;
     };
     let mut client = helper.client().await;
-    let done = client
-        .dispatch_ok("alice-org", "alice-repo", "exit:0")
-        .await;
-    let done = client.result(&done.handle, 10_000).await;
-    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let done = a_finished_job(&mut client).await;
     let journal = helper.state.join("jobs").join("journal.jsonl");
     let Some(_immutable) = Immutable::set(journal) else {
         let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
