@@ -209,7 +209,9 @@ impl HelperClient {
         } + Duration::from_secs(60);
         let deadline = tokio::time::Instant::now() + patience;
         let too_late = || HelperError::Timeout(patience.as_secs());
-        let connection = self.connection().await?;
+        let connection = tokio::time::timeout_at(deadline, self.connection())
+            .await
+            .map_err(|_| too_late())??;
         // Our turn first (held until the answer): the helper would refuse more than this. A
         // result that would wait waits for a place no longer than it would have waited for the
         // dispatch, then asks without waiting: its caller hears within the time it gave.
@@ -246,6 +248,11 @@ impl HelperClient {
             .await
             .map_err(|_| too_late())?
             .map_err(|_| HelperError::Disconnected)?;
+        // Past its time (every wait above ends at the deadline, but may still be ready just
+        // after it) it is not sent at all: its caller is told it timed out, and nothing was done.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(too_late());
+        }
         let (answer, receiver) = oneshot::channel();
         {
             let mut shared = lock(&connection.shared);

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod ahead;
+pub(crate) use ahead::Chained;
 pub use ahead::KeptAudit;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -234,7 +234,7 @@ enum Entry {
     /// An audit record: its line.
     Audit,
     /// An audit record (its line) with the change it goes with.
-    Tied(Change),
+    Tied(Change, IfNotJournaled),
 }
 
 /// What a caller in a batch waits for.
@@ -244,6 +244,9 @@ enum Awaits {
     Audit,
     /// Both: the audit record first.
     Both,
+    /// The change, which carries its audit record (`IfNotJournaled::Neither`): if the journal
+    /// failed, neither was made, whatever became of the batch's other audit records.
+    Change,
 }
 
 /// One batch, one sync: the audit records are chained (the log opened for them), every journal
@@ -281,37 +284,48 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
             }
             Ok(())
         }
-        Some(chained) => {
-            drop(chained);
-            audit_alone(audit, events, &alone)
-        }
+        Some(chained) => audit_alone(chained, audit, store, events, &alone),
     };
     for (done, awaits) in waiting {
         let answer = match awaits {
             Awaits::Journal => journal.clone(),
             Awaits::Audit => audited.clone(),
             Awaits::Both => audited.clone().and(journal.clone()),
+            Awaits::Change => journal.clone().and(audited.clone()),
         };
         let _ = done.send(answer);
     }
 }
 
 /// The journal failed: the batch's audit records that stand without it (all but those of
-/// changes that were not made), chained again and made durable in the log itself, so that
-/// refusals, ends and an acceptance whose record could not be saved are still audited.
-fn audit_alone(audit: &AuditLog, events: Vec<AuditEvent>, alone: &[bool]) -> Answer {
-    let standing: Vec<AuditEvent> = events
-        .into_iter()
-        .zip(alone)
-        .filter_map(|(event, &alone)| alone.then_some(event))
-        .collect();
-    if standing.is_empty() {
-        return Ok(());
-    }
-    audit
-        .chain(&standing)
-        .and_then(|chained| chained.write_and_sync())
-        .map_err(|e| CommitError::Audit(e.to_string()))
+/// changes that were not made) are made durable in the log itself, so that refusals, ends and
+/// an acceptance whose record could not be saved are still audited. They are chained again
+/// without the others, unless all stand (then the lines as chained, as the journal would have
+/// kept them), or the journal's failed write could not be undone: it may hold some of the
+/// lines as chained, which the next start writes back at their offsets, so those go to the log
+/// as they are.
+fn audit_alone(
+    chained: crate::audit::Chained<'_>,
+    audit: &AuditLog,
+    store: &JobStore,
+    events: Vec<AuditEvent>,
+    alone: &[bool],
+) -> Answer {
+    let written = if alone.iter().all(|&a| a) || store.is_damaged() {
+        chained.write_and_sync()
+    } else {
+        drop(chained);
+        let standing: Vec<AuditEvent> = events
+            .into_iter()
+            .zip(alone)
+            .filter_map(|(event, &alone)| alone.then_some(event))
+            .collect();
+        if standing.is_empty() {
+            return Ok(());
+        }
+        audit.chain(&standing).and_then(|c| c.write_and_sync())
+    };
+    written.map_err(|e| CommitError::Audit(e.to_string()))
 }
 
 /// A batch sorted for its commit.
@@ -341,7 +355,7 @@ fn sort_batch(batch: Vec<Pending>) -> Sorted {
             Work::Tied(event, change, unjournaled) => {
                 sorted.events.push(*event);
                 sorted.alone.push(unjournaled == IfNotJournaled::AuditAlone);
-                Entry::Tied(change)
+                Entry::Tied(change, unjournaled)
             }
         };
         sorted.entries.push((entry, pending.done));
@@ -363,7 +377,7 @@ fn journal_lines(
     for (entry, done) in entries {
         let (op, awaits) = match (entry, refused) {
             (Entry::Journal(op), _) => (op, Awaits::Journal),
-            (Entry::Audit | Entry::Tied(_), Some(refused)) => {
+            (Entry::Audit | Entry::Tied(..), Some(refused)) => {
                 let _ = done.send(Err(refused.clone()));
                 continue;
             }
@@ -371,13 +385,17 @@ fn journal_lines(
                 JournalOp::Audit(lines.next().expect("one line per event")),
                 Awaits::Audit,
             ),
-            (Entry::Tied(change), None) => {
+            (Entry::Tied(change, unjournaled), None) => {
                 let audit = lines.next().expect("one line per event");
                 let op = match change {
                     Change::Save(record) => JournalOp::Audited { audit, record },
                     Change::Remove(handle) => JournalOp::AuditedRemove { audit, handle },
                 };
-                (op, Awaits::Both)
+                let awaits = match unjournaled {
+                    IfNotJournaled::AuditAlone => Awaits::Both,
+                    IfNotJournaled::Neither => Awaits::Change,
+                };
+                (op, awaits)
             }
         };
         ops.push(op);

@@ -377,6 +377,11 @@ impl JobStore {
         Ok(())
     }
 
+    /// Whether a failed write could not be undone: the journal may hold part of it.
+    pub(crate) fn is_damaged(&self) -> bool {
+        self.lock().damaged.is_some()
+    }
+
     pub fn load(&self, handle: &str) -> std::io::Result<JobRecord> {
         // Read under the lock: a compaction may not move the record meanwhile.
         let state = self.lock();
