@@ -529,6 +529,59 @@ async fn a_relative_allowlist_path_is_read_from_where_the_front_started() {
     drop(front);
 }
 
+/// A second MCP entry with other settings reloads the running helper: the last front started
+/// wins, for every front (the README's rule). Its check of the running helper used to read the
+/// helper's `/proc/<pid>/exe`, which the helper, non-dumpable, hides from its own user: no
+/// reload was ever sent.
+#[tokio::test]
+async fn a_front_with_other_settings_reloads_the_running_helper() {
+    let Some(world) = World::new("personal mode: a second entry's settings") else {
+        return;
+    };
+    let first = world.front(&[("DISPATCH_SSH_HOST", "host-a")]).await;
+    let done = result(&first, &dispatch(&first, "one").await).await;
+    assert!(stdout(&done).contains("<host-a>"), "{done}");
+    let pid = world.helper_pid().expect("a running helper");
+    let second = world.front(&[("DISPATCH_SSH_HOST", "host-b")]).await;
+    let done = result(&second, &dispatch(&second, "two").await).await;
+    assert!(stdout(&done).contains("<host-b>"), "{done}");
+    assert_eq!(world.helper_pid(), Some(pid), "the same helper, reloaded");
+    drop(second);
+    drop(first);
+}
+
+/// A front whose environment makes a configuration the helper cannot use, beside a running
+/// helper that serves another MCP entry: it says so on every call, and neither replaces the
+/// good configuration (which a restart could then not start on) nor is served under it.
+#[tokio::test]
+async fn a_front_whose_settings_are_unusable_says_so_and_leaves_the_running_helper_alone() {
+    let Some(world) = World::new("personal mode: unusable settings beside a running helper") else {
+        return;
+    };
+    let good = world.front(&[("DISPATCH_SSH_HOST", "build-host")]).await;
+    dispatch(&good, "first").await;
+    let config = world.state().join("helper.toml");
+    let before = std::fs::read_to_string(&config).unwrap();
+    let bad = world.front(&[("DISPATCH_SSH_HOST", "my host")]).await;
+    let error = error_text(
+        call(
+            &bad,
+            "dispatch_unit",
+            json!({"orguser": "acme", "repo": "widgets", "task_description": "x"}),
+        )
+        .await,
+    );
+    assert!(
+        error.contains("cannot use") && error.contains("my host"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+    let done = result(&good, &dispatch(&good, "second").await).await;
+    assert!(stdout(&done).contains("<build-host>"), "{done}");
+    drop(bad);
+    drop(good);
+}
+
 #[tokio::test]
 async fn without_an_allowlist_the_error_names_it_and_no_demo_is_served() {
     let Some(world) = World::new("personal mode: no allowlist") else {

@@ -327,6 +327,11 @@ impl HelperClient {
             reason,
         };
         let stream = match &self.launcher {
+            Some(launcher) if launcher.unusable().is_some() => {
+                return Err(unreachable(
+                    launcher.unusable().unwrap_or_default().to_owned(),
+                ));
+            }
             Some(launcher) => launcher.connect_or_start().await.map_err(unreachable)?,
             None => UnixStream::connect(&self.socket)
                 .await

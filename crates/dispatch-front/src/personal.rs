@@ -46,6 +46,9 @@ pub struct Launcher {
     pub log: PathBuf,
     helper_bin: PathBuf,
     config_text: String,
+    /// Why this front's configuration was not given to the running helper (it would refuse
+    /// it, and serve this front under another front's settings): every call says so.
+    unusable: Option<String>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -94,6 +97,29 @@ fn from_here(name: &str, value: String) -> String {
         Ok(here) => here.join(&value).display().to_string(),
         Err(_) => value,
     }
+}
+
+/// How long a front waits for the running helper to reload its configuration.
+const RELOAD_WAIT: Duration = Duration::from_secs(5);
+
+/// The outcome of the first reload the audit log at `path` records after byte `from`, if any.
+fn reload_outcome(path: &Path, from: u64) -> Option<Result<(), String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = String::new();
+    file.read_to_string(&mut tail).ok()?;
+    tail.lines().find_map(|line| {
+        let record: serde_json::Value = serde_json::from_str(line).ok()?;
+        match record["event"].as_str()? {
+            "config_reloaded" => Some(Ok(())),
+            "config_reload_failed" => Some(Err(record["detail"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_owned())),
+            _ => None,
+        }
+    })
 }
 
 /// The names passed to lanes: `DISPATCH_PASS_ENV` (comma or space separated; empty for none),
@@ -171,24 +197,107 @@ impl Launcher {
                 .map_err(|e| format!("create {}: {e}", dir.display()))?;
         }
         let config_text = config_text(&state_dir, &socket)?;
-        let launcher = Launcher {
+        let mut launcher = Launcher {
             config: state_dir.join("helper.toml"),
             log: state_dir.join("helper.log"),
             state_dir,
             socket,
             helper_bin,
             config_text,
+            unusable: None,
         };
-        if launcher.write_config_if_changed()?
-            && let Some(pid) = launcher.running_helper()
+        let running = launcher.running_helper();
+        if running.is_some() && launcher.config_changed() {
+            launcher.unusable = launcher.refusal_of_new_config();
+        }
+        if let Some(why) = &launcher.unusable {
+            eprintln!("dispatch-mcp: {why}");
+        } else if launcher.write_config_if_changed()?
+            && let Some(pid) = running
         {
-            // The running helper serves the new settings from its next dispatch.
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
-            eprintln!(
-                "dispatch-mcp: the personal helper's configuration changed; asked it (pid {pid}) to reload"
-            );
+            launcher.reload(pid);
         }
         Ok(launcher)
+    }
+
+    /// Ask the running helper to reload the configuration just written, and wait (a few
+    /// seconds at most) until its audit log says it did: this front's first call then runs
+    /// under its settings, not the last front's.
+    fn reload(&mut self, pid: nix::unistd::Pid) {
+        let audit = self.state_dir.join("audit.jsonl");
+        let from = std::fs::metadata(&audit).map_or(0, |m| m.len());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+        eprintln!(
+            "dispatch-mcp: the personal helper's configuration changed; asked it (pid {pid}) to reload"
+        );
+        let deadline = Instant::now() + RELOAD_WAIT;
+        while Instant::now() < deadline {
+            match reload_outcome(&audit, from) {
+                Some(Ok(())) => return,
+                Some(Err(why)) => {
+                    let why = format!("the personal helper refused this server's settings: {why}");
+                    eprintln!("dispatch-mcp: {why}");
+                    self.unusable = Some(why);
+                    return;
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        eprintln!(
+            "dispatch-mcp: the personal helper did not say within {} s that it reloaded; going on",
+            RELOAD_WAIT.as_secs()
+        );
+    }
+
+    fn config_changed(&self) -> bool {
+        std::fs::read_to_string(&self.config).map_or(true, |old| old != self.config_text)
+    }
+
+    /// A running helper keeps its configuration when a new one is unusable: checked first
+    /// (`dispatch-helper check`, as the helper would load it), so that this front neither
+    /// replaces a good configuration with one no helper could start on nor goes on being
+    /// served under another front's settings. Why not, if it is unusable.
+    fn refusal_of_new_config(&self) -> Option<String> {
+        let candidate = self
+            .config
+            .with_extension(format!("toml.{}.check", std::process::id()));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&candidate)
+            .and_then(|mut file| file.write_all(self.config_text.as_bytes()));
+        let checked = written.and_then(|()| {
+            let mut command = std::process::Command::new(&self.helper_bin);
+            command
+                .arg("--config")
+                .arg(&candidate)
+                .arg("check")
+                .current_dir(&self.state_dir)
+                .stdin(std::process::Stdio::null());
+            for name in PYTHON_VARIABLES {
+                command.env_remove(name);
+            }
+            command.output()
+        });
+        let _ = std::fs::remove_file(&candidate);
+        match checked {
+            Ok(output) if output.status.success() => None,
+            Ok(output) => Some(format!(
+                "this server's environment gives the personal helper a configuration it cannot \
+                 use, so the running helper (serving other MCP entries) keeps its own and this \
+                 server serves nothing: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            // Not checked: the helper itself refuses a bad reload (and keeps its old settings).
+            Err(_) => None,
+        }
+    }
+
+    /// Why this front may not use the personal helper, if it may not.
+    pub fn unusable(&self) -> Option<&str> {
+        self.unusable.as_deref()
     }
 
     fn write_config_if_changed(&self) -> Result<bool, String> {
@@ -219,14 +328,15 @@ impl Launcher {
         &self.log
     }
 
-    /// The pid of the helper holding the state's lock, if it is alive and a dispatch-helper.
+    /// The pid of the helper holding the state's lock, if it is alive and a dispatch-helper:
+    /// by its command name, since the helper makes itself non-dumpable, which hides its
+    /// `/proc/<pid>/exe` even from its own user.
     fn running_helper(&self) -> Option<nix::unistd::Pid> {
         let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
         let pid: i32 = text.trim().parse().ok()?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        let name = exe.file_name()?.to_string_lossy().into_owned();
-        name.starts_with("dispatch-helper")
-            .then(|| nix::unistd::Pid::from_raw(pid))
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        // The kernel keeps the first 15 bytes of the name: all of "dispatch-helper".
+        (name.trim_end() == "dispatch-helper").then(|| nix::unistd::Pid::from_raw(pid))
     }
 
     /// A connection to the user's helper, starting it if none answers: the caller does the
