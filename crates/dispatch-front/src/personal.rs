@@ -210,36 +210,42 @@ impl Launcher {
         if running.is_some() && launcher.config_changed() {
             launcher.unusable = launcher.refusal_of_new_config();
         }
+        let previous = std::fs::read_to_string(&launcher.config).ok();
         if let Some(why) = &launcher.unusable {
             eprintln!("dispatch-mcp: {why}");
         } else if launcher.write_config_if_changed()?
             && let Some(pid) = running
+            && let Err(why) = launcher.reload(pid)
         {
-            launcher.reload(pid);
+            // Refused after all: the configuration it keeps goes back on disk, so that its
+            // next start does not fail on this one.
+            let why = format!("the personal helper refused this server's settings: {why}");
+            eprintln!("dispatch-mcp: {why}");
+            if let Some(previous) = previous {
+                let _ = launcher.write_config(&previous);
+            }
+            launcher.unusable = Some(why);
         }
         Ok(launcher)
     }
 
     /// Ask the running helper to reload the configuration just written, and wait (a few
     /// seconds at most) until its audit log says it did: this front's first call then runs
-    /// under its settings, not the last front's.
-    fn reload(&mut self, pid: nix::unistd::Pid) {
+    /// under its settings, not the last front's. An error if it refused them.
+    fn reload(&self, pid: nix::unistd::Pid) -> Result<(), String> {
         let audit = self.state_dir.join("audit.jsonl");
         let from = std::fs::metadata(&audit).map_or(0, |m| m.len());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).is_err() {
+            // Gone meanwhile (an idle stop): the next one starts on the new configuration.
+            return Ok(());
+        }
         eprintln!(
             "dispatch-mcp: the personal helper's configuration changed; asked it (pid {pid}) to reload"
         );
         let deadline = Instant::now() + RELOAD_WAIT;
         while Instant::now() < deadline {
             match reload_outcome(&audit, from) {
-                Some(Ok(())) => return,
-                Some(Err(why)) => {
-                    let why = format!("the personal helper refused this server's settings: {why}");
-                    eprintln!("dispatch-mcp: {why}");
-                    self.unusable = Some(why);
-                    return;
-                }
+                Some(outcome) => return outcome,
                 None => std::thread::sleep(Duration::from_millis(10)),
             }
         }
@@ -247,6 +253,7 @@ impl Launcher {
             "dispatch-mcp: the personal helper did not say within {} s that it reloaded; going on",
             RELOAD_WAIT.as_secs()
         );
+        Ok(())
     }
 
     fn config_changed(&self) -> bool {
@@ -304,6 +311,11 @@ impl Launcher {
         if std::fs::read_to_string(&self.config).is_ok_and(|old| old == self.config_text) {
             return Ok(false);
         }
+        self.write_config(&self.config_text)?;
+        Ok(true)
+    }
+
+    fn write_config(&self, text: &str) -> Result<(), String> {
         // Several fronts may start at once: each writes its own file and renames it in place.
         let temporary = self
             .config
@@ -315,12 +327,11 @@ impl Launcher {
                 .truncate(true)
                 .mode(0o600)
                 .open(&temporary)?;
-            file.write_all(self.config_text.as_bytes())?;
+            file.write_all(text.as_bytes())?;
             file.sync_all()?;
             std::fs::rename(&temporary, &self.config)
         };
-        write().map_err(|e| format!("write {}: {e}", self.config.display()))?;
-        Ok(true)
+        write().map_err(|e| format!("write {}: {e}", self.config.display()))
     }
 
     /// Where the helper's stderr goes.
@@ -328,15 +339,25 @@ impl Launcher {
         &self.log
     }
 
-    /// The pid of the helper holding the state's lock, if it is alive and a dispatch-helper:
-    /// by its command name, since the helper makes itself non-dumpable, which hides its
-    /// `/proc/<pid>/exe` even from its own user.
+    /// The pid of the helper holding the state's lock, if it is alive, a dispatch-helper and
+    /// this user's: by its command name and its status, since the helper makes itself
+    /// non-dumpable, which hides its `/proc/<pid>/exe` even from its own user (and makes root
+    /// the owner of its `/proc/<pid>`).
     fn running_helper(&self) -> Option<nix::unistd::Pid> {
         let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
         let pid: i32 = text.trim().parse().ok()?;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         // The kernel keeps the first 15 bytes of the name: all of "dispatch-helper".
-        (name.trim_end() == "dispatch-helper").then(|| nix::unistd::Pid::from_raw(pid))
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let real_uid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse::<u32>()
+            .ok()?;
+        let ours = real_uid == nix::unistd::geteuid().as_raw();
+        (name.trim_end() == "dispatch-helper" && ours).then(|| nix::unistd::Pid::from_raw(pid))
     }
 
     /// A connection to the user's helper, starting it if none answers: the caller does the

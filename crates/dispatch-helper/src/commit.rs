@@ -271,9 +271,12 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
     if ops.is_empty() {
         return;
     }
+    let damaged_before = store.is_damaged();
     let journal = store
         .append_now(ops)
         .map_err(|e| CommitError::Journal(e.to_string()));
+    // This write failed half-way and could not be undone (not one refused for an earlier one).
+    let torn = !damaged_before && store.is_damaged();
     let audited = match chained {
         None => Ok(()),
         Some(chained) if journal.is_ok() => {
@@ -284,7 +287,7 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
             }
             Ok(())
         }
-        Some(chained) => audit_alone(chained, audit, store, events, &alone),
+        Some(chained) => audit_alone(chained, audit, torn, events, &alone),
     };
     for (done, awaits) in waiting {
         let answer = match awaits {
@@ -301,17 +304,17 @@ fn commit(batch: Vec<Pending>, audit: &AuditLog, store: &JobStore) {
 /// changes that were not made) are made durable in the log itself, so that refusals, ends and
 /// an acceptance whose record could not be saved are still audited. They are chained again
 /// without the others, unless all stand (then the lines as chained, as the journal would have
-/// kept them), or the journal's failed write could not be undone: it may hold some of the
-/// lines as chained, which the next start writes back at their offsets, so those go to the log
-/// as they are.
+/// kept them), or the journal's write of this batch failed half-way and could not be undone
+/// (`torn`): it may hold some of the lines as chained, which the next start writes back at
+/// their offsets, so those go to the log as they are.
 fn audit_alone(
     chained: crate::audit::Chained<'_>,
     audit: &AuditLog,
-    store: &JobStore,
+    torn: bool,
     events: Vec<AuditEvent>,
     alone: &[bool],
 ) -> Answer {
-    let written = if alone.iter().all(|&a| a) || store.is_damaged() {
+    let written = if alone.iter().all(|&a| a) || torn {
         chained.write_and_sync()
     } else {
         drop(chained);
