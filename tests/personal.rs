@@ -137,6 +137,8 @@ impl World {
     fn helper_pid(&self) -> Option<i32> {
         let pid = std::fs::read_to_string(self.state().join("helper.lock"))
             .ok()?
+            .lines()
+            .next()?
             .trim()
             .parse()
             .ok()?;
@@ -546,6 +548,25 @@ async fn a_front_with_other_settings_reloads_the_running_helper() {
     let done = result(&second, &dispatch(&second, "two").await).await;
     assert!(stdout(&done).contains("<host-b>"), "{done}");
     assert_eq!(world.helper_pid(), Some(pid), "the same helper, reloaded");
+    drop(second);
+    drop(first);
+}
+
+/// A front without `XDG_RUNTIME_DIR` (cron, `su`) names another socket than the one the
+/// running helper serves, which keeps its socket until it restarts: the front finds it from
+/// the helper's lock.
+#[tokio::test]
+async fn a_front_with_another_runtime_dir_finds_the_running_helper() {
+    let Some(world) = World::new("personal mode: another XDG_RUNTIME_DIR") else {
+        return;
+    };
+    let first = world.front(&[]).await;
+    dispatch(&first, "one").await;
+    let pid = world.helper_pid().expect("a running helper");
+    let second = world.front(&[("XDG_RUNTIME_DIR", "")]).await;
+    let done = result(&second, &dispatch(&second, "two").await).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(world.helper_pid(), Some(pid), "the same helper");
     drop(second);
     drop(first);
 }

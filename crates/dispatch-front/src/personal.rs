@@ -345,7 +345,7 @@ impl Launcher {
     /// the owner of its `/proc/<pid>`).
     fn running_helper(&self) -> Option<nix::unistd::Pid> {
         let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
-        let pid: i32 = text.trim().parse().ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         // The kernel keeps the first 15 bytes of the name: all of "dispatch-helper".
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -360,16 +360,31 @@ impl Launcher {
         (name.trim_end() == "dispatch-helper" && ours).then(|| nix::unistd::Pid::from_raw(pid))
     }
 
+    /// Where the running helper listens, as its lock says: another front's settings (another
+    /// `XDG_RUNTIME_DIR`) may have named another socket than this front's when it started, and
+    /// it keeps that one until it restarts. This front's own while none runs.
+    fn serving_socket(&self) -> PathBuf {
+        let named = || {
+            let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
+            let socket = text.lines().nth(1)?.trim().to_owned();
+            (!socket.is_empty()).then(|| PathBuf::from(socket))
+        };
+        match self.running_helper().and_then(|_| named()) {
+            Some(socket) => socket,
+            None => self.socket.clone(),
+        }
+    }
+
     /// A connection to the user's helper, starting it if none answers: the caller does the
     /// handshake on it. Another front starting one at the same moment is waited for.
     pub async fn connect_or_start(&self) -> Result<UnixStream, String> {
-        if let Ok(stream) = UnixStream::connect(&self.socket).await {
+        if let Ok(stream) = UnixStream::connect(self.serving_socket()).await {
             return Ok(stream);
         }
         let deadline = Instant::now() + START_TIMEOUT;
         let mut ours: Option<tokio::process::Child> = None;
         loop {
-            if let Ok(stream) = UnixStream::connect(&self.socket).await {
+            if let Ok(stream) = UnixStream::connect(self.serving_socket()).await {
                 if let Some(child) = ours.take() {
                     reap_in_background(child);
                 }

@@ -320,7 +320,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     raise_open_file_limit();
     create_own_dirs(&settings)?;
     // Before the audit log is opened (and perhaps repaired) or the socket taken over.
-    let _instance = lock_single_instance(&settings.file.state_dir)?;
+    let _instance = lock_single_instance(&settings.file.state_dir, &settings.file.socket)?;
     let (audit, store, audit_notes) = open_durable_state(&settings)?;
     let containment = establish_containment(&settings)?;
     tracing::info!(containment = %containment.describe(), "lane containment");
@@ -592,7 +592,13 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
 
 /// One helper per state directory: a second one would take over the socket path and append to
 /// the same audit log, breaking its chain. Held (and released by the kernel) with the process.
-fn lock_single_instance(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+/// It names the holder's pid and, on a second line, the socket it serves (kept until it
+/// restarts, whatever a reload says): a personal front whose own settings name another finds
+/// it there.
+fn lock_single_instance(
+    state_dir: &Path,
+    socket: &Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join("helper.lock");
@@ -615,14 +621,14 @@ fn lock_single_instance(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::F
             format!(
                 "another dispatch-helper (pid {}) already serves {} ({}): refusing to start \
                      a second one on the same state, socket and audit log",
-                holder.trim(),
+                holder.lines().next().unwrap_or_default().trim(),
                 state_dir.display(),
                 errno.desc()
             )
         })?;
     let _ = lock.set_len(0);
     let _ = lock.rewind();
-    let _ = write!(lock, "{}", std::process::id());
+    let _ = write!(lock, "{}\n{}\n", std::process::id(), socket.display());
     Ok(lock)
 }
 
