@@ -571,6 +571,30 @@ async fn a_front_with_another_runtime_dir_finds_the_running_helper() {
     drop(first);
 }
 
+/// A front refused for a cause that passes (its allowlist not written yet) is tried again at
+/// its next call, and serves once the cause is gone, without a restart.
+#[tokio::test]
+async fn a_front_refused_for_a_missing_allowlist_serves_once_it_exists() {
+    let Some(world) = World::new("personal mode: an allowlist written later") else {
+        return;
+    };
+    let first = world.front(&[]).await;
+    dispatch(&first, "one").await;
+    let later = world.path("home/later.json");
+    let second = world
+        .front(&[("DISPATCH_REPOS_JSON", later.to_str().unwrap())])
+        .await;
+    let args = json!({"orguser": "acme", "repo": "widgets", "task_description": "x"});
+    let error = error_text(call(&second, "dispatch_unit", args.clone()).await);
+    assert!(error.contains("later.json"), "{error}");
+    std::fs::copy(world.path("home/.repos.json"), &later).unwrap();
+    nix::unistd::chown(&later, Some(world.user.uid), Some(world.user.gid)).unwrap();
+    let done = result(&second, &dispatch(&second, "two").await).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    drop(second);
+    drop(first);
+}
+
 /// A front whose environment makes a configuration the helper cannot use, beside a running
 /// helper that serves another MCP entry: it says so on every call, and neither replaces the
 /// good configuration (which a restart could then not start on) nor is served under it.

@@ -327,12 +327,11 @@ impl HelperClient {
             reason,
         };
         let stream = match &self.launcher {
-            Some(launcher) if launcher.unusable().is_some() => {
-                return Err(unreachable(
-                    launcher.unusable().unwrap_or_default().to_owned(),
-                ));
+            Some(launcher) => {
+                // A check and a reload block for a moment, on this front's multi-thread runtime.
+                tokio::task::block_in_place(|| launcher.usable()).map_err(unreachable)?;
+                launcher.connect_or_start().await.map_err(unreachable)?
             }
-            Some(launcher) => launcher.connect_or_start().await.map_err(unreachable)?,
             None => UnixStream::connect(&self.socket)
                 .await
                 .map_err(|e| unreachable(e.to_string()))?,

@@ -47,8 +47,9 @@ pub struct Launcher {
     helper_bin: PathBuf,
     config_text: String,
     /// Why this front's configuration was not given to the running helper (it would refuse
-    /// it, and serve this front under another front's settings): every call says so.
-    unusable: Option<String>,
+    /// it, and serve this front under another front's settings): every call says so, until it
+    /// can be given (see [`Launcher::usable`]).
+    unusable: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -197,36 +198,68 @@ impl Launcher {
                 .map_err(|e| format!("create {}: {e}", dir.display()))?;
         }
         let config_text = config_text(&state_dir, &socket)?;
-        let mut launcher = Launcher {
+        let launcher = Launcher {
             config: state_dir.join("helper.toml"),
             log: state_dir.join("helper.log"),
             state_dir,
             socket,
             helper_bin,
             config_text,
-            unusable: None,
+            unusable: Default::default(),
         };
-        let running = launcher.running_helper();
-        if running.is_some() && launcher.config_changed() {
-            launcher.unusable = launcher.refusal_of_new_config();
-        }
-        let previous = std::fs::read_to_string(&launcher.config).ok();
-        if let Some(why) = &launcher.unusable {
+        let unusable = launcher.settle()?;
+        if let Some(why) = &unusable {
             eprintln!("dispatch-mcp: {why}");
-        } else if launcher.write_config_if_changed()?
-            && let Some(pid) = running
-            && let Err(why) = launcher.reload(pid)
-        {
-            // Refused after all: the configuration it keeps goes back on disk, so that its
-            // next start does not fail on this one.
-            let why = format!("the personal helper refused this server's settings: {why}");
-            eprintln!("dispatch-mcp: {why}");
-            if let Some(previous) = previous {
-                let _ = launcher.write_config(&previous);
-            }
-            launcher.unusable = Some(why);
         }
+        *launcher.unusable_now() = unusable;
         Ok(launcher)
+    }
+
+    /// Give this front's configuration to the helper: written when it differs, and the running
+    /// helper (if any) asked to reload it. Why this front may not use the helper, if it may
+    /// not: its configuration is one the running helper could not use (checked first), or one
+    /// it refused (then the configuration it keeps goes back on disk, so that its next start
+    /// does not fail on this one).
+    fn settle(&self) -> Result<Option<String>, String> {
+        let running = self.running_helper();
+        if running.is_some()
+            && self.config_changed()
+            && let Some(why) = self.refusal_of_new_config()
+        {
+            return Ok(Some(why));
+        }
+        let previous = std::fs::read_to_string(&self.config).ok();
+        if self.write_config_if_changed()?
+            && let Some(pid) = running
+            && let Err(why) = self.reload(pid)
+        {
+            if let Some(previous) = previous {
+                let _ = self.write_config(&previous);
+            }
+            return Ok(Some(format!(
+                "the personal helper refused this server's settings: {why}"
+            )));
+        }
+        Ok(None)
+    }
+
+    fn unusable_now(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.unusable.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this front may use the personal helper now, or why not. Once refused, its
+    /// configuration is tried again at each call (blocking: a check, perhaps a reload), so
+    /// that a cause that passes (an allowlist not written yet) does not outlast it.
+    pub fn usable(&self) -> Result<(), String> {
+        let mut unusable = self.unusable_now();
+        if unusable.is_none() {
+            return Ok(());
+        }
+        *unusable = self.settle()?;
+        match &*unusable {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
     }
 
     /// Ask the running helper to reload the configuration just written, and wait (a few
@@ -300,11 +333,6 @@ impl Launcher {
             // Not checked: the helper itself refuses a bad reload (and keeps its old settings).
             Err(_) => None,
         }
-    }
-
-    /// Why this front may not use the personal helper, if it may not.
-    pub fn unusable(&self) -> Option<&str> {
-        self.unusable.as_deref()
     }
 
     fn write_config_if_changed(&self) -> Result<bool, String> {
