@@ -137,8 +137,6 @@ impl World {
     fn helper_pid(&self) -> Option<i32> {
         let pid = std::fs::read_to_string(self.state().join("helper.lock"))
             .ok()?
-            .lines()
-            .next()?
             .trim()
             .parse()
             .ok()?;
@@ -553,8 +551,8 @@ async fn a_front_with_other_settings_reloads_the_running_helper() {
 }
 
 /// A front without `XDG_RUNTIME_DIR` (cron, `su`) names another socket than the one the
-/// running helper serves, which keeps its socket until it restarts: the front finds it from
-/// the helper's lock.
+/// running helper serves, which keeps its socket until it restarts: the front finds it where
+/// the helper names it, beside its lock.
 #[tokio::test]
 async fn a_front_with_another_runtime_dir_finds_the_running_helper() {
     let Some(world) = World::new("personal mode: another XDG_RUNTIME_DIR") else {
@@ -569,6 +567,42 @@ async fn a_front_with_another_runtime_dir_finds_the_running_helper() {
     assert_eq!(world.helper_pid(), Some(pid), "the same helper");
     drop(second);
     drop(first);
+}
+
+/// A refused front never writes its configuration, helper running or not: once the helper is
+/// gone, the next start (by any front) must not fail on it.
+#[tokio::test]
+async fn a_refused_front_leaves_the_configuration_alone_after_the_helper_is_gone() {
+    let Some(world) = World::new("personal mode: refused, then the helper gone") else {
+        return;
+    };
+    let good = world.front(&[]).await;
+    dispatch(&good, "one").await;
+    let config = world.state().join("helper.toml");
+    let before = std::fs::read_to_string(&config).unwrap();
+    let missing = world.path("home/missing.json");
+    let refused = world
+        .front(&[("DISPATCH_REPOS_JSON", missing.to_str().unwrap())])
+        .await;
+    let args = json!({"orguser": "acme", "repo": "widgets", "task_description": "x"});
+    assert!(
+        error_text(call(&refused, "dispatch_unit", args.clone()).await).contains("missing.json")
+    );
+    let pid = world.helper_pid().expect("a running helper");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while world.helper_pid().is_some() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(error_text(call(&refused, "dispatch_unit", args).await).contains("missing.json"));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+    let done = result(&good, &dispatch(&good, "two").await).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    drop(refused);
+    drop(good);
 }
 
 /// A front refused for a cause that passes (its allowlist not written yet) is tried again at

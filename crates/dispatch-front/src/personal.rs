@@ -221,19 +221,21 @@ impl Launcher {
     /// it refused (then the configuration it keeps goes back on disk, so that its next start
     /// does not fail on this one).
     fn settle(&self) -> Result<Option<String>, String> {
-        let running = self.running_helper();
-        if running.is_some()
-            && self.config_changed()
+        if self.config_changed()
             && let Some(why) = self.refusal_of_new_config()
         {
             return Ok(Some(why));
         }
+        let running = self.running_helper();
         let previous = std::fs::read_to_string(&self.config).ok();
         if self.write_config_if_changed()?
             && let Some(pid) = running
             && let Err(why) = self.reload(pid)
         {
-            if let Some(previous) = previous {
+            // Unless another front has written its own meanwhile.
+            let still_ours =
+                std::fs::read_to_string(&self.config).is_ok_and(|text| text == self.config_text);
+            if let (true, Some(previous)) = (still_ours, previous) {
                 let _ = self.write_config(&previous);
             }
             return Ok(Some(format!(
@@ -293,10 +295,10 @@ impl Launcher {
         std::fs::read_to_string(&self.config).map_or(true, |old| old != self.config_text)
     }
 
-    /// A running helper keeps its configuration when a new one is unusable: checked first
-    /// (`dispatch-helper check`, as the helper would load it), so that this front neither
-    /// replaces a good configuration with one no helper could start on nor goes on being
-    /// served under another front's settings. Why not, if it is unusable.
+    /// A configuration is checked before it replaces another (`dispatch-helper check`, as the
+    /// helper would load it), so that this front neither replaces a good one, which a running
+    /// helper keeps and the next start needs, with one no helper could start on, nor goes on
+    /// being served under another front's settings. Why not, if it is unusable.
     fn refusal_of_new_config(&self) -> Option<String> {
         let candidate = self
             .config
@@ -326,8 +328,8 @@ impl Launcher {
             Ok(output) if output.status.success() => None,
             Ok(output) => Some(format!(
                 "this server's environment gives the personal helper a configuration it cannot \
-                 use, so the running helper (serving other MCP entries) keeps its own and this \
-                 server serves nothing: {}",
+                 use, so the helper keeps the one it has (other MCP entries' settings) and this \
+                 server serves nothing until it can: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
             )),
             // Not checked: the helper itself refuses a bad reload (and keeps its old settings).
@@ -373,7 +375,7 @@ impl Launcher {
     /// the owner of its `/proc/<pid>`).
     fn running_helper(&self) -> Option<nix::unistd::Pid> {
         let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         // The kernel keeps the first 15 bytes of the name: all of "dispatch-helper".
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -388,13 +390,13 @@ impl Launcher {
         (name.trim_end() == "dispatch-helper" && ours).then(|| nix::unistd::Pid::from_raw(pid))
     }
 
-    /// Where the running helper listens, as its lock says: another front's settings (another
+    /// Where the running helper listens, as it says beside its lock: another front's settings (another
     /// `XDG_RUNTIME_DIR`) may have named another socket than this front's when it started, and
     /// it keeps that one until it restarts. This front's own while none runs.
     fn serving_socket(&self) -> PathBuf {
         let named = || {
-            let text = std::fs::read_to_string(self.state_dir.join("helper.lock")).ok()?;
-            let socket = text.lines().nth(1)?.trim().to_owned();
+            let text = std::fs::read_to_string(self.state_dir.join("helper.socket-path")).ok()?;
+            let socket = text.trim();
             (!socket.is_empty()).then(|| PathBuf::from(socket))
         };
         match self.running_helper().and_then(|_| named()) {

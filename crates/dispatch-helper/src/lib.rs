@@ -592,9 +592,9 @@ async fn reload(helper: &Arc<jobs::Helper>, config_path: &Path) {
 
 /// One helper per state directory: a second one would take over the socket path and append to
 /// the same audit log, breaking its chain. Held (and released by the kernel) with the process.
-/// It names the holder's pid and, on a second line, the socket it serves (kept until it
-/// restarts, whatever a reload says): a personal front whose own settings name another finds
-/// it there.
+/// It names the holder's pid; `helper.socket-path` beside it, the socket it serves (kept until
+/// it restarts, whatever a reload says), where a personal front whose own settings name
+/// another finds it.
 fn lock_single_instance(
     state_dir: &Path,
     socket: &Path,
@@ -621,14 +621,18 @@ fn lock_single_instance(
             format!(
                 "another dispatch-helper (pid {}) already serves {} ({}): refusing to start \
                      a second one on the same state, socket and audit log",
-                holder.lines().next().unwrap_or_default().trim(),
+                holder.trim(),
                 state_dir.display(),
                 errno.desc()
             )
         })?;
     let _ = lock.set_len(0);
     let _ = lock.rewind();
-    let _ = write!(lock, "{}\n{}\n", std::process::id(), socket.display());
+    let _ = write!(lock, "{}", std::process::id());
+    // Written after the lock is held, so it is always the holder's. Informational: a failure
+    // to write it costs a front with other settings its way to this helper, nothing else.
+    let named = state_dir.join("helper.socket-path");
+    let _ = std::fs::write(&named, format!("{}\n", socket.display()));
     Ok(lock)
 }
 
