@@ -1831,6 +1831,19 @@ async fn a_result_whose_record_cannot_be_read_is_an_error_not_a_result_without_o
 
 /// Makes a file immutable (`chattr +i`: even the helper's open descriptor can no longer write
 /// it) until dropped.
+/// The helper's job journal made immutable (`chattr +i`: even its open descriptor fails), until
+/// dropped; None (said loudly, and a failure under CI) where that cannot be done.
+fn immutable_journal(helper: &TestHelper, test: &str) -> Option<Immutable> {
+    let journal = helper.state.join("jobs").join("journal.jsonl");
+    let immutable = Immutable::set(journal);
+    if immutable.is_none() {
+        let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        skip(test, why);
+    }
+    immutable
+}
+
 struct Immutable(std::path::PathBuf);
 
 impl Immutable {
@@ -1867,11 +1880,9 @@ async fn a_cancel_that_cannot_be_recorded_says_so() {
         .dispatch_ok("alice-org", "alice-repo", &format!("sleep:0 {tag}"))
         .await;
     assert_eq!(waiting.state, JobState::Queued, "{running:?}");
-    let journal = helper.state.join("jobs").join("journal.jsonl");
-    let Some(_immutable) = Immutable::set(journal) else {
-        let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        return skip("a_cancel_that_cannot_be_recorded_says_so", why);
+    let Some(_immutable) = immutable_journal(&helper, "a_cancel_that_cannot_be_recorded_says_so")
+    else {
+        return;
     };
     let error = client
         .error(Request::Cancel {
@@ -1906,14 +1917,11 @@ async fn a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited() {
     };
     let mut client = helper.client().await;
     let done = a_finished_job(&mut client).await;
-    let journal = helper.state.join("jobs").join("journal.jsonl");
-    let Some(_immutable) = Immutable::set(journal) else {
-        let why = "chattr +i failed (no chattr, or a filesystem without the immutable flag)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        return skip(
-            "a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited",
-            why,
-        );
+    let Some(_immutable) = immutable_journal(
+        &helper,
+        "a_deletion_that_cannot_be_recorded_is_neither_made_nor_audited",
+    ) else {
+        return;
     };
     let error = client
         .error(Request::Delete {
