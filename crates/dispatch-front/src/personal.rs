@@ -100,6 +100,29 @@ fn from_here(name: &str, value: String) -> String {
     }
 }
 
+/// How long a check of a new configuration may take (it reads the allowlist, asks NSS).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `child` wrote to stderr and how it ended, if it ends within `limit`; killed if not.
+fn output_within(
+    mut child: std::process::Child,
+    limit: Duration,
+) -> std::io::Result<std::process::Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "`dispatch-helper check` took more than {} s",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output()
+}
+
 /// How long a front waits for the running helper to reload its configuration.
 const RELOAD_WAIT: Duration = Duration::from_secs(5);
 
@@ -321,7 +344,10 @@ impl Launcher {
             for name in PYTHON_VARIABLES {
                 command.env_remove(name);
             }
-            command.output()
+            command
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            output_within(command.spawn()?, CHECK_TIMEOUT)
         });
         let _ = std::fs::remove_file(&candidate);
         match checked {
@@ -332,8 +358,12 @@ impl Launcher {
                  server serves nothing until it can: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
             )),
-            // Not checked: the helper itself refuses a bad reload (and keeps its old settings).
-            Err(_) => None,
+            // Not checked (it could not run, or took too long): the helper itself refuses a bad
+            // reload, and keeps its old settings.
+            Err(error) => {
+                eprintln!("dispatch-mcp: could not check the new configuration: {error}");
+                None
+            }
         }
     }
 
