@@ -199,7 +199,7 @@ pub fn warn_about_numbers() {
 
 impl Launcher {
     /// The user's helper as this front's environment configures it. Writes `helper.toml` when
-    /// it differs, and asks a running helper to reload it.
+    /// it differs and can be used, and asks a running helper to reload it.
     pub fn prepare() -> Result<Launcher, String> {
         let (state_dir, socket) = paths()?;
         let helper_bin = crate::embedded::sibling("dispatch-helper", "DISPATCH_HELPER_BIN")?;
@@ -240,9 +240,9 @@ impl Launcher {
 
     /// Give this front's configuration to the helper: written when it differs, and the running
     /// helper (if any) asked to reload it. Why this front may not use the helper, if it may
-    /// not: its configuration is one the running helper could not use (checked first), or one
-    /// it refused (then the configuration it keeps goes back on disk, so that its next start
-    /// does not fail on this one).
+    /// not: its configuration is one no helper could use (checked before it is written), or
+    /// one the running helper refused (then the configuration it keeps goes back on disk, so
+    /// that its next start does not fail on this one).
     fn settle(&self) -> Result<Option<String>, String> {
         if self.config_changed()
             && let Some(why) = self.refusal_of_new_config()
