@@ -295,9 +295,13 @@ impl TestHelper {
             .count()
     }
 
+    /// The audit log's records so far. The helper may be writing one as it is read: a last
+    /// line without its newline is not one yet.
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
+        let bytes = std::fs::read(&self.audit).unwrap_or_default();
+        let end = bytes.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+        String::from_utf8(bytes[..end].to_vec())
+            .expect("audit lines are UTF-8")
             .lines()
             .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
             .collect()
