@@ -244,15 +244,15 @@ impl Launcher {
     /// one the running helper refused (then the configuration it keeps goes back on disk, so
     /// that its next start does not fail on this one).
     fn settle(&self) -> Result<Option<String>, String> {
-        if self.config_changed()
-            && let Some(why) = self.refusal_of_new_config()
-        {
+        let previous = std::fs::read_to_string(&self.config).ok();
+        if previous.as_deref() == Some(self.config_text.as_str()) {
+            return Ok(None);
+        }
+        if let Some(why) = self.refusal_of_new_config() {
             return Ok(Some(why));
         }
-        let running = self.running_helper();
-        let previous = std::fs::read_to_string(&self.config).ok();
-        if self.write_config_if_changed()?
-            && let Some(pid) = running
+        self.write_config(&self.config_text)?;
+        if let Some(pid) = self.running_helper()
             && let Err(why) = self.reload(pid)
         {
             // Unless another front has written its own meanwhile.
@@ -314,10 +314,6 @@ impl Launcher {
         Ok(())
     }
 
-    fn config_changed(&self) -> bool {
-        std::fs::read_to_string(&self.config).map_or(true, |old| old != self.config_text)
-    }
-
     /// A configuration is checked before it replaces another (`dispatch-helper check`, as the
     /// helper would load it), so that this front neither replaces a good one, which a running
     /// helper keeps and the next start needs, with one no helper could start on, nor goes on
@@ -365,14 +361,6 @@ impl Launcher {
                 None
             }
         }
-    }
-
-    fn write_config_if_changed(&self) -> Result<bool, String> {
-        if std::fs::read_to_string(&self.config).is_ok_and(|old| old == self.config_text) {
-            return Ok(false);
-        }
-        self.write_config(&self.config_text)?;
-        Ok(true)
     }
 
     fn write_config(&self, text: &str) -> Result<(), String> {
